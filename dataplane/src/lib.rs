@@ -1,0 +1,46 @@
+//! Cloison's userspace dataplane library: builds (build.rs), loads, pins and
+//! attaches the eBPF programs, and is the only writer of their maps. It takes
+//! a complete desired [`Snapshot`] and applies only the difference.
+//!
+//! [`model`] is a pure-Rust reference of the same packet pipeline, used as the
+//! test oracle for the BPF programs.
+
+pub mod loader;
+pub mod netdev;
+pub mod snapshot;
+pub mod tables;
+
+pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
+pub use snapshot::{AddressPair, Host, MacAddr, Network, Port, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The desired state is inconsistent; nothing was changed.
+    #[error("invalid desired state: {0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn kernel(
+        what: impl Into<String>,
+    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Error {
+        let what = what.into();
+        move |source| Error::Kernel { what, source }
+    }
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}

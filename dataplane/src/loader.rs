@@ -1,0 +1,552 @@
+//! Loads the BPF object, pins its maps and links under
+//! `/sys/fs/bpf/cloison/<host>/`, attaches programs, and applies snapshots
+//! to the maps as a diff. A second `open` of the same host reuses the pinned
+//! maps (their contents survive) and swaps the programs behind the pinned
+//! links atomically (`bpf_link_update`), so traffic never stops.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, PerCpuValues,
+    },
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
+    util::nr_cpus,
+    Ebpf, EbpfLoader, Pod,
+};
+use cloison_abi::{map_names as M, program_names as P, *};
+
+use crate::{
+    netdev,
+    snapshot::Snapshot,
+    tables::{self, Compiled, Tables},
+    Error,
+};
+
+/// The BPF object built by build.rs from ebpf/programs.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloison"));
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/cloison";
+
+/// Where the uplink stage runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UplinkHook {
+    /// XDP in driver mode where the driver has it, else TC.
+    #[default]
+    Auto,
+    Xdp,
+    Tc,
+}
+
+impl FromStr for UplinkHook {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "xdp" => Ok(Self::Xdp),
+            "tc" => Ok(Self::Tc),
+            _ => Err(Error::Invalid(format!("uplink hook {s:?}: expected auto, xdp or tc"))),
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Map entries written or deleted.
+    pub map_updates: usize,
+    pub ports_attached: Vec<String>,
+    pub ports_detached: Vec<u32>,
+    pub pending: Vec<String>,
+    pub uplink_hook: Option<&'static str>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets dropped per reason, all CPUs, all ports and the uplink.
+    pub drops: BTreeMap<DropReason, u64>,
+    /// Counters per port ifindex.
+    pub ports: BTreeMap<u32, PortStats>,
+}
+
+/// Result of one BPF_PROG_TEST_RUN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunResult {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+fn link_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// Mounts bpffs on /sys/fs/bpf where a fresh machine lacks it.
+pub fn ensure_bpffs() -> Result<(), Error> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let path = std::ffi::CString::new("/sys/fs/bpf").expect("static path");
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let bpf = std::ffi::CString::new("bpf").expect("static");
+    let rc = unsafe {
+        libc::mount(bpf.as_ptr(), path.as_ptr(), bpf.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(Error::io("mount bpffs on /sys/fs/bpf")(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn host_dir(pin_root: &Path, host: &str) -> Result<PathBuf, Error> {
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(Error::Invalid(format!("host name {host:?}")));
+    }
+    Ok(pin_root.join(host))
+}
+
+impl Dataplane {
+    /// Loads the programs for `host`, reusing its pinned maps and swapping
+    /// the programs of its pinned links.
+    pub fn open(host: &str, pin_root: &Path) -> Result<Self, Error> {
+        ensure_bpffs()?;
+        let pin_dir = host_dir(pin_root, host)?;
+        fs::create_dir_all(link_dir(&pin_dir))
+            .map_err(Error::io(format!("create {}", pin_dir.display())))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(BPF_OBJECT)
+            .map_err(|e| Error::kernel("load the BPF object")(e.into()))?;
+        for name in [P::PORT, P::UPLINK_TC] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::kernel(format!("verify {name}"))(e.into()))?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, P::UPLINK_XDP)?;
+        xdp.load().map_err(|e| Error::kernel(format!("verify {}", P::UPLINK_XDP))(e.into()))?;
+        let mut dp = Dataplane { ebpf, pin_dir };
+        dp.swap_pinned_links()?;
+        Ok(dp)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Points every pinned link at this instance's programs (upgrade).
+    fn swap_pinned_links(&mut self) -> Result<(), Error> {
+        for (name, path) in self.pinned_links()? {
+            let pinned = match PinnedLink::from_pin(&path) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            };
+            let fd: FdLink = pinned.into();
+            let res = if name == "uplink-xdp" {
+                let prog: &mut Xdp = program(&mut self.ebpf, P::UPLINK_XDP)?;
+                fd.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| e.to_string())
+                    .and_then(|l| prog.attach_to_link(l).map(drop).map_err(|e| e.to_string()))
+            } else {
+                let pname = if name == "uplink-tc" { P::UPLINK_TC } else { P::PORT };
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, pname)?;
+                SchedClassifierLink::try_from(fd)
+                    .map_err(|e| e.to_string())
+                    .and_then(|l| prog.attach_to_link(l).map(drop).map_err(|e| e.to_string()))
+            };
+            if let Err(e) = res {
+                return Err(Error::Invalid(format!("swap program of link {name}: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn pinned_links(&self) -> Result<Vec<(String, PathBuf)>, Error> {
+        let dir = link_dir(&self.pin_dir);
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(Error::io(format!("read {}", dir.display())))? {
+            let e = e.map_err(Error::io("read link pins"))?;
+            out.push((e.file_name().to_string_lossy().into_owned(), e.path()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Makes the maps and attachments of this host equal to what `snap`
+    /// implies. Order never opens a hole: tables before the ports that use
+    /// them, attachments after their port entry; removals the other way.
+    pub fn apply(
+        &mut self,
+        snap: &Snapshot,
+        host: &str,
+        uplink: &str,
+        hook: UplinkHook,
+    ) -> Result<ApplyReport, Error> {
+        let uplink_ifindex = netdev::ifindex(uplink)
+            .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
+        let previous: BTreeMap<u32, u32> = {
+            let ports: HashMap<&MapData, u32, PortInfo> = map_ref(&self.ebpf, M::PORTS)?;
+            ports.iter().filter_map(Result::ok).map(|(k, v)| (k, v.slot)).collect()
+        };
+        let compiled: Compiled =
+            tables::compile(snap, host, uplink_ifindex, netdev::resolve, &previous)?;
+        let t = &compiled.tables;
+        let mut report = ApplyReport {
+            pending: compiled.pending.clone(),
+            ..Default::default()
+        };
+
+        // Counters of a slot that changes hands start from zero.
+        let fresh: Vec<u32> = compiled
+            .local_ports
+            .iter()
+            .filter(|p| previous.get(&p.ifindex) != Some(&p.slot))
+            .map(|p| p.slot)
+            .collect();
+        if !fresh.is_empty() {
+            let mut stats: PerCpuArray<&mut MapData, PortStats> = map_mut(&mut self.ebpf, M::PORT_STATS)?;
+            let cpus = nr_cpus().map_err(|(_, e)| Error::io("count CPUs")(e))?;
+            for slot in fresh {
+                let zero = PerCpuValues::try_from(vec![PortStats::default(); cpus])
+                    .map_err(Error::io("per-CPU values"))?;
+                stats.set(slot, zero, 0).map_err(|e| Error::kernel("reset port counters")(e.into()))?;
+            }
+        }
+
+        let e = &mut self.ebpf;
+        let mut n = 0;
+        {
+            let mut cfg: Array<&mut MapData, HostConfig> = map_mut(e, M::CONFIG)?;
+            if cfg.get(&0, 0).ok() != Some(t.config) {
+                cfg.set(0, t.config, 0).map_err(|err| Error::kernel("write config")(err.into()))?;
+                n += 1;
+            }
+        }
+        n += upsert_hash(e, M::NETWORKS, &t.networks)?;
+        n += upsert_hash(e, M::VTEPS, &t.vteps)?;
+        n += upsert_hash(e, M::NEIGHBOURS, &t.neighbours)?;
+        n += upsert_hash(e, M::FORWARD, &t.forward)?;
+        n += sync_lpm(e, &t.addr_allow, false)?;
+        n += upsert_hash(e, M::PORTS, &t.ports)?;
+
+        // Attachments: new ports after their entries, stale ones before theirs go.
+        let wanted: BTreeSet<u32> = compiled.local_ports.iter().map(|p| p.ifindex).collect();
+        let links = self.pinned_links()?;
+        for (name, path) in &links {
+            if let Some(ifindex) = name.strip_prefix("port-").and_then(|s| s.parse::<u32>().ok()) {
+                if !wanted.contains(&ifindex) {
+                    fs::remove_file(path).map_err(Error::io(format!("unpin {}", path.display())))?;
+                    report.ports_detached.push(ifindex);
+                }
+            }
+        }
+        for p in &compiled.local_ports {
+            let path = link_dir(&self.pin_dir).join(format!("port-{}", p.ifindex));
+            if path.exists() {
+                continue;
+            }
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, P::PORT)?;
+            let id = prog
+                .attach_with_options(&p.interface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|err| Error::kernel(format!("attach to port {}", p.interface))(err.into()))?;
+            pin_tc_link(prog, id, &path)?;
+            report.ports_attached.push(p.name.clone());
+        }
+        report.uplink_hook = Some(self.attach_uplink(uplink, hook)?);
+
+        let e = &mut self.ebpf;
+        n += delete_stale_hash(e, M::PORTS, &t.ports)?;
+        n += sync_lpm(e, &t.addr_allow, true)?;
+        n += delete_stale_hash(e, M::FORWARD, &t.forward)?;
+        n += delete_stale_hash(e, M::NEIGHBOURS, &t.neighbours)?;
+        n += delete_stale_hash(e, M::VTEPS, &t.vteps)?;
+        n += delete_stale_hash(e, M::NETWORKS, &t.networks)?;
+        report.map_updates = n;
+        Ok(report)
+    }
+
+    fn attach_uplink(&mut self, uplink: &str, hook: UplinkHook) -> Result<&'static str, Error> {
+        let dir = link_dir(&self.pin_dir);
+        let xdp_pin = dir.join("uplink-xdp");
+        let tc_pin = dir.join("uplink-tc");
+        let want_xdp = match hook {
+            UplinkHook::Xdp => true,
+            UplinkHook::Tc => false,
+            UplinkHook::Auto => xdp_pin.exists() || !tc_pin.exists(),
+        };
+        if want_xdp {
+            if !xdp_pin.exists() {
+                let prog: &mut Xdp = program(&mut self.ebpf, P::UPLINK_XDP)?;
+                let id = match prog.attach(uplink, XdpMode::Driver) {
+                    Ok(id) => id,
+                    Err(err) if hook == UplinkHook::Auto => {
+                        tracing_free_warn(&format!("native XDP on {uplink} failed ({err}); using TC"));
+                        return self.attach_uplink(uplink, UplinkHook::Tc);
+                    }
+                    Err(err) => return Err(Error::kernel(format!("attach XDP to {uplink}"))(err.into())),
+                };
+                let link = prog.take_link(id).map_err(|err| Error::kernel("take XDP link")(err.into()))?;
+                let fd: FdLink = link.try_into().map_err(|err: aya::programs::links::LinkError| Error::kernel("XDP link")(err.into()))?;
+                fd.pin(&xdp_pin).map_err(|err| Error::kernel("pin XDP link")(err.into()))?;
+            }
+            if tc_pin.exists() {
+                fs::remove_file(&tc_pin).map_err(Error::io("unpin uplink TC link"))?;
+            }
+            Ok("xdp")
+        } else {
+            if !tc_pin.exists() {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, P::UPLINK_TC)?;
+                let id = prog
+                    .attach_with_options(uplink, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map_err(|err| Error::kernel(format!("attach TC to {uplink}"))(err.into()))?;
+                pin_tc_link(prog, id, &tc_pin)?;
+            }
+            if xdp_pin.exists() {
+                fs::remove_file(&xdp_pin).map_err(Error::io("unpin uplink XDP link"))?;
+            }
+            Ok("tc")
+        }
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn stats(&self) -> Result<Stats, Error> {
+        let mut out = Stats::default();
+        let drops: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, M::DROPS)?;
+        for reason in DropReason::ALL {
+            let v = drops.get(&(*reason as u32), 0).map_err(|e| Error::kernel("read drops")(e.into()))?;
+            let total: u64 = v.iter().sum();
+            if total > 0 {
+                out.drops.insert(*reason, total);
+            }
+        }
+        let ports: HashMap<&MapData, u32, PortInfo> = map_ref(&self.ebpf, M::PORTS)?;
+        let stats: PerCpuArray<&MapData, PortStats> = map_ref(&self.ebpf, M::PORT_STATS)?;
+        for (ifindex, info) in ports.iter().filter_map(Result::ok) {
+            let v = stats.get(&info.slot, 0).map_err(|e| Error::kernel("read port stats")(e.into()))?;
+            let mut sum = PortStats::default();
+            for s in v.iter() {
+                sum += *s;
+            }
+            out.ports.insert(ifindex, sum);
+        }
+        Ok(out)
+    }
+
+    /// The tables the kernel holds now (for tests and `cloison-dp show`).
+    pub fn tables(&self) -> Result<Tables, Error> {
+        let mut t = Tables::default();
+        let cfg: Array<&MapData, HostConfig> = map_ref(&self.ebpf, M::CONFIG)?;
+        t.config = cfg.get(&0, 0).map_err(|e| Error::kernel("read config")(e.into()))?;
+        t.ports = read_hash(&self.ebpf, M::PORTS)?;
+        t.forward = read_hash(&self.ebpf, M::FORWARD)?;
+        t.neighbours = read_hash(&self.ebpf, M::NEIGHBOURS)?;
+        t.networks = read_hash(&self.ebpf, M::NETWORKS)?;
+        t.vteps = read_hash(&self.ebpf, M::VTEPS)?;
+        let lpm: LpmTrie<&MapData, AddrKey, AddrAllow> = map_ref(&self.ebpf, M::ADDR_ALLOW)?;
+        for (k, v) in lpm.iter().filter_map(Result::ok) {
+            t.addr_allow.insert((k.prefix_len(), k.data()), v);
+        }
+        Ok(t)
+    }
+
+    /// Runs the port program on `frame` as if it arrived from the VM on
+    /// interface `ifindex` (which must exist in this namespace).
+    pub fn test_run_port(&self, ifindex: u32, frame: &[u8], gso_size: u32) -> Result<RunResult, Error> {
+        let prog: &SchedClassifier = program_ref(&self.ebpf, P::PORT)?;
+        run_tc(prog, ifindex, frame, gso_size)
+    }
+
+    /// Runs an uplink program on a frame from the underlay.
+    pub fn test_run_uplink(&self, hook: UplinkHook, ifindex: u32, frame: &[u8]) -> Result<RunResult, Error> {
+        if hook == UplinkHook::Tc {
+            let prog: &SchedClassifier = program_ref(&self.ebpf, P::UPLINK_TC)?;
+            return run_tc(prog, ifindex, frame, 0);
+        }
+        let prog: &Xdp = program_ref(&self.ebpf, P::UPLINK_XDP)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .map_err(|e| Error::kernel("test-run XDP")(e.into()))?;
+        out.truncate(r.data_size_out as usize);
+        Ok(RunResult {
+            verdict: r.return_value,
+            frame: out,
+        })
+    }
+
+    /// Removes everything this host's dataplane pinned: links (detaching the
+    /// programs) and maps.
+    pub fn purge(host: &str, pin_root: &Path) -> Result<(), Error> {
+        let dir = host_dir(pin_root, host)?;
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(Error::io(format!("remove {}", dir.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// Offsets in `struct __sk_buff` (uapi/linux/bpf.h) of the fields test-run
+/// lets a caller set.
+const SKB_CTX_LEN: usize = 192;
+const SKB_INGRESS_IFINDEX: usize = 36;
+const SKB_IFINDEX: usize = 40;
+const SKB_GSO_SEGS: usize = 164;
+const SKB_GSO_SIZE: usize = 176;
+
+fn run_tc(prog: &SchedClassifier, ifindex: u32, frame: &[u8], gso_size: u32) -> Result<RunResult, Error> {
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_INGRESS_IFINDEX..][..4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[SKB_IFINDEX..][..4].copy_from_slice(&ifindex.to_ne_bytes());
+    if gso_size > 0 {
+        let segs = (frame.len() as u32).div_ceil(gso_size);
+        ctx[SKB_GSO_SEGS..][..4].copy_from_slice(&segs.to_ne_bytes());
+        ctx[SKB_GSO_SIZE..][..4].copy_from_slice(&gso_size.to_ne_bytes());
+    }
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .map_err(|e| Error::kernel("test-run TC")(e.into()))?;
+    out.truncate(r.data_size_out as usize);
+    Ok(RunResult {
+        verdict: r.return_value,
+        frame: out,
+    })
+}
+
+fn tracing_free_warn(msg: &str) {
+    eprintln!("cloison dataplane: {msg}");
+}
+
+fn pin_tc_link(
+    prog: &mut SchedClassifier,
+    id: aya::programs::tc::SchedClassifierLinkId,
+    path: &Path,
+) -> Result<(), Error> {
+    let link = prog.take_link(id).map_err(|e| Error::kernel("take TC link")(e.into()))?;
+    let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| Error::kernel("TC link")(e.into()))?;
+    fd.pin(path).map_err(|e| Error::kernel(format!("pin {}", path.display()))(e.into()))?;
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Invalid(format!("program {name} missing from the BPF object")))?;
+    p.try_into().map_err(|e: aya::programs::ProgramError| Error::kernel(format!("program {name}"))(e.into()))
+}
+
+fn program_ref<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<&'a T, Error>
+where
+    &'a T: TryFrom<&'a aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program(name)
+        .ok_or_else(|| Error::Invalid(format!("program {name} missing from the BPF object")))?;
+    p.try_into().map_err(|e: aya::programs::ProgramError| Error::kernel(format!("program {name}"))(e.into()))
+}
+
+fn map_ref<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<T, Error>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map(name).ok_or_else(|| Error::Invalid(format!("map {name} missing")))?;
+    T::try_from(m).map_err(|e| Error::kernel(format!("map {name}"))(e.into()))
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, Error>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map_mut(name).ok_or_else(|| Error::Invalid(format!("map {name} missing")))?;
+    T::try_from(m).map_err(|e| Error::kernel(format!("map {name}"))(e.into()))
+}
+
+fn read_hash<K: Pod + Ord, V: Pod>(ebpf: &Ebpf, name: &str) -> Result<BTreeMap<K, V>, Error> {
+    let m: HashMap<&MapData, K, V> = map_ref(ebpf, name)?;
+    Ok(m.iter().filter_map(Result::ok).collect())
+}
+
+fn upsert_hash<K: Pod + Ord, V: Pod + PartialEq>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    want: &BTreeMap<K, V>,
+) -> Result<usize, Error> {
+    let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
+    let mut n = 0;
+    for (k, v) in want {
+        if m.get(k, 0).ok().as_ref() != Some(v) {
+            m.insert(k, v, 0).map_err(|e| Error::kernel(format!("update {name}"))(e.into()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn delete_stale_hash<K: Pod + Ord, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    want: &BTreeMap<K, V>,
+) -> Result<usize, Error> {
+    let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
+    let stale: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !want.contains_key(k)).collect();
+    for k in &stale {
+        m.remove(k).map_err(|e| Error::kernel(format!("delete from {name}"))(e.into()))?;
+    }
+    Ok(stale.len())
+}
+
+fn sync_lpm(ebpf: &mut Ebpf, want: &BTreeMap<(u32, AddrKey), AddrAllow>, delete: bool) -> Result<usize, Error> {
+    let mut m: LpmTrie<&mut MapData, AddrKey, AddrAllow> = map_mut(ebpf, M::ADDR_ALLOW)?;
+    let mut n = 0;
+    if delete {
+        let stale: Vec<LpmKey<AddrKey>> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in &stale {
+            m.remove(k).map_err(|e| Error::kernel("delete from CL_ADDR_ALLOW")(e.into()))?;
+            n += 1;
+        }
+    } else {
+        // Compared by exact key: a lookup is a longest-prefix match and could
+        // answer from a shorter entry.
+        let have: BTreeSet<(u32, AddrKey)> =
+            m.keys().filter_map(Result::ok).map(|k| (k.prefix_len(), k.data())).collect();
+        for ((bits, k), v) in want {
+            let key = LpmKey::new(*bits, *k);
+            if !have.contains(&(*bits, *k)) || m.get(&key, 0).ok().as_ref() != Some(v) {
+                m.insert(&key, v, 0).map_err(|e| Error::kernel("update CL_ADDR_ALLOW")(e.into()))?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,71 @@
+//! Interface facts from the calling thread's network namespace (ioctl, not
+//! sysfs: sysfs shows the namespace it was mounted in, not the thread's).
+use std::{ffi::CString, io};
+
+use crate::tables::Iface;
+
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+#[repr(C)]
+struct DrvInfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    data: *mut libc::c_void,
+    _pad: [u8; 16],
+}
+
+const ETHTOOL_GDRVINFO: u32 = 3;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+/// The kernel driver of an interface ("veth", "tun", ...).
+pub fn driver(name: &str) -> io::Result<String> {
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut info as *mut DrvInfo as *mut libc::c_void,
+        _pad: [0; 16],
+    };
+    if name.len() >= 16 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    let err = io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// Resolves a port interface in the current namespace.
+pub fn resolve(name: &str) -> Option<Iface> {
+    let ifindex = ifindex(name)?;
+    let veth = driver(name).map(|d| d == "veth").unwrap_or(false);
+    Some(Iface { ifindex, veth })
+}

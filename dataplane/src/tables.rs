@@ -1,0 +1,243 @@
+//! Compiles a [`Snapshot`] into the exact contents of every map for one host.
+//! Pure: the same snapshot and interfaces always give the same tables, which
+//! the loader then diffs against what the kernel holds.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use cloison_abi::*;
+use ipnet::IpNet;
+
+use crate::{snapshot::*, Error};
+
+/// A port's interface as found on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub ifindex: u32,
+    /// A veth (delivered with `bpf_redirect_peer`) rather than a tap.
+    pub veth: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub config: HostConfig,
+    pub ports: BTreeMap<u32, PortInfo>,
+    /// (prefix length, key) of the LPM trie.
+    pub addr_allow: BTreeMap<(u32, AddrKey), AddrAllow>,
+    pub forward: BTreeMap<ForwardKey, ForwardEntry>,
+    pub neighbours: BTreeMap<NeighbourKey, NeighbourEntry>,
+    pub networks: BTreeMap<u32, NetworkInfo>,
+    pub vteps: BTreeMap<VtepKey, u32>,
+}
+
+/// A port of this host whose interface exists: programs attach to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPort {
+    pub name: String,
+    pub interface: String,
+    pub ifindex: u32,
+    pub slot: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub tables: Tables,
+    pub local_ports: Vec<LocalPort>,
+    /// Ports of this host whose interface does not exist (yet).
+    pub pending: Vec<String>,
+}
+
+pub fn ip16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// LPM key for `net` on port `ifindex`: 32 bits of ifindex, then the address
+/// (IPv4 as IPv4-mapped IPv6, so its prefix counts 96 more bits).
+pub fn addr_key(ifindex: u32, net: IpNet) -> (u32, AddrKey) {
+    let bits = match net {
+        IpNet::V4(n) => 96 + n.prefix_len() as u32,
+        IpNet::V6(n) => n.prefix_len() as u32,
+    };
+    let key = AddrKey {
+        ifindex_be: ifindex.to_be_bytes(),
+        addr: ip16(net.network()),
+    };
+    (32 + bits, key)
+}
+
+pub fn compile(
+    snap: &Snapshot,
+    host: &str,
+    uplink_ifindex: u32,
+    resolve: impl Fn(&str) -> Option<Iface>,
+    previous_slots: &BTreeMap<u32, u32>,
+) -> Result<Compiled, Error> {
+    snap.validate()?;
+    let me = snap
+        .hosts
+        .iter()
+        .find(|h| h.name == host)
+        .ok_or_else(|| Error::Invalid(format!("host {host} is not in the snapshot")))?;
+    let host_ip: BTreeMap<&str, [u8; 4]> = snap
+        .hosts
+        .iter()
+        .map(|h| (h.name.as_str(), h.underlay_ip.octets()))
+        .collect();
+    let nets: BTreeMap<&str, &Network> = snap.networks.iter().map(|n| (n.name.as_str(), n)).collect();
+
+    let mut out = Compiled::default();
+    let t = &mut out.tables;
+    t.config = HostConfig {
+        vtep: me.underlay_ip.octets(),
+        uplink_ifindex,
+    };
+
+    // Local ports with an interface, keeping the slot (and so the counters)
+    // each already had.
+    let mut local: BTreeMap<&str, (Iface, u32)> = BTreeMap::new();
+    let mut used_slots = BTreeSet::new();
+    let mut fresh = Vec::new();
+    for p in snap.ports.iter().filter(|p| p.host == host) {
+        match resolve(&p.interface) {
+            Some(iface) => match previous_slots.get(&iface.ifindex) {
+                Some(&slot) if used_slots.insert(slot) => {
+                    local.insert(&p.name, (iface, slot));
+                }
+                _ => fresh.push((p, iface)),
+            },
+            None => out.pending.push(p.name.clone()),
+        }
+    }
+    let mut next = 0u32;
+    for (p, iface) in fresh {
+        while used_slots.contains(&next) {
+            next += 1;
+        }
+        if next >= MAX_PORTS {
+            return Err(Error::Invalid(format!("more than {MAX_PORTS} ports on host {host}")));
+        }
+        used_slots.insert(next);
+        local.insert(&p.name, (iface, next));
+    }
+
+    // Networks this host takes part in: those with a port attached here.
+    let mut active = BTreeSet::new();
+    for p in &snap.ports {
+        if local.contains_key(p.name.as_str()) {
+            active.insert(p.network.as_str());
+        }
+    }
+
+    for p in &snap.ports {
+        if !active.contains(p.network.as_str()) {
+            continue;
+        }
+        let net = nets[p.network.as_str()];
+        let vni = net.vni;
+        t.networks.insert(
+            vni,
+            NetworkInfo {
+                mtu: net.mtu,
+                _reserved: 0,
+            },
+        );
+        let neighbour = NeighbourEntry {
+            mac: p.mac.0,
+            _pad: [0; 2],
+        };
+        for ip in p.ips.iter().copied().chain([IpAddr::V6(p.mac.link_local())]) {
+            t.neighbours.insert(
+                NeighbourKey {
+                    vni,
+                    addr: ip16(ip),
+                },
+                neighbour,
+            );
+        }
+        let fkey = ForwardKey {
+            vni,
+            mac: p.mac.0,
+            _pad: [0; 2],
+        };
+        if p.host == host {
+            let Some(&(iface, slot)) = local.get(p.name.as_str()) else {
+                continue; // pending: nothing can be delivered to it yet
+            };
+            let mut flags = 0;
+            if p.port_security {
+                flags |= PORT_F_SECURITY;
+            }
+            if iface.veth {
+                flags |= PORT_F_VETH;
+            }
+            t.forward.insert(
+                fkey,
+                ForwardEntry {
+                    kind: FWD_LOCAL,
+                    ifindex: iface.ifindex,
+                    slot,
+                    flags,
+                    vtep: [0; 4],
+                },
+            );
+            t.ports.insert(
+                iface.ifindex,
+                PortInfo {
+                    vni,
+                    slot,
+                    flags,
+                    mtu: net.mtu,
+                    mac: p.mac.0,
+                    _pad: [0; 2],
+                },
+            );
+            out.local_ports.push(LocalPort {
+                name: p.name.clone(),
+                interface: p.interface.clone(),
+                ifindex: iface.ifindex,
+                slot,
+            });
+            if p.port_security {
+                let allow = |mac: MacAddr| AddrAllow {
+                    mac: mac.0,
+                    _pad: [0; 2],
+                };
+                for ip in p.ips.iter().copied().chain([IpAddr::V6(p.mac.link_local())]) {
+                    t.addr_allow
+                        .insert(addr_key(iface.ifindex, IpNet::from(ip)), allow(p.mac));
+                }
+                for pair in &p.allowed_address_pairs {
+                    t.addr_allow.insert(
+                        addr_key(iface.ifindex, pair.ip.trunc()),
+                        allow(pair.mac.unwrap_or(p.mac)),
+                    );
+                }
+            }
+        } else {
+            let vtep = host_ip[p.host.as_str()];
+            if vtep == me.underlay_ip.octets() {
+                return Err(Error::Invalid(format!(
+                    "host {} has the same underlay IP as {host}",
+                    p.host
+                )));
+            }
+            t.forward.insert(
+                fkey,
+                ForwardEntry {
+                    kind: FWD_REMOTE,
+                    ifindex: 0,
+                    slot: 0,
+                    flags: 0,
+                    vtep,
+                },
+            );
+            t.vteps.insert(VtepKey { vni, addr: vtep }, 1);
+        }
+    }
+    out.local_ports.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}

@@ -1,0 +1,84 @@
+//! Forwarding by (VNI, destination MAC): a local port gets the frame by
+//! redirect, a remote one inside VXLAN. Oversized packets for a remote port
+//! get an ICMP error back instead of a silent drop.
+use aya_ebpf::{
+    bindings::TC_ACT_REDIRECT,
+    helpers::generated::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+use cloison_abi::*;
+
+use crate::{
+    hdr::*,
+    icmp,
+    maps::{count_to_vm, FORWARD},
+    parse::{Parsed, L3},
+    vxlan,
+};
+
+#[inline(always)]
+pub fn lookup(vni: u32, mac: [u8; 6]) -> Option<ForwardEntry> {
+    let key = ForwardKey { vni, mac, _pad: [0; 2] };
+    FORWARD.get_ptr(&key).map(|f| unsafe { *f })
+}
+
+/// Delivers a frame into a local port's VM.
+#[inline(always)]
+pub fn deliver(fwd: &ForwardEntry, bytes: u32, from_ingress: bool) -> i32 {
+    count_to_vm(fwd.slot, bytes);
+    unsafe {
+        if from_ingress && fwd.flags & PORT_F_VETH != 0 {
+            bpf_redirect_peer(fwd.ifindex, 0);
+        } else {
+            bpf_redirect(fwd.ifindex, 0);
+        }
+    }
+    TC_ACT_REDIRECT
+}
+
+pub fn from_port(
+    ctx: &TcContext,
+    c: &Cursor,
+    ifindex: u32,
+    port: &PortInfo,
+    p: &Parsed,
+) -> Result<i32, DropReason> {
+    let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
+    let dst = unsafe { (*eth).dst };
+    if is_multicast_mac(&dst) {
+        return Err(if dst == [0xff; 6] {
+            DropReason::Broadcast
+        } else {
+            DropReason::Multicast
+        });
+    }
+    let fwd = lookup(port.vni, dst).ok_or(DropReason::UnknownUnicast)?;
+    if fwd.kind == FWD_LOCAL {
+        if fwd.ifindex == ifindex {
+            return Err(DropReason::Hairpin);
+        }
+        return Ok(deliver(&fwd, ctx.len(), true));
+    }
+    if segment_len(ctx, c, p) > port.mtu as usize {
+        return icmp::too_big(ctx, ifindex, port, p);
+    }
+    vxlan::encap(ctx, port.vni, fwd.vtep)
+}
+
+/// The IP length of the packets this frame will be on the wire: a GSO frame
+/// is judged by its segment size, not its total length.
+#[inline(always)]
+fn segment_len(ctx: &TcContext, c: &Cursor, p: &Parsed) -> usize {
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    if gso_size == 0 || p.l3 == L3::Arp {
+        return p.ip_len;
+    }
+    let l4_hdr = match p.proto {
+        IPPROTO_TCP => match c.at::<TcpHdr>(p.l4_off) {
+            Some(t) => ((unsafe { (*t).off } >> 4) as usize) * 4,
+            None => 20,
+        },
+        _ => 8,
+    };
+    (p.l4_off - ETH_LEN) + l4_hdr + gso_size
+}

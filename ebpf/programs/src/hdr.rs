@@ -1,0 +1,163 @@
+//! Wire layouts and a bounds-checked cursor over the linear packet data.
+//! Every field is a byte array so no access is ever misaligned.
+use core::mem::size_of;
+
+pub const ETH_LEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub op: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub csum: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub vtcfl: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub len: [u8; 2],
+    pub csum: [u8; 2],
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub off: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub csum: [u8; 2],
+    pub urg: [u8; 2],
+}
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub ty: u8,
+    pub code: u8,
+    pub csum: [u8; 2],
+    pub rest: [u8; 4],
+}
+
+#[repr(C)]
+pub struct VxlanHdr {
+    pub flags: u8,
+    pub reserved1: [u8; 3],
+    pub vni: [u8; 3],
+    pub reserved2: u8,
+}
+
+/// The linear part of a packet: `[data, end)`.
+#[derive(Clone, Copy)]
+pub struct Cursor {
+    pub data: usize,
+    pub end: usize,
+}
+
+impl Cursor {
+    #[inline(always)]
+    pub fn new(data: usize, end: usize) -> Self {
+        Self { data, end }
+    }
+
+    /// A header of type `T` at `off`, if all of it is inside the packet.
+    #[inline(always)]
+    pub fn at<T>(&self, off: usize) -> Option<*mut T> {
+        let start = self.data + off;
+        if start + size_of::<T>() > self.end {
+            return None;
+        }
+        Some(start as *mut T)
+    }
+
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.end - self.data
+    }
+}
+
+#[inline(always)]
+pub fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    // Compared by hand: a slice compare could become a memcmp call, which BPF lacks.
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])
+        == 0
+}
+
+#[inline(always)]
+pub fn ip4_eq(a: &[u8; 4], b: &[u8; 4]) -> bool {
+    u32::from_ne_bytes(*a) == u32::from_ne_bytes(*b)
+}
+
+#[inline(always)]
+pub fn is_multicast_mac(m: &[u8; 6]) -> bool {
+    m[0] & 1 == 1
+}
+
+/// Folds a 32-bit one's complement sum into the 16-bit Internet checksum.
+#[inline(always)]
+pub fn csum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// One's complement sum of `N` big-endian 16-bit words.
+#[inline(always)]
+pub fn csum_words<const N: usize>(bytes: &[u8; N], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += ((bytes[i] as u32) << 8) | bytes[i + 1] as u32;
+        i += 2;
+    }
+    sum
+}

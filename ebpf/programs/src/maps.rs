@@ -1,0 +1,88 @@
+//! Every map of the dataplane. Typed in `cloison-abi`, written only by the
+//! `dataplane` crate; pinned by name so an agent restart reuses them.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use cloison_abi::*;
+
+#[map(name = "CL_PORTS")]
+pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(MAX_PORTS, 0);
+
+#[map(name = "CL_ADDR_ALLOW")]
+pub static ADDR_ALLOW: LpmTrie<AddrKey, AddrAllow> = LpmTrie::pinned(MAX_ADDR_ALLOW, 0);
+
+#[map(name = "CL_FWD")]
+pub static FORWARD: HashMap<ForwardKey, ForwardEntry> = HashMap::pinned(MAX_FORWARD, 0);
+
+#[map(name = "CL_NEIGH")]
+pub static NEIGHBOURS: HashMap<NeighbourKey, NeighbourEntry> =
+    HashMap::pinned(MAX_NEIGHBOURS, 0);
+
+#[map(name = "CL_NETWORKS")]
+pub static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(MAX_NETWORKS, 0);
+
+#[map(name = "CL_VTEPS")]
+pub static VTEPS: HashMap<VtepKey, u32> = HashMap::pinned(MAX_VTEPS, 0);
+
+#[map(name = "CL_CONFIG")]
+pub static CONFIG: Array<HostConfig> = Array::pinned(1, 0);
+
+#[map(name = "CL_DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+#[map(name = "CL_PORT_STATS")]
+pub static PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_PORTS, 0);
+
+/// Slot value meaning "no port known yet" (drops not attributed to a port).
+pub const NO_SLOT: u32 = u32::MAX;
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason, slot: u32) {
+    if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+    if let Some(s) = PORT_STATS.get_ptr_mut(slot) {
+        unsafe { (*s).drops += 1 };
+    }
+}
+
+/// A frame the VM sent (seen at its port).
+#[inline(always)]
+pub fn count_from_vm(slot: u32, bytes: u32) {
+    if let Some(s) = PORT_STATS.get_ptr_mut(slot) {
+        unsafe {
+            (*s).tx_packets += 1;
+            (*s).tx_bytes += bytes as u64;
+        }
+    }
+}
+
+/// A frame handed to the VM.
+#[inline(always)]
+pub fn count_to_vm(slot: u32, bytes: u32) {
+    if let Some(s) = PORT_STATS.get_ptr_mut(slot) {
+        unsafe {
+            (*s).rx_packets += 1;
+            (*s).rx_bytes += bytes as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// Which MAC may send from `addr` on port `ifindex` (anti-spoofing).
+#[inline(always)]
+pub fn allowed_mac(ifindex: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        32 + 128,
+        AddrKey {
+            ifindex_be: ifindex.to_be_bytes(),
+            addr,
+        },
+    );
+    ADDR_ALLOW.get(&key).map(|a| a.mac)
+}

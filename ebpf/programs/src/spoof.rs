@@ -1,0 +1,59 @@
+//! Anti-spoofing: a port with port security sends only from its MAC and its
+//! addresses (or an allowed address pair), and never acts as a DHCP server or
+//! an IPv6 router.
+use cloison_abi::{DropReason, PortInfo};
+
+use crate::{hdr::*, maps::allowed_mac, parse::*};
+
+#[inline(always)]
+pub fn check_ip(eth: &EthHdr, ifindex: u32, port: &PortInfo, p: &Parsed) -> Result<(), DropReason> {
+    let unspecified = p.src == [0; 16] || p.src == crate::maps::v4_mapped([0; 4]);
+    if unspecified {
+        // Address-less packets a VM must be able to send before it has an
+        // address: DHCPv4 discovery, and IPv6 DAD / MLD.
+        let ok = match p.l3 {
+            L3::Ipv4 => p.proto == IPPROTO_UDP && p.sport == 68 && p.dport == 67,
+            _ => p.proto == IPPROTO_ICMPV6 && (p.icmp_type == 135 || p.icmp_type == 143),
+        };
+        if !ok {
+            return Err(DropReason::SpoofedIp);
+        }
+        if !mac_eq(&eth.src, &port.mac) {
+            return Err(DropReason::SpoofedMac);
+        }
+    } else {
+        match allowed_mac(ifindex, p.src) {
+            Some(mac) if mac_eq(&mac, &eth.src) => {}
+            Some(_) => return Err(DropReason::SpoofedMac),
+            None => return Err(DropReason::SpoofedIp),
+        }
+    }
+    if p.proto == IPPROTO_UDP
+        && ((p.l3 == L3::Ipv4 && p.sport == 67) || (p.l3 == L3::Ipv6 && p.sport == 547))
+    {
+        return Err(DropReason::DhcpServerFromVm);
+    }
+    if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 && p.icmp_type == 134 {
+        return Err(DropReason::RouterAdvertFromVm);
+    }
+    Ok(())
+}
+
+/// ARP sender fields: the sender MAC is the frame's source, and the sender
+/// address is one of the port's (0.0.0.0 for an ARP probe from its own MAC).
+#[inline(always)]
+pub fn check_arp(eth: &EthHdr, arp: &ArpHdr, ifindex: u32, port: &PortInfo) -> Result<(), DropReason> {
+    if !mac_eq(&arp.sha, &eth.src) {
+        return Err(DropReason::SpoofedArp);
+    }
+    if arp.spa == [0; 4] {
+        if !mac_eq(&eth.src, &port.mac) {
+            return Err(DropReason::SpoofedArp);
+        }
+        return Ok(());
+    }
+    match allowed_mac(ifindex, crate::maps::v4_mapped(arp.spa)) {
+        Some(mac) if mac_eq(&mac, &arp.sha) => Ok(()),
+        _ => Err(DropReason::SpoofedArp),
+    }
+}

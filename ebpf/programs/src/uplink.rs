@@ -1,0 +1,98 @@
+//! Underlay ingress, written once for XDP and TC: the host's own traffic
+//! passes untouched; VXLAN is accepted only from a VTEP that has the network,
+//! with valid flags, for a local port of that network, from a MAC that lives
+//! behind the sending VTEP. Everything else aimed at our VXLAN port is dropped
+//! with its reason. The entry points do the decapsulation their hook allows.
+use cloison_abi::*;
+
+use crate::{
+    forward,
+    hdr::*,
+    maps::{CONFIG, NETWORKS, VTEPS},
+};
+
+/// A decapsulated frame's destination.
+pub struct Delivery {
+    pub port: ForwardEntry,
+    pub inner_proto: u16,
+}
+
+/// `Ok(None)`: not for the overlay, hand to the host stack.
+#[inline(always)]
+pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
+    let Some(eth) = c.at::<EthHdr>(0) else {
+        return Ok(None);
+    };
+    if be16(unsafe { (*eth).proto }) != ETH_P_IP {
+        return Ok(None);
+    }
+    let Some(ip) = c.at::<Ipv4Hdr>(ETH_LEN) else {
+        return Ok(None);
+    };
+    let ip = unsafe { &*ip };
+    if ip.proto != IPPROTO_UDP || ip.vihl >> 4 != 4 {
+        return Ok(None);
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(None);
+    };
+    if !ip4_eq(&ip.dst, &cfg.vtep) {
+        return Ok(None);
+    }
+    let frag = be16(ip.frag);
+    if frag & 0x1fff != 0 {
+        return Ok(None);
+    }
+    if ip.vihl != 0x45 {
+        // IP options: the only header length the decapsulation handles is 20,
+        // so say so (if it is VXLAN at all) instead of mis-parsing.
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return Ok(None);
+        }
+        let Some(udp) = c.at::<UdpHdr>(ETH_LEN + ihl) else {
+            return Ok(None);
+        };
+        if be16(unsafe { (*udp).dport }) == VXLAN_PORT {
+            return Err(DropReason::MalformedIpv4);
+        }
+        return Ok(None);
+    }
+    let Some(udp) = c.at::<UdpHdr>(ETH_LEN + 20) else {
+        return Ok(None);
+    };
+    let udp = unsafe { &*udp };
+    if be16(udp.dport) != VXLAN_PORT {
+        return Ok(None);
+    }
+    if frag & 0x2000 != 0 {
+        return Err(DropReason::VxlanFragmented);
+    }
+    let vx: *mut VxlanHdr = c.at(ETH_LEN + 28).ok_or(DropReason::VxlanTruncated)?;
+    let vx = unsafe { &*vx };
+    if vx.flags != 0x08 || vx.reserved1 != [0; 3] || vx.reserved2 != 0 {
+        return Err(DropReason::VxlanBadFlags);
+    }
+    let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);
+    if NETWORKS.get_ptr(&vni).is_none() {
+        return Err(DropReason::VxlanUnknownVni);
+    }
+    let vtep = VtepKey { vni, addr: ip.src };
+    if VTEPS.get_ptr(&vtep).is_none() {
+        return Err(DropReason::VxlanUnknownVtep);
+    }
+    let inner: *mut EthHdr = c.at(VXLAN_ENCAP_LEN).ok_or(DropReason::VxlanTruncated)?;
+    let inner = unsafe { &*inner };
+    let port = match forward::lookup(vni, inner.dst) {
+        Some(f) if f.kind == FWD_LOCAL => f,
+        _ => return Err(DropReason::VxlanUnknownDestination),
+    };
+    match forward::lookup(vni, inner.src) {
+        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, &ip.src) => {}
+        _ => return Err(DropReason::VxlanSpoofedSource),
+    }
+    Ok(Some(Delivery {
+        port,
+        inner_proto: be16(inner.proto),
+    }))
+}

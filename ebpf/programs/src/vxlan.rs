@@ -1,0 +1,123 @@
+//! VXLAN (RFC 7348) encapsulation towards a remote VTEP over the IPv4
+//! underlay. The next hop comes from the kernel FIB; an unresolved neighbour
+//! is left to `bpf_redirect_neigh` so the first packet is not lost.
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        TC_ACT_REDIRECT,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use cloison_abi::{DropReason, VXLAN_ENCAP_LEN, VXLAN_PORT};
+
+use crate::{hdr::*, maps::CONFIG};
+
+const AF_INET: u8 = 2;
+/// Outer UDP source ports: the ephemeral range, chosen by the inner flow hash.
+const SPORT_MIN: u32 = 49152;
+const SPORT_RANGE: u64 = 16384;
+
+#[repr(C)]
+struct Outer {
+    eth: [u8; 14],
+    ip: [u8; 20],
+    udp: [u8; 8],
+    vxlan: [u8; 8],
+    inner_eth: [u8; 14],
+}
+
+#[inline(always)]
+pub fn ipv4_csum(ip: &[u8; 20]) -> [u8; 2] {
+    csum_fold(csum_words(ip, 0)).to_be_bytes()
+}
+
+#[inline(never)]
+pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Result<i32, DropReason> {
+    let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
+    let skb = ctx.skb.skb;
+    let inner_len = ctx.len();
+    let outer_ip_len = inner_len + (VXLAN_ENCAP_LEN - ETH_LEN) as u32;
+
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.dport = VXLAN_PORT.to_be();
+    fib.ifindex = cfg.uplink_ifindex;
+    fib.__bindgen_anon_1.tot_len = outer_ip_len as u16;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.vtep);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            skb as *mut c_void,
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    let resolved = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        _ => return Err(DropReason::UnderlayUnreachable),
+    };
+    // Tenant traffic leaves only through the uplink, whatever the routes say.
+    if fib.ifindex != cfg.uplink_ifindex {
+        return Err(DropReason::UnderlayNotUplink);
+    }
+
+    let c = Cursor::new(ctx.data(), ctx.data_end());
+    let inner: *mut [u8; 14] = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
+    let hash = unsafe { bpf_get_hash_recalc(skb) };
+    let sport = (SPORT_MIN + ((hash as u64 * SPORT_RANGE) >> 32) as u32) as u16;
+
+    let mut o = Outer {
+        eth: [0; 14],
+        ip: [0; 20],
+        udp: [0; 8],
+        vxlan: [0; 8],
+        inner_eth: unsafe { *inner },
+    };
+    let mut i = 0;
+    while i < 6 {
+        o.eth[i] = fib.dmac[i];
+        o.eth[6 + i] = fib.smac[i];
+        i += 1;
+    }
+    o.eth[12] = 0x08;
+    let tot = (outer_ip_len as u16).to_be_bytes();
+    o.ip = [
+        0x45, 0, tot[0], tot[1], 0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0, cfg.vtep[0], cfg.vtep[1],
+        cfg.vtep[2], cfg.vtep[3], vtep[0], vtep[1], vtep[2], vtep[3],
+    ];
+    let csum = ipv4_csum(&o.ip);
+    o.ip[10] = csum[0];
+    o.ip[11] = csum[1];
+    let sp = sport.to_be_bytes();
+    let dp = VXLAN_PORT.to_be_bytes();
+    let ul = ((outer_ip_len - 20) as u16).to_be_bytes();
+    // UDP checksum zero, as RFC 7348 recommends for IPv4.
+    o.udp = [sp[0], sp[1], dp[0], dp[1], ul[0], ul[1], 0, 0];
+    let v = vni.to_be_bytes();
+    o.vxlan = [0x08, 0, 0, 0, v[1], v[2], v[3], 0];
+
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+        | BPF_F_ADJ_ROOM_FIXED_GSO) as u64
+        | ((ETH_LEN as u64) << 56);
+    ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| DropReason::EncapFailed)?;
+    ctx.store(0, &o, 0).map_err(|_| DropReason::EncapFailed)?;
+    unsafe {
+        if resolved {
+            bpf_redirect(fib.ifindex, 0);
+        } else {
+            bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0);
+        }
+    }
+    Ok(TC_ACT_REDIRECT)
+}

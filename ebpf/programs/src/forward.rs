@@ -10,10 +10,9 @@ use cloison_abi::*;
 
 use crate::{
     hdr::*,
-    icmp,
     maps::{count_to_vm, FORWARD},
     parse::{Parsed, L3},
-    vxlan,
+    port::*,
 };
 
 #[inline(always)]
@@ -42,11 +41,11 @@ pub fn from_port(
     ifindex: u32,
     port: &PortInfo,
     p: &Parsed,
-) -> Result<i32, DropReason> {
+) -> Result<Next, DropReason> {
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let dst = unsafe { (*eth).dst };
     if is_multicast_mac(&dst) {
-        return Err(if dst == [0xff; 6] {
+        return Err(if mac_eq(&dst, &[0xff; 6]) {
             DropReason::Broadcast
         } else {
             DropReason::Multicast
@@ -57,12 +56,13 @@ pub fn from_port(
         if fwd.ifindex == ifindex {
             return Err(DropReason::Hairpin);
         }
-        return Ok(deliver(&fwd, ctx.len(), true));
+        return Ok(Next::of(NEXT_VERDICT, deliver(&fwd, ctx.len(), true) as u32));
     }
     if segment_len(ctx, c, p) > port.mtu as usize {
-        return icmp::too_big(ctx, ifindex, port, p);
+        let kind = if p.l3 == L3::Ipv4 { NEXT_TOO_BIG_V4 } else { NEXT_TOO_BIG_V6 };
+        return Ok(Next::of(kind, 0));
     }
-    vxlan::encap(ctx, port.vni, fwd.vtep)
+    Ok(Next::of(NEXT_ENCAP, u32::from_ne_bytes(fwd.vtep)))
 }
 
 /// The IP length of the packets this frame will be on the wire: a GSO frame

@@ -161,3 +161,65 @@ pub fn csum_words<const N: usize>(bytes: &[u8; N], mut sum: u32) -> u32 {
     }
     sum
 }
+
+#[inline(always)]
+pub fn is_zero16(a: &[u8; 16]) -> bool {
+    let p = a.as_ptr() as *const u64;
+    unsafe { (core::ptr::read_unaligned(p) | core::ptr::read_unaligned(p.add(1))) == 0 }
+}
+
+/// One's complement sum (not folded, network order) of `N` packet bytes at
+/// `off`, with the kernel's `bpf_csum_diff`. `N` is a multiple of 4.
+#[inline(always)]
+pub fn csum_packet<const N: usize>(c: &Cursor, off: usize) -> Result<u32, cloison_abi::DropReason> {
+    let p: *mut [u8; N] = c.at(off).ok_or(cloison_abi::DropReason::TruncatedL4)?;
+    let partial = unsafe {
+        aya_ebpf::helpers::generated::bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, 0)
+    };
+    if partial < 0 {
+        return Err(cloison_abi::DropReason::TruncatedL4);
+    }
+    // bpf_csum_diff sums native-endian words: fold, then swap to network order.
+    let v = partial as u64;
+    let mut s = (v & 0xffff) + (v >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    Ok((s as u16).swap_bytes() as u32)
+}
+
+#[inline(always)]
+pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (pa, pb) = (a.as_ptr() as *const u64, b.as_ptr() as *const u64);
+    unsafe {
+        (core::ptr::read_unaligned(pa) ^ core::ptr::read_unaligned(pb))
+            | (core::ptr::read_unaligned(pa.add(1)) ^ core::ptr::read_unaligned(pb.add(1)))
+            == 0
+    }
+}
+
+/// A stage result as one register: BPF subprograms cannot return aggregates
+/// (LLVM would return a pointer into the caller's stack, which the verifier
+/// refuses), so non-inlined stages return `Ok(verdict)` as itself and
+/// `Err(reason)` as `-1 - reason`.
+pub type Packed = i64;
+
+#[inline(always)]
+pub fn pack(r: Result<i32, cloison_abi::DropReason>) -> Packed {
+    match r {
+        Ok(v) => v as i64,
+        Err(e) => -1 - e as i64,
+    }
+}
+
+#[inline(always)]
+pub fn unpack(v: Packed) -> Result<i32, cloison_abi::DropReason> {
+    if v >= 0 {
+        return Ok(v as i32);
+    }
+    let i = (-1 - v) as u32;
+    if i >= cloison_abi::DropReason::COUNT {
+        return Err(cloison_abi::DropReason::NoConfig);
+    }
+    // SAFETY: DropReason is #[repr(u32)] with variants 0..COUNT.
+    Err(unsafe { core::mem::transmute::<u32, cloison_abi::DropReason>(i) })
+}

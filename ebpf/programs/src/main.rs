@@ -24,21 +24,44 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use cloison_abi::{DropReason, VXLAN_ENCAP_LEN};
+use cloison_abi::{DropReason, PortInfo, VXLAN_ENCAP_LEN};
 
 use crate::{
-    hdr::{Cursor, ETH_LEN, ETH_P_IP, ETH_P_IPV6},
+    hdr::{unpack, Cursor, Packed, ETH_LEN, ETH_P_IP, ETH_P_IPV6},
     maps::{count_drop, count_to_vm, NO_SLOT},
+    port::*,
 };
 
 /// TC ingress of a port's host-side interface: everything the VM sends.
 #[classifier]
 pub fn cl_port(ctx: TcContext) -> i32 {
-    let mut slot = NO_SLOT;
-    match port::from_vm(&ctx, &mut slot) {
+    let mut port = PortInfo {
+        vni: 0,
+        slot: NO_SLOT,
+        flags: 0,
+        mtu: 0,
+        mac: [0; 6],
+        _pad: [0; 2],
+    };
+    let mut ifindex = 0;
+    let mut next = Next::of(NEXT_VERDICT, TC_ACT_SHOT as u32);
+    let first = port::from_vm(&ctx, &mut port, &mut ifindex, &mut next);
+    let res = if first < 0 {
+        first
+    } else {
+        match next.kind {
+            NEXT_ARP => proxy::arp(&ctx, ifindex, &port),
+            NEXT_ND => proxy::nd(&ctx, &port, ifindex),
+            NEXT_TOO_BIG_V4 => icmp::too_big(&ctx, ifindex, &port, true),
+            NEXT_TOO_BIG_V6 => icmp::too_big(&ctx, ifindex, &port, false),
+            NEXT_ENCAP => vxlan::encap(&ctx, port.vni, next.arg.to_ne_bytes()),
+            _ => next.arg as i32 as Packed,
+        }
+    };
+    match unpack(res) {
         Ok(action) => action,
         Err(reason) => {
-            count_drop(reason, slot);
+            count_drop(reason, port.slot);
             TC_ACT_SHOT
         }
     }

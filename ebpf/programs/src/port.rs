@@ -8,37 +8,75 @@ use crate::{
     hdr::*,
     maps::{count_from_vm, PORTS},
     parse::{self, L3},
-    proxy, spoof,
+    spoof,
 };
 
 /// Headers the pipeline reads directly; pulled into the linear area first.
 const PULL_LEN: u32 = 128;
 
-pub fn from_vm(ctx: &TcContext, slot: &mut u32) -> Result<i32, DropReason> {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let port = PORTS.get_ptr(&ifindex).ok_or(DropReason::UnknownPort)?;
-    let port = unsafe { *port };
-    *slot = port.slot;
+/// What the entry point does next. The stages that rewrite the packet are
+/// called from the entry point, not from here, so that no call chain exceeds
+/// the 512-byte BPF stack.
+///
+/// A plain struct rather than an enum with payloads: every byte is always
+/// written, so LLVM never hands the verifier an uninitialised register.
+#[derive(Clone, Copy)]
+pub struct Next {
+    pub kind: u32,
+    pub arg: u32,
+}
+
+pub const NEXT_VERDICT: u32 = 0;
+pub const NEXT_ARP: u32 = 1;
+pub const NEXT_ND: u32 = 2;
+pub const NEXT_TOO_BIG_V4: u32 = 3;
+pub const NEXT_TOO_BIG_V6: u32 = 4;
+/// `arg` is the remote VTEP address (network order bytes as a native u32).
+pub const NEXT_ENCAP: u32 = 5;
+
+impl Next {
+    #[inline(always)]
+    pub fn of(kind: u32, arg: u32) -> Self {
+        Next { kind, arg }
+    }
+}
+
+/// Fills `port`, `ifindex` and `next` for the stages that follow.
+#[inline(never)]
+pub fn from_vm(ctx: &TcContext, port: &mut PortInfo, ifindex: &mut u32, next: &mut Next) -> Packed {
+    match stage(ctx, port, ifindex) {
+        Ok(n) => {
+            *next = n;
+            0
+        }
+        Err(e) => pack(Err(e)),
+    }
+}
+
+#[inline(always)]
+fn stage(ctx: &TcContext, port: &mut PortInfo, ifindex: &mut u32) -> Result<Next, DropReason> {
+    *ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let info = PORTS.get_ptr(&*ifindex).ok_or(DropReason::UnknownPort)?;
+    *port = unsafe { *info };
     let len = ctx.len();
     count_from_vm(port.slot, len);
     let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
 
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let p = parse::frame(&c, len as usize)?;
-    let secure = port.flags & PORT_F_SECURITY != 0;
     if p.l3 == L3::Arp {
-        return proxy::arp(ctx, ifindex, &port);
+        return Ok(Next::of(NEXT_ARP, 0));
     }
-    if secure {
+    if port.flags & PORT_F_SECURITY != 0 {
         let (eth, _) = parse::ethernet(&c)?;
-        spoof::check_ip(eth, ifindex, &port, &p)?;
+        spoof::check_ip(eth, *ifindex, port, &p)?;
     }
     if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 {
         match p.icmp_type {
-            135 => return proxy::nd(ctx, &port, ifindex),
+            135 => return Ok(Next::of(NEXT_ND, 0)),
             133 => return Err(DropReason::RouterSolicitation),
             _ => {}
         }
     }
-    forward::from_port(ctx, &c, ifindex, &port, &p)
+    forward::from_port(ctx, &c, *ifindex, port, &p)
 }

@@ -24,7 +24,12 @@ fn redirect_back(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, 
 }
 
 #[inline(never)]
-pub fn arp(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, DropReason> {
+pub fn arp(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Packed {
+    pack(arp_stage(ctx, ifindex, port))
+}
+
+#[inline(always)]
+fn arp_stage(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, DropReason> {
     let c = &Cursor::new(ctx.data(), ctx.data_end());
     let secure = port.flags & cloison_abi::PORT_F_SECURITY != 0;
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
@@ -63,15 +68,29 @@ const NS_MIN_LEN: usize = 24;
 /// A neighbour advertisement with the target link-layer address option.
 const NA_LEN: usize = 32;
 
+/// The whole reply frame, written straight into the packet.
 #[repr(C)]
-struct NaReply {
-    ip: [u8; 40],
-    icmp: [u8; NA_LEN],
+struct NaFrame {
+    eth: EthHdr,
+    ip: Ipv6Hdr,
+    ty: u8,
+    code: u8,
+    csum: [u8; 2],
+    flags: [u8; 4],
+    target: [u8; 16],
+    opt_type: u8,
+    opt_len: u8,
+    opt_mac: [u8; 6],
 }
 
 #[inline(never)]
-pub fn nd(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Result<i32, DropReason> {
-    let c = &Cursor::new(ctx.data(), ctx.data_end());
+pub fn nd(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Packed {
+    pack(nd_stage(ctx, port, ifindex))
+}
+
+#[inline(always)]
+fn nd_stage(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Result<i32, DropReason> {
+    let c = Cursor::new(ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let ip: *mut Ipv6Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv6)?;
     let (eth, ip) = unsafe { (&*eth, &*ip) };
@@ -80,54 +99,14 @@ pub fn nd(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Result<i32, DropRea
     if be16(ip.payload_len) < NS_MIN_LEN as u16 || ip.hop_limit != 255 || ns[1] != 0 {
         return Err(DropReason::NdMalformed);
     }
-    if ip.src == [0; 16] {
+    if is_zero16(&ip.src) {
         // Duplicate address detection: never answered, the VM keeps its address.
         return Err(DropReason::NdDadProbe);
     }
-    let mut target = [0u8; 16];
-    let mut i = 0;
-    while i < 16 {
-        target[i] = ns[8 + i];
-        i += 1;
-    }
+    let target: [u8; 16] = unsafe { *(ns.as_ptr().add(8) as *const [u8; 16]) };
     let mac = neighbour(port.vni, target).ok_or(DropReason::NdUnknownTarget)?;
     let asker_mac = eth.src;
     let asker_ip = ip.src;
-
-    let mut r = NaReply {
-        ip: [0; 40],
-        icmp: [0; NA_LEN],
-    };
-    r.ip[0] = 0x60;
-    r.ip[5] = NA_LEN as u8;
-    r.ip[6] = IPPROTO_ICMPV6;
-    r.ip[7] = 255;
-    let mut i = 0;
-    while i < 16 {
-        r.ip[8 + i] = target[i];
-        r.ip[24 + i] = asker_ip[i];
-        r.icmp[8 + i] = target[i];
-        i += 1;
-    }
-    r.icmp[0] = 136;
-    r.icmp[4] = 0x60; // solicited, override
-    r.icmp[24] = 2; // target link-layer address
-    r.icmp[25] = 1;
-    let mut i = 0;
-    while i < 6 {
-        r.icmp[26 + i] = mac[i];
-        i += 1;
-    }
-    let mut sum = (NA_LEN as u32) + IPPROTO_ICMPV6 as u32;
-    let mut i = 8;
-    while i < 40 {
-        sum += ((r.ip[i] as u32) << 8) | r.ip[i + 1] as u32;
-        i += 2;
-    }
-    sum = csum_words(&r.icmp, sum);
-    let csum = csum_fold(sum).to_be_bytes();
-    r.icmp[2] = csum[0];
-    r.icmp[3] = csum[1];
 
     let want = (ETH_LEN + 40 + NA_LEN) as u32;
     if ctx.len() != want {
@@ -136,14 +115,29 @@ pub fn nd(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Result<i32, DropRea
             return Err(DropReason::NdMalformed);
         }
     }
-    let mut macs = [0u8; 12];
-    let mut i = 0;
-    while i < 6 {
-        macs[i] = asker_mac[i];
-        macs[6 + i] = mac[i];
-        i += 1;
-    }
-    ctx.store(0, &macs, 0).map_err(|_| DropReason::NdMalformed)?;
-    ctx.store(ETH_LEN, &r, 0).map_err(|_| DropReason::NdMalformed)?;
+    let c = Cursor::new(ctx.data(), ctx.data_end());
+    let f: *mut NaFrame = c.at(0).ok_or(DropReason::NdMalformed)?;
+    let f = unsafe { &mut *f };
+    f.eth.dst = asker_mac;
+    f.eth.src = mac;
+    f.eth.proto = ETH_P_IPV6.to_be_bytes();
+    f.ip.vtcfl = [0x60, 0, 0, 0];
+    f.ip.payload_len = (NA_LEN as u16).to_be_bytes();
+    f.ip.next_header = IPPROTO_ICMPV6;
+    f.ip.hop_limit = 255;
+    f.ip.src = target;
+    f.ip.dst = asker_ip;
+    f.ty = 136;
+    f.code = 0;
+    f.csum = [0; 2];
+    f.flags = [0x60, 0, 0, 0]; // solicited, override
+    f.target = target;
+    f.opt_type = 2; // target link-layer address
+    f.opt_len = 1;
+    f.opt_mac = mac;
+    // Pseudo header (addresses, length, next header) and body are contiguous
+    // from the source address on.
+    let sum = csum_packet::<{ 32 + NA_LEN }>(&c, ETH_LEN + 8)? + NA_LEN as u32 + IPPROTO_ICMPV6 as u32;
+    f.csum = csum_fold(sum).to_be_bytes();
     redirect_back(ctx, ifindex, port)
 }

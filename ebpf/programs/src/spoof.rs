@@ -7,7 +7,7 @@ use crate::{hdr::*, maps::allowed_mac, parse::*};
 
 #[inline(always)]
 pub fn check_ip(eth: &EthHdr, ifindex: u32, port: &PortInfo, p: &Parsed) -> Result<(), DropReason> {
-    let unspecified = p.src == [0; 16] || p.src == crate::maps::v4_mapped([0; 4]);
+    let unspecified = is_zero16(&p.src) || eq16(&p.src, &crate::maps::v4_mapped([0; 4]));
     if unspecified {
         // Address-less packets a VM must be able to send before it has an
         // address: DHCPv4 discovery, and IPv6 DAD / MLD.
@@ -46,7 +46,7 @@ pub fn check_arp(eth: &EthHdr, arp: &ArpHdr, ifindex: u32, port: &PortInfo) -> R
     if !mac_eq(&arp.sha, &eth.src) {
         return Err(DropReason::SpoofedArp);
     }
-    if arp.spa == [0; 4] {
+    if ip4_eq(&arp.spa, &[0; 4]) {
         if !mac_eq(&eth.src, &port.mac) {
             return Err(DropReason::SpoofedArp);
         }

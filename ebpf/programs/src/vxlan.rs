@@ -37,7 +37,12 @@ pub fn ipv4_csum(ip: &[u8; 20]) -> [u8; 2] {
 }
 
 #[inline(never)]
-pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Result<i32, DropReason> {
+pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Packed {
+    pack(encap_stage(ctx, vni, vtep))
+}
+
+#[inline(always)]
+fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Result<i32, DropReason> {
     let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let skb = ctx.skb.skb;
     let inner_len = ctx.len();

@@ -69,3 +69,16 @@ pub fn resolve(name: &str) -> Option<Iface> {
     let veth = driver(name).map(|d| d == "veth").unwrap_or(false);
     Some(Iface { ifindex, veth })
 }
+
+/// Moves the calling thread into the named network namespace
+/// (`/run/netns/NAME`, as `ip netns add` makes). Only the network namespace
+/// changes: unlike `ip netns exec`, the mount namespace, and so bpffs and
+/// its pins, stay those of the host.
+pub fn enter_netns(name: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{name}"))?;
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

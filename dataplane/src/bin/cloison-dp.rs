@@ -7,8 +7,8 @@ use cloison_abi::DropReason;
 use cloison_dataplane::{loader::DEFAULT_PIN_ROOT, Dataplane, Snapshot, UplinkHook};
 
 const USAGE: &str = "usage:
-  cloison-dp apply --host NAME --uplink IF --snapshot FILE [--uplink-hook auto|xdp|tc] [--pin-root DIR]
-  cloison-dp stats --host NAME [--pin-root DIR]
+  cloison-dp apply --host NAME --uplink IF --snapshot FILE [--uplink-hook auto|xdp|tc] [--pin-root DIR] [--netns NS]
+  cloison-dp stats --host NAME [--pin-root DIR] [--netns NS]
   cloison-dp purge --host NAME [--pin-root DIR]";
 
 fn main() -> ExitCode {
@@ -34,6 +34,11 @@ fn run() -> anyhow::Result<()> {
             "--snapshot" => snapshot = Some(PathBuf::from(val()?)),
             "--uplink-hook" => hook = val()?.parse()?,
             "--pin-root" => pin_root = PathBuf::from(val()?),
+            "--netns" => {
+                let ns = val()?;
+                cloison_dataplane::netdev::enter_netns(&ns)
+                    .map_err(|e| anyhow::anyhow!("enter netns {ns}: {e}"))?;
+            }
             _ => anyhow::bail!("unknown flag {flag}\n{USAGE}"),
         }
     }

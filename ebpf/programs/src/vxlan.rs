@@ -5,7 +5,7 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
         TC_ACT_REDIRECT,
@@ -67,6 +67,12 @@ fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Result<i32, DropReas
     let resolved = match rc {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        // The helper refuses hosts with forwarding off on the uplink; the
+        // kernel then resolves the next hop itself, out of the uplink.
+        BPF_FIB_LKUP_RET_FWD_DISABLED => {
+            fib.ifindex = cfg.uplink_ifindex;
+            false
+        }
         _ => return Err(DropReason::UnderlayUnreachable),
     };
     // Tenant traffic leaves only through the uplink, whatever the routes say.

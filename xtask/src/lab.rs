@@ -1,0 +1,542 @@
+//! The netns lab: hypervisor hosts, VMs and an underlay switch, each a
+//! network namespace this code creates (unique names) and removes on drop,
+//! also after a failure. Nothing touches the machine's own interfaces.
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use cloison_abi::DropReason;
+use cloison_dataplane::{
+    loader::DEFAULT_PIN_ROOT, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port, Snapshot,
+    Stats, UplinkHook,
+};
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("run {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes the switch side of a veth uplink behave as a NIC's wire: it runs
+/// NAPI (GRO on), as a veth needs to take XDP-redirected frames, and what it
+/// sends carries complete checksums and MTU-sized frames (no checksum or
+/// segmentation offload), as frames on a real wire do. The hosts and VMs keep
+/// their defaults.
+fn wire(ns: &str, dev: &str) -> Result<()> {
+    sh(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off"])?;
+    Ok(())
+}
+
+/// Runs `f` on a thread inside network namespace `ns` and returns its result.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        netdev::enter_netns(&ns).with_context(|| format!("enter netns {ns}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("lab thread panicked"))?
+}
+
+/// A VM: a namespace with `eth0` on a veth whose host side is the port.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub name: String,
+    pub ns: String,
+    pub host: String,
+    pub tenant: char,
+    pub port_if: String,
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
+    pub ip6: std::net::Ipv6Addr,
+}
+
+pub struct Lab {
+    pub tag: String,
+    pub hosts: Vec<String>,
+    pub vms: Vec<Vm>,
+    pub snapshot: Snapshot,
+    namespaces: Vec<String>,
+    pins: Vec<String>,
+    pub pin_root: PathBuf,
+    pub hook: UplinkHook,
+}
+
+pub const UPLINK: &str = "up0";
+
+pub fn underlay_ip(host: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, host as u8)
+}
+
+impl Lab {
+    fn tag() -> String {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("cl{:x}", (std::process::id() ^ t) & 0xffff)
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.tag)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<String> {
+        let ns = self.ns(name);
+        sh(&["ip", "netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Two hosts on one underlay switch; tenants `a` and `b` with the same
+    /// subnet and the same MACs: a1, a3, b1 on hv1; a2, b2 on hv2.
+    pub fn two_hosts(hook: UplinkHook) -> Result<Lab> {
+        let mut lab = Lab {
+            tag: Self::tag(),
+            hosts: Vec::new(),
+            vms: Vec::new(),
+            snapshot: Snapshot::default(),
+            namespaces: Vec::new(),
+            pins: Vec::new(),
+            pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
+            hook,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let ul = self.add_ns("ul")?;
+        sh(&["ip", "-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &ul, "link", "set", "br0", "up"])?;
+        for i in 1..=2 {
+            self.add_host(i)?;
+        }
+        for n in ["a", "b"] {
+            self.snapshot.networks.push(Network {
+                name: format!("{n}-net"),
+                tenant: format!("tenant-{n}"),
+                vni: if n == "a" { 1001 } else { 1002 },
+                subnets: vec!["10.0.0.0/24".parse()?, "fd00:1::/64".parse()?],
+                mtu: 1450,
+            });
+        }
+        for (name, host, idx) in [("a1", 1, 1u8), ("a2", 2, 2), ("a3", 1, 3), ("b1", 1, 1), ("b2", 2, 2)] {
+            self.add_vm(name, host, idx)?;
+        }
+        Ok(())
+    }
+
+    fn add_host(&mut self, i: usize) -> Result<()> {
+        let ul = self.ns("ul");
+        let hv = self.add_ns(&format!("hv{i}"))?;
+        let sw = format!("p{i}");
+        sh(&["ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK, "netns", &hv])?;
+        sh(&["ip", "-n", &ul, "link", "set", &sw, "master", "br0", "up"])?;
+        wire(&ul, &sw)?;
+        let addr = format!("{}/24", underlay_ip(i));
+        sh(&["ip", "-n", &hv, "addr", "add", &addr, "dev", UPLINK])?;
+        sh(&["ip", "-n", &hv, "link", "set", UPLINK, "up"])?;
+        let name = format!("hv{i}");
+        self.snapshot.hosts.push(Host {
+            name: name.clone(),
+            underlay_ip: underlay_ip(i),
+        });
+        self.hosts.push(name);
+        Ok(())
+    }
+
+    fn add_vm(&mut self, name: &str, host: usize, idx: u8) -> Result<()> {
+        let tenant = name.chars().next().unwrap_or('a');
+        let hv = self.ns(&format!("hv{host}"));
+        let ns = self.add_ns(name)?;
+        let port_if = format!("t{name}");
+        let mac = MacAddr([0x02, 0, 0, 0, 0, idx]);
+        let ip = Ipv4Addr::new(10, 0, 0, idx);
+        let ip6: std::net::Ipv6Addr = format!("fd00:1::{idx}").parse()?;
+        sh(&["ip", "-n", &hv, "link", "add", &port_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sh(&["ip", "-n", &hv, "link", "set", &port_if, "up"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "address", &mac.to_string(), "mtu", "1450"])?;
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        // A VM's NIC reader runs NAPI (a tap's reader would): veth needs it
+        // to accept XDP-redirected frames.
+        sh(&["ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "gro", "on"])?;
+        self.snapshot.ports.push(Port {
+            name: name.to_string(),
+            network: format!("{tenant}-net"),
+            host: format!("hv{host}"),
+            interface: port_if.clone(),
+            mac,
+            ips: vec![ip.into(), ip6.into()],
+            security_groups: vec![],
+            allowed_address_pairs: vec![],
+            port_security: true,
+        });
+        self.vms.push(Vm {
+            name: name.to_string(),
+            ns,
+            host: format!("hv{host}"),
+            tenant,
+            port_if,
+            mac,
+            ip,
+            ip6,
+        });
+        Ok(())
+    }
+
+    pub fn vm(&self, name: &str) -> &Vm {
+        self.vms.iter().find(|v| v.name == name).expect("lab VM")
+    }
+
+    fn pin_name(&self, host: &str) -> String {
+        format!("{}-{host}", self.tag)
+    }
+
+    /// Programs every host's dataplane with the lab snapshot.
+    pub fn apply(&mut self) -> Result<()> {
+        for host in self.hosts.clone() {
+            let pin = self.pin_name(&host);
+            if !self.pins.contains(&pin) {
+                self.pins.push(pin.clone());
+            }
+            let (snap, root, hook) = (self.snapshot.clone(), self.pin_root.clone(), self.hook);
+            in_netns(&self.ns(&host), move || {
+                let mut dp = Dataplane::open(&pin, &root)?;
+                dp.apply(&snap, &host, UPLINK, hook)?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self, host: &str) -> Result<Stats> {
+        let (pin, root) = (self.pin_name(host), self.pin_root.clone());
+        in_netns(&self.ns(host), move || Ok(Dataplane::open(&pin, &root)?.stats()?))
+    }
+
+    pub fn drops(&self, host: &str) -> Result<BTreeMap<DropReason, u64>> {
+        Ok(self.stats(host)?.drops)
+    }
+
+    /// `ping` from one VM to an address; true when every echo was answered.
+    pub fn ping(&self, from: &str, to: &str, count: u32) -> bool {
+        let ns = &self.vm(from).ns;
+        Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "1", to])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Adds a third host whose VTEP is the Linux kernel's own VXLAN device,
+    /// with a "VM" address on it, joined to tenant a's network.
+    pub fn add_kernel_vtep(&mut self) -> Result<()> {
+        let ul = self.ns("ul");
+        let kv = self.add_ns("kv")?;
+        sh(&["ip", "-n", &ul, "link", "add", "p3", "type", "veth", "peer", "name", UPLINK, "netns", &kv])?;
+        sh(&["ip", "-n", &ul, "link", "set", "p3", "master", "br0", "up"])?;
+        wire(&ul, "p3")?;
+        sh(&["ip", "-n", &kv, "addr", "add", "192.0.2.3/24", "dev", UPLINK])?;
+        sh(&["ip", "-n", &kv, "link", "set", UPLINK, "up"])?;
+        sh(&["ip", "-n", &kv, "link", "add", "vx0", "type", "vxlan", "id", "1001", "local", "192.0.2.3", "dstport", "4789", "nolearning", "dev", UPLINK])?;
+        let mac = MacAddr([0x02, 0, 0, 0, 0, 9]);
+        sh(&["ip", "-n", &kv, "link", "set", "vx0", "address", &mac.to_string(), "mtu", "1450", "up"])?;
+        sh(&["ip", "-n", &kv, "addr", "add", "10.0.0.9/24", "dev", "vx0"])?;
+        // The kernel peer is told where tenant a's ports live, as a
+        // controller would program it (no flooding, no learning).
+        for v in self.vms.clone().iter().filter(|v| v.tenant == 'a') {
+            let host_idx: usize = v.host[2..].parse()?;
+            let dst = underlay_ip(host_idx).to_string();
+            sh(&["ip", "netns", "exec", &kv, "bridge", "fdb", "append", &v.mac.to_string(), "dev", "vx0", "dst", &dst])?;
+            sh(&["ip", "-n", &kv, "neigh", "add", &v.ip.to_string(), "lladdr", &v.mac.to_string(), "dev", "vx0", "nud", "permanent"])?;
+        }
+        self.snapshot.hosts.push(Host {
+            name: "hv3".into(),
+            underlay_ip: underlay_ip(3),
+        });
+        self.snapshot.ports.push(Port {
+            name: "kv".into(),
+            network: "a-net".into(),
+            host: "hv3".into(),
+            interface: "vx0".into(),
+            mac,
+            ips: vec!["10.0.0.9".parse()?],
+            security_groups: vec![],
+            allowed_address_pairs: vec![],
+            port_security: true,
+        });
+        Ok(())
+    }
+
+    /// Removes every namespace and pin this lab made. Also run on drop.
+    pub fn cleanup(&mut self) {
+        for pin in self.pins.drain(..) {
+            let _ = Dataplane::purge(&pin, &self.pin_root);
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// A packet capture on a VM's eth0 (AF_PACKET), running until stopped.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Result<Vec<Vec<u8>>>>>,
+}
+
+impl Capture {
+    pub fn start(ns: &str) -> Result<Capture> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ns = ns.to_string();
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || -> Result<Vec<Vec<u8>>> {
+            let ready = |r: Result<()>| {
+                let ok = r.is_ok();
+                let _ = tx.send(r);
+                ok
+            };
+            if !ready(netdev::enter_netns(&ns).context("enter netns")) {
+                return Ok(vec![]);
+            }
+            let fd = unsafe {
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32)
+            };
+            if fd < 0 {
+                ready(Err(std::io::Error::last_os_error().into()));
+                return Ok(vec![]);
+            }
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+            }
+            let _ = tx.send(Ok(()));
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            unsafe { libc::close(fd) };
+            Ok(frames)
+        });
+        rx.recv().context("capture thread")??;
+        Ok(Capture {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    pub fn finish(mut self) -> Result<Vec<Vec<u8>>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("joined once")
+            .join()
+            .map_err(|_| anyhow::anyhow!("capture panicked"))?
+    }
+}
+
+pub fn contains(frame: &[u8], needle: &[u8]) -> bool {
+    frame.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A TCP exchange: a server in `to`'s VM echoes what a client in `from`'s
+/// VM sends. Returns the echoed bytes.
+pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> {
+    let server_ns = lab.vm(to).ns.clone();
+    let addr = lab.vm(to).ip;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || -> Result<()> {
+        netdev::enter_netns(&server_ns)?;
+        let l = TcpListener::bind((addr, 5001))?;
+        tx.send(()).ok();
+        l.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = vec![0u8; 65536];
+        let mut total = Vec::new();
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total.extend_from_slice(&buf[..n]);
+            s.write_all(&buf[..n])?;
+        }
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(5)).context("server start")?;
+    let msg = msg.to_vec();
+    let got = in_netns(&lab.vm(from).ns, move || {
+        let mut s = TcpStream::connect_timeout(&(addr, 5001).into(), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(&msg)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        Ok(got)
+    });
+    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let got = got?;
+    served?;
+    Ok(got)
+}
+
+/// One UDP datagram each way between two VMs; returns the reply.
+pub fn udp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> {
+    let server_ns = lab.vm(to).ns.clone();
+    let addr = lab.vm(to).ip;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || -> Result<()> {
+        netdev::enter_netns(&server_ns)?;
+        let s = UdpSocket::bind((addr, 5002))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tx.send(()).ok();
+        let mut buf = [0u8; 2048];
+        let (n, peer) = s.recv_from(&mut buf)?;
+        s.send_to(&buf[..n], peer)?;
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(5)).context("server start")?;
+    let msg = msg.to_vec();
+    let got = in_netns(&lab.vm(from).ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.send_to(&msg, (addr, 5002))?;
+        let mut buf = [0u8; 2048];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    });
+    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let got = got?;
+    served?;
+    Ok(got)
+}
+
+/// iperf3 TCP throughput in Gbit/s between two namespaces, `secs` long.
+pub fn iperf3(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> Result<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args(["netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", "5201", "-t", &secs.to_string(), "-J"])
+        .output();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while server.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out?;
+    if !out.status.success() {
+        bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received")?;
+    Ok(bps / 1e9)
+}
+
+/// The kernel's own answer to the same job, in namespaces of its own: two
+/// hosts with a VXLAN device and a Linux bridge each, one VM per host.
+pub struct KernelBaseline {
+    namespaces: Vec<String>,
+    pub vm1: String,
+    pub vm2: String,
+}
+
+impl KernelBaseline {
+    pub fn new() -> Result<KernelBaseline> {
+        let tag = Lab::tag();
+        let mut b = KernelBaseline {
+            namespaces: Vec::new(),
+            vm1: format!("{tag}-kvm1"),
+            vm2: format!("{tag}-kvm2"),
+        };
+        let ul = format!("{tag}-kul");
+        for ns in [&ul, &format!("{tag}-khv1"), &format!("{tag}-khv2"), &b.vm1.clone(), &b.vm2.clone()] {
+            sh(&["ip", "netns", "add", ns])?;
+            b.namespaces.push(ns.to_string());
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        sh(&["ip", "-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &ul, "link", "set", "br0", "up"])?;
+        for i in 1..=2usize {
+            let hv = format!("{tag}-khv{i}");
+            let vm = if i == 1 { b.vm1.clone() } else { b.vm2.clone() };
+            let sw = format!("p{i}");
+            sh(&["ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK, "netns", &hv])?;
+            sh(&["ip", "-n", &ul, "link", "set", &sw, "master", "br0", "up"])?;
+            wire(&ul, &sw)?;
+            let me = underlay_ip(i).to_string();
+            let other = underlay_ip(3 - i).to_string();
+            sh(&["ip", "-n", &hv, "addr", "add", &format!("{me}/24"), "dev", UPLINK])?;
+            sh(&["ip", "-n", &hv, "link", "set", UPLINK, "up"])?;
+            sh(&["ip", "-n", &hv, "link", "add", "vx0", "type", "vxlan", "id", "1001", "local", &me, "remote", &other, "dstport", "4789", "dev", UPLINK])?;
+            sh(&["ip", "-n", &hv, "link", "add", "br0", "type", "bridge"])?;
+            sh(&["ip", "-n", &hv, "link", "set", "vx0", "master", "br0", "up"])?;
+            sh(&["ip", "-n", &hv, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0", "netns", &vm])?;
+            sh(&["ip", "-n", &hv, "link", "set", "tap0", "master", "br0", "up"])?;
+            sh(&["ip", "-n", &hv, "link", "set", "br0", "up"])?;
+            sh(&["ip", "-n", &vm, "link", "set", "eth0", "mtu", "1450"])?;
+            sh(&["ip", "-n", &vm, "addr", "add", &format!("10.0.0.{i}/24"), "dev", "eth0"])?;
+            sh(&["ip", "-n", &vm, "link", "set", "eth0", "up"])?;
+        }
+        Ok(b)
+    }
+}
+
+impl Drop for KernelBaseline {
+    fn drop(&mut self) {
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}

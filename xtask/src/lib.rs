@@ -1,0 +1,2 @@
+//! Shared by `cargo xtask` and the lab tests: the netns lab.
+pub mod lab;

@@ -1,13 +1,197 @@
-fn main() -> anyhow::Result<()> {
+//! `cargo xtask setup | test | demo | lab [SECS]`
+//!
+//! `setup` installs what a fresh machine lacks (idempotently); `test` and
+//! `demo` run it first, so each is the one command a new machine needs.
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use cloison_abi::DropReason;
+use cloison_dataplane::UplinkHook;
+use xtask::lab::{self, Lab};
+
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "iproute2",
+    "bpftool",
+    "iperf3",
+    "tcpdump",
+    "iputils-ping",
+    "netcat-openbsd",
+    "ethtool",
+    "nftables",
+];
+
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("lab-hold") => {
-            let mut lab = xtask::lab::Lab::two_hosts(cloison_dataplane::UplinkHook::Auto)?;
-            lab.apply()?;
-            println!("lab {} up", lab.tag);
-            std::thread::sleep(std::time::Duration::from_secs(args.get(1).map(|s| s.parse().unwrap()).unwrap_or(60)));
-            Ok(())
+    let res = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("test") => setup().and_then(|()| test()),
+        Some("demo") => setup().and_then(|()| demo()),
+        Some("lab") => hold_lab(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(600)),
+        _ => Err(anyhow::anyhow!("usage: cargo xtask setup | test | demo | lab [SECS]")),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
         }
-        _ => anyhow::bail!("usage"),
     }
+}
+
+fn step(msg: &str) {
+    println!("==> {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        step("Debian packages: all present");
+    } else {
+        step(&format!("Debian packages: installing {}", missing.join(" ")));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if has_src {
+        step("nightly rust-src: present");
+    } else {
+        step("nightly rust-src: installing (the BPF crate builds core with -Z build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let has_linker = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    if has_linker {
+        step("bpf-linker: present");
+    } else {
+        step("bpf-linker: installing against Debian's LLVM 22 (about 70 s)");
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    cloison_dataplane::loader::ensure_bpffs().context("bpffs")?;
+    step("bpffs: mounted on /sys/fs/bpf");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test() -> Result<()> {
+    step("cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    step("cargo clippy -- -D warnings");
+    run(cargo().args(["clippy", "--workspace", "--exclude", "cloison-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+    step("cargo test (unit, test-run fixtures, lab); privileged tests need root");
+    // The lab tests share the machine's network tools; run them one at a time.
+    run(cargo().args(["test", "--workspace", "--exclude", "cloison-ebpf", "--", "--test-threads", "1"]))?;
+    Ok(())
+}
+
+fn print_drops(title: &str, drops: &std::collections::BTreeMap<DropReason, u64>) {
+    println!("  {title}:");
+    if drops.is_empty() {
+        println!("    (none)");
+    }
+    for (r, n) in drops {
+        println!("    {:<28} {n}", r.name());
+    }
+}
+
+fn demo() -> Result<()> {
+    step("building the dataplane (BPF object + loader)");
+    run(cargo().args(["build", "--release", "-p", "cloison-dataplane"]))?;
+    step("lab: 2 hypervisors on one underlay switch; tenants a and b both use 10.0.0.0/24 and MACs 02:00:00:00:00:0x");
+    let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
+    lab.add_kernel_vtep()?;
+    lab.apply()?;
+    println!("  namespaces {}-*, pins under /sys/fs/bpf/cloison/{}-hv*", lab.tag, lab.tag);
+    for v in &lab.vms {
+        println!("  VM {:<3} tenant {} on {}  {}  {}  {}", v.name, v.tenant, v.host, v.mac, v.ip, v.ip6);
+    }
+    println!("  kernel VXLAN peer (hv3, Linux vxlan device): tenant a, 10.0.0.9");
+
+    step("traffic within each tenant");
+    let checks = [
+        ("a1", "10.0.0.2", "tenant a, hv1 -> hv2 (VXLAN)"),
+        ("a1", "10.0.0.3", "tenant a, on hv1 (redirect)"),
+        ("a2", "fd00:1::1", "tenant a, IPv6 hv2 -> hv1"),
+        ("b1", "10.0.0.2", "tenant b, hv1 -> hv2 (same IPs, other VNI)"),
+        ("a1", "10.0.0.9", "tenant a -> kernel VXLAN peer"),
+    ];
+    for (from, to, what) in checks {
+        let ok = lab.ping(from, to, 3);
+        println!("  ping {from} -> {to:<10} {:<4} {what}", if ok { "ok" } else { "FAIL" });
+    }
+    let msg = b"hello from tenant a";
+    let tcp = lab::tcp_echo(&lab, "a1", "a2", msg).map(|g| g == msg).unwrap_or(false);
+    println!("  TCP a1 -> a2 echo: {}", if tcp { "ok" } else { "FAIL" });
+
+    step("isolation: tenant b captures while tenant a talks");
+    let cap = lab::Capture::start(&lab.vm("b2").ns)?;
+    let marker = b"cloison-demo-tenant-a-secret";
+    let _ = lab::tcp_echo(&lab, "a1", "a2", marker);
+    let frames = cap.finish()?;
+    let leaked = frames.iter().filter(|f| lab::contains(f, marker)).count();
+    println!("  b2 captured {} frames, {} carrying tenant a's data", frames.len(), leaked);
+    let crossed = lab.ping("b1", "10.0.0.9", 1);
+    println!("  b1 -> 10.0.0.9 (tenant a's kernel peer): {}", if crossed { "REACHED (bug)" } else { "unreachable, as it must be" });
+
+    step("throughput: iperf3 TCP between VMs on two hosts, 3 s each");
+    let cloison = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3);
+    let base = lab::KernelBaseline::new().and_then(|b| lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3));
+    match (&cloison, &base) {
+        (Ok(c), Ok(b)) => println!("  Cloison {c:.2} Gbit/s, kernel VXLAN+bridge {b:.2} Gbit/s, ratio {:.2}", c / b),
+        _ => println!("  Cloison {cloison:?}, kernel baseline {base:?}"),
+    }
+
+    step("counters");
+    for host in ["hv1", "hv2"] {
+        let s = lab.stats(host)?;
+        println!("  {host} ports (ifindex: VM tx pkts/bytes, rx pkts/bytes, drops):");
+        for (i, p) in &s.ports {
+            println!("    {i:<4} {:>6}/{:<9} {:>6}/{:<9} {}", p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.drops);
+        }
+        print_drops(&format!("{host} drops by reason"), &s.drops);
+    }
+    step("cleaning up");
+    lab.cleanup();
+    if leaked > 0 || crossed {
+        bail!("isolation broken");
+    }
+    Ok(())
+}
+
+fn hold_lab(secs: u64) -> Result<()> {
+    let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
+    lab.apply()?;
+    println!("lab {} up for {secs} s (namespaces {}-*)", lab.tag, lab.tag);
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+    Ok(())
 }

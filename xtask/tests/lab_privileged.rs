@@ -72,3 +72,51 @@ fn privileged_kernel_vxlan_peer_interoperates() {
     let d = lab.drops("hv1").expect("drops");
     assert!(d.get(&DropReason::ArpUnknownTarget).copied().unwrap_or(0) > 0, "b1's ARP for 10.0.0.9 unanswered: {d:?}");
 }
+
+#[test]
+fn privileged_underlay_injection_is_dropped_and_counted() {
+    require_root();
+    let mut lab = Lab::two_hosts(UplinkHook::Auto).expect("lab");
+    let evil = lab.add_underlay_intruder().expect("intruder");
+    lab.apply().expect("apply");
+    let (a1, a2, a3) = (lab.vm("a1").clone(), lab.vm("a2").clone(), lab.vm("a3").clone());
+    let legit = |marker: &str| VxlanFrame {
+        outer_dst_mac: lab.uplink_mac("hv1").expect("mac"),
+        outer_src: underlay_ip(2),
+        outer_dst: underlay_ip(1),
+        flags: 0x08,
+        vni: 1001,
+        inner_src_mac: a2.mac.0,
+        inner_dst_mac: a1.mac.0,
+        inner_src: a2.ip,
+        inner_dst: a1.ip,
+        marker: marker.as_bytes().to_vec(),
+    };
+    let cases: Vec<(&str, Vec<u8>, DropReason)> = vec![
+        ("unknown VTEP", VxlanFrame { outer_src: "192.0.2.66".parse().unwrap(), ..legit("inj-unknown-vtep") }.build(), DropReason::VxlanUnknownVtep),
+        ("wrong VNI", VxlanFrame { vni: 4242, ..legit("inj-wrong-vni") }.build(), DropReason::VxlanUnknownVni),
+        ("bad flags", VxlanFrame { flags: 0x0c, ..legit("inj-bad-flags") }.build(), DropReason::VxlanBadFlags),
+        ("truncated header", legit("inj-trunc").build_with_payload(&[0x08, 0, 0, 0]), DropReason::VxlanTruncated),
+        ("spoofed inner source", VxlanFrame { inner_src_mac: a3.mac.0, ..legit("inj-spoofed-src") }.build(), DropReason::VxlanSpoofedSource),
+        ("unknown inner destination", VxlanFrame { inner_dst_mac: [2, 0, 0, 0, 0, 0x77], ..legit("inj-unknown-dst") }.build(), DropReason::VxlanUnknownDestination),
+    ];
+    let caps = [Capture::start(&a1.ns).expect("cap"), Capture::start(&lab.vm("b1").ns).expect("cap")];
+    for (what, frame, reason) in &cases {
+        let before = lab.drops("hv1").expect("drops").get(reason).copied().unwrap_or(0);
+        send_frames(&evil, "eth0", vec![frame.clone(); 3]).expect("send");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let after = lab.drops("hv1").expect("drops").get(reason).copied().unwrap_or(0);
+        assert_eq!(after - before, 3, "{what}: 3 frames dropped as {}", reason.name());
+    }
+    // Control: the same rig, well formed and from hv2's VTEP, is delivered.
+    send_frames(&evil, "eth0", vec![legit("inj-control-delivered").build()]).expect("send");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let [cap_a1, cap_b1] = caps;
+    let a1_frames = cap_a1.finish().expect("cap");
+    let b1_frames = cap_b1.finish().expect("cap");
+    for f in a1_frames.iter().chain(&b1_frames) {
+        assert!(!contains(f, b"inj-"[..].as_ref()) || contains(f, b"inj-control"), "an injected frame reached a VM");
+    }
+    assert!(a1_frames.iter().any(|f| contains(f, b"inj-control-delivered")), "control frame reached a1");
+    assert!(!b1_frames.iter().any(|f| contains(f, b"inj-")), "nothing reached tenant b");
+}

@@ -1,0 +1,334 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN: the real programs, verified
+//! and run by the kernel, on frames built with etherparse; the verdict, the
+//! bytes out and the drop counter of each path are checked. Needs root.
+//!
+//! The programs run in a namespace of the test's own, with veths as port
+//! interfaces and an uplink whose next hop is a permanent neighbour, so the
+//! FIB lookup of the encapsulation path has a known answer.
+use std::{net::Ipv4Addr, process::Command};
+
+use cloison_abi::DropReason;
+use cloison_dataplane::{
+    loader::RunResult, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port, Snapshot,
+    UplinkHook,
+};
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_OK: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const A1: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const A2: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const A3: [u8; 6] = [2, 0, 0, 0, 0, 3];
+const NEXT_HOP_MAC: [u8; 6] = [2, 0xaa, 0, 0, 0, 2];
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The namespace, the dataplane and the interfaces of one fixture run.
+struct Bench {
+    ns: String,
+    pin: String,
+    root: std::path::PathBuf,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = Dataplane::purge(&self.pin, &self.root);
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+fn snapshot() -> Snapshot {
+    let port = |name: &str, host: &str, iface: &str, mac: [u8; 6], ip: &str| Port {
+        name: name.into(),
+        network: "a-net".into(),
+        host: host.into(),
+        interface: iface.into(),
+        mac: MacAddr(mac),
+        ips: vec![ip.parse().unwrap(), format!("fd00:1::{}", mac[5]).parse().unwrap()],
+        security_groups: vec![],
+        allowed_address_pairs: vec![],
+        port_security: true,
+    };
+    Snapshot {
+        hosts: vec![
+            Host { name: "hv1".into(), underlay_ip: Ipv4Addr::new(192, 0, 2, 1) },
+            Host { name: "hv2".into(), underlay_ip: Ipv4Addr::new(192, 0, 2, 2) },
+        ],
+        networks: vec![Network {
+            name: "a-net".into(),
+            tenant: "a".into(),
+            vni: 1001,
+            subnets: vec!["10.0.0.0/24".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
+            mtu: 1450,
+        }],
+        ports: vec![
+            port("a1", "hv1", "pa1", A1, "10.0.0.1"),
+            port("a2", "hv2", "pa2", A2, "10.0.0.2"),
+            port("a3", "hv1", "pa3", A3, "10.0.0.3"),
+        ],
+    }
+}
+
+/// Runs `f` with a programmed dataplane, on a thread inside the test's namespace.
+fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "fixtures need root: run `cargo xtask test` as root");
+    let tag = format!("clfx{:x}", std::process::id() & 0xffff);
+    let bench = Bench {
+        ns: tag.clone(),
+        pin: tag.clone(),
+        root: "/sys/fs/bpf/cloison".into(),
+    };
+    let ns = bench.ns.as_str();
+    ip(&["netns", "add", ns]);
+    ip(&["-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    ip(&["-n", ns, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
+    for dev in ["up0", "up1", "lo"] {
+        ip(&["-n", ns, "link", "set", dev, "up"]);
+    }
+    // A hypervisor that routes: the FIB helper answers with the next hop's MAC.
+    // (Hosts with forwarding off are covered by the lab: the kernel resolves.)
+    let fwd = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.up0.forwarding=1"])
+        .status()
+        .expect("sysctl");
+    assert!(fwd.success());
+    ip(&["-n", ns, "neigh", "add", "192.0.2.2", "lladdr", "02:aa:00:00:00:02", "dev", "up0", "nud", "permanent"]);
+    for p in ["pa1", "pa3"] {
+        ip(&["-n", ns, "link", "add", p, "type", "veth", "peer", "name", &format!("{p}v")]);
+        ip(&["-n", ns, "link", "set", p, "up"]);
+        ip(&["-n", ns, "link", "set", &format!("{p}v"), "up"]);
+    }
+    let (ns, pin, root) = (bench.ns.clone(), bench.pin.clone(), bench.root.clone());
+    let res = std::thread::spawn(move || {
+        netdev::enter_netns(&ns).expect("enter netns");
+        let mut dp = Dataplane::open(&pin, &root).expect("open");
+        dp.apply(&snapshot(), "hv1", "up0", UplinkHook::Xdp).expect("apply");
+        let pa1 = netdev::ifindex("pa1").expect("pa1");
+        let up0 = netdev::ifindex("up0").expect("up0");
+        f(&dp, pa1, up0);
+    })
+    .join();
+    drop(bench);
+    if let Err(e) = res {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn drops(dp: &Dataplane, r: DropReason) -> u64 {
+    dp.stats().expect("stats").drops.get(&r).copied().unwrap_or(0)
+}
+
+/// Runs the port program and checks the verdict and the drop reason.
+fn expect_drop(dp: &Dataplane, ifindex: u32, frame: &[u8], reason: DropReason) {
+    let before = drops(dp, reason);
+    let r = dp
+        .test_run_port(ifindex, frame, 0)
+        .unwrap_or_else(|e| panic!("test run for {}: {e}", reason.name()));
+    assert_eq!(r.verdict, TC_ACT_SHOT, "{} expected", reason.name());
+    assert_eq!(drops(dp, reason), before + 1, "counted as {}", reason.name());
+}
+
+fn udp4(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(sport, dport);
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn arp(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4], op: u16) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend(sha);
+    f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4]);
+    f.extend(op.to_be_bytes());
+    f.extend(sha);
+    f.extend(spa);
+    f.extend([0; 6]);
+    f.extend(tpa);
+    f
+}
+
+fn csum_ok(bytes: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for c in bytes.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+fn redirected(r: &RunResult) -> &[u8] {
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "redirect expected");
+    &r.frame
+}
+
+#[test]
+fn privileged_port_fixtures() {
+    with_dataplane(|dp, pa1, _| {
+        // ARP request for a known address: answered back to the port.
+        let r = dp.test_run_port(pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1), 0).unwrap();
+        let out = redirected(&r);
+        assert_eq!(&out[0..6], &A1, "reply to the asker");
+        assert_eq!(&out[6..12], &A2, "from the target's MAC");
+        assert_eq!(&out[20..22], &[0, 2], "ARP reply");
+        assert_eq!(&out[22..28], &A2, "sender MAC = target");
+        assert_eq!(&out[28..32], &[10, 0, 0, 2]);
+        assert_eq!(&out[32..38], &A1);
+        assert_eq!(&out[38..42], &[10, 0, 0, 1]);
+
+        // Local port: the frame is redirected unchanged.
+        let f = udp4(A1, A3, [10, 0, 0, 1], [10, 0, 0, 3], 1000, 2000, b"local");
+        let r = dp.test_run_port(pa1, &f, 0).unwrap();
+        assert_eq!(redirected(&r), &f[..]);
+
+        // Remote port: VXLAN to hv2 through the uplink's next hop.
+        let f = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1000, 2000, b"remote");
+        let r = dp.test_run_port(pa1, &f, 0).unwrap();
+        let out = redirected(&r);
+        assert_eq!(out.len(), f.len() + 50);
+        assert_eq!(&out[0..6], &NEXT_HOP_MAC, "next hop from the kernel FIB");
+        let p = SlicedPacket::from_ethernet(out).expect("outer parses");
+        let Some(etherparse::NetSlice::Ipv4(ip4)) = &p.net else { panic!("outer IPv4") };
+        let h = ip4.header();
+        assert_eq!(h.source(), [192, 0, 2, 1]);
+        assert_eq!(h.destination(), [192, 0, 2, 2]);
+        assert!(h.dont_fragment(), "DF set");
+        assert!(csum_ok(&out[14..34]), "outer IPv4 checksum");
+        let Some(TransportSlice::Udp(udp)) = &p.transport else { panic!("outer UDP") };
+        assert_eq!(udp.destination_port(), 4789);
+        assert!(udp.source_port() >= 49152, "source port from the flow hash range");
+        assert_eq!(udp.checksum(), 0);
+        assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0x03, 0xe9, 0], "VXLAN I flag, VNI 1001");
+        assert_eq!(&out[50..], &f[..], "inner frame intact");
+
+        // Too big for the network MTU (1450) with DF: ICMP back to the VM.
+        let big = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1000, 2000, &[7u8; 1472]);
+        let r = dp.test_run_port(pa1, &big, 0).unwrap();
+        let out = redirected(&r);
+        assert_eq!(&out[0..6], &A1, "sent back to the VM");
+        assert_eq!(out[23], 1, "ICMP");
+        assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
+        assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1450, "next-hop MTU");
+        assert!(csum_ok(&out[14..34]) && csum_ok(&out[34..]), "checksums");
+        assert_eq!(&out[42..62], &big[14..34], "quotes the offending header");
+
+        // IPv6 neighbour solicitation for a known address: advertisement back.
+        let ns = {
+            let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+            icmp.extend("fd00:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+            icmp.extend([1, 1]);
+            icmp.extend(A1);
+            let src: std::net::Ipv6Addr = "fd00:1::1".parse().unwrap();
+            let dst: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+            let b = PacketBuilder::ethernet2(A1, [0x33, 0x33, 0xff, 0, 0, 2])
+                .ipv6(src.octets(), dst.octets(), 255)
+                .icmpv6(etherparse::Icmpv6Type::Unknown { type_u8: 135, code_u8: 0, bytes5to8: [0; 4] });
+            let mut v = Vec::new();
+            b.write(&mut v, &icmp[8..]).unwrap();
+            v
+        };
+        let r = dp.test_run_port(pa1, &ns, 0).unwrap();
+        let out = redirected(&r);
+        assert_eq!(&out[0..6], &A1);
+        assert_eq!(out[54], 136, "neighbour advertisement");
+        assert_eq!(&out[86 - 6..86], &A2, "target link-layer address");
+        let mut pseudo = out[22..54].to_vec();
+        pseudo.extend([0, 0, 0, 32, 0, 0, 0, 58]);
+        pseudo.extend(&out[54..86]);
+        assert!(csum_ok(&pseudo), "ICMPv6 checksum");
+
+        // Every drop path of the port program, each counted with its reason.
+        use DropReason::*;
+        expect_drop(dp, pa1, &udp4(A1, A2, [10, 0, 0, 9], [10, 0, 0, 2], 1, 2, b"x"), SpoofedIp);
+        expect_drop(dp, pa1, &udp4(A3, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x"), SpoofedMac);
+        expect_drop(dp, pa1, &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 67, 68, b"x"), DhcpServerFromVm);
+        expect_drop(dp, pa1, &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 9, 9, b"x"), Broadcast);
+        expect_drop(dp, pa1, &udp4(A1, [1, 0, 0x5e, 0, 0, 1], [10, 0, 0, 1], [224, 0, 0, 1], 9, 9, b"x"), Multicast);
+        expect_drop(dp, pa1, &udp4(A1, [2, 0, 0, 0, 0, 0x77], [10, 0, 0, 1], [10, 0, 0, 2], 9, 9, b"x"), UnknownUnicast);
+        expect_drop(dp, pa1, &udp4(A1, A1, [10, 0, 0, 1], [10, 0, 0, 1], 9, 9, b"x"), Hairpin);
+        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 3], [10, 0, 0, 2], 1), SpoofedArp);
+        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 2), ArpReplyFromVm);
+        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 99], 1), ArpUnknownTarget);
+        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 1], 1), ArpSelfTarget);
+        let f = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x");
+        let mut too_long = f.clone();
+        too_long[16..18].copy_from_slice(&2000u16.to_be_bytes());
+        expect_drop(dp, pa1, &too_long, MalformedIpv4);
+        let mut bad_ihl = f.clone();
+        bad_ihl[14] = 0x44;
+        expect_drop(dp, pa1, &bad_ihl, MalformedIpv4);
+        let mut vlan = f.clone();
+        vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+        expect_drop(dp, pa1, &vlan, UnsupportedEthertype);
+        let mut short_arp = arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1);
+        short_arp.truncate(30);
+        expect_drop(dp, pa1, &short_arp, TruncatedArp);
+        let mut tcp_short = PacketBuilder::ethernet2(A1, A2).ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).tcp(1, 2, 0, 100);
+        let _ = &mut tcp_short;
+        let mut t = Vec::new();
+        tcp_short.write(&mut t, b"").unwrap();
+        t.truncate(14 + 20 + 10);
+        t[16..18].copy_from_slice(&30u16.to_be_bytes());
+        expect_drop(dp, pa1, &t, TruncatedL4);
+        let mut ra = ns.clone();
+        ra[54] = 134;
+        expect_drop(dp, pa1, &ra, RouterAdvertFromVm);
+        let mut dad = ns.clone();
+        dad[22..38].fill(0);
+        expect_drop(dp, pa1, &dad, NdDadProbe);
+        let mut unknown = ns.clone();
+        unknown[62 + 15] = 0x99;
+        expect_drop(dp, pa1, &unknown, NdUnknownTarget);
+    });
+}
+
+#[test]
+fn privileged_uplink_fixtures() {
+    with_dataplane(|dp, _, up0| {
+        let inner = udp4(A2, A1, [10, 0, 0, 2], [10, 0, 0, 1], 1000, 2000, b"from hv2");
+        let vx = |src: [u8; 4], flags: u8, vni: u32, inner: &[u8]| {
+            let v = vni.to_be_bytes();
+            let mut p = vec![flags, 0, 0, 0, v[1], v[2], v[3], 0];
+            p.extend(inner);
+            udp4(NEXT_HOP_MAC, [2, 0, 0, 0, 0xbb, 1], src, [192, 0, 2, 1], 50000, 4789, &p)
+        };
+        for hook in [UplinkHook::Xdp, UplinkHook::Tc] {
+            let (redirect, drop, pass) = match hook {
+                UplinkHook::Tc => (TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_OK),
+                _ => (XDP_REDIRECT, XDP_DROP, XDP_PASS),
+            };
+            let r = dp.test_run_uplink(hook, up0, &vx([192, 0, 2, 2], 8, 1001, &inner)).unwrap();
+            assert_eq!(r.verdict, redirect, "{hook:?}: decapsulated and redirected");
+            assert_eq!(r.frame, inner, "{hook:?}: the inner frame comes out");
+
+            let host_traffic = udp4(NEXT_HOP_MAC, [2, 0, 0, 0, 0xbb, 1], [192, 0, 2, 2], [192, 0, 2, 1], 5, 53, b"dns");
+            let r = dp.test_run_uplink(hook, up0, &host_traffic).unwrap();
+            assert_eq!((r.verdict, &r.frame), (pass, &host_traffic), "{hook:?}: the host's own traffic passes untouched");
+
+            let mut spoof_inner = inner.clone();
+            spoof_inner[6..12].copy_from_slice(&A3);
+            let cases: Vec<(Vec<u8>, DropReason)> = vec![
+                (vx([192, 0, 2, 66], 8, 1001, &inner), DropReason::VxlanUnknownVtep),
+                (vx([192, 0, 2, 2], 8, 7, &inner), DropReason::VxlanUnknownVni),
+                (vx([192, 0, 2, 2], 0x0c, 1001, &inner), DropReason::VxlanBadFlags),
+                (vx([192, 0, 2, 2], 8, 1001, &spoof_inner), DropReason::VxlanSpoofedSource),
+                (vx([192, 0, 2, 2], 8, 1001, &inner[..10]), DropReason::VxlanTruncated),
+            ];
+            for (frame, reason) in cases {
+                let before = drops(dp, reason);
+                let r = dp.test_run_uplink(hook, up0, &frame).unwrap();
+                assert_eq!(r.verdict, drop, "{hook:?}: {}", reason.name());
+                assert_eq!(drops(dp, reason), before + 1, "{hook:?}: counted as {}", reason.name());
+            }
+        }
+    });
+}

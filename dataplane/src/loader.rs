@@ -54,7 +54,9 @@ impl FromStr for UplinkHook {
             "auto" => Ok(Self::Auto),
             "xdp" => Ok(Self::Xdp),
             "tc" => Ok(Self::Tc),
-            _ => Err(Error::Invalid(format!("uplink hook {s:?}: expected auto, xdp or tc"))),
+            _ => Err(Error::Invalid(format!(
+                "uplink hook {s:?}: expected auto, xdp or tc"
+            ))),
         }
     }
 }
@@ -104,10 +106,18 @@ pub fn ensure_bpffs() -> Result<(), Error> {
     }
     let bpf = std::ffi::CString::new("bpf").expect("static");
     let rc = unsafe {
-        libc::mount(bpf.as_ptr(), path.as_ptr(), bpf.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            bpf.as_ptr(),
+            path.as_ptr(),
+            bpf.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(Error::io("mount bpffs on /sys/fs/bpf")(std::io::Error::last_os_error()));
+        return Err(Error::io("mount bpffs on /sys/fs/bpf")(
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -133,10 +143,12 @@ impl Dataplane {
             .map_err(|e| Error::kernel("load the BPF object")(e.into()))?;
         for name in [P::PORT, P::UPLINK_TC] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| Error::kernel(format!("verify {name}"))(e.into()))?;
+            prog.load()
+                .map_err(|e| Error::kernel(format!("verify {name}"))(e.into()))?;
         }
         let xdp: &mut Xdp = program(&mut ebpf, P::UPLINK_XDP)?;
-        xdp.load().map_err(|e| Error::kernel(format!("verify {}", P::UPLINK_XDP))(e.into()))?;
+        xdp.load()
+            .map_err(|e| Error::kernel(format!("verify {}", P::UPLINK_XDP))(e.into()))?;
         let mut dp = Dataplane { ebpf, pin_dir };
         dp.swap_pinned_links()?;
         Ok(dp)
@@ -163,7 +175,11 @@ impl Dataplane {
                     .map_err(|e: aya::programs::links::LinkError| e.to_string())
                     .and_then(|l| prog.attach_to_link(l).map(drop).map_err(|e| e.to_string()))
             } else {
-                let pname = if name == "uplink-tc" { P::UPLINK_TC } else { P::PORT };
+                let pname = if name == "uplink-tc" {
+                    P::UPLINK_TC
+                } else {
+                    P::PORT
+                };
                 let prog: &mut SchedClassifier = program(&mut self.ebpf, pname)?;
                 SchedClassifierLink::try_from(fd)
                     .map_err(|e| e.to_string())
@@ -201,7 +217,11 @@ impl Dataplane {
             .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
         let previous: BTreeMap<u32, u32> = {
             let ports: HashMap<&MapData, u32, PortInfo> = map_ref(&self.ebpf, M::PORTS)?;
-            ports.iter().filter_map(Result::ok).map(|(k, v)| (k, v.slot)).collect()
+            ports
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| (k, v.slot))
+                .collect()
         };
         let compiled: Compiled =
             tables::compile(snap, host, uplink_ifindex, netdev::resolve, &previous)?;
@@ -219,12 +239,15 @@ impl Dataplane {
             .map(|p| p.slot)
             .collect();
         if !fresh.is_empty() {
-            let mut stats: PerCpuArray<&mut MapData, PortStats> = map_mut(&mut self.ebpf, M::PORT_STATS)?;
+            let mut stats: PerCpuArray<&mut MapData, PortStats> =
+                map_mut(&mut self.ebpf, M::PORT_STATS)?;
             let cpus = nr_cpus().map_err(|(_, e)| Error::io("count CPUs")(e))?;
             for slot in fresh {
                 let zero = PerCpuValues::try_from(vec![PortStats::default(); cpus])
                     .map_err(Error::io("per-CPU values"))?;
-                stats.set(slot, zero, 0).map_err(|e| Error::kernel("reset port counters")(e.into()))?;
+                stats
+                    .set(slot, zero, 0)
+                    .map_err(|e| Error::kernel("reset port counters")(e.into()))?;
             }
         }
 
@@ -233,7 +256,8 @@ impl Dataplane {
         {
             let mut cfg: Array<&mut MapData, HostConfig> = map_mut(e, M::CONFIG)?;
             if cfg.get(&0, 0).ok() != Some(t.config) {
-                cfg.set(0, t.config, 0).map_err(|err| Error::kernel("write config")(err.into()))?;
+                cfg.set(0, t.config, 0)
+                    .map_err(|err| Error::kernel("write config")(err.into()))?;
                 n += 1;
             }
         }
@@ -248,9 +272,13 @@ impl Dataplane {
         let wanted: BTreeSet<u32> = compiled.local_ports.iter().map(|p| p.ifindex).collect();
         let links = self.pinned_links()?;
         for (name, path) in &links {
-            if let Some(ifindex) = name.strip_prefix("port-").and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(ifindex) = name
+                .strip_prefix("port-")
+                .and_then(|s| s.parse::<u32>().ok())
+            {
                 if !wanted.contains(&ifindex) {
-                    fs::remove_file(path).map_err(Error::io(format!("unpin {}", path.display())))?;
+                    fs::remove_file(path)
+                        .map_err(Error::io(format!("unpin {}", path.display())))?;
                     report.ports_detached.push(ifindex);
                 }
             }
@@ -262,8 +290,14 @@ impl Dataplane {
             }
             let prog: &mut SchedClassifier = program(&mut self.ebpf, P::PORT)?;
             let id = prog
-                .attach_with_options(&p.interface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|err| Error::kernel(format!("attach to port {}", p.interface))(err.into()))?;
+                .attach_with_options(
+                    &p.interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|err| {
+                    Error::kernel(format!("attach to port {}", p.interface))(err.into())
+                })?;
             pin_tc_link(prog, id, &path)?;
             report.ports_attached.push(p.name.clone());
         }
@@ -295,14 +329,25 @@ impl Dataplane {
                 let id = match prog.attach(uplink, XdpMode::Driver) {
                     Ok(id) => id,
                     Err(err) if hook == UplinkHook::Auto => {
-                        tracing_free_warn(&format!("native XDP on {uplink} failed ({err}); using TC"));
+                        tracing_free_warn(&format!(
+                            "native XDP on {uplink} failed ({err}); using TC"
+                        ));
                         return self.attach_uplink(uplink, UplinkHook::Tc);
                     }
-                    Err(err) => return Err(Error::kernel(format!("attach XDP to {uplink}"))(err.into())),
+                    Err(err) => {
+                        return Err(Error::kernel(format!("attach XDP to {uplink}"))(err.into()))
+                    }
                 };
-                let link = prog.take_link(id).map_err(|err| Error::kernel("take XDP link")(err.into()))?;
-                let fd: FdLink = link.try_into().map_err(|err: aya::programs::links::LinkError| Error::kernel("XDP link")(err.into()))?;
-                fd.pin(&xdp_pin).map_err(|err| Error::kernel("pin XDP link")(err.into()))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|err| Error::kernel("take XDP link")(err.into()))?;
+                let fd: FdLink =
+                    link.try_into()
+                        .map_err(|err: aya::programs::links::LinkError| {
+                            Error::kernel("XDP link")(err.into())
+                        })?;
+                fd.pin(&xdp_pin)
+                    .map_err(|err| Error::kernel("pin XDP link")(err.into()))?;
             }
             if tc_pin.exists() {
                 fs::remove_file(&tc_pin).map_err(Error::io("unpin uplink TC link"))?;
@@ -312,7 +357,11 @@ impl Dataplane {
             if !tc_pin.exists() {
                 let prog: &mut SchedClassifier = program(&mut self.ebpf, P::UPLINK_TC)?;
                 let id = prog
-                    .attach_with_options(uplink, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .attach_with_options(
+                        uplink,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
                     .map_err(|err| Error::kernel(format!("attach TC to {uplink}"))(err.into()))?;
                 pin_tc_link(prog, id, &tc_pin)?;
             }
@@ -328,7 +377,9 @@ impl Dataplane {
         let mut out = Stats::default();
         let drops: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, M::DROPS)?;
         for reason in DropReason::ALL {
-            let v = drops.get(&(*reason as u32), 0).map_err(|e| Error::kernel("read drops")(e.into()))?;
+            let v = drops
+                .get(&(*reason as u32), 0)
+                .map_err(|e| Error::kernel("read drops")(e.into()))?;
             let total: u64 = v.iter().sum();
             if total > 0 {
                 out.drops.insert(*reason, total);
@@ -337,7 +388,9 @@ impl Dataplane {
         let ports: HashMap<&MapData, u32, PortInfo> = map_ref(&self.ebpf, M::PORTS)?;
         let stats: PerCpuArray<&MapData, PortStats> = map_ref(&self.ebpf, M::PORT_STATS)?;
         for (ifindex, info) in ports.iter().filter_map(Result::ok) {
-            let v = stats.get(&info.slot, 0).map_err(|e| Error::kernel("read port stats")(e.into()))?;
+            let v = stats
+                .get(&info.slot, 0)
+                .map_err(|e| Error::kernel("read port stats")(e.into()))?;
             let mut sum = PortStats::default();
             for s in v.iter() {
                 sum += *s;
@@ -351,7 +404,9 @@ impl Dataplane {
     pub fn tables(&self) -> Result<Tables, Error> {
         let mut t = Tables::default();
         let cfg: Array<&MapData, HostConfig> = map_ref(&self.ebpf, M::CONFIG)?;
-        t.config = cfg.get(&0, 0).map_err(|e| Error::kernel("read config")(e.into()))?;
+        t.config = cfg
+            .get(&0, 0)
+            .map_err(|e| Error::kernel("read config")(e.into()))?;
         t.ports = read_hash(&self.ebpf, M::PORTS)?;
         t.forward = read_hash(&self.ebpf, M::FORWARD)?;
         t.neighbours = read_hash(&self.ebpf, M::NEIGHBOURS)?;
@@ -366,13 +421,23 @@ impl Dataplane {
 
     /// Runs the port program on `frame` as if it arrived from the VM on
     /// interface `ifindex` (which must exist in this namespace).
-    pub fn test_run_port(&self, ifindex: u32, frame: &[u8], gso_size: u32) -> Result<RunResult, Error> {
+    pub fn test_run_port(
+        &self,
+        ifindex: u32,
+        frame: &[u8],
+        gso_size: u32,
+    ) -> Result<RunResult, Error> {
         let prog: &SchedClassifier = program_ref(&self.ebpf, P::PORT)?;
         run_tc(prog, ifindex, frame, gso_size)
     }
 
     /// Runs an uplink program on a frame from the underlay.
-    pub fn test_run_uplink(&self, hook: UplinkHook, ifindex: u32, frame: &[u8]) -> Result<RunResult, Error> {
+    pub fn test_run_uplink(
+        &self,
+        hook: UplinkHook,
+        ifindex: u32,
+        frame: &[u8],
+    ) -> Result<RunResult, Error> {
         if hook == UplinkHook::Tc {
             let prog: &SchedClassifier = program_ref(&self.ebpf, P::UPLINK_TC)?;
             return run_tc(prog, ifindex, frame, 0);
@@ -412,7 +477,12 @@ const SKB_IFINDEX: usize = 40;
 const SKB_GSO_SEGS: usize = 164;
 const SKB_GSO_SIZE: usize = 176;
 
-fn run_tc(prog: &SchedClassifier, ifindex: u32, frame: &[u8], gso_size: u32) -> Result<RunResult, Error> {
+fn run_tc(
+    prog: &SchedClassifier,
+    ifindex: u32,
+    frame: &[u8],
+    gso_size: u32,
+) -> Result<RunResult, Error> {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_INGRESS_IFINDEX..][..4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[SKB_IFINDEX..][..4].copy_from_slice(&ifindex.to_ne_bytes());
@@ -446,9 +516,14 @@ fn pin_tc_link(
     id: aya::programs::tc::SchedClassifierLinkId,
     path: &Path,
 ) -> Result<(), Error> {
-    let link = prog.take_link(id).map_err(|e| Error::kernel("take TC link")(e.into()))?;
-    let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| Error::kernel("TC link")(e.into()))?;
-    fd.pin(path).map_err(|e| Error::kernel(format!("pin {}", path.display()))(e.into()))?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| Error::kernel("take TC link")(e.into()))?;
+    let fd: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| Error::kernel("TC link")(e.into()))?;
+    fd.pin(path)
+        .map_err(|e| Error::kernel(format!("pin {}", path.display()))(e.into()))?;
     Ok(())
 }
 
@@ -459,7 +534,9 @@ where
     let p = ebpf
         .program_mut(name)
         .ok_or_else(|| Error::Invalid(format!("program {name} missing from the BPF object")))?;
-    p.try_into().map_err(|e: aya::programs::ProgramError| Error::kernel(format!("program {name}"))(e.into()))
+    p.try_into().map_err(|e: aya::programs::ProgramError| {
+        Error::kernel(format!("program {name}"))(e.into())
+    })
 }
 
 fn program_ref<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<&'a T, Error>
@@ -469,14 +546,18 @@ where
     let p = ebpf
         .program(name)
         .ok_or_else(|| Error::Invalid(format!("program {name} missing from the BPF object")))?;
-    p.try_into().map_err(|e: aya::programs::ProgramError| Error::kernel(format!("program {name}"))(e.into()))
+    p.try_into().map_err(|e: aya::programs::ProgramError| {
+        Error::kernel(format!("program {name}"))(e.into())
+    })
 }
 
 fn map_ref<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<T, Error>
 where
     T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let m = ebpf.map(name).ok_or_else(|| Error::Invalid(format!("map {name} missing")))?;
+    let m = ebpf
+        .map(name)
+        .ok_or_else(|| Error::Invalid(format!("map {name} missing")))?;
     T::try_from(m).map_err(|e| Error::kernel(format!("map {name}"))(e.into()))
 }
 
@@ -484,7 +565,9 @@ fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, Error>
 where
     T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let m = ebpf.map_mut(name).ok_or_else(|| Error::Invalid(format!("map {name} missing")))?;
+    let m = ebpf
+        .map_mut(name)
+        .ok_or_else(|| Error::Invalid(format!("map {name} missing")))?;
     T::try_from(m).map_err(|e| Error::kernel(format!("map {name}"))(e.into()))
 }
 
@@ -502,7 +585,8 @@ fn upsert_hash<K: Pod + Ord, V: Pod + PartialEq>(
     let mut n = 0;
     for (k, v) in want {
         if m.get(k, 0).ok().as_ref() != Some(v) {
-            m.insert(k, v, 0).map_err(|e| Error::kernel(format!("update {name}"))(e.into()))?;
+            m.insert(k, v, 0)
+                .map_err(|e| Error::kernel(format!("update {name}"))(e.into()))?;
             n += 1;
         }
     }
@@ -515,14 +599,23 @@ fn delete_stale_hash<K: Pod + Ord, V: Pod>(
     want: &BTreeMap<K, V>,
 ) -> Result<usize, Error> {
     let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
-    let stale: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !want.contains_key(k)).collect();
+    let stale: Vec<K> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
     for k in &stale {
-        m.remove(k).map_err(|e| Error::kernel(format!("delete from {name}"))(e.into()))?;
+        m.remove(k)
+            .map_err(|e| Error::kernel(format!("delete from {name}"))(e.into()))?;
     }
     Ok(stale.len())
 }
 
-fn sync_lpm(ebpf: &mut Ebpf, want: &BTreeMap<(u32, AddrKey), AddrAllow>, delete: bool) -> Result<usize, Error> {
+fn sync_lpm(
+    ebpf: &mut Ebpf,
+    want: &BTreeMap<(u32, AddrKey), AddrAllow>,
+    delete: bool,
+) -> Result<usize, Error> {
     let mut m: LpmTrie<&mut MapData, AddrKey, AddrAllow> = map_mut(ebpf, M::ADDR_ALLOW)?;
     let mut n = 0;
     if delete {
@@ -532,18 +625,23 @@ fn sync_lpm(ebpf: &mut Ebpf, want: &BTreeMap<(u32, AddrKey), AddrAllow>, delete:
             .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
             .collect();
         for k in &stale {
-            m.remove(k).map_err(|e| Error::kernel("delete from CL_ADDR_ALLOW")(e.into()))?;
+            m.remove(k)
+                .map_err(|e| Error::kernel("delete from CL_ADDR_ALLOW")(e.into()))?;
             n += 1;
         }
     } else {
         // Compared by exact key: a lookup is a longest-prefix match and could
         // answer from a shorter entry.
-        let have: BTreeSet<(u32, AddrKey)> =
-            m.keys().filter_map(Result::ok).map(|k| (k.prefix_len(), k.data())).collect();
+        let have: BTreeSet<(u32, AddrKey)> = m
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
         for ((bits, k), v) in want {
             let key = LpmKey::new(*bits, *k);
             if !have.contains(&(*bits, *k)) || m.get(&key, 0).ok().as_ref() != Some(v) {
-                m.insert(&key, v, 0).map_err(|e| Error::kernel("update CL_ADDR_ALLOW")(e.into()))?;
+                m.insert(&key, v, 0)
+                    .map_err(|e| Error::kernel("update CL_ADDR_ALLOW")(e.into()))?;
                 n += 1;
             }
         }

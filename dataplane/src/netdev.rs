@@ -46,7 +46,10 @@ pub fn driver(name: &str) -> io::Result<String> {
         _pad: [0; 16],
     };
     if name.len() >= 16 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
     }
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

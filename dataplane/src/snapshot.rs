@@ -19,7 +19,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -71,7 +75,22 @@ impl MacAddr {
     pub fn link_local(&self) -> std::net::Ipv6Addr {
         let m = self.0;
         std::net::Ipv6Addr::from([
-            0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5],
+            0xfe,
+            0x80,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            m[0] ^ 2,
+            m[1],
+            m[2],
+            0xff,
+            0xfe,
+            m[3],
+            m[4],
+            m[5],
         ])
     }
 }
@@ -156,13 +175,19 @@ impl Snapshot {
         let mut nets = BTreeMap::new();
         for n in &self.networks {
             if n.vni == 0 || n.vni > 0xff_ffff {
-                return invalid(format!("network {}: VNI {} outside 1-16777215", n.name, n.vni));
+                return invalid(format!(
+                    "network {}: VNI {} outside 1-16777215",
+                    n.name, n.vni
+                ));
             }
             if !vnis.insert(n.vni) {
                 return invalid(format!("network {}: VNI {} already used", n.name, n.vni));
             }
             if !(MIN_MTU..=MAX_MTU).contains(&n.mtu) {
-                return invalid(format!("network {}: MTU {} outside {MIN_MTU}-{MAX_MTU}", n.name, n.mtu));
+                return invalid(format!(
+                    "network {}: MTU {} outside {MIN_MTU}-{MAX_MTU}",
+                    n.name, n.mtu
+                ));
             }
             if nets.insert(n.name.as_str(), n).is_some() {
                 return invalid(format!("network {} given twice", n.name));
@@ -185,18 +210,30 @@ impl Snapshot {
                 return invalid(format!("port {}: MAC {} is not unicast", p.name, p.mac));
             }
             if !macs.insert((net.vni, p.mac)) {
-                return invalid(format!("port {}: MAC {} already used in {}", p.name, p.mac, net.name));
+                return invalid(format!(
+                    "port {}: MAC {} already used in {}",
+                    p.name, p.mac, net.name
+                ));
             }
             for ip in &p.ips {
                 if !net.subnets.iter().any(|s| s.contains(ip)) {
-                    return invalid(format!("port {}: {ip} is outside the subnets of {}", p.name, net.name));
+                    return invalid(format!(
+                        "port {}: {ip} is outside the subnets of {}",
+                        p.name, net.name
+                    ));
                 }
                 if !ips.insert((net.vni, *ip)) {
-                    return invalid(format!("port {}: {ip} already used in {}", p.name, net.name));
+                    return invalid(format!(
+                        "port {}: {ip} already used in {}",
+                        p.name, net.name
+                    ));
                 }
             }
             if p.interface.is_empty() || p.interface.len() > 15 {
-                return invalid(format!("port {}: bad interface name {:?}", p.name, p.interface));
+                return invalid(format!(
+                    "port {}: bad interface name {:?}",
+                    p.name, p.interface
+                ));
             }
         }
         Ok(())

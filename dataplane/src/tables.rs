@@ -87,7 +87,8 @@ pub fn compile(
         .iter()
         .map(|h| (h.name.as_str(), h.underlay_ip.octets()))
         .collect();
-    let nets: BTreeMap<&str, &Network> = snap.networks.iter().map(|n| (n.name.as_str(), n)).collect();
+    let nets: BTreeMap<&str, &Network> =
+        snap.networks.iter().map(|n| (n.name.as_str(), n)).collect();
 
     let mut out = Compiled::default();
     let t = &mut out.tables;
@@ -118,7 +119,9 @@ pub fn compile(
             next += 1;
         }
         if next >= MAX_PORTS {
-            return Err(Error::Invalid(format!("more than {MAX_PORTS} ports on host {host}")));
+            return Err(Error::Invalid(format!(
+                "more than {MAX_PORTS} ports on host {host}"
+            )));
         }
         used_slots.insert(next);
         local.insert(&p.name, (iface, next));
@@ -149,7 +152,12 @@ pub fn compile(
             mac: p.mac.0,
             _pad: [0; 2],
         };
-        for ip in p.ips.iter().copied().chain([IpAddr::V6(p.mac.link_local())]) {
+        for ip in p
+            .ips
+            .iter()
+            .copied()
+            .chain([IpAddr::V6(p.mac.link_local())])
+        {
             t.neighbours.insert(
                 NeighbourKey {
                     vni,
@@ -206,7 +214,12 @@ pub fn compile(
                     mac: mac.0,
                     _pad: [0; 2],
                 };
-                for ip in p.ips.iter().copied().chain([IpAddr::V6(p.mac.link_local())]) {
+                for ip in p
+                    .ips
+                    .iter()
+                    .copied()
+                    .chain([IpAddr::V6(p.mac.link_local())])
+                {
                     t.addr_allow
                         .insert(addr_key(iface.ifindex, IpNet::from(ip)), allow(p.mac));
                 }

@@ -28,7 +28,11 @@ const NEXT_HOP_MAC: [u8; 6] = [2, 0xaa, 0, 0, 0, 2];
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The namespace, the dataplane and the interfaces of one fixture run.
@@ -52,21 +56,33 @@ fn snapshot() -> Snapshot {
         host: host.into(),
         interface: iface.into(),
         mac: MacAddr(mac),
-        ips: vec![ip.parse().unwrap(), format!("fd00:1::{}", mac[5]).parse().unwrap()],
+        ips: vec![
+            ip.parse().unwrap(),
+            format!("fd00:1::{}", mac[5]).parse().unwrap(),
+        ],
         security_groups: vec![],
         allowed_address_pairs: vec![],
         port_security: true,
     };
     Snapshot {
         hosts: vec![
-            Host { name: "hv1".into(), underlay_ip: Ipv4Addr::new(192, 0, 2, 1) },
-            Host { name: "hv2".into(), underlay_ip: Ipv4Addr::new(192, 0, 2, 2) },
+            Host {
+                name: "hv1".into(),
+                underlay_ip: Ipv4Addr::new(192, 0, 2, 1),
+            },
+            Host {
+                name: "hv2".into(),
+                underlay_ip: Ipv4Addr::new(192, 0, 2, 2),
+            },
         ],
         networks: vec![Network {
             name: "a-net".into(),
             tenant: "a".into(),
             vni: 1001,
-            subnets: vec!["10.0.0.0/24".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
+            subnets: vec![
+                "10.0.0.0/24".parse().unwrap(),
+                "fd00:1::/64".parse().unwrap(),
+            ],
             mtu: 1450,
         }],
         ports: vec![
@@ -79,7 +95,11 @@ fn snapshot() -> Snapshot {
 
 /// Runs `f` with a programmed dataplane, on a thread inside the test's namespace.
 fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "fixtures need root: run `cargo xtask test` as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "fixtures need root: run `cargo xtask test` as root"
+    );
     let tag = format!("clfx{:x}", std::process::id() & 0xffff);
     let bench = Bench {
         ns: tag.clone(),
@@ -88,7 +108,9 @@ fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
     };
     let ns = bench.ns.as_str();
     ip(&["netns", "add", ns]);
-    ip(&["-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    ip(&[
+        "-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+    ]);
     ip(&["-n", ns, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
     for dev in ["up0", "up1", "lo"] {
         ip(&["-n", ns, "link", "set", dev, "up"]);
@@ -96,13 +118,43 @@ fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
     // A hypervisor that routes: the FIB helper answers with the next hop's MAC.
     // (Hosts with forwarding off are covered by the lab: the kernel resolves.)
     let fwd = Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.up0.forwarding=1"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.up0.forwarding=1",
+        ])
         .status()
         .expect("sysctl");
     assert!(fwd.success());
-    ip(&["-n", ns, "neigh", "add", "192.0.2.2", "lladdr", "02:aa:00:00:00:02", "dev", "up0", "nud", "permanent"]);
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "add",
+        "192.0.2.2",
+        "lladdr",
+        "02:aa:00:00:00:02",
+        "dev",
+        "up0",
+        "nud",
+        "permanent",
+    ]);
     for p in ["pa1", "pa3"] {
-        ip(&["-n", ns, "link", "add", p, "type", "veth", "peer", "name", &format!("{p}v")]);
+        ip(&[
+            "-n",
+            ns,
+            "link",
+            "add",
+            p,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{p}v"),
+        ]);
         ip(&["-n", ns, "link", "set", p, "up"]);
         ip(&["-n", ns, "link", "set", &format!("{p}v"), "up"]);
     }
@@ -110,7 +162,8 @@ fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
     let res = std::thread::spawn(move || {
         netdev::enter_netns(&ns).expect("enter netns");
         let mut dp = Dataplane::open(&pin, &root).expect("open");
-        dp.apply(&snapshot(), "hv1", "up0", UplinkHook::Xdp).expect("apply");
+        dp.apply(&snapshot(), "hv1", "up0", UplinkHook::Xdp)
+            .expect("apply");
         let pa1 = netdev::ifindex("pa1").expect("pa1");
         let up0 = netdev::ifindex("up0").expect("up0");
         f(&dp, pa1, up0);
@@ -123,7 +176,12 @@ fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
 }
 
 fn drops(dp: &Dataplane, r: DropReason) -> u64 {
-    dp.stats().expect("stats").drops.get(&r).copied().unwrap_or(0)
+    dp.stats()
+        .expect("stats")
+        .drops
+        .get(&r)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Runs the port program and checks the verdict and the drop reason.
@@ -133,11 +191,26 @@ fn expect_drop(dp: &Dataplane, ifindex: u32, frame: &[u8], reason: DropReason) {
         .test_run_port(ifindex, frame, 0)
         .unwrap_or_else(|e| panic!("test run for {}: {e}", reason.name()));
     assert_eq!(r.verdict, TC_ACT_SHOT, "{} expected", reason.name());
-    assert_eq!(drops(dp, reason), before + 1, "counted as {}", reason.name());
+    assert_eq!(
+        drops(dp, reason),
+        before + 1,
+        "counted as {}",
+        reason.name()
+    );
 }
 
-fn udp4(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(sport, dport);
+fn udp4(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
     let mut v = Vec::new();
     b.write(&mut v, payload).unwrap();
     v
@@ -175,7 +248,9 @@ fn redirected(r: &RunResult) -> &[u8] {
 fn privileged_port_fixtures() {
     with_dataplane(|dp, pa1, _| {
         // ARP request for a known address: answered back to the port.
-        let r = dp.test_run_port(pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1), 0).unwrap();
+        let r = dp
+            .test_run_port(pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1), 0)
+            .unwrap();
         let out = redirected(&r);
         assert_eq!(&out[0..6], &A1, "reply to the asker");
         assert_eq!(&out[6..12], &A2, "from the target's MAC");
@@ -197,21 +272,40 @@ fn privileged_port_fixtures() {
         assert_eq!(out.len(), f.len() + 50);
         assert_eq!(&out[0..6], &NEXT_HOP_MAC, "next hop from the kernel FIB");
         let p = SlicedPacket::from_ethernet(out).expect("outer parses");
-        let Some(etherparse::NetSlice::Ipv4(ip4)) = &p.net else { panic!("outer IPv4") };
+        let Some(etherparse::NetSlice::Ipv4(ip4)) = &p.net else {
+            panic!("outer IPv4")
+        };
         let h = ip4.header();
         assert_eq!(h.source(), [192, 0, 2, 1]);
         assert_eq!(h.destination(), [192, 0, 2, 2]);
         assert!(h.dont_fragment(), "DF set");
         assert!(csum_ok(&out[14..34]), "outer IPv4 checksum");
-        let Some(TransportSlice::Udp(udp)) = &p.transport else { panic!("outer UDP") };
+        let Some(TransportSlice::Udp(udp)) = &p.transport else {
+            panic!("outer UDP")
+        };
         assert_eq!(udp.destination_port(), 4789);
-        assert!(udp.source_port() >= 49152, "source port from the flow hash range");
+        assert!(
+            udp.source_port() >= 49152,
+            "source port from the flow hash range"
+        );
         assert_eq!(udp.checksum(), 0);
-        assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0x03, 0xe9, 0], "VXLAN I flag, VNI 1001");
+        assert_eq!(
+            &out[42..50],
+            &[0x08, 0, 0, 0, 0, 0x03, 0xe9, 0],
+            "VXLAN I flag, VNI 1001"
+        );
         assert_eq!(&out[50..], &f[..], "inner frame intact");
 
         // Too big for the network MTU (1450) with DF: ICMP back to the VM.
-        let big = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1000, 2000, &[7u8; 1472]);
+        let big = udp4(
+            A1,
+            A2,
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            1000,
+            2000,
+            &[7u8; 1472],
+        );
         let r = dp.test_run_port(pa1, &big, 0).unwrap();
         let out = redirected(&r);
         assert_eq!(&out[0..6], &A1, "sent back to the VM");
@@ -231,7 +325,11 @@ fn privileged_port_fixtures() {
             let dst: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
             let b = PacketBuilder::ethernet2(A1, [0x33, 0x33, 0xff, 0, 0, 2])
                 .ipv6(src.octets(), dst.octets(), 255)
-                .icmpv6(etherparse::Icmpv6Type::Unknown { type_u8: 135, code_u8: 0, bytes5to8: [0; 4] });
+                .icmpv6(etherparse::Icmpv6Type::Unknown {
+                    type_u8: 135,
+                    code_u8: 0,
+                    bytes5to8: [0; 4],
+                });
             let mut v = Vec::new();
             b.write(&mut v, &icmp[8..]).unwrap();
             v
@@ -248,17 +346,88 @@ fn privileged_port_fixtures() {
 
         // Every drop path of the port program, each counted with its reason.
         use DropReason::*;
-        expect_drop(dp, pa1, &udp4(A1, A2, [10, 0, 0, 9], [10, 0, 0, 2], 1, 2, b"x"), SpoofedIp);
-        expect_drop(dp, pa1, &udp4(A3, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x"), SpoofedMac);
-        expect_drop(dp, pa1, &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 67, 68, b"x"), DhcpServerFromVm);
-        expect_drop(dp, pa1, &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 9, 9, b"x"), Broadcast);
-        expect_drop(dp, pa1, &udp4(A1, [1, 0, 0x5e, 0, 0, 1], [10, 0, 0, 1], [224, 0, 0, 1], 9, 9, b"x"), Multicast);
-        expect_drop(dp, pa1, &udp4(A1, [2, 0, 0, 0, 0, 0x77], [10, 0, 0, 1], [10, 0, 0, 2], 9, 9, b"x"), UnknownUnicast);
-        expect_drop(dp, pa1, &udp4(A1, A1, [10, 0, 0, 1], [10, 0, 0, 1], 9, 9, b"x"), Hairpin);
-        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 3], [10, 0, 0, 2], 1), SpoofedArp);
-        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 2), ArpReplyFromVm);
-        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 99], 1), ArpUnknownTarget);
-        expect_drop(dp, pa1, &arp(A1, [10, 0, 0, 1], [10, 0, 0, 1], 1), ArpSelfTarget);
+        expect_drop(
+            dp,
+            pa1,
+            &udp4(A1, A2, [10, 0, 0, 9], [10, 0, 0, 2], 1, 2, b"x"),
+            SpoofedIp,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &udp4(A3, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x"),
+            SpoofedMac,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 67, 68, b"x"),
+            DhcpServerFromVm,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 9, 9, b"x"),
+            Broadcast,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &udp4(
+                A1,
+                [1, 0, 0x5e, 0, 0, 1],
+                [10, 0, 0, 1],
+                [224, 0, 0, 1],
+                9,
+                9,
+                b"x",
+            ),
+            Multicast,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &udp4(
+                A1,
+                [2, 0, 0, 0, 0, 0x77],
+                [10, 0, 0, 1],
+                [10, 0, 0, 2],
+                9,
+                9,
+                b"x",
+            ),
+            UnknownUnicast,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &udp4(A1, A1, [10, 0, 0, 1], [10, 0, 0, 1], 9, 9, b"x"),
+            Hairpin,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &arp(A1, [10, 0, 0, 3], [10, 0, 0, 2], 1),
+            SpoofedArp,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 2),
+            ArpReplyFromVm,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &arp(A1, [10, 0, 0, 1], [10, 0, 0, 99], 1),
+            ArpUnknownTarget,
+        );
+        expect_drop(
+            dp,
+            pa1,
+            &arp(A1, [10, 0, 0, 1], [10, 0, 0, 1], 1),
+            ArpSelfTarget,
+        );
         let f = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x");
         let mut too_long = f.clone();
         too_long[16..18].copy_from_slice(&2000u16.to_be_bytes());
@@ -272,7 +441,9 @@ fn privileged_port_fixtures() {
         let mut short_arp = arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1);
         short_arp.truncate(30);
         expect_drop(dp, pa1, &short_arp, TruncatedArp);
-        let mut tcp_short = PacketBuilder::ethernet2(A1, A2).ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).tcp(1, 2, 0, 100);
+        let mut tcp_short = PacketBuilder::ethernet2(A1, A2)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1, 2, 0, 100);
         let _ = &mut tcp_short;
         let mut t = Vec::new();
         tcp_short.write(&mut t, b"").unwrap();
@@ -294,40 +465,90 @@ fn privileged_port_fixtures() {
 #[test]
 fn privileged_uplink_fixtures() {
     with_dataplane(|dp, _, up0| {
-        let inner = udp4(A2, A1, [10, 0, 0, 2], [10, 0, 0, 1], 1000, 2000, b"from hv2");
+        let inner = udp4(
+            A2,
+            A1,
+            [10, 0, 0, 2],
+            [10, 0, 0, 1],
+            1000,
+            2000,
+            b"from hv2",
+        );
         let vx = |src: [u8; 4], flags: u8, vni: u32, inner: &[u8]| {
             let v = vni.to_be_bytes();
             let mut p = vec![flags, 0, 0, 0, v[1], v[2], v[3], 0];
             p.extend(inner);
-            udp4(NEXT_HOP_MAC, [2, 0, 0, 0, 0xbb, 1], src, [192, 0, 2, 1], 50000, 4789, &p)
+            udp4(
+                NEXT_HOP_MAC,
+                [2, 0, 0, 0, 0xbb, 1],
+                src,
+                [192, 0, 2, 1],
+                50000,
+                4789,
+                &p,
+            )
         };
         for hook in [UplinkHook::Xdp, UplinkHook::Tc] {
             let (redirect, drop, pass) = match hook {
                 UplinkHook::Tc => (TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_OK),
                 _ => (XDP_REDIRECT, XDP_DROP, XDP_PASS),
             };
-            let r = dp.test_run_uplink(hook, up0, &vx([192, 0, 2, 2], 8, 1001, &inner)).unwrap();
+            let r = dp
+                .test_run_uplink(hook, up0, &vx([192, 0, 2, 2], 8, 1001, &inner))
+                .unwrap();
             assert_eq!(r.verdict, redirect, "{hook:?}: decapsulated and redirected");
             assert_eq!(r.frame, inner, "{hook:?}: the inner frame comes out");
 
-            let host_traffic = udp4(NEXT_HOP_MAC, [2, 0, 0, 0, 0xbb, 1], [192, 0, 2, 2], [192, 0, 2, 1], 5, 53, b"dns");
+            let host_traffic = udp4(
+                NEXT_HOP_MAC,
+                [2, 0, 0, 0, 0xbb, 1],
+                [192, 0, 2, 2],
+                [192, 0, 2, 1],
+                5,
+                53,
+                b"dns",
+            );
             let r = dp.test_run_uplink(hook, up0, &host_traffic).unwrap();
-            assert_eq!((r.verdict, &r.frame), (pass, &host_traffic), "{hook:?}: the host's own traffic passes untouched");
+            assert_eq!(
+                (r.verdict, &r.frame),
+                (pass, &host_traffic),
+                "{hook:?}: the host's own traffic passes untouched"
+            );
 
             let mut spoof_inner = inner.clone();
             spoof_inner[6..12].copy_from_slice(&A3);
             let cases: Vec<(Vec<u8>, DropReason)> = vec![
-                (vx([192, 0, 2, 66], 8, 1001, &inner), DropReason::VxlanUnknownVtep),
-                (vx([192, 0, 2, 2], 8, 7, &inner), DropReason::VxlanUnknownVni),
-                (vx([192, 0, 2, 2], 0x0c, 1001, &inner), DropReason::VxlanBadFlags),
-                (vx([192, 0, 2, 2], 8, 1001, &spoof_inner), DropReason::VxlanSpoofedSource),
-                (vx([192, 0, 2, 2], 8, 1001, &inner[..10]), DropReason::VxlanTruncated),
+                (
+                    vx([192, 0, 2, 66], 8, 1001, &inner),
+                    DropReason::VxlanUnknownVtep,
+                ),
+                (
+                    vx([192, 0, 2, 2], 8, 7, &inner),
+                    DropReason::VxlanUnknownVni,
+                ),
+                (
+                    vx([192, 0, 2, 2], 0x0c, 1001, &inner),
+                    DropReason::VxlanBadFlags,
+                ),
+                (
+                    vx([192, 0, 2, 2], 8, 1001, &spoof_inner),
+                    DropReason::VxlanSpoofedSource,
+                ),
+                (
+                    vx([192, 0, 2, 2], 8, 1001, &inner[..10]),
+                    DropReason::VxlanTruncated,
+                ),
             ];
             for (frame, reason) in cases {
                 let before = drops(dp, reason);
                 let r = dp.test_run_uplink(hook, up0, &frame).unwrap();
                 assert_eq!(r.verdict, drop, "{hook:?}: {}", reason.name());
-                assert_eq!(drops(dp, reason), before + 1, "{hook:?}: counted as {}", reason.name());
+                assert_eq!(
+                    drops(dp, reason),
+                    before + 1,
+                    "{hook:?}: counted as {}",
+                    reason.name()
+                );
             }
         }
     });

@@ -28,7 +28,11 @@ pub fn sh(args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("run {}", args.join(" ")))?;
     if !out.status.success() {
-        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -39,7 +43,9 @@ pub fn sh(args: &[&str]) -> Result<String> {
 /// segmentation offload), as frames on a real wire do. The hosts and VMs keep
 /// their defaults.
 fn wire(ns: &str, dev: &str) -> Result<()> {
-    sh(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off"])?;
+    sh(&[
+        "ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off",
+    ])?;
     Ok(())
 }
 
@@ -141,7 +147,13 @@ impl Lab {
                 mtu: 1450,
             });
         }
-        for (name, host, idx) in [("a1", 1, 1u8), ("a2", 2, 2), ("a3", 1, 3), ("b1", 1, 1), ("b2", 2, 2)] {
+        for (name, host, idx) in [
+            ("a1", 1, 1u8),
+            ("a2", 2, 2),
+            ("a3", 1, 3),
+            ("b1", 1, 1),
+            ("b2", 2, 2),
+        ] {
             self.add_vm(name, host, idx)?;
         }
         Ok(())
@@ -151,7 +163,10 @@ impl Lab {
         let ul = self.ns("ul");
         let hv = self.add_ns(&format!("hv{i}"))?;
         let sw = format!("p{i}");
-        sh(&["ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK, "netns", &hv])?;
+        sh(&[
+            "ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK, "netns",
+            &hv,
+        ])?;
         sh(&["ip", "-n", &ul, "link", "set", &sw, "master", "br0", "up"])?;
         wire(&ul, &sw)?;
         let addr = format!("{}/24", underlay_ip(i));
@@ -174,15 +189,50 @@ impl Lab {
         let mac = MacAddr([0x02, 0, 0, 0, 0, idx]);
         let ip = Ipv4Addr::new(10, 0, 0, idx);
         let ip6: std::net::Ipv6Addr = format!("fd00:1::{idx}").parse()?;
-        sh(&["ip", "-n", &hv, "link", "add", &port_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sh(&[
+            "ip", "-n", &hv, "link", "add", &port_if, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
         sh(&["ip", "-n", &hv, "link", "set", &port_if, "up"])?;
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "address", &mac.to_string(), "mtu", "1450"])?;
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &mac.to_string(),
+            "mtu",
+            "1450",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         // A VM's NIC reader runs NAPI (a tap's reader would): veth needs it
         // to accept XDP-redirected frames.
-        sh(&["ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "gro", "on"])?;
+        sh(&[
+            "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "gro", "on",
+        ])?;
         self.snapshot.ports.push(Port {
             name: name.to_string(),
             network: format!("{tenant}-net"),
@@ -234,7 +284,9 @@ impl Lab {
 
     pub fn stats(&self, host: &str) -> Result<Stats> {
         let (pin, root) = (self.pin_name(host), self.pin_root.clone());
-        in_netns(&self.ns(host), move || Ok(Dataplane::open(&pin, &root)?.stats()?))
+        in_netns(&self.ns(host), move || {
+            Ok(Dataplane::open(&pin, &root)?.stats()?)
+        })
     }
 
     pub fn drops(&self, host: &str) -> Result<BTreeMap<DropReason, u64>> {
@@ -245,7 +297,20 @@ impl Lab {
     pub fn ping(&self, from: &str, to: &str, count: u32) -> bool {
         let ns = &self.vm(from).ns;
         Command::new("ip")
-            .args(["netns", "exec", ns, "ping", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "1", to])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "ping",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                to,
+            ])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
@@ -256,22 +321,90 @@ impl Lab {
     pub fn add_kernel_vtep(&mut self) -> Result<()> {
         let ul = self.ns("ul");
         let kv = self.add_ns("kv")?;
-        sh(&["ip", "-n", &ul, "link", "add", "p3", "type", "veth", "peer", "name", UPLINK, "netns", &kv])?;
+        sh(&[
+            "ip", "-n", &ul, "link", "add", "p3", "type", "veth", "peer", "name", UPLINK, "netns",
+            &kv,
+        ])?;
         sh(&["ip", "-n", &ul, "link", "set", "p3", "master", "br0", "up"])?;
         wire(&ul, "p3")?;
-        sh(&["ip", "-n", &kv, "addr", "add", "192.0.2.3/24", "dev", UPLINK])?;
+        sh(&[
+            "ip",
+            "-n",
+            &kv,
+            "addr",
+            "add",
+            "192.0.2.3/24",
+            "dev",
+            UPLINK,
+        ])?;
         sh(&["ip", "-n", &kv, "link", "set", UPLINK, "up"])?;
-        sh(&["ip", "-n", &kv, "link", "add", "vx0", "type", "vxlan", "id", "1001", "local", "192.0.2.3", "dstport", "4789", "nolearning", "dev", UPLINK])?;
+        sh(&[
+            "ip",
+            "-n",
+            &kv,
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            "1001",
+            "local",
+            "192.0.2.3",
+            "dstport",
+            "4789",
+            "nolearning",
+            "dev",
+            UPLINK,
+        ])?;
         let mac = MacAddr([0x02, 0, 0, 0, 0, 9]);
-        sh(&["ip", "-n", &kv, "link", "set", "vx0", "address", &mac.to_string(), "mtu", "1450", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &kv,
+            "link",
+            "set",
+            "vx0",
+            "address",
+            &mac.to_string(),
+            "mtu",
+            "1450",
+            "up",
+        ])?;
         sh(&["ip", "-n", &kv, "addr", "add", "10.0.0.9/24", "dev", "vx0"])?;
         // The kernel peer is told where tenant a's ports live, as a
         // controller would program it (no flooding, no learning).
         for v in self.vms.clone().iter().filter(|v| v.tenant == 'a') {
             let host_idx: usize = v.host[2..].parse()?;
             let dst = underlay_ip(host_idx).to_string();
-            sh(&["ip", "netns", "exec", &kv, "bridge", "fdb", "append", &v.mac.to_string(), "dev", "vx0", "dst", &dst])?;
-            sh(&["ip", "-n", &kv, "neigh", "add", &v.ip.to_string(), "lladdr", &v.mac.to_string(), "dev", "vx0", "nud", "permanent"])?;
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &kv,
+                "bridge",
+                "fdb",
+                "append",
+                &v.mac.to_string(),
+                "dev",
+                "vx0",
+                "dst",
+                &dst,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &kv,
+                "neigh",
+                "add",
+                &v.ip.to_string(),
+                "lladdr",
+                &v.mac.to_string(),
+                "dev",
+                "vx0",
+                "nud",
+                "permanent",
+            ])?;
         }
         self.snapshot.hosts.push(Host {
             name: "hv3".into(),
@@ -330,21 +463,35 @@ impl Capture {
                 return Ok(vec![]);
             }
             let fd = unsafe {
-                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32)
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
             };
             if fd < 0 {
                 ready(Err(std::io::Error::last_os_error().into()));
                 return Ok(vec![]);
             }
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
             unsafe {
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
             }
             let _ = tx.send(Ok(()));
             let mut frames = Vec::new();
             let mut buf = vec![0u8; 65536];
             while !flag.load(Ordering::Relaxed) {
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                let n =
+                    unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
                 if n > 0 {
                     frames.push(buf[..n as usize].to_vec());
                 }
@@ -388,7 +535,9 @@ pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
         let mut s = loop {
             match l.accept() {
                 Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => return Err(e.into()),
@@ -408,7 +557,8 @@ pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
         }
         Ok(())
     });
-    rx.recv_timeout(Duration::from_secs(5)).context("server start")?;
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("server start")?;
     let msg = msg.to_vec();
     let got = in_netns(&lab.vm(from).ns, move || {
         let mut s = TcpStream::connect_timeout(&(addr, 5001).into(), Duration::from_secs(3))?;
@@ -419,7 +569,9 @@ pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
         s.read_to_end(&mut got)?;
         Ok(got)
     });
-    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
     let got = got?;
     served?;
     Ok(got)
@@ -440,7 +592,8 @@ pub fn udp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
         s.send_to(&buf[..n], peer)?;
         Ok(())
     });
-    rx.recv_timeout(Duration::from_secs(5)).context("server start")?;
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("server start")?;
     let msg = msg.to_vec();
     let got = in_netns(&lab.vm(from).ns, move || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
@@ -450,7 +603,9 @@ pub fn udp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
         let (n, _) = s.recv_from(&mut buf)?;
         Ok(buf[..n].to_vec())
     });
-    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
     let got = got?;
     served?;
     Ok(got)
@@ -459,13 +614,27 @@ pub fn udp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
 /// iperf3 TCP throughput in Gbit/s between two namespaces, `secs` long.
 pub fn iperf3(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> Result<f64> {
     let mut server = Command::new("ip")
-        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201"])
+        .args([
+            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
-        .args(["netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", "5201", "-t", &secs.to_string(), "-J"])
+        .args([
+            "netns",
+            "exec",
+            client_ns,
+            "iperf3",
+            "-c",
+            server_ip,
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
         .output();
     let deadline = Instant::now() + Duration::from_secs(3);
     while server.try_wait()?.is_none() && Instant::now() < deadline {
@@ -501,7 +670,13 @@ impl KernelBaseline {
             vm2: format!("{tag}-kvm2"),
         };
         let ul = format!("{tag}-kul");
-        for ns in [&ul, &format!("{tag}-khv1"), &format!("{tag}-khv2"), &b.vm1.clone(), &b.vm2.clone()] {
+        for ns in [
+            &ul,
+            &format!("{tag}-khv1"),
+            &format!("{tag}-khv2"),
+            &b.vm1.clone(),
+            &b.vm2.clone(),
+        ] {
             sh(&["ip", "netns", "add", ns])?;
             b.namespaces.push(ns.to_string());
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
@@ -512,21 +687,50 @@ impl KernelBaseline {
             let hv = format!("{tag}-khv{i}");
             let vm = if i == 1 { b.vm1.clone() } else { b.vm2.clone() };
             let sw = format!("p{i}");
-            sh(&["ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK, "netns", &hv])?;
+            sh(&[
+                "ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK,
+                "netns", &hv,
+            ])?;
             sh(&["ip", "-n", &ul, "link", "set", &sw, "master", "br0", "up"])?;
             wire(&ul, &sw)?;
             let me = underlay_ip(i).to_string();
             let other = underlay_ip(3 - i).to_string();
-            sh(&["ip", "-n", &hv, "addr", "add", &format!("{me}/24"), "dev", UPLINK])?;
+            sh(&[
+                "ip",
+                "-n",
+                &hv,
+                "addr",
+                "add",
+                &format!("{me}/24"),
+                "dev",
+                UPLINK,
+            ])?;
             sh(&["ip", "-n", &hv, "link", "set", UPLINK, "up"])?;
-            sh(&["ip", "-n", &hv, "link", "add", "vx0", "type", "vxlan", "id", "1001", "local", &me, "remote", &other, "dstport", "4789", "dev", UPLINK])?;
+            sh(&[
+                "ip", "-n", &hv, "link", "add", "vx0", "type", "vxlan", "id", "1001", "local", &me,
+                "remote", &other, "dstport", "4789", "dev", UPLINK,
+            ])?;
             sh(&["ip", "-n", &hv, "link", "add", "br0", "type", "bridge"])?;
             sh(&["ip", "-n", &hv, "link", "set", "vx0", "master", "br0", "up"])?;
-            sh(&["ip", "-n", &hv, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0", "netns", &vm])?;
-            sh(&["ip", "-n", &hv, "link", "set", "tap0", "master", "br0", "up"])?;
+            sh(&[
+                "ip", "-n", &hv, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0",
+                "netns", &vm,
+            ])?;
+            sh(&[
+                "ip", "-n", &hv, "link", "set", "tap0", "master", "br0", "up",
+            ])?;
             sh(&["ip", "-n", &hv, "link", "set", "br0", "up"])?;
             sh(&["ip", "-n", &vm, "link", "set", "eth0", "mtu", "1450"])?;
-            sh(&["ip", "-n", &vm, "addr", "add", &format!("10.0.0.{i}/24"), "dev", "eth0"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &vm,
+                "addr",
+                "add",
+                &format!("10.0.0.{i}/24"),
+                "dev",
+                "eth0",
+            ])?;
             sh(&["ip", "-n", &vm, "link", "set", "eth0", "up"])?;
         }
         Ok(b)
@@ -547,7 +751,10 @@ impl Lab {
     pub fn add_underlay_intruder(&mut self) -> Result<String> {
         let ul = self.ns("ul");
         let ns = self.add_ns("evil")?;
-        sh(&["ip", "-n", &ul, "link", "add", "p9", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sh(&[
+            "ip", "-n", &ul, "link", "add", "p9", "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ])?;
         sh(&["ip", "-n", &ul, "link", "set", "p9", "master", "br0", "up"])?;
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         Ok(ns)
@@ -630,9 +837,10 @@ impl VxlanFrame {
     }
 
     pub fn build_with_payload(&self, payload: &[u8]) -> Vec<u8> {
-        let b = etherparse::PacketBuilder::ethernet2([0x02, 0xee, 0, 0, 0, 0x66], self.outer_dst_mac)
-            .ipv4(self.outer_src.octets(), self.outer_dst.octets(), 64)
-            .udp(50000, cloison_abi::VXLAN_PORT);
+        let b =
+            etherparse::PacketBuilder::ethernet2([0x02, 0xee, 0, 0, 0, 0x66], self.outer_dst_mac)
+                .ipv4(self.outer_src.octets(), self.outer_dst.octets(), 64)
+                .udp(50000, cloison_abi::VXLAN_PORT);
         let mut out = Vec::with_capacity(b.size(payload.len()));
         b.write(&mut out, payload).expect("write to Vec");
         out

@@ -30,7 +30,9 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|()| test()),
         Some("demo") => setup().and_then(|()| demo()),
         Some("lab") => hold_lab(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(600)),
-        _ => Err(anyhow::anyhow!("usage: cargo xtask setup | test | demo | lab [SECS]")),
+        _ => Err(anyhow::anyhow!(
+            "usage: cargo xtask setup | test | demo | lab [SECS]"
+        )),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,11 +64,18 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn setup() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         step("Debian packages: all present");
     } else {
-        step(&format!("Debian packages: installing {}", missing.join(" ")));
+        step(&format!(
+            "Debian packages: installing {}",
+            missing.join(" ")
+        ));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -82,16 +91,39 @@ fn setup() -> Result<()> {
         step("nightly rust-src: present");
     } else {
         step("nightly rust-src: installing (the BPF crate builds core with -Z build-std)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    let has_linker = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let has_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if has_linker {
         step("bpf-linker: present");
     } else {
         step("bpf-linker: installing against Debian's LLVM 22 (about 70 s)");
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     cloison_dataplane::loader::ensure_bpffs().context("bpffs")?;
@@ -107,10 +139,27 @@ fn test() -> Result<()> {
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--check"]))?;
     step("cargo clippy -- -D warnings");
-    run(cargo().args(["clippy", "--workspace", "--exclude", "cloison-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "cloison-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("cargo test (unit, test-run fixtures, lab); privileged tests need root");
     // The lab tests share the machine's network tools; run them one at a time.
-    run(cargo().args(["test", "--workspace", "--exclude", "cloison-ebpf", "--", "--test-threads", "1"]))?;
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "cloison-ebpf",
+        "--",
+        "--test-threads",
+        "1",
+    ]))?;
     Ok(())
 }
 
@@ -131,9 +180,15 @@ fn demo() -> Result<()> {
     let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
     lab.add_kernel_vtep()?;
     lab.apply()?;
-    println!("  namespaces {}-*, pins under /sys/fs/bpf/cloison/{}-hv*", lab.tag, lab.tag);
+    println!(
+        "  namespaces {}-*, pins under /sys/fs/bpf/cloison/{}-hv*",
+        lab.tag, lab.tag
+    );
     for v in &lab.vms {
-        println!("  VM {:<3} tenant {} on {}  {}  {}  {}", v.name, v.tenant, v.host, v.mac, v.ip, v.ip6);
+        println!(
+            "  VM {:<3} tenant {} on {}  {}  {}  {}",
+            v.name, v.tenant, v.host, v.mac, v.ip, v.ip6
+        );
     }
     println!("  kernel VXLAN peer (hv3, Linux vxlan device): tenant a, 10.0.0.9");
 
@@ -142,15 +197,24 @@ fn demo() -> Result<()> {
         ("a1", "10.0.0.2", "tenant a, hv1 -> hv2 (VXLAN)"),
         ("a1", "10.0.0.3", "tenant a, on hv1 (redirect)"),
         ("a2", "fd00:1::1", "tenant a, IPv6 hv2 -> hv1"),
-        ("b1", "10.0.0.2", "tenant b, hv1 -> hv2 (same IPs, other VNI)"),
+        (
+            "b1",
+            "10.0.0.2",
+            "tenant b, hv1 -> hv2 (same IPs, other VNI)",
+        ),
         ("a1", "10.0.0.9", "tenant a -> kernel VXLAN peer"),
     ];
     for (from, to, what) in checks {
         let ok = lab.ping(from, to, 3);
-        println!("  ping {from} -> {to:<10} {:<4} {what}", if ok { "ok" } else { "FAIL" });
+        println!(
+            "  ping {from} -> {to:<10} {:<4} {what}",
+            if ok { "ok" } else { "FAIL" }
+        );
     }
     let msg = b"hello from tenant a";
-    let tcp = lab::tcp_echo(&lab, "a1", "a2", msg).map(|g| g == msg).unwrap_or(false);
+    let tcp = lab::tcp_echo(&lab, "a1", "a2", msg)
+        .map(|g| g == msg)
+        .unwrap_or(false);
     println!("  TCP a1 -> a2 echo: {}", if tcp { "ok" } else { "FAIL" });
 
     step("isolation: tenant b captures while tenant a talks");
@@ -159,15 +223,29 @@ fn demo() -> Result<()> {
     let _ = lab::tcp_echo(&lab, "a1", "a2", marker);
     let frames = cap.finish()?;
     let leaked = frames.iter().filter(|f| lab::contains(f, marker)).count();
-    println!("  b2 captured {} frames, {} carrying tenant a's data", frames.len(), leaked);
+    println!(
+        "  b2 captured {} frames, {} carrying tenant a's data",
+        frames.len(),
+        leaked
+    );
     let crossed = lab.ping("b1", "10.0.0.9", 1);
-    println!("  b1 -> 10.0.0.9 (tenant a's kernel peer): {}", if crossed { "REACHED (bug)" } else { "unreachable, as it must be" });
+    println!(
+        "  b1 -> 10.0.0.9 (tenant a's kernel peer): {}",
+        if crossed {
+            "REACHED (bug)"
+        } else {
+            "unreachable, as it must be"
+        }
+    );
 
     step("throughput: iperf3 TCP between VMs on two hosts, 3 s each");
     let cloison = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3);
     let base = lab::KernelBaseline::new().and_then(|b| lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3));
     match (&cloison, &base) {
-        (Ok(c), Ok(b)) => println!("  Cloison {c:.2} Gbit/s, kernel VXLAN+bridge {b:.2} Gbit/s, ratio {:.2}", c / b),
+        (Ok(c), Ok(b)) => println!(
+            "  Cloison {c:.2} Gbit/s, kernel VXLAN+bridge {b:.2} Gbit/s, ratio {:.2}",
+            c / b
+        ),
         _ => println!("  Cloison {cloison:?}, kernel baseline {base:?}"),
     }
 
@@ -176,7 +254,10 @@ fn demo() -> Result<()> {
         let s = lab.stats(host)?;
         println!("  {host} ports (ifindex: VM tx pkts/bytes, rx pkts/bytes, drops):");
         for (i, p) in &s.ports {
-            println!("    {i:<4} {:>6}/{:<9} {:>6}/{:<9} {}", p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.drops);
+            println!(
+                "    {i:<4} {:>6}/{:<9} {:>6}/{:<9} {}",
+                p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.drops
+            );
         }
         print_drops(&format!("{host} drops by reason"), &s.drops);
     }

@@ -22,7 +22,10 @@ fn privileged_two_tenants_same_addresses_stay_isolated() {
     assert!(lab.ping("a1", "10.0.0.2", 3), "a1 -> a2 across hosts");
     assert!(lab.ping("a1", "10.0.0.3", 3), "a1 -> a3 on one host");
     assert!(lab.ping("b1", "10.0.0.2", 3), "b1 -> b2 across hosts");
-    assert!(lab.ping("a2", "fd00:1::1", 3), "a2 -> a1 over IPv6 (ND answered locally)");
+    assert!(
+        lab.ping("a2", "fd00:1::1", 3),
+        "a2 -> a1 over IPv6 (ND answered locally)"
+    );
 
     // Tenant b watches while tenant a talks, and the other way round.
     for (talk, watch) in [("a", "b"), ("b", "a")] {
@@ -31,9 +34,21 @@ fn privileged_two_tenants_same_addresses_stay_isolated() {
             .map(|v| Capture::start(&lab.vm(v).ns).expect("capture"))
             .collect();
         let marker = format!("cloison-tenant-{talk}-secret");
-        let got = tcp_echo(&lab, &format!("{talk}1"), &format!("{talk}2"), marker.as_bytes()).expect("tcp");
+        let got = tcp_echo(
+            &lab,
+            &format!("{talk}1"),
+            &format!("{talk}2"),
+            marker.as_bytes(),
+        )
+        .expect("tcp");
         assert_eq!(got, marker.as_bytes(), "TCP echo within tenant {talk}");
-        let got = udp_echo(&lab, &format!("{talk}2"), &format!("{talk}1"), marker.as_bytes()).expect("udp");
+        let got = udp_echo(
+            &lab,
+            &format!("{talk}2"),
+            &format!("{talk}1"),
+            marker.as_bytes(),
+        )
+        .expect("udp");
         assert_eq!(got, marker.as_bytes(), "UDP echo within tenant {talk}");
         if talk == "a" {
             let got = tcp_echo(&lab, "a3", "a1", marker.as_bytes()).expect("local tcp");
@@ -41,15 +56,33 @@ fn privileged_two_tenants_same_addresses_stay_isolated() {
         }
         for cap in caps {
             let frames = cap.finish().expect("capture");
-            let leaked: Vec<_> = frames.iter().filter(|f| contains(f, marker.as_bytes())).collect();
-            assert!(leaked.is_empty(), "tenant {watch} saw {} frames of tenant {talk}", leaked.len());
-            let ipv4 = frames.iter().filter(|f| f.len() > 14 && f[12..14] == [0x08, 0x00]).count();
-            assert_eq!(ipv4, 0, "tenant {watch} (idle) received IPv4 frames while {talk} talked");
+            let leaked: Vec<_> = frames
+                .iter()
+                .filter(|f| contains(f, marker.as_bytes()))
+                .collect();
+            assert!(
+                leaked.is_empty(),
+                "tenant {watch} saw {} frames of tenant {talk}",
+                leaked.len()
+            );
+            let ipv4 = frames
+                .iter()
+                .filter(|f| f.len() > 14 && f[12..14] == [0x08, 0x00])
+                .count();
+            assert_eq!(
+                ipv4, 0,
+                "tenant {watch} (idle) received IPv4 frames while {talk} talked"
+            );
         }
     }
 
     let s1 = lab.stats("hv1").expect("stats");
-    assert!(s1.ports.values().any(|p| p.tx_packets > 0 && p.rx_packets > 0), "port counters move");
+    assert!(
+        s1.ports
+            .values()
+            .any(|p| p.tx_packets > 0 && p.rx_packets > 0),
+        "port counters move"
+    );
     println!("hv1 drops: {:?}", s1.drops);
 }
 
@@ -59,18 +92,29 @@ fn privileged_kernel_vxlan_peer_interoperates() {
     let mut lab = Lab::two_hosts(UplinkHook::Auto).expect("lab");
     lab.add_kernel_vtep().expect("kernel vtep");
     lab.apply().expect("apply");
-    assert!(lab.ping("a1", "10.0.0.9", 3), "Cloison VM -> kernel VXLAN peer");
+    assert!(
+        lab.ping("a1", "10.0.0.9", 3),
+        "Cloison VM -> kernel VXLAN peer"
+    );
     let kv = lab.ns("kv");
     let ok = std::process::Command::new("ip")
-        .args(["netns", "exec", &kv, "ping", "-q", "-c", "3", "-i", "0.2", "-W", "1", "10.0.0.2"])
+        .args([
+            "netns", "exec", &kv, "ping", "-q", "-c", "3", "-i", "0.2", "-W", "1", "10.0.0.2",
+        ])
         .status()
         .expect("ping")
         .success();
     assert!(ok, "kernel VXLAN peer -> Cloison VM on hv2");
     // Tenant b (same addresses, other VNI) is not reachable from the peer.
-    assert!(!lab.ping("b1", "10.0.0.9", 1), "tenant b must not reach tenant a's peer");
+    assert!(
+        !lab.ping("b1", "10.0.0.9", 1),
+        "tenant b must not reach tenant a's peer"
+    );
     let d = lab.drops("hv1").expect("drops");
-    assert!(d.get(&DropReason::ArpUnknownTarget).copied().unwrap_or(0) > 0, "b1's ARP for 10.0.0.9 unanswered: {d:?}");
+    assert!(
+        d.get(&DropReason::ArpUnknownTarget).copied().unwrap_or(0) > 0,
+        "b1's ARP for 10.0.0.9 unanswered: {d:?}"
+    );
 }
 
 #[test]
@@ -79,7 +123,11 @@ fn privileged_underlay_injection_is_dropped_and_counted() {
     let mut lab = Lab::two_hosts(UplinkHook::Auto).expect("lab");
     let evil = lab.add_underlay_intruder().expect("intruder");
     lab.apply().expect("apply");
-    let (a1, a2, a3) = (lab.vm("a1").clone(), lab.vm("a2").clone(), lab.vm("a3").clone());
+    let (a1, a2, a3) = (
+        lab.vm("a1").clone(),
+        lab.vm("a2").clone(),
+        lab.vm("a3").clone(),
+    );
     let legit = |marker: &str| VxlanFrame {
         outer_dst_mac: lab.uplink_mac("hv1").expect("mac"),
         outer_src: underlay_ip(2),
@@ -93,20 +141,82 @@ fn privileged_underlay_injection_is_dropped_and_counted() {
         marker: marker.as_bytes().to_vec(),
     };
     let cases: Vec<(&str, Vec<u8>, DropReason)> = vec![
-        ("unknown VTEP", VxlanFrame { outer_src: "192.0.2.66".parse().unwrap(), ..legit("inj-unknown-vtep") }.build(), DropReason::VxlanUnknownVtep),
-        ("wrong VNI", VxlanFrame { vni: 4242, ..legit("inj-wrong-vni") }.build(), DropReason::VxlanUnknownVni),
-        ("bad flags", VxlanFrame { flags: 0x0c, ..legit("inj-bad-flags") }.build(), DropReason::VxlanBadFlags),
-        ("truncated header", legit("inj-trunc").build_with_payload(&[0x08, 0, 0, 0]), DropReason::VxlanTruncated),
-        ("spoofed inner source", VxlanFrame { inner_src_mac: a3.mac.0, ..legit("inj-spoofed-src") }.build(), DropReason::VxlanSpoofedSource),
-        ("unknown inner destination", VxlanFrame { inner_dst_mac: [2, 0, 0, 0, 0, 0x77], ..legit("inj-unknown-dst") }.build(), DropReason::VxlanUnknownDestination),
+        (
+            "unknown VTEP",
+            VxlanFrame {
+                outer_src: "192.0.2.66".parse().unwrap(),
+                ..legit("inj-unknown-vtep")
+            }
+            .build(),
+            DropReason::VxlanUnknownVtep,
+        ),
+        (
+            "wrong VNI",
+            VxlanFrame {
+                vni: 4242,
+                ..legit("inj-wrong-vni")
+            }
+            .build(),
+            DropReason::VxlanUnknownVni,
+        ),
+        (
+            "bad flags",
+            VxlanFrame {
+                flags: 0x0c,
+                ..legit("inj-bad-flags")
+            }
+            .build(),
+            DropReason::VxlanBadFlags,
+        ),
+        (
+            "truncated header",
+            legit("inj-trunc").build_with_payload(&[0x08, 0, 0, 0]),
+            DropReason::VxlanTruncated,
+        ),
+        (
+            "spoofed inner source",
+            VxlanFrame {
+                inner_src_mac: a3.mac.0,
+                ..legit("inj-spoofed-src")
+            }
+            .build(),
+            DropReason::VxlanSpoofedSource,
+        ),
+        (
+            "unknown inner destination",
+            VxlanFrame {
+                inner_dst_mac: [2, 0, 0, 0, 0, 0x77],
+                ..legit("inj-unknown-dst")
+            }
+            .build(),
+            DropReason::VxlanUnknownDestination,
+        ),
     ];
-    let caps = [Capture::start(&a1.ns).expect("cap"), Capture::start(&lab.vm("b1").ns).expect("cap")];
+    let caps = [
+        Capture::start(&a1.ns).expect("cap"),
+        Capture::start(&lab.vm("b1").ns).expect("cap"),
+    ];
     for (what, frame, reason) in &cases {
-        let before = lab.drops("hv1").expect("drops").get(reason).copied().unwrap_or(0);
+        let before = lab
+            .drops("hv1")
+            .expect("drops")
+            .get(reason)
+            .copied()
+            .unwrap_or(0);
         send_frames(&evil, "eth0", vec![frame.clone(); 3]).expect("send");
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let after = lab.drops("hv1").expect("drops").get(reason).copied().unwrap_or(0);
-        assert_eq!(after - before, 3, "{what}: 3 frames dropped as {}", reason.name());
+        let after = lab
+            .drops("hv1")
+            .expect("drops")
+            .get(reason)
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            after - before,
+            3,
+            "{what}: 3 frames dropped as {}",
+            reason.name()
+        );
     }
     // Control: the same rig, well formed and from hv2's VTEP, is delivered.
     send_frames(&evil, "eth0", vec![legit("inj-control-delivered").build()]).expect("send");
@@ -115,8 +225,19 @@ fn privileged_underlay_injection_is_dropped_and_counted() {
     let a1_frames = cap_a1.finish().expect("cap");
     let b1_frames = cap_b1.finish().expect("cap");
     for f in a1_frames.iter().chain(&b1_frames) {
-        assert!(!contains(f, b"inj-"[..].as_ref()) || contains(f, b"inj-control"), "an injected frame reached a VM");
+        assert!(
+            !contains(f, b"inj-"[..].as_ref()) || contains(f, b"inj-control"),
+            "an injected frame reached a VM"
+        );
     }
-    assert!(a1_frames.iter().any(|f| contains(f, b"inj-control-delivered")), "control frame reached a1");
-    assert!(!b1_frames.iter().any(|f| contains(f, b"inj-")), "nothing reached tenant b");
+    assert!(
+        a1_frames
+            .iter()
+            .any(|f| contains(f, b"inj-control-delivered")),
+        "control frame reached a1"
+    );
+    assert!(
+        !b1_frames.iter().any(|f| contains(f, b"inj-")),
+        "nothing reached tenant b"
+    );
 }

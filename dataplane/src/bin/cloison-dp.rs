@@ -27,7 +27,10 @@ fn run() -> anyhow::Result<()> {
     let (mut host, mut uplink, mut snapshot, mut hook) = (None, None, None, UplinkHook::Auto);
     let mut pin_root = PathBuf::from(DEFAULT_PIN_ROOT);
     while let Some(flag) = args.next() {
-        let mut val = || args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"));
+        let mut val = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))
+        };
         match flag.as_str() {
             "--host" => host = Some(val()?),
             "--uplink" => uplink = Some(val()?),
@@ -65,7 +68,10 @@ fn run() -> anyhow::Result<()> {
         "stats" => {
             let dp = Dataplane::open(&host, &pin_root)?;
             let s = dp.stats()?;
-            println!("{:<10} {:>10} {:>12} {:>10} {:>12} {:>8}", "ifindex", "tx_pkts", "tx_bytes", "rx_pkts", "rx_bytes", "drops");
+            println!(
+                "{:<10} {:>10} {:>12} {:>10} {:>12} {:>8}",
+                "ifindex", "tx_pkts", "tx_bytes", "rx_pkts", "rx_bytes", "drops"
+            );
             for (ifindex, p) in &s.ports {
                 println!(
                     "{ifindex:<10} {:>10} {:>12} {:>10} {:>12} {:>8}",

@@ -17,7 +17,11 @@ use crate::{
 
 #[inline(always)]
 pub fn lookup(vni: u32, mac: [u8; 6]) -> Option<ForwardEntry> {
-    let key = ForwardKey { vni, mac, _pad: [0; 2] };
+    let key = ForwardKey {
+        vni,
+        mac,
+        _pad: [0; 2],
+    };
     FORWARD.get_ptr(&key).map(|f| unsafe { *f })
 }
 
@@ -56,10 +60,17 @@ pub fn from_port(
         if fwd.ifindex == ifindex {
             return Err(DropReason::Hairpin);
         }
-        return Ok(Next::of(NEXT_VERDICT, deliver(&fwd, ctx.len(), true) as u32));
+        return Ok(Next::of(
+            NEXT_VERDICT,
+            deliver(&fwd, ctx.len(), true) as u32,
+        ));
     }
     if segment_len(ctx, c, p) > port.mtu as usize {
-        let kind = if p.l3 == L3::Ipv4 { NEXT_TOO_BIG_V4 } else { NEXT_TOO_BIG_V6 };
+        let kind = if p.l3 == L3::Ipv4 {
+            NEXT_TOO_BIG_V4
+        } else {
+            NEXT_TOO_BIG_V6
+        };
         return Ok(Next::of(kind, 0));
     }
     Ok(Next::of(NEXT_ENCAP, u32::from_ne_bytes(fwd.vtep)))

@@ -174,7 +174,13 @@ pub fn is_zero16(a: &[u8; 16]) -> bool {
 pub fn csum_packet<const N: usize>(c: &Cursor, off: usize) -> Result<u32, cloison_abi::DropReason> {
     let p: *mut [u8; N] = c.at(off).ok_or(cloison_abi::DropReason::TruncatedL4)?;
     let partial = unsafe {
-        aya_ebpf::helpers::generated::bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, 0)
+        aya_ebpf::helpers::generated::bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            p as *mut u32,
+            N as u32,
+            0,
+        )
     };
     if partial < 0 {
         return Err(cloison_abi::DropReason::TruncatedL4);

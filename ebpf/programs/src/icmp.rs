@@ -40,7 +40,12 @@ pub fn too_big(ctx: &TcContext, ifindex: u32, port: &PortInfo, v4: bool) -> Pack
 }
 
 #[inline(always)]
-fn too_big_stage(ctx: &TcContext, ifindex: u32, port: &PortInfo, v4: bool) -> Result<i32, DropReason> {
+fn too_big_stage(
+    ctx: &TcContext,
+    ifindex: u32,
+    port: &PortInfo,
+    v4: bool,
+) -> Result<i32, DropReason> {
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let (vm_mac, peer_mac) = unsafe { ((*eth).src, (*eth).dst) };
@@ -51,7 +56,10 @@ fn too_big_stage(ctx: &TcContext, ifindex: u32, port: &PortInfo, v4: bool) -> Re
             // No DF: the VM did not ask for path MTU discovery; nothing to tell it.
             return Err(DropReason::MtuExceeded);
         }
-        (crate::maps::v4_mapped(ip.src), crate::maps::v4_mapped(ip.dst))
+        (
+            crate::maps::v4_mapped(ip.src),
+            crate::maps::v4_mapped(ip.dst),
+        )
     } else {
         let ip: *mut Ipv6Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv6)?;
         let ip = unsafe { &*ip };
@@ -66,7 +74,8 @@ fn too_big_stage(ctx: &TcContext, ifindex: u32, port: &PortInfo, v4: bool) -> Re
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, total as u32, 0) } != 0 {
         return Err(DropReason::MtuExceeded);
     }
-    ctx.pull_data(total as u32).map_err(|_| DropReason::MtuExceeded)?;
+    ctx.pull_data(total as u32)
+        .map_err(|_| DropReason::MtuExceeded)?;
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let mtu = port.mtu;
     if v4 {

@@ -16,8 +16,7 @@ pub static ADDR_ALLOW: LpmTrie<AddrKey, AddrAllow> = LpmTrie::pinned(MAX_ADDR_AL
 pub static FORWARD: HashMap<ForwardKey, ForwardEntry> = HashMap::pinned(MAX_FORWARD, 0);
 
 #[map(name = "CL_NEIGH")]
-pub static NEIGHBOURS: HashMap<NeighbourKey, NeighbourEntry> =
-    HashMap::pinned(MAX_NEIGHBOURS, 0);
+pub static NEIGHBOURS: HashMap<NeighbourKey, NeighbourEntry> = HashMap::pinned(MAX_NEIGHBOURS, 0);
 
 #[map(name = "CL_NETWORKS")]
 pub static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(MAX_NETWORKS, 0);
@@ -71,7 +70,9 @@ pub fn count_to_vm(slot: u32, bytes: u32) {
 
 #[inline(always)]
 pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 /// Which MAC may send from `addr` on port `ifindex` (anti-spoofing).

@@ -137,7 +137,8 @@ fn nd_stage(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Result<i32, DropR
     f.opt_mac = mac;
     // Pseudo header (addresses, length, next header) and body are contiguous
     // from the source address on.
-    let sum = csum_packet::<{ 32 + NA_LEN }>(&c, ETH_LEN + 8)? + NA_LEN as u32 + IPPROTO_ICMPV6 as u32;
+    let sum =
+        csum_packet::<{ 32 + NA_LEN }>(&c, ETH_LEN + 8)? + NA_LEN as u32 + IPPROTO_ICMPV6 as u32;
     f.csum = csum_fold(sum).to_be_bytes();
     redirect_back(ctx, ifindex, port)
 }

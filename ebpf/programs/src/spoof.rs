@@ -42,7 +42,12 @@ pub fn check_ip(eth: &EthHdr, ifindex: u32, port: &PortInfo, p: &Parsed) -> Resu
 /// ARP sender fields: the sender MAC is the frame's source, and the sender
 /// address is one of the port's (0.0.0.0 for an ARP probe from its own MAC).
 #[inline(always)]
-pub fn check_arp(eth: &EthHdr, arp: &ArpHdr, ifindex: u32, port: &PortInfo) -> Result<(), DropReason> {
+pub fn check_arp(
+    eth: &EthHdr,
+    arp: &ArpHdr,
+    ifindex: u32,
+    port: &PortInfo,
+) -> Result<(), DropReason> {
     if !mac_eq(&arp.sha, &eth.src) {
         return Err(DropReason::SpoofedArp);
     }

@@ -70,7 +70,8 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
     }
     let vx: *mut VxlanHdr = c.at(ETH_LEN + 28).ok_or(DropReason::VxlanTruncated)?;
     let vx = unsafe { &*vx };
-    if vx.flags != 0x08 || (vx.reserved1[0] | vx.reserved1[1] | vx.reserved1[2] | vx.reserved2) != 0 {
+    if vx.flags != 0x08 || (vx.reserved1[0] | vx.reserved1[1] | vx.reserved1[2] | vx.reserved2) != 0
+    {
         return Err(DropReason::VxlanBadFlags);
     }
     let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);

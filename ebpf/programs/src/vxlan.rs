@@ -5,10 +5,10 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        TC_ACT_REDIRECT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
     },
     helpers::generated::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -101,8 +101,26 @@ fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Result<i32, DropReas
     o.eth[12] = 0x08;
     let tot = (outer_ip_len as u16).to_be_bytes();
     o.ip = [
-        0x45, 0, tot[0], tot[1], 0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0, cfg.vtep[0], cfg.vtep[1],
-        cfg.vtep[2], cfg.vtep[3], vtep[0], vtep[1], vtep[2], vtep[3],
+        0x45,
+        0,
+        tot[0],
+        tot[1],
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        IPPROTO_UDP,
+        0,
+        0,
+        cfg.vtep[0],
+        cfg.vtep[1],
+        cfg.vtep[2],
+        cfg.vtep[3],
+        vtep[0],
+        vtep[1],
+        vtep[2],
+        vtep[3],
     ];
     let csum = ipv4_csum(&o.ip);
     o.ip[10] = csum[0];

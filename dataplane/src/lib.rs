@@ -6,6 +6,7 @@
 //! test oracle for the BPF programs.
 
 pub mod loader;
+pub mod model;
 pub mod netdev;
 pub mod snapshot;
 pub mod tables;

@@ -553,3 +553,175 @@ fn privileged_uplink_fixtures() {
         }
     });
 }
+
+/// The BPF verdict of a test run, in the model's terms (drop reason from
+/// the counter that moved).
+fn bpf_verdict(
+    dp: &Dataplane,
+    r: &RunResult,
+    before: &std::collections::BTreeMap<DropReason, u64>,
+    redirect: u32,
+    pass: u32,
+) -> Verdict {
+    if r.verdict == redirect {
+        return Verdict::Redirect;
+    }
+    if r.verdict == pass {
+        return Verdict::Pass;
+    }
+    let after = dp.stats().expect("stats").drops;
+    let moved: Vec<_> = after
+        .iter()
+        .filter(|(k, v)| before.get(k).copied().unwrap_or(0) < **v)
+        .map(|(k, _)| *k)
+        .collect();
+    assert_eq!(moved.len(), 1, "exactly one drop counter moves: {moved:?}");
+    Verdict::Drop(moved[0])
+}
+
+use cloison_dataplane::model::{Model, Verdict};
+use proptest::{prelude::*, test_runner::TestRunner};
+
+/// Seeds for the random frames: one valid frame of every kind, each then
+/// mutated (bytes overwritten, cut short) by the property test.
+fn seeds() -> Vec<Vec<u8>> {
+    let ns = {
+        let src: std::net::Ipv6Addr = "fd00:1::1".parse().unwrap();
+        let dst: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+        let mut body = "fd00:1::2"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+            .to_vec();
+        body.extend([1, 1]);
+        body.extend(A1);
+        let b = PacketBuilder::ethernet2(A1, [0x33, 0x33, 0xff, 0, 0, 2])
+            .ipv6(src.octets(), dst.octets(), 255)
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            });
+        let mut v = Vec::new();
+        b.write(&mut v, &body).unwrap();
+        v
+    };
+    let tcp = {
+        let b = PacketBuilder::ethernet2(A1, A2)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1234, 80, 1, 1000);
+        let mut v = Vec::new();
+        b.write(&mut v, b"GET /").unwrap();
+        v
+    };
+    vec![
+        arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1),
+        udp4(A1, A3, [10, 0, 0, 1], [10, 0, 0, 3], 1000, 2000, b"local"),
+        udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 68, 67, b"remote"),
+        tcp,
+        ns,
+    ]
+}
+
+fn vxlan_seed(inner: &[u8]) -> Vec<u8> {
+    let mut p = vec![8, 0, 0, 0, 0, 0x03, 0xe9, 0];
+    p.extend(inner);
+    udp4(
+        NEXT_HOP_MAC,
+        [2, 0, 0, 0, 0xbb, 1],
+        [192, 0, 2, 2],
+        [192, 0, 2, 1],
+        50000,
+        4789,
+        &p,
+    )
+}
+
+fn mutated(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    (
+        0..seeds.len(),
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        any::<prop::sample::Index>(),
+        any::<bool>(),
+    )
+        .prop_map(move |(i, edits, cut, do_cut)| {
+            let mut f = seeds[i].clone();
+            for (at, val) in edits {
+                let at = at.index(f.len());
+                f[at] = val;
+            }
+            if do_cut {
+                f.truncate(14 + cut.index(f.len() - 13));
+            }
+            f
+        })
+}
+
+#[test]
+fn privileged_bpf_and_model_agree_on_random_frames() {
+    with_dataplane(|dp, pa1, up0| {
+        let tables = dp.tables().expect("tables");
+        let model = Model { tables: &tables };
+        let mut runner = TestRunner::new(ProptestConfig {
+            cases: 300,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        let refused = std::cell::Cell::new(0u32);
+        runner
+            .run(&mutated(seeds()), |f| {
+                let before = dp.stats().expect("stats").drops;
+                let Ok(r) = dp.test_run_port(pa1, &f, 0) else {
+                    refused.set(refused.get() + 1); // the kernel's test-run refuses some frames outright
+                    return Ok(());
+                };
+                let got = bpf_verdict(dp, &r, &before, TC_ACT_REDIRECT, u32::MAX);
+                prop_assert_eq!(got, model.port(pa1, &f), "port, frame {:02x?}", f);
+                Ok(())
+            })
+            .expect("port program and model agree");
+        let inner = udp4(
+            A2,
+            A1,
+            [10, 0, 0, 2],
+            [10, 0, 0, 1],
+            1000,
+            2000,
+            b"from hv2",
+        );
+        let uplink_seeds = vec![
+            vxlan_seed(&inner),
+            udp4(
+                NEXT_HOP_MAC,
+                [2, 0, 0, 0, 0xbb, 1],
+                [192, 0, 2, 2],
+                [192, 0, 2, 1],
+                5,
+                53,
+                b"dns",
+            ),
+        ];
+        for hook in [UplinkHook::Xdp, UplinkHook::Tc] {
+            let (redirect, pass) = if hook == UplinkHook::Tc {
+                (TC_ACT_REDIRECT, TC_ACT_OK)
+            } else {
+                (XDP_REDIRECT, XDP_PASS)
+            };
+            runner
+                .run(&mutated(uplink_seeds.clone()), |f| {
+                    let before = dp.stats().expect("stats").drops;
+                    let Ok(r) = dp.test_run_uplink(hook, up0, &f) else {
+                        refused.set(refused.get() + 1);
+                        return Ok(());
+                    };
+                    let got = bpf_verdict(dp, &r, &before, redirect, pass);
+                    prop_assert_eq!(got, model.uplink(&f), "{:?} uplink, frame {:02x?}", hook, f);
+                    Ok(())
+                })
+                .expect("uplink program and model agree");
+        }
+        let refused = refused.get();
+        assert!(refused < 300, "test-run refused {refused} of 900 frames");
+        println!("test-run refused {refused} of 900 random frames");
+    });
+}

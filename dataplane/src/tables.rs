@@ -254,3 +254,118 @@ pub fn compile(
     out.local_ports.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snapshot {
+        serde_json::from_str(
+            r#"{"hosts":[{"name":"hv1","underlay_ip":"192.0.2.1"},{"name":"hv2","underlay_ip":"192.0.2.2"}],
+                "networks":[{"name":"n","tenant":"t","vni":7,"subnets":["10.0.0.0/24"]}],
+                "ports":[{"name":"p1","network":"n","host":"hv1","interface":"tap1","mac":"02:00:00:00:00:01","ips":["10.0.0.1"],
+                          "allowed_address_pairs":[{"ip":"10.0.0.128/25"}]},
+                         {"name":"p2","network":"n","host":"hv2","interface":"tap2","mac":"02:00:00:00:00:02","ips":["10.0.0.2"]},
+                         {"name":"p3","network":"n","host":"hv1","interface":"missing","mac":"02:00:00:00:00:03","ips":["10.0.0.3"]}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn resolve(name: &str) -> Option<Iface> {
+        (name == "tap1").then_some(Iface {
+            ifindex: 10,
+            veth: true,
+        })
+    }
+
+    fn fkey(last: u8) -> ForwardKey {
+        ForwardKey {
+            vni: 7,
+            mac: [2, 0, 0, 0, 0, last],
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn compiles_local_remote_and_pending_ports() {
+        let c = compile(&snap(), "hv1", 2, resolve, &BTreeMap::new()).unwrap();
+        assert_eq!(c.pending, vec!["p3".to_string()]);
+        assert_eq!(c.tables.config.vtep, [192, 0, 2, 1]);
+        assert_eq!(c.tables.ports[&10].vni, 7);
+        assert_eq!(c.tables.ports[&10].flags, PORT_F_SECURITY | PORT_F_VETH);
+        let remote = c.tables.forward[&fkey(2)];
+        assert_eq!((remote.kind, remote.vtep), (FWD_REMOTE, [192, 0, 2, 2]));
+        assert!(c.tables.vteps.contains_key(&VtepKey {
+            vni: 7,
+            addr: [192, 0, 2, 2]
+        }));
+        // Own address, link-local, and the pair's /25.
+        assert_eq!(c.tables.addr_allow.len(), 3);
+        assert!(c
+            .tables
+            .addr_allow
+            .contains_key(&addr_key(10, "10.0.0.128/25".parse().unwrap())));
+        // A pending port is known to ARP but gets no forwarding entry.
+        let addr = ip16("10.0.0.3".parse().unwrap());
+        assert!(c
+            .tables
+            .neighbours
+            .contains_key(&NeighbourKey { vni: 7, addr }));
+        assert!(!c.tables.forward.contains_key(&fkey(3)));
+    }
+
+    #[test]
+    fn keeps_the_slot_a_port_had() {
+        let prev = BTreeMap::from([(10, 5)]);
+        let c = compile(&snap(), "hv1", 2, resolve, &prev).unwrap();
+        assert_eq!(c.local_ports[0].slot, 5);
+    }
+
+    #[test]
+    fn a_host_without_ports_programs_no_network() {
+        let mut s = snap();
+        s.ports.retain(|p| p.host != "hv1");
+        let c = compile(&s, "hv1", 2, resolve, &BTreeMap::new()).unwrap();
+        assert!(c.tables.networks.is_empty() && c.tables.forward.is_empty());
+    }
+
+    #[test]
+    fn rejects_inconsistent_snapshots() {
+        let bad = |f: &dyn Fn(&mut Snapshot)| {
+            let mut s = snap();
+            f(&mut s);
+            compile(&s, "hv1", 2, resolve, &BTreeMap::new())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad(&|s| s.networks[0].vni = 0).contains("VNI"));
+        assert!(bad(&|s| s.networks[0].mtu = 100).contains("MTU"));
+        assert!(bad(&|s| s.ports[1].mac = s.ports[0].mac).contains("already used"));
+        assert!(
+            bad(&|s| s.ports[1].ips = vec!["10.0.0.1".parse().unwrap()]).contains("already used")
+        );
+        assert!(
+            bad(&|s| s.ports[0].ips = vec!["192.168.0.1".parse().unwrap()]).contains("outside")
+        );
+        assert!(bad(&|s| s.ports[0].network = "nope".into()).contains("unknown network"));
+        assert!(bad(&|s| s.hosts[1].underlay_ip = s.hosts[0].underlay_ip).contains("same underlay"));
+        assert!(
+            bad(&|s| s.ports[0].mac = "01:00:00:00:00:01".parse().unwrap()).contains("unicast")
+        );
+    }
+
+    #[test]
+    fn mac_addresses_parse_and_print() {
+        let m: MacAddr = "02:aB:00:00:00:ff".parse().unwrap();
+        assert_eq!(m.to_string(), "02:ab:00:00:00:ff");
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "zz:00:00:00:00:00",
+            "2:00:00:00:00:00",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+        assert_eq!(m.link_local().to_string(), "fe80::ab:ff:fe00:ff");
+    }
+}

@@ -37,12 +37,18 @@ pub fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Makes the switch side of a veth uplink behave as a NIC's wire: it runs
+/// Plugs a host namespace into the underlay switch (bridge br0 of `ns`)
+/// with a veth whose host side is `UPLINK`. The switch side behaves as a NIC's wire: it runs
 /// NAPI (GRO on), as a veth needs to take XDP-redirected frames, and what it
 /// sends carries complete checksums and MTU-sized frames (no checksum or
 /// segmentation offload), as frames on a real wire do. The hosts and VMs keep
 /// their defaults.
-fn wire(ns: &str, dev: &str) -> Result<()> {
+fn plug(ns: &str, dev: &str, host_ns: &str) -> Result<()> {
+    sh(&[
+        "ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", UPLINK, "netns",
+        host_ns,
+    ])?;
+    sh(&["ip", "-n", ns, "link", "set", dev, "master", "br0", "up"])?;
     sh(&[
         "ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off",
     ])?;
@@ -163,12 +169,7 @@ impl Lab {
         let ul = self.ns("ul");
         let hv = self.add_ns(&format!("hv{i}"))?;
         let sw = format!("p{i}");
-        sh(&[
-            "ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK, "netns",
-            &hv,
-        ])?;
-        sh(&["ip", "-n", &ul, "link", "set", &sw, "master", "br0", "up"])?;
-        wire(&ul, &sw)?;
+        plug(&ul, &sw, &hv)?;
         let addr = format!("{}/24", underlay_ip(i));
         sh(&["ip", "-n", &hv, "addr", "add", &addr, "dev", UPLINK])?;
         sh(&["ip", "-n", &hv, "link", "set", UPLINK, "up"])?;
@@ -321,12 +322,7 @@ impl Lab {
     pub fn add_kernel_vtep(&mut self) -> Result<()> {
         let ul = self.ns("ul");
         let kv = self.add_ns("kv")?;
-        sh(&[
-            "ip", "-n", &ul, "link", "add", "p3", "type", "veth", "peer", "name", UPLINK, "netns",
-            &kv,
-        ])?;
-        sh(&["ip", "-n", &ul, "link", "set", "p3", "master", "br0", "up"])?;
-        wire(&ul, "p3")?;
+        plug(&ul, "p3", &kv)?;
         sh(&[
             "ip",
             "-n",
@@ -687,12 +683,7 @@ impl KernelBaseline {
             let hv = format!("{tag}-khv{i}");
             let vm = if i == 1 { b.vm1.clone() } else { b.vm2.clone() };
             let sw = format!("p{i}");
-            sh(&[
-                "ip", "-n", &ul, "link", "add", &sw, "type", "veth", "peer", "name", UPLINK,
-                "netns", &hv,
-            ])?;
-            sh(&["ip", "-n", &ul, "link", "set", &sw, "master", "br0", "up"])?;
-            wire(&ul, &sw)?;
+            plug(&ul, &sw, &hv)?;
             let me = underlay_ip(i).to_string();
             let other = underlay_ip(3 - i).to_string();
             sh(&[

@@ -306,8 +306,14 @@ fn privileged_port_fixtures() {
             2000,
             &[7u8; 1472],
         );
+        let before = drops(dp, DropReason::MtuExceeded);
         let r = dp.test_run_port(pa1, &big, 0).unwrap();
         let out = redirected(&r);
+        assert_eq!(
+            drops(dp, DropReason::MtuExceeded),
+            before + 1,
+            "the original counted once"
+        );
         assert_eq!(&out[0..6], &A1, "sent back to the VM");
         assert_eq!(out[23], 1, "ICMP");
         assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");

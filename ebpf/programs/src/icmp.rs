@@ -65,7 +65,6 @@ fn too_big_stage(
         let ip = unsafe { &*ip };
         (ip.src, ip.dst)
     };
-    count_drop(DropReason::MtuExceeded, port.slot);
 
     let ip_hdr_len = if v4 { 20 } else { 40 };
     ctx.adjust_room((ip_hdr_len + 8) as i32, BPF_ADJ_ROOM_MAC, 0)
@@ -125,6 +124,9 @@ fn too_big_stage(
             + IPPROTO_ICMPV6 as u32;
         f.icmp.csum = csum_fold(sum).to_be_bytes();
     }
+    // The original packet is dropped (counted here, once: a failure above is
+    // counted by the entry point instead), its error delivered.
+    count_drop(DropReason::MtuExceeded, port.slot);
     count_to_vm(port.slot, total as u32);
     unsafe { bpf_redirect(ifindex, 0) };
     Ok(TC_ACT_REDIRECT)

@@ -17,8 +17,7 @@ mod vxlan;
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT,
-        TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
     macros::{classifier, xdp},
@@ -139,6 +138,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
-
-// Keeps the unused-constant lint quiet for values only some hooks use.
-const _: i32 = TC_ACT_REDIRECT;

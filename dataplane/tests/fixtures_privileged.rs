@@ -228,6 +228,59 @@ fn arp(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4], op: u16) -> Vec<u8> {
     f
 }
 
+/// A neighbour solicitation from a1 for fd00:1::2 (with its source
+/// link-layer address option), as a VM sends it.
+fn neighbour_solicitation() -> Vec<u8> {
+    let src: std::net::Ipv6Addr = "fd00:1::1".parse().unwrap();
+    let dst: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+    let target: std::net::Ipv6Addr = "fd00:1::2".parse().unwrap();
+    let mut body = target.octets().to_vec();
+    body.extend([1, 1]);
+    body.extend(A1);
+    let b = PacketBuilder::ethernet2(A1, [0x33, 0x33, 0xff, 0, 0, 2])
+        .ipv6(src.octets(), dst.octets(), 255)
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: 135,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        });
+    let mut v = Vec::new();
+    b.write(&mut v, &body).unwrap();
+    v
+}
+
+/// A TCP segment from a1 to a2.
+fn tcp4(payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(A1, A2)
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .tcp(1234, 80, 1, 1000);
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+/// `inner` in VXLAN from underlay address `src` to this host (192.0.2.1).
+fn vxlan(src: [u8; 4], flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let v = vni.to_be_bytes();
+    let mut p = vec![flags, 0, 0, 0, v[1], v[2], v[3], 0];
+    p.extend(inner);
+    udp4(
+        NEXT_HOP_MAC,
+        [2, 0, 0, 0, 0xbb, 1],
+        src,
+        [192, 0, 2, 1],
+        50000,
+        4789,
+        &p,
+    )
+}
+
+/// `frame` with `edit` applied: a malformed variant of a valid frame.
+fn edited(mut frame: Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    edit(&mut frame);
+    frame
+}
+
 fn csum_ok(bytes: &[u8]) -> bool {
     let mut sum = 0u32;
     for c in bytes.chunks(2) {
@@ -322,24 +375,7 @@ fn privileged_port_fixtures() {
         assert_eq!(&out[42..62], &big[14..34], "quotes the offending header");
 
         // IPv6 neighbour solicitation for a known address: advertisement back.
-        let ns = {
-            let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
-            icmp.extend("fd00:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
-            icmp.extend([1, 1]);
-            icmp.extend(A1);
-            let src: std::net::Ipv6Addr = "fd00:1::1".parse().unwrap();
-            let dst: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
-            let b = PacketBuilder::ethernet2(A1, [0x33, 0x33, 0xff, 0, 0, 2])
-                .ipv6(src.octets(), dst.octets(), 255)
-                .icmpv6(etherparse::Icmpv6Type::Unknown {
-                    type_u8: 135,
-                    code_u8: 0,
-                    bytes5to8: [0; 4],
-                });
-            let mut v = Vec::new();
-            b.write(&mut v, &icmp[8..]).unwrap();
-            v
-        };
+        let ns = neighbour_solicitation();
         let r = dp.test_run_port(pa1, &ns, 0).unwrap();
         let out = redirected(&r);
         assert_eq!(&out[0..6], &A1);
@@ -352,119 +388,85 @@ fn privileged_port_fixtures() {
 
         // Every drop path of the port program, each counted with its reason.
         use DropReason::*;
-        expect_drop(
-            dp,
-            pa1,
-            &udp4(A1, A2, [10, 0, 0, 9], [10, 0, 0, 2], 1, 2, b"x"),
-            SpoofedIp,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &udp4(A3, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x"),
-            SpoofedMac,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 67, 68, b"x"),
-            DhcpServerFromVm,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 9, 9, b"x"),
-            Broadcast,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &udp4(
-                A1,
-                [1, 0, 0x5e, 0, 0, 1],
-                [10, 0, 0, 1],
-                [224, 0, 0, 1],
-                9,
-                9,
-                b"x",
+        let ok = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x");
+        let cases: Vec<(Vec<u8>, DropReason)> = vec![
+            (
+                udp4(A1, A2, [10, 0, 0, 9], [10, 0, 0, 2], 1, 2, b"x"),
+                SpoofedIp,
             ),
-            Multicast,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &udp4(
-                A1,
-                [2, 0, 0, 0, 0, 0x77],
-                [10, 0, 0, 1],
-                [10, 0, 0, 2],
-                9,
-                9,
-                b"x",
+            (
+                udp4(A3, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x"),
+                SpoofedMac,
             ),
-            UnknownUnicast,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &udp4(A1, A1, [10, 0, 0, 1], [10, 0, 0, 1], 9, 9, b"x"),
-            Hairpin,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &arp(A1, [10, 0, 0, 3], [10, 0, 0, 2], 1),
-            SpoofedArp,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 2),
-            ArpReplyFromVm,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &arp(A1, [10, 0, 0, 1], [10, 0, 0, 99], 1),
-            ArpUnknownTarget,
-        );
-        expect_drop(
-            dp,
-            pa1,
-            &arp(A1, [10, 0, 0, 1], [10, 0, 0, 1], 1),
-            ArpSelfTarget,
-        );
-        let f = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 1, 2, b"x");
-        let mut too_long = f.clone();
-        too_long[16..18].copy_from_slice(&2000u16.to_be_bytes());
-        expect_drop(dp, pa1, &too_long, MalformedIpv4);
-        let mut bad_ihl = f.clone();
-        bad_ihl[14] = 0x44;
-        expect_drop(dp, pa1, &bad_ihl, MalformedIpv4);
-        let mut vlan = f.clone();
-        vlan[12..14].copy_from_slice(&[0x81, 0x00]);
-        expect_drop(dp, pa1, &vlan, UnsupportedEthertype);
-        let mut short_arp = arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1);
-        short_arp.truncate(30);
-        expect_drop(dp, pa1, &short_arp, TruncatedArp);
-        let mut tcp_short = PacketBuilder::ethernet2(A1, A2)
-            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
-            .tcp(1, 2, 0, 100);
-        let _ = &mut tcp_short;
-        let mut t = Vec::new();
-        tcp_short.write(&mut t, b"").unwrap();
-        t.truncate(14 + 20 + 10);
-        t[16..18].copy_from_slice(&30u16.to_be_bytes());
-        expect_drop(dp, pa1, &t, TruncatedL4);
-        let mut ra = ns.clone();
-        ra[54] = 134;
-        expect_drop(dp, pa1, &ra, RouterAdvertFromVm);
-        let mut dad = ns.clone();
-        dad[22..38].fill(0);
-        expect_drop(dp, pa1, &dad, NdDadProbe);
-        let mut unknown = ns.clone();
-        unknown[62 + 15] = 0x99;
-        expect_drop(dp, pa1, &unknown, NdUnknownTarget);
+            (
+                udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 67, 68, b"x"),
+                DhcpServerFromVm,
+            ),
+            (
+                udp4(A1, [0xff; 6], [10, 0, 0, 1], [10, 0, 0, 255], 9, 9, b"x"),
+                Broadcast,
+            ),
+            (
+                udp4(
+                    A1,
+                    [1, 0, 0x5e, 0, 0, 1],
+                    [10, 0, 0, 1],
+                    [224, 0, 0, 1],
+                    9,
+                    9,
+                    b"x",
+                ),
+                Multicast,
+            ),
+            (
+                udp4(
+                    A1,
+                    [2, 0, 0, 0, 0, 0x77],
+                    [10, 0, 0, 1],
+                    [10, 0, 0, 2],
+                    9,
+                    9,
+                    b"x",
+                ),
+                UnknownUnicast,
+            ),
+            (
+                udp4(A1, A1, [10, 0, 0, 1], [10, 0, 0, 1], 9, 9, b"x"),
+                Hairpin,
+            ),
+            (arp(A1, [10, 0, 0, 3], [10, 0, 0, 2], 1), SpoofedArp),
+            (arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 2), ArpReplyFromVm),
+            (arp(A1, [10, 0, 0, 1], [10, 0, 0, 99], 1), ArpUnknownTarget),
+            (arp(A1, [10, 0, 0, 1], [10, 0, 0, 1], 1), ArpSelfTarget),
+            (
+                edited(ok.clone(), |f| {
+                    f[16..18].copy_from_slice(&2000u16.to_be_bytes())
+                }),
+                MalformedIpv4,
+            ),
+            (edited(ok.clone(), |f| f[14] = 0x44), MalformedIpv4),
+            (
+                edited(ok.clone(), |f| f[12..14].copy_from_slice(&[0x81, 0x00])),
+                UnsupportedEthertype,
+            ),
+            (
+                edited(arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1), |f| f.truncate(30)),
+                TruncatedArp,
+            ),
+            (
+                edited(tcp4(b""), |f| {
+                    f.truncate(14 + 20 + 10);
+                    f[16..18].copy_from_slice(&30u16.to_be_bytes());
+                }),
+                TruncatedL4,
+            ),
+            (edited(ns.clone(), |f| f[54] = 134), RouterAdvertFromVm),
+            (edited(ns.clone(), |f| f[22..38].fill(0)), NdDadProbe),
+            (edited(ns.clone(), |f| f[62 + 15] = 0x99), NdUnknownTarget),
+        ];
+        for (frame, reason) in &cases {
+            expect_drop(dp, pa1, frame, *reason);
+        }
     });
 }
 
@@ -480,27 +482,13 @@ fn privileged_uplink_fixtures() {
             2000,
             b"from hv2",
         );
-        let vx = |src: [u8; 4], flags: u8, vni: u32, inner: &[u8]| {
-            let v = vni.to_be_bytes();
-            let mut p = vec![flags, 0, 0, 0, v[1], v[2], v[3], 0];
-            p.extend(inner);
-            udp4(
-                NEXT_HOP_MAC,
-                [2, 0, 0, 0, 0xbb, 1],
-                src,
-                [192, 0, 2, 1],
-                50000,
-                4789,
-                &p,
-            )
-        };
         for hook in [UplinkHook::Xdp, UplinkHook::Tc] {
             let (redirect, drop, pass) = match hook {
                 UplinkHook::Tc => (TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_OK),
                 _ => (XDP_REDIRECT, XDP_DROP, XDP_PASS),
             };
             let r = dp
-                .test_run_uplink(hook, up0, &vx([192, 0, 2, 2], 8, 1001, &inner))
+                .test_run_uplink(hook, up0, &vxlan([192, 0, 2, 2], 8, 1001, &inner))
                 .unwrap();
             assert_eq!(r.verdict, redirect, "{hook:?}: decapsulated and redirected");
             assert_eq!(r.frame, inner, "{hook:?}: the inner frame comes out");
@@ -525,23 +513,23 @@ fn privileged_uplink_fixtures() {
             spoof_inner[6..12].copy_from_slice(&A3);
             let cases: Vec<(Vec<u8>, DropReason)> = vec![
                 (
-                    vx([192, 0, 2, 66], 8, 1001, &inner),
+                    vxlan([192, 0, 2, 66], 8, 1001, &inner),
                     DropReason::VxlanUnknownVtep,
                 ),
                 (
-                    vx([192, 0, 2, 2], 8, 7, &inner),
+                    vxlan([192, 0, 2, 2], 8, 7, &inner),
                     DropReason::VxlanUnknownVni,
                 ),
                 (
-                    vx([192, 0, 2, 2], 0x0c, 1001, &inner),
+                    vxlan([192, 0, 2, 2], 0x0c, 1001, &inner),
                     DropReason::VxlanBadFlags,
                 ),
                 (
-                    vx([192, 0, 2, 2], 8, 1001, &spoof_inner),
+                    vxlan([192, 0, 2, 2], 8, 1001, &spoof_inner),
                     DropReason::VxlanSpoofedSource,
                 ),
                 (
-                    vx([192, 0, 2, 2], 8, 1001, &inner[..10]),
+                    vxlan([192, 0, 2, 2], 8, 1001, &inner[..10]),
                     DropReason::VxlanTruncated,
                 ),
             ];
@@ -591,56 +579,13 @@ use proptest::{prelude::*, test_runner::TestRunner};
 /// Seeds for the random frames: one valid frame of every kind, each then
 /// mutated (bytes overwritten, cut short) by the property test.
 fn seeds() -> Vec<Vec<u8>> {
-    let ns = {
-        let src: std::net::Ipv6Addr = "fd00:1::1".parse().unwrap();
-        let dst: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
-        let mut body = "fd00:1::2"
-            .parse::<std::net::Ipv6Addr>()
-            .unwrap()
-            .octets()
-            .to_vec();
-        body.extend([1, 1]);
-        body.extend(A1);
-        let b = PacketBuilder::ethernet2(A1, [0x33, 0x33, 0xff, 0, 0, 2])
-            .ipv6(src.octets(), dst.octets(), 255)
-            .icmpv6(etherparse::Icmpv6Type::Unknown {
-                type_u8: 135,
-                code_u8: 0,
-                bytes5to8: [0; 4],
-            });
-        let mut v = Vec::new();
-        b.write(&mut v, &body).unwrap();
-        v
-    };
-    let tcp = {
-        let b = PacketBuilder::ethernet2(A1, A2)
-            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
-            .tcp(1234, 80, 1, 1000);
-        let mut v = Vec::new();
-        b.write(&mut v, b"GET /").unwrap();
-        v
-    };
     vec![
         arp(A1, [10, 0, 0, 1], [10, 0, 0, 2], 1),
         udp4(A1, A3, [10, 0, 0, 1], [10, 0, 0, 3], 1000, 2000, b"local"),
         udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], 68, 67, b"remote"),
-        tcp,
-        ns,
+        tcp4(b"GET /"),
+        neighbour_solicitation(),
     ]
-}
-
-fn vxlan_seed(inner: &[u8]) -> Vec<u8> {
-    let mut p = vec![8, 0, 0, 0, 0, 0x03, 0xe9, 0];
-    p.extend(inner);
-    udp4(
-        NEXT_HOP_MAC,
-        [2, 0, 0, 0, 0xbb, 1],
-        [192, 0, 2, 2],
-        [192, 0, 2, 1],
-        50000,
-        4789,
-        &p,
-    )
 }
 
 fn mutated(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
@@ -696,7 +641,7 @@ fn privileged_bpf_and_model_agree_on_random_frames() {
             b"from hv2",
         );
         let uplink_seeds = vec![
-            vxlan_seed(&inner),
+            vxlan([192, 0, 2, 2], 8, 1001, &inner),
             udp4(
                 NEXT_HOP_MAC,
                 [2, 0, 0, 0, 0xbb, 1],

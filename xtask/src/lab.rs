@@ -37,13 +37,46 @@ pub fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Network namespaces made by the lab, deleted (last made first) on drop.
+#[derive(Default)]
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn add(&mut self, ns: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", ns])?;
+        self.0.push(ns.to_string());
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn delete_all(&mut self) {
+        for ns in self.0.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        self.delete_all();
+    }
+}
+
+/// A Linux bridge `br0` in namespace `ns`, up: the underlay switch, or a
+/// kernel-baseline host's bridge.
+fn switch(ns: &str) -> Result<()> {
+    sh(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"])?;
+    sh(&["ip", "-n", ns, "link", "set", "br0", "up"])?;
+    Ok(())
+}
+
 /// Plugs a host namespace into the underlay switch (bridge br0 of `ns`)
-/// with a veth whose host side is `UPLINK`. The switch side behaves as a NIC's wire: it runs
-/// NAPI (GRO on), as a veth needs to take XDP-redirected frames, and what it
-/// sends carries complete checksums and MTU-sized frames (no checksum or
-/// segmentation offload), as frames on a real wire do. The hosts and VMs keep
-/// their defaults.
-fn plug(ns: &str, dev: &str, host_ns: &str) -> Result<()> {
+/// with a veth whose host side is `UPLINK`, addressed `addr`/24. The switch
+/// side behaves as a NIC's wire: it runs NAPI (GRO on), as a veth needs to
+/// take XDP-redirected frames, and what it sends carries complete checksums
+/// and MTU-sized frames (no checksum or segmentation offload), as frames on a
+/// real wire do. The hosts and VMs keep their defaults.
+fn plug(ns: &str, dev: &str, host_ns: &str, addr: Ipv4Addr) -> Result<()> {
     sh(&[
         "ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", UPLINK, "netns",
         host_ns,
@@ -52,6 +85,17 @@ fn plug(ns: &str, dev: &str, host_ns: &str) -> Result<()> {
     sh(&[
         "ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off",
     ])?;
+    sh(&[
+        "ip",
+        "-n",
+        host_ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        UPLINK,
+    ])?;
+    sh(&["ip", "-n", host_ns, "link", "set", UPLINK, "up"])?;
     Ok(())
 }
 
@@ -87,7 +131,7 @@ pub struct Lab {
     pub hosts: Vec<String>,
     pub vms: Vec<Vm>,
     pub snapshot: Snapshot,
-    namespaces: Vec<String>,
+    namespaces: Namespaces,
     pins: Vec<String>,
     pub pin_root: PathBuf,
     pub hook: UplinkHook,
@@ -114,9 +158,7 @@ impl Lab {
 
     fn add_ns(&mut self, name: &str) -> Result<String> {
         let ns = self.ns(name);
-        sh(&["ip", "netns", "add", &ns])?;
-        self.namespaces.push(ns.clone());
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        self.namespaces.add(&ns)?;
         Ok(ns)
     }
 
@@ -128,7 +170,7 @@ impl Lab {
             hosts: Vec::new(),
             vms: Vec::new(),
             snapshot: Snapshot::default(),
-            namespaces: Vec::new(),
+            namespaces: Namespaces::default(),
             pins: Vec::new(),
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             hook,
@@ -139,8 +181,7 @@ impl Lab {
 
     fn build(&mut self) -> Result<()> {
         let ul = self.add_ns("ul")?;
-        sh(&["ip", "-n", &ul, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &ul, "link", "set", "br0", "up"])?;
+        switch(&ul)?;
         for i in 1..=2 {
             self.add_host(i)?;
         }
@@ -169,10 +210,7 @@ impl Lab {
         let ul = self.ns("ul");
         let hv = self.add_ns(&format!("hv{i}"))?;
         let sw = format!("p{i}");
-        plug(&ul, &sw, &hv)?;
-        let addr = format!("{}/24", underlay_ip(i));
-        sh(&["ip", "-n", &hv, "addr", "add", &addr, "dev", UPLINK])?;
-        sh(&["ip", "-n", &hv, "link", "set", UPLINK, "up"])?;
+        plug(&ul, &sw, &hv, underlay_ip(i))?;
         let name = format!("hv{i}");
         self.snapshot.hosts.push(Host {
             name: name.clone(),
@@ -322,18 +360,7 @@ impl Lab {
     pub fn add_kernel_vtep(&mut self) -> Result<()> {
         let ul = self.ns("ul");
         let kv = self.add_ns("kv")?;
-        plug(&ul, "p3", &kv)?;
-        sh(&[
-            "ip",
-            "-n",
-            &kv,
-            "addr",
-            "add",
-            "192.0.2.3/24",
-            "dev",
-            UPLINK,
-        ])?;
-        sh(&["ip", "-n", &kv, "link", "set", UPLINK, "up"])?;
+        plug(&ul, "p3", &kv, underlay_ip(3))?;
         sh(&[
             "ip",
             "-n",
@@ -425,9 +452,7 @@ impl Lab {
         for pin in self.pins.drain(..) {
             let _ = Dataplane::purge(&pin, &self.pin_root);
         }
-        for ns in self.namespaces.drain(..).rev() {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
+        self.namespaces.delete_all();
     }
 }
 
@@ -652,7 +677,7 @@ pub fn iperf3(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> R
 /// The kernel's own answer to the same job, in namespaces of its own: two
 /// hosts with a VXLAN device and a Linux bridge each, one VM per host.
 pub struct KernelBaseline {
-    namespaces: Vec<String>,
+    _namespaces: Namespaces,
     pub vm1: String,
     pub vm2: String,
 }
@@ -660,79 +685,56 @@ pub struct KernelBaseline {
 impl KernelBaseline {
     pub fn new() -> Result<KernelBaseline> {
         let tag = Lab::tag();
-        let mut b = KernelBaseline {
-            namespaces: Vec::new(),
-            vm1: format!("{tag}-kvm1"),
-            vm2: format!("{tag}-kvm2"),
-        };
         let ul = format!("{tag}-kul");
+        let (vm1, vm2) = (format!("{tag}-kvm1"), format!("{tag}-kvm2"));
+        let mut namespaces = Namespaces::default();
         for ns in [
             &ul,
             &format!("{tag}-khv1"),
             &format!("{tag}-khv2"),
-            &b.vm1.clone(),
-            &b.vm2.clone(),
+            &vm1,
+            &vm2,
         ] {
-            sh(&["ip", "netns", "add", ns])?;
-            b.namespaces.push(ns.to_string());
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            namespaces.add(ns)?;
         }
-        sh(&["ip", "-n", &ul, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &ul, "link", "set", "br0", "up"])?;
+        switch(&ul)?;
         for i in 1..=2usize {
             let hv = format!("{tag}-khv{i}");
-            let vm = if i == 1 { b.vm1.clone() } else { b.vm2.clone() };
-            let sw = format!("p{i}");
-            plug(&ul, &sw, &hv)?;
+            let vm = if i == 1 { &vm1 } else { &vm2 };
+            plug(&ul, &format!("p{i}"), &hv, underlay_ip(i))?;
             let me = underlay_ip(i).to_string();
             let other = underlay_ip(3 - i).to_string();
-            sh(&[
-                "ip",
-                "-n",
-                &hv,
-                "addr",
-                "add",
-                &format!("{me}/24"),
-                "dev",
-                UPLINK,
-            ])?;
-            sh(&["ip", "-n", &hv, "link", "set", UPLINK, "up"])?;
             sh(&[
                 "ip", "-n", &hv, "link", "add", "vx0", "type", "vxlan", "id", "1001", "local", &me,
                 "remote", &other, "dstport", "4789", "dev", UPLINK,
             ])?;
-            sh(&["ip", "-n", &hv, "link", "add", "br0", "type", "bridge"])?;
+            switch(&hv)?;
             sh(&["ip", "-n", &hv, "link", "set", "vx0", "master", "br0", "up"])?;
             sh(&[
                 "ip", "-n", &hv, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0",
-                "netns", &vm,
+                "netns", vm,
             ])?;
             sh(&[
                 "ip", "-n", &hv, "link", "set", "tap0", "master", "br0", "up",
             ])?;
-            sh(&["ip", "-n", &hv, "link", "set", "br0", "up"])?;
-            sh(&["ip", "-n", &vm, "link", "set", "eth0", "mtu", "1450"])?;
+            sh(&["ip", "-n", vm, "link", "set", "eth0", "mtu", "1450"])?;
             sh(&[
                 "ip",
                 "-n",
-                &vm,
+                vm,
                 "addr",
                 "add",
                 &format!("10.0.0.{i}/24"),
                 "dev",
                 "eth0",
             ])?;
-            sh(&["ip", "-n", &vm, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", vm, "link", "set", "eth0", "up"])?;
         }
-        Ok(b)
-    }
-}
-
-impl Drop for KernelBaseline {
-    fn drop(&mut self) {
-        for ns in self.namespaces.drain(..).rev() {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
+        Ok(KernelBaseline {
+            _namespaces: namespaces,
+            vm1,
+            vm2,
+        })
     }
 }
 

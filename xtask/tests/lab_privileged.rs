@@ -4,18 +4,19 @@ use cloison_abi::DropReason;
 use cloison_dataplane::UplinkHook;
 use xtask::lab::*;
 
-fn require_root() {
+/// The two-host lab, not yet programmed (tests add to it first).
+fn lab() -> Lab {
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
         "the lab tests need root: run them through `cargo xtask test` as root"
     );
+    Lab::two_hosts(UplinkHook::Auto).expect("lab")
 }
 
 #[test]
 fn privileged_two_tenants_same_addresses_stay_isolated() {
-    require_root();
-    let mut lab = Lab::two_hosts(UplinkHook::Auto).expect("lab");
+    let mut lab = lab();
     lab.apply().expect("apply");
 
     // Within each tenant: across hosts and on one host.
@@ -88,8 +89,7 @@ fn privileged_two_tenants_same_addresses_stay_isolated() {
 
 #[test]
 fn privileged_kernel_vxlan_peer_interoperates() {
-    require_root();
-    let mut lab = Lab::two_hosts(UplinkHook::Auto).expect("lab");
+    let mut lab = lab();
     lab.add_kernel_vtep().expect("kernel vtep");
     lab.apply().expect("apply");
     assert!(
@@ -119,8 +119,7 @@ fn privileged_kernel_vxlan_peer_interoperates() {
 
 #[test]
 fn privileged_underlay_injection_is_dropped_and_counted() {
-    require_root();
-    let mut lab = Lab::two_hosts(UplinkHook::Auto).expect("lab");
+    let mut lab = lab();
     let evil = lab.add_underlay_intruder().expect("intruder");
     lab.apply().expect("apply");
     let (a1, a2, a3) = (
@@ -244,8 +243,7 @@ fn privileged_underlay_injection_is_dropped_and_counted() {
 
 #[test]
 fn privileged_iperf3_tcp_with_default_offloads_beside_kernel_baseline() {
-    require_root();
-    let mut lab = Lab::two_hosts(UplinkHook::Auto).expect("lab");
+    let mut lab = lab();
     lab.apply().expect("apply");
     // The VMs keep their default offloads (checksum, TSO/GSO): the bulk
     // transfer must work through encap (GSO kept) and decap.

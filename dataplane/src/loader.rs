@@ -265,7 +265,7 @@ impl Dataplane {
         n += upsert_hash(e, M::VTEPS, &t.vteps)?;
         n += upsert_hash(e, M::NEIGHBOURS, &t.neighbours)?;
         n += upsert_hash(e, M::FORWARD, &t.forward)?;
-        n += sync_lpm(e, &t.addr_allow, false)?;
+        n += upsert_lpm(e, &t.addr_allow)?;
         n += upsert_hash(e, M::PORTS, &t.ports)?;
 
         // Attachments: new ports after their entries, stale ones before theirs go.
@@ -305,7 +305,7 @@ impl Dataplane {
 
         let e = &mut self.ebpf;
         n += delete_stale_hash(e, M::PORTS, &t.ports)?;
-        n += sync_lpm(e, &t.addr_allow, true)?;
+        n += delete_stale_lpm(e, &t.addr_allow)?;
         n += delete_stale_hash(e, M::FORWARD, &t.forward)?;
         n += delete_stale_hash(e, M::NEIGHBOURS, &t.neighbours)?;
         n += delete_stale_hash(e, M::VTEPS, &t.vteps)?;
@@ -329,9 +329,7 @@ impl Dataplane {
                 let id = match prog.attach(uplink, XdpMode::Driver) {
                     Ok(id) => id,
                     Err(err) if hook == UplinkHook::Auto => {
-                        tracing_free_warn(&format!(
-                            "native XDP on {uplink} failed ({err}); using TC"
-                        ));
+                        warn(&format!("native XDP on {uplink} failed ({err}); using TC"));
                         return self.attach_uplink(uplink, UplinkHook::Tc);
                     }
                     Err(err) => {
@@ -412,10 +410,7 @@ impl Dataplane {
         t.neighbours = read_hash(&self.ebpf, M::NEIGHBOURS)?;
         t.networks = read_hash(&self.ebpf, M::NETWORKS)?;
         t.vteps = read_hash(&self.ebpf, M::VTEPS)?;
-        let lpm: LpmTrie<&MapData, AddrKey, AddrAllow> = map_ref(&self.ebpf, M::ADDR_ALLOW)?;
-        for (k, v) in lpm.iter().filter_map(Result::ok) {
-            t.addr_allow.insert((k.prefix_len(), k.data()), v);
-        }
+        t.addr_allow = read_lpm(&self.ebpf)?;
         Ok(t)
     }
 
@@ -507,7 +502,7 @@ fn run_tc(
     })
 }
 
-fn tracing_free_warn(msg: &str) {
+fn warn(msg: &str) {
     eprintln!("cloison dataplane: {msg}");
 }
 
@@ -611,40 +606,43 @@ fn delete_stale_hash<K: Pod + Ord, V: Pod>(
     Ok(stale.len())
 }
 
-fn sync_lpm(
-    ebpf: &mut Ebpf,
-    want: &BTreeMap<(u32, AddrKey), AddrAllow>,
-    delete: bool,
-) -> Result<usize, Error> {
+fn read_lpm(ebpf: &Ebpf) -> Result<BTreeMap<(u32, AddrKey), AddrAllow>, Error> {
+    let m: LpmTrie<&MapData, AddrKey, AddrAllow> = map_ref(ebpf, M::ADDR_ALLOW)?;
+    Ok(m.iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+        .collect())
+}
+
+fn upsert_lpm(ebpf: &mut Ebpf, want: &BTreeMap<(u32, AddrKey), AddrAllow>) -> Result<usize, Error> {
+    // Compared by exact key, as read: a lookup is a longest-prefix match and
+    // could answer from a shorter entry.
+    let have = read_lpm(ebpf)?;
     let mut m: LpmTrie<&mut MapData, AddrKey, AddrAllow> = map_mut(ebpf, M::ADDR_ALLOW)?;
     let mut n = 0;
-    if delete {
-        let stale: Vec<LpmKey<AddrKey>> = m
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
-            .collect();
-        for k in &stale {
-            m.remove(k)
-                .map_err(|e| Error::kernel("delete from CL_ADDR_ALLOW")(e.into()))?;
+    for (&(bits, k), v) in want {
+        if have.get(&(bits, k)) != Some(v) {
+            m.insert(&LpmKey::new(bits, k), v, 0)
+                .map_err(|e| Error::kernel("update CL_ADDR_ALLOW")(e.into()))?;
             n += 1;
-        }
-    } else {
-        // Compared by exact key: a lookup is a longest-prefix match and could
-        // answer from a shorter entry.
-        let have: BTreeSet<(u32, AddrKey)> = m
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| (k.prefix_len(), k.data()))
-            .collect();
-        for ((bits, k), v) in want {
-            let key = LpmKey::new(*bits, *k);
-            if !have.contains(&(*bits, *k)) || m.get(&key, 0).ok().as_ref() != Some(v) {
-                m.insert(&key, v, 0)
-                    .map_err(|e| Error::kernel("update CL_ADDR_ALLOW")(e.into()))?;
-                n += 1;
-            }
         }
     }
     Ok(n)
+}
+
+fn delete_stale_lpm(
+    ebpf: &mut Ebpf,
+    want: &BTreeMap<(u32, AddrKey), AddrAllow>,
+) -> Result<usize, Error> {
+    let mut m: LpmTrie<&mut MapData, AddrKey, AddrAllow> = map_mut(ebpf, M::ADDR_ALLOW)?;
+    let stale: Vec<LpmKey<AddrKey>> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
+        .collect();
+    for k in &stale {
+        m.remove(k)
+            .map_err(|e| Error::kernel("delete from CL_ADDR_ALLOW")(e.into()))?;
+    }
+    Ok(stale.len())
 }

@@ -94,7 +94,7 @@ fn snapshot() -> Snapshot {
 }
 
 /// Runs `f` with a programmed dataplane, on a thread inside the test's namespace.
-fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
+fn with_dataplane(f: impl FnOnce(&mut Dataplane, u32, u32) + Send + 'static) {
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
@@ -166,7 +166,7 @@ fn with_dataplane(f: impl FnOnce(&Dataplane, u32, u32) + Send + 'static) {
             .expect("apply");
         let pa1 = netdev::ifindex("pa1").expect("pa1");
         let up0 = netdev::ifindex("up0").expect("up0");
-        f(&dp, pa1, up0);
+        f(&mut dp, pa1, up0);
     })
     .join();
     drop(bench);
@@ -674,5 +674,53 @@ fn privileged_bpf_and_model_agree_on_random_frames() {
         let refused = refused.get();
         assert!(refused < 300, "test-run refused {refused} of 900 frames");
         println!("test-run refused {refused} of 900 random frames");
+    });
+}
+
+#[test]
+fn privileged_apply_writes_only_the_difference() {
+    with_dataplane(|dp, pa1, _| {
+        let snap = snapshot();
+        let again = dp
+            .apply(&snap, "hv1", "up0", UplinkHook::Xdp)
+            .expect("apply");
+        assert_eq!(again.map_updates, 0, "the same snapshot changes nothing");
+        assert!(again.ports_attached.is_empty() && again.ports_detached.is_empty());
+
+        // An allowed address pair: one LPM entry in, then out again.
+        let mut with_pair = snap.clone();
+        with_pair.ports[0].allowed_address_pairs = vec![cloison_dataplane::AddressPair {
+            ip: "10.0.0.128/25".parse().unwrap(),
+            mac: None,
+        }];
+        let r = dp
+            .apply(&with_pair, "hv1", "up0", UplinkHook::Xdp)
+            .expect("apply");
+        assert_eq!(r.map_updates, 1);
+        let key = cloison_dataplane::tables::addr_key(pa1, "10.0.0.128/25".parse().unwrap());
+        assert!(dp.tables().unwrap().addr_allow.contains_key(&key));
+        let from_pair = udp4(A1, A2, [10, 0, 0, 200], [10, 0, 0, 2], 1, 2, b"x");
+        assert_eq!(
+            dp.test_run_port(pa1, &from_pair, 0).unwrap().verdict,
+            TC_ACT_REDIRECT
+        );
+        let r = dp
+            .apply(&snap, "hv1", "up0", UplinkHook::Xdp)
+            .expect("apply");
+        assert_eq!(r.map_updates, 1);
+        assert!(!dp.tables().unwrap().addr_allow.contains_key(&key));
+        expect_drop(dp, pa1, &from_pair, DropReason::SpoofedIp);
+
+        // A port removed: detached, its entries gone, the others kept.
+        let mut without_a3 = snap.clone();
+        without_a3.ports.retain(|p| p.name != "a3");
+        let r = dp
+            .apply(&without_a3, "hv1", "up0", UplinkHook::Xdp)
+            .expect("apply");
+        assert_eq!(r.ports_detached.len(), 1);
+        let t = dp.tables().unwrap();
+        assert_eq!(t.ports.len(), 1, "only a1 left on hv1");
+        let local = udp4(A1, A3, [10, 0, 0, 1], [10, 0, 0, 3], 1, 2, b"x");
+        expect_drop(dp, pa1, &local, DropReason::UnknownUnicast);
     });
 }

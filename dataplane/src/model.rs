@@ -26,11 +26,8 @@ fn be16(b: &[u8], off: usize) -> u16 {
 }
 
 fn v4_mapped(a: &[u8]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[10] = 0xff;
-    out[11] = 0xff;
-    out[12..].copy_from_slice(&a[..4]);
-    out
+    let v4: [u8; 4] = a[..4].try_into().expect("4 bytes");
+    crate::tables::ip16(std::net::Ipv4Addr::from(v4).into())
 }
 
 fn mac(b: &[u8], off: usize) -> [u8; 6] {
@@ -63,24 +60,17 @@ impl Model<'_> {
     }
 
     fn allowed_mac(&self, ifindex: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
-        // Longest prefix match over (ifindex, address).
-        let mut key_bits = Vec::with_capacity(160);
-        for byte in ifindex.to_be_bytes().iter().chain(addr.iter()) {
-            for i in (0..8).rev() {
-                key_bits.push((byte >> i) & 1);
-            }
-        }
+        // Longest prefix match over (ifindex, address): the trie's key, 160 bits.
+        let addr = u128::from_be_bytes(addr);
         self.tables
             .addr_allow
             .iter()
             .filter(|((bits, k), _)| {
-                let mut kb = Vec::with_capacity(160);
-                for byte in k.ifindex_be.iter().chain(k.addr.iter()) {
-                    for i in (0..8).rev() {
-                        kb.push((byte >> i) & 1);
-                    }
-                }
-                kb[..*bits as usize] == key_bits[..*bits as usize]
+                let (ifindex_bits, addr_bits) = ((*bits).min(32), bits.saturating_sub(32));
+                let ifindex_mask = u32::MAX.checked_shl(32 - ifindex_bits).unwrap_or(0);
+                let addr_mask = u128::MAX.checked_shl(128 - addr_bits).unwrap_or(0);
+                (u32::from_be_bytes(k.ifindex_be) ^ ifindex) & ifindex_mask == 0
+                    && (u128::from_be_bytes(k.addr) ^ addr) & addr_mask == 0
             })
             .max_by_key(|((bits, _), _)| *bits)
             .map(|(_, v)| v.mac)

@@ -8,11 +8,15 @@
 pub mod loader;
 pub mod model;
 pub mod netdev;
+pub mod policy;
 pub mod snapshot;
 pub mod tables;
 
 pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
-pub use snapshot::{AddressPair, Host, MacAddr, Network, Port, Snapshot};
+pub use snapshot::{
+    AddressPair, Direction, Ethertype, Host, MacAddr, Network, Port, PortRange, Protocol, Remote,
+    Rule, SecurityGroup, Snapshot,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

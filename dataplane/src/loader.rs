@@ -215,14 +215,7 @@ impl Dataplane {
     ) -> Result<ApplyReport, Error> {
         let uplink_ifindex = netdev::ifindex(uplink)
             .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
-        let previous: BTreeMap<u32, u32> = {
-            let ports: HashMap<&MapData, u32, PortInfo> = map_ref(&self.ebpf, M::PORTS)?;
-            ports
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(k, v)| (k, v.slot))
-                .collect()
-        };
+        let previous: BTreeMap<u32, PortInfo> = read_hash(&self.ebpf, M::PORTS)?;
         let compiled: Compiled =
             tables::compile(snap, host, uplink_ifindex, netdev::resolve, &previous)?;
         let t = &compiled.tables;
@@ -235,7 +228,7 @@ impl Dataplane {
         let fresh: Vec<u32> = compiled
             .local_ports
             .iter()
-            .filter(|p| previous.get(&p.ifindex) != Some(&p.slot))
+            .filter(|p| previous.get(&p.ifindex).map(|i| i.slot) != Some(p.slot))
             .map(|p| p.slot)
             .collect();
         if !fresh.is_empty() {
@@ -253,19 +246,31 @@ impl Dataplane {
 
         let e = &mut self.ebpf;
         let mut n = 0;
-        {
-            let mut cfg: Array<&mut MapData, HostConfig> = map_mut(e, M::CONFIG)?;
-            if cfg.get(&0, 0).ok() != Some(t.config) {
-                cfg.set(0, t.config, 0)
-                    .map_err(|err| Error::kernel("write config")(err.into()))?;
-                n += 1;
-            }
-        }
+        let old_config: Option<HostConfig> = {
+            let cfg: Array<&MapData, HostConfig> = map_ref(e, M::CONFIG)?;
+            cfg.get(&0, 0).ok()
+        };
+        let epoch = old_config.map_or(0, |c| c.policy_epoch);
+        n += write_config(
+            e,
+            old_config,
+            HostConfig {
+                policy_epoch: epoch,
+                ..t.config
+            },
+        )?;
+        // Security-group tables first (allow before the ports that use them).
+        let mut sg_changes = upsert_lpm(e, M::SG_ADDRS, &t.sg.addrs)?;
+        sg_changes += upsert_lpm(e, M::SG_RULES, &t.sg.rules)?;
+        sg_changes += previous
+            .iter()
+            .filter(|(k, v)| t.ports.get(k).is_some_and(|p| p.policy != v.policy))
+            .count();
         n += upsert_hash(e, M::NETWORKS, &t.networks)?;
         n += upsert_hash(e, M::VTEPS, &t.vteps)?;
         n += upsert_hash(e, M::NEIGHBOURS, &t.neighbours)?;
         n += upsert_hash(e, M::FORWARD, &t.forward)?;
-        n += upsert_lpm(e, &t.addr_allow)?;
+        n += upsert_lpm(e, M::ADDR_ALLOW, &t.addr_allow)?;
         n += upsert_hash(e, M::PORTS, &t.ports)?;
 
         // Attachments: new ports after their entries, stale ones before theirs go.
@@ -305,11 +310,30 @@ impl Dataplane {
 
         let e = &mut self.ebpf;
         n += delete_stale_hash(e, M::PORTS, &t.ports)?;
-        n += delete_stale_lpm(e, &t.addr_allow)?;
+        n += delete_stale_lpm(e, M::ADDR_ALLOW, &t.addr_allow)?;
         n += delete_stale_hash(e, M::FORWARD, &t.forward)?;
         n += delete_stale_hash(e, M::NEIGHBOURS, &t.neighbours)?;
         n += delete_stale_hash(e, M::VTEPS, &t.vteps)?;
         n += delete_stale_hash(e, M::NETWORKS, &t.networks)?;
+        sg_changes += delete_stale_lpm(e, M::SG_RULES, &t.sg.rules)?;
+        sg_changes += delete_stale_lpm(e, M::SG_ADDRS, &t.sg.addrs)?;
+        if sg_changes > 0 {
+            // Last: every flow is checked again against the tables as they
+            // are now, and cut if they no longer allow it.
+            let now = HostConfig {
+                policy_epoch: epoch.wrapping_add(1),
+                ..t.config
+            };
+            n += write_config(
+                e,
+                Some(HostConfig {
+                    policy_epoch: epoch,
+                    ..t.config
+                }),
+                now,
+            )?;
+        }
+        n += sg_changes;
         report.map_updates = n;
         Ok(report)
     }
@@ -410,8 +434,60 @@ impl Dataplane {
         t.neighbours = read_hash(&self.ebpf, M::NEIGHBOURS)?;
         t.networks = read_hash(&self.ebpf, M::NETWORKS)?;
         t.vteps = read_hash(&self.ebpf, M::VTEPS)?;
-        t.addr_allow = read_lpm(&self.ebpf)?;
+        t.addr_allow = read_lpm(&self.ebpf, M::ADDR_ALLOW)?;
+        t.sg.addrs = read_lpm(&self.ebpf, M::SG_ADDRS)?;
+        t.sg.rules = read_lpm(&self.ebpf, M::SG_RULES)?;
         Ok(t)
+    }
+
+    /// Every conntrack entry (live or not yet aged out).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, Error> {
+        let m: HashMap<&MapData, CtKey, CtEntry> = map_ref(&self.ebpf, M::CONNTRACK)?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Conntrack entries charged to each port slot and tenant index, as the
+    /// programs count them (`CL_CT_USE`).
+    pub fn conntrack_use(&self, index: u32) -> Result<i64, Error> {
+        let m: Array<&MapData, i64> = map_ref(&self.ebpf, M::CT_USE)?;
+        m.get(&index, 0)
+            .map_err(|e| Error::kernel("read CL_CT_USE")(e.into()))
+    }
+
+    /// Deletes the entries whose idle timeout has passed and sets every
+    /// quota counter to the number of live entries it is charged with (the
+    /// LRU may have evicted entries behind the counters' back). The agent
+    /// runs this periodically. Returns how many entries were deleted.
+    pub fn conntrack_gc(&mut self) -> Result<usize, Error> {
+        let now = monotonic_ns();
+        let mut live: BTreeMap<u32, i64> = BTreeMap::new();
+        let mut expired = Vec::new();
+        for (k, e) in self.conntrack()? {
+            if now.saturating_sub(e.last_seen_ns) > ct_timeout_ns(e.state) {
+                expired.push(k);
+            } else {
+                *live.entry(e.owner_slot).or_default() += 1;
+                *live.entry(MAX_PORTS + e.owner_tenant).or_default() += 1;
+            }
+        }
+        {
+            let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
+                map_mut(&mut self.ebpf, M::CONNTRACK)?;
+            for k in &expired {
+                // Gone already (LRU, or the program replaced it): fine.
+                let _ = m.remove(k);
+            }
+        }
+        let mut counters: Array<&mut MapData, i64> = map_mut(&mut self.ebpf, M::CT_USE)?;
+        for i in 0..MAX_PORTS + MAX_TENANTS {
+            let want = live.get(&i).copied().unwrap_or(0);
+            if counters.get(&i, 0).ok() != Some(want) {
+                counters
+                    .set(i, want, 0)
+                    .map_err(|e| Error::kernel("write CL_CT_USE")(e.into()))?;
+            }
+        }
+        Ok(expired.len())
     }
 
     /// Runs the port program on `frame` as if it arrived from the VM on
@@ -606,43 +682,69 @@ fn delete_stale_hash<K: Pod + Ord, V: Pod>(
     Ok(stale.len())
 }
 
-fn read_lpm(ebpf: &Ebpf) -> Result<BTreeMap<(u32, AddrKey), AddrAllow>, Error> {
-    let m: LpmTrie<&MapData, AddrKey, AddrAllow> = map_ref(ebpf, M::ADDR_ALLOW)?;
+/// The clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn write_config(ebpf: &mut Ebpf, old: Option<HostConfig>, new: HostConfig) -> Result<usize, Error> {
+    if old == Some(new) {
+        return Ok(0);
+    }
+    let mut cfg: Array<&mut MapData, HostConfig> = map_mut(ebpf, M::CONFIG)?;
+    cfg.set(0, new, 0)
+        .map_err(|err| Error::kernel("write config")(err.into()))?;
+    Ok(1)
+}
+
+fn read_lpm<K: Pod + Ord, V: Pod>(ebpf: &Ebpf, name: &str) -> Result<BTreeMap<(u32, K), V>, Error> {
+    let m: LpmTrie<&MapData, K, V> = map_ref(ebpf, name)?;
     Ok(m.iter()
         .filter_map(Result::ok)
         .map(|(k, v)| ((k.prefix_len(), k.data()), v))
         .collect())
 }
 
-fn upsert_lpm(ebpf: &mut Ebpf, want: &BTreeMap<(u32, AddrKey), AddrAllow>) -> Result<usize, Error> {
+fn upsert_lpm<K: Pod + Ord, V: Pod + PartialEq>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    want: &BTreeMap<(u32, K), V>,
+) -> Result<usize, Error> {
     // Compared by exact key, as read: a lookup is a longest-prefix match and
     // could answer from a shorter entry.
-    let have = read_lpm(ebpf)?;
-    let mut m: LpmTrie<&mut MapData, AddrKey, AddrAllow> = map_mut(ebpf, M::ADDR_ALLOW)?;
+    let have: BTreeMap<(u32, K), V> = read_lpm(ebpf, name)?;
+    let mut m: LpmTrie<&mut MapData, K, V> = map_mut(ebpf, name)?;
     let mut n = 0;
     for (&(bits, k), v) in want {
         if have.get(&(bits, k)) != Some(v) {
             m.insert(&LpmKey::new(bits, k), v, 0)
-                .map_err(|e| Error::kernel("update CL_ADDR_ALLOW")(e.into()))?;
+                .map_err(|e| Error::kernel(format!("update {name}"))(e.into()))?;
             n += 1;
         }
     }
     Ok(n)
 }
 
-fn delete_stale_lpm(
+fn delete_stale_lpm<K: Pod + Ord, V: Pod>(
     ebpf: &mut Ebpf,
-    want: &BTreeMap<(u32, AddrKey), AddrAllow>,
+    name: &str,
+    want: &BTreeMap<(u32, K), V>,
 ) -> Result<usize, Error> {
-    let mut m: LpmTrie<&mut MapData, AddrKey, AddrAllow> = map_mut(ebpf, M::ADDR_ALLOW)?;
-    let stale: Vec<LpmKey<AddrKey>> = m
+    let mut m: LpmTrie<&mut MapData, K, V> = map_mut(ebpf, name)?;
+    let stale: Vec<LpmKey<K>> = m
         .keys()
         .filter_map(Result::ok)
         .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
         .collect();
     for k in &stale {
         m.remove(k)
-            .map_err(|e| Error::kernel("delete from CL_ADDR_ALLOW")(e.into()))?;
+            .map_err(|e| Error::kernel(format!("delete from {name}"))(e.into()))?;
     }
     Ok(stale.len())
 }

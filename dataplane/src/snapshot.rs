@@ -144,12 +144,199 @@ pub struct Port {
     pub port_security: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub enum Ethertype {
+    #[default]
+    IPv4,
+    IPv6,
+}
+
+/// A rule's protocol: a name of API.md or an IP protocol number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    #[default]
+    Any,
+    Number(u8),
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+impl Protocol {
+    /// The IP protocol this rule matches for its ethertype ("icmp" in an IPv6
+    /// rule means ICMPv6, as in Neutron). `None`: any protocol.
+    pub fn number(self, ethertype: Ethertype) -> Option<u8> {
+        match (self, ethertype) {
+            (Protocol::Any, _) => None,
+            (Protocol::Number(PROTO_ICMP), Ethertype::IPv6) => Some(PROTO_ICMPV6),
+            (Protocol::Number(n), _) => Some(n),
+        }
+    }
+}
+
+impl Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Protocol::Any => s.serialize_str("any"),
+            Protocol::Number(PROTO_TCP) => s.serialize_str("tcp"),
+            Protocol::Number(PROTO_UDP) => s.serialize_str("udp"),
+            Protocol::Number(PROTO_ICMP) => s.serialize_str("icmp"),
+            Protocol::Number(PROTO_ICMPV6) => s.serialize_str("icmpv6"),
+            Protocol::Number(n) => s.serialize_u8(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Number(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => u8::try_from(n)
+                .map(Protocol::Number)
+                .map_err(|_| serde::de::Error::custom(format!("protocol {n} is not 0-255"))),
+            Raw::Name(name) => match name.as_str() {
+                "any" => Ok(Protocol::Any),
+                "tcp" => Ok(Protocol::Number(PROTO_TCP)),
+                "udp" => Ok(Protocol::Number(PROTO_UDP)),
+                "icmp" => Ok(Protocol::Number(PROTO_ICMP)),
+                "icmpv6" => Ok(Protocol::Number(PROTO_ICMPV6)),
+                other => Err(serde::de::Error::custom(format!(
+                    "unknown protocol {other:?} (tcp, udp, icmp, icmpv6, any or 0-255)"
+                ))),
+            },
+        }
+    }
+}
+
+/// A destination port range, `"22"` or `"8000-8080"` on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::Invalid(format!("bad port range {s:?} (\"22\" or \"8000-8080\")"));
+        let num = |p: &str| -> Result<u16, Error> {
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            p.parse().map_err(|_| bad())
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(s)?, num(s)?),
+        };
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Remote {
+    Cidr(IpNet),
+    Group(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub direction: Direction,
+    #[serde(default)]
+    pub ethertype: Ethertype,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<Remote>,
+}
+
+impl Rule {
+    /// Field checks that need no other object (API.md's 400 cases).
+    pub fn check(&self) -> Result<(), String> {
+        let invalid = |m: String| Err(m);
+        let proto = self.protocol.number(self.ethertype);
+        if self.ports.is_some() && !matches!(proto, Some(PROTO_TCP | PROTO_UDP)) {
+            return invalid("a port range needs protocol tcp or udp".into());
+        }
+        if self.ethertype == Ethertype::IPv4 && proto == Some(PROTO_ICMPV6) {
+            return invalid("protocol icmpv6 needs ethertype IPv6".into());
+        }
+        if let Some(Remote::Cidr(net)) = &self.remote {
+            let v6 = matches!(net, IpNet::V6(_));
+            if v6 != (self.ethertype == Ethertype::IPv6) {
+                return invalid(format!(
+                    "remote {net} is not an {:?} network",
+                    self.ethertype
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    pub name: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     #[serde(default)]
     pub hosts: Vec<Host>,
     #[serde(default)]
     pub networks: Vec<Network>,
+    #[serde(default)]
+    pub security_groups: Vec<SecurityGroup>,
     #[serde(default)]
     pub ports: Vec<Port>,
 }
@@ -193,6 +380,34 @@ impl Snapshot {
                 return invalid(format!("network {} given twice", n.name));
             }
         }
+        let mut groups = BTreeMap::new();
+        for g in &self.security_groups {
+            if groups.insert(g.name.as_str(), g).is_some() {
+                return invalid(format!("security group {} given twice", g.name));
+            }
+        }
+        for g in &self.security_groups {
+            for (i, r) in g.rules.iter().enumerate() {
+                r.check().map_err(|e| {
+                    Error::Invalid(format!("security group {} rule {i}: {e}", g.name))
+                })?;
+                if let Some(Remote::Group(other)) = &r.remote {
+                    match groups.get(other.as_str()) {
+                        Some(o) if o.tenant == g.tenant => {}
+                        Some(_) => return invalid(format!(
+                            "security group {} rule {i}: group {other} belongs to another tenant",
+                            g.name
+                        )),
+                        None => {
+                            return invalid(format!(
+                                "security group {} rule {i}: unknown group {other}",
+                                g.name
+                            ))
+                        }
+                    }
+                }
+            }
+        }
         let mut names = BTreeSet::new();
         let mut macs = BTreeSet::new();
         let mut ips = BTreeSet::new();
@@ -205,6 +420,18 @@ impl Snapshot {
             };
             if !hosts.contains(p.host.as_str()) {
                 return invalid(format!("port {}: unknown host {}", p.name, p.host));
+            }
+            for g in &p.security_groups {
+                match groups.get(g.as_str()) {
+                    Some(sg) if sg.tenant == net.tenant => {}
+                    Some(_) => {
+                        return invalid(format!(
+                            "port {}: group {g} belongs to another tenant",
+                            p.name
+                        ))
+                    }
+                    None => return invalid(format!("port {}: unknown group {g}", p.name)),
+                }
             }
             if !p.mac.is_unicast() {
                 return invalid(format!("port {}: MAC {} is not unicast", p.name, p.mac));

@@ -9,7 +9,7 @@ use std::{
 use cloison_abi::*;
 use ipnet::IpNet;
 
-use crate::{snapshot::*, Error};
+use crate::{policy::PolicySet, snapshot::*, Error};
 
 /// A port's interface as found on this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,7 @@ pub struct Tables {
     pub neighbours: BTreeMap<NeighbourKey, NeighbourEntry>,
     pub networks: BTreeMap<u32, NetworkInfo>,
     pub vteps: BTreeMap<VtepKey, u32>,
+    pub sg: crate::policy::SgTables,
 }
 
 /// A port of this host whose interface exists: programs attach to it.
@@ -74,7 +75,7 @@ pub fn compile(
     host: &str,
     uplink_ifindex: u32,
     resolve: impl Fn(&str) -> Option<Iface>,
-    previous_slots: &BTreeMap<u32, u32>,
+    previous: &BTreeMap<u32, PortInfo>,
 ) -> Result<Compiled, Error> {
     snap.validate()?;
     let me = snap
@@ -95,6 +96,8 @@ pub fn compile(
     t.config = HostConfig {
         vtep: me.underlay_ip.octets(),
         uplink_ifindex,
+        policy_epoch: 0,
+        _reserved: 0,
     };
 
     // Local ports with an interface, keeping the slot (and so the counters)
@@ -104,8 +107,8 @@ pub fn compile(
     let mut fresh = Vec::new();
     for p in snap.ports.iter().filter(|p| p.host == host) {
         match resolve(&p.interface) {
-            Some(iface) => match previous_slots.get(&iface.ifindex) {
-                Some(&slot) if used_slots.insert(slot) => {
+            Some(iface) => match previous.get(&iface.ifindex).map(|p| p.slot) {
+                Some(slot) if used_slots.insert(slot) => {
                     local.insert(&p.name, (iface, slot));
                 }
                 _ => fresh.push((p, iface)),
@@ -134,6 +137,63 @@ pub fn compile(
             active.insert(p.network.as_str());
         }
     }
+
+    // Conntrack shares: each tenant on this host an equal part of the table,
+    // each of its ports an equal part of the tenant's.
+    let mut tenant_ports: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in snap
+        .ports
+        .iter()
+        .filter(|p| local.contains_key(p.name.as_str()))
+    {
+        *tenant_ports
+            .entry(nets[p.network.as_str()].tenant.as_str())
+            .or_default() += 1;
+    }
+    if tenant_ports.len() > MAX_TENANTS as usize {
+        return Err(Error::Invalid(format!(
+            "more than {MAX_TENANTS} tenants on host {host}"
+        )));
+    }
+    let tenant_quota = CT_USABLE / (tenant_ports.len() as u32).max(1);
+    let tenant_index: BTreeMap<&str, u32> = tenant_ports
+        .keys()
+        .enumerate()
+        .map(|(i, t)| (*t, i as u32))
+        .collect();
+
+    // Policies: one per distinct set of groups among local ports with port
+    // security, keeping the id a port already had where its set kept one.
+    let mut sets: BTreeMap<&str, PolicySet> = BTreeMap::new();
+    for p in snap.ports.iter().filter(|p| p.port_security) {
+        if local.contains_key(p.name.as_str()) {
+            let set: BTreeSet<String> = p.security_groups.iter().cloned().collect();
+            sets.insert(&p.name, set.into_iter().collect());
+        }
+    }
+    let mut policies: BTreeMap<u32, PolicySet> = BTreeMap::new();
+    let mut policy_of: BTreeMap<PolicySet, u32> = BTreeMap::new();
+    for (name, set) in &sets {
+        let ifindex = local[name].0.ifindex;
+        if let Some(old) = previous.get(&ifindex).map(|p| p.policy) {
+            if old != 0 && !policies.contains_key(&old) && !policy_of.contains_key(set) {
+                policies.insert(old, set.clone());
+                policy_of.insert(set.clone(), old);
+            }
+        }
+    }
+    let mut next_policy = 1u32;
+    for set in sets.values() {
+        if policy_of.contains_key(set) {
+            continue;
+        }
+        while policies.contains_key(&next_policy) {
+            next_policy += 1;
+        }
+        policies.insert(next_policy, set.clone());
+        policy_of.insert(set.clone(), next_policy);
+    }
+    t.sg = crate::policy::compile(snap, &policies)?;
 
     for p in &snap.ports {
         if !active.contains(p.network.as_str()) {
@@ -201,6 +261,10 @@ pub fn compile(
                     mtu: net.mtu,
                     mac: p.mac.0,
                     _pad: [0; 2],
+                    policy: sets.get(p.name.as_str()).map_or(0, |s| policy_of[s]),
+                    tenant: tenant_index[net.tenant.as_str()],
+                    ct_port_quota: (tenant_quota / tenant_ports[net.tenant.as_str()]).max(1),
+                    ct_tenant_quota: tenant_quota,
                 },
             );
             out.local_ports.push(LocalPort {
@@ -316,7 +380,12 @@ mod tests {
 
     #[test]
     fn keeps_the_slot_a_port_had() {
-        let prev = BTreeMap::from([(10, 5)]);
+        let mut info = compile(&snap(), "hv1", 2, resolve, &BTreeMap::new())
+            .unwrap()
+            .tables
+            .ports[&10];
+        info.slot = 5;
+        let prev = BTreeMap::from([(10, info)]);
         let c = compile(&snap(), "hv1", 2, resolve, &prev).unwrap();
         assert_eq!(c.local_ports[0].slot, 5);
     }

@@ -9,8 +9,8 @@ use std::{net::Ipv4Addr, process::Command};
 
 use cloison_abi::DropReason;
 use cloison_dataplane::{
-    loader::RunResult, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port, Snapshot,
-    UplinkHook,
+    loader::RunResult, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port, SecurityGroup,
+    Snapshot, UplinkHook,
 };
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -60,11 +60,12 @@ fn snapshot() -> Snapshot {
             ip.parse().unwrap(),
             format!("fd00:1::{}", mac[5]).parse().unwrap(),
         ],
-        security_groups: vec![],
+        security_groups: vec!["open".into()],
         allowed_address_pairs: vec![],
         port_security: true,
     };
     Snapshot {
+        security_groups: vec![open_group()],
         hosts: vec![
             Host {
                 name: "hv1".into(),
@@ -91,6 +92,16 @@ fn snapshot() -> Snapshot {
             port("a3", "hv1", "pa3", A3, "10.0.0.3"),
         ],
     }
+}
+
+/// Everything allowed both ways, for the fixtures that are not about rules.
+fn open_group() -> SecurityGroup {
+    serde_json::from_str(
+        r#"{"name": "open", "tenant": "a", "rules": [
+            {"direction": "ingress"}, {"direction": "egress"},
+            {"direction": "ingress", "ethertype": "IPv6"}, {"direction": "egress", "ethertype": "IPv6"}]}"#,
+    )
+    .unwrap()
 }
 
 /// Runs `f` with a programmed dataplane, on a thread inside the test's namespace.

@@ -24,6 +24,21 @@ pub const MAX_NEIGHBOURS: u32 = 262144;
 pub const MAX_FORWARD: u32 = 262144;
 pub const MAX_VTEPS: u32 = 65536;
 pub const MAX_ADDR_ALLOW: u32 = 65536;
+/// Tenants with a port on one host (conntrack quota counters).
+pub const MAX_TENANTS: u32 = 4096;
+/// Conntrack entries per host. Each tenant on the host gets an equal share
+/// of [`CT_USABLE`], each of its ports an equal share of the tenant's, so
+/// the LRU never has to evict: one tenant's flood only meets its own limit.
+pub const MAX_CONNTRACK: u32 = 262144;
+/// The part of the table handed out as quotas; the rest absorbs the LRU's
+/// per-CPU free lists, which may evict before the table is globally full.
+pub const CT_USABLE: u32 = MAX_CONNTRACK / 8 * 7;
+/// IPv4 first fragments whose verdict later fragments inherit.
+pub const MAX_FRAGMENTS: u32 = 16384;
+/// Security-group tables: (policy, direction, remote address) → class and
+/// (policy, class, direction, protocol, port prefix) → allow.
+pub const MAX_SG_ADDRS: u32 = 262144;
+pub const MAX_SG_RULES: u32 = 1048576;
 
 /// Map names, at most 15 characters (the kernel's limit).
 pub mod map_names {
@@ -36,6 +51,11 @@ pub mod map_names {
     pub const CONFIG: &str = "CL_CONFIG";
     pub const DROPS: &str = "CL_DROPS";
     pub const PORT_STATS: &str = "CL_PORT_STATS";
+    pub const SG_ADDRS: &str = "CL_SG_ADDRS";
+    pub const SG_RULES: &str = "CL_SG_RULES";
+    pub const CONNTRACK: &str = "CL_CONNTRACK";
+    pub const CT_USE: &str = "CL_CT_USE";
+    pub const FRAGMENTS: &str = "CL_FRAGS";
 }
 
 /// Program names (the entry point functions of `ebpf/programs`).
@@ -61,8 +81,15 @@ pub struct PortInfo {
     pub mtu: u32,
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Security policy (the port's set of groups), a key part of the SG tables.
+    pub policy: u32,
+    /// Tenant index on this host: its conntrack counter is
+    /// `CL_CT_USE[MAX_PORTS + tenant]`; the port's own is `CL_CT_USE[slot]`.
+    pub tenant: u32,
+    pub ct_port_quota: u32,
+    pub ct_tenant_quota: u32,
 }
-const _: () = assert!(size_of::<PortInfo>() == 24);
+const _: () = assert!(size_of::<PortInfo>() == 40);
 
 /// Key of `CL_ADDR_ALLOW`, an LPM trie: (ifindex, address) with the prefix
 /// length counting the 32 ifindex bits first. IPv4 addresses are stored
@@ -148,8 +175,190 @@ const _: () = assert!(size_of::<VtepKey>() == 8);
 pub struct HostConfig {
     pub vtep: [u8; 4],
     pub uplink_ifindex: u32,
+    /// Bumped whenever a security-group table changes: a conntrack entry
+    /// stamped with an older epoch is checked against the rules again
+    /// (strict revoke).
+    pub policy_epoch: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(size_of::<HostConfig>() == 8);
+const _: () = assert!(size_of::<HostConfig>() == 16);
+
+/// Rule directions, as seen from the port the policy belongs to.
+pub const SG_INGRESS: u8 = 0;
+pub const SG_EGRESS: u8 = 1;
+/// Address families in [`SgAddrKey`].
+pub const SG_FAMILY_V4: u8 = 4;
+pub const SG_FAMILY_V6: u8 = 6;
+
+/// Key of `CL_SG_ADDRS`, an LPM trie: the fixed 64 bits (policy, direction,
+/// family) then the remote address (IPv4 in its first 4 bytes). The longest
+/// match gives the class: the set of rules whose remote contains the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SgAddrKey {
+    pub policy: [u8; 4],
+    pub direction: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<SgAddrKey>() == 24);
+/// Prefix bits of [`SgAddrKey`] before the address.
+pub const SG_ADDR_FIXED_BITS: u32 = 64;
+
+/// Key of `CL_SG_RULES`, an LPM trie: the fixed 72 bits (policy, class,
+/// direction), then the protocol (8 bits, absent for "any"), then the
+/// destination port, big endian, as a prefix (a range compiles to prefixes).
+/// Any match allows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SgRuleKey {
+    pub policy: [u8; 4],
+    pub class: [u8; 4],
+    pub direction: u8,
+    pub proto: u8,
+    pub port: [u8; 2],
+}
+const _: () = assert!(size_of::<SgRuleKey>() == 12);
+pub const SG_RULE_FIXED_BITS: u32 = 72;
+
+/// A conntrack key: the flow's two ends in a canonical order (so both
+/// directions find one entry), inside its network (zone = VNI), so tenants
+/// with the same addresses never share an entry. IPv4 is IPv4-mapped.
+/// ICMP echo: the identifier is the requester's port, 0 the responder's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub zone: u32,
+    pub addr_a: [u8; 16],
+    pub addr_b: [u8; 16],
+    pub port_a: [u8; 2],
+    pub port_b: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<CtKey>() == 44);
+
+/// Conntrack states (`CtEntry::state`).
+pub mod ct_state {
+    pub const TCP_SYN_SENT: u8 = 1;
+    pub const TCP_SYN_RECV: u8 = 2;
+    pub const TCP_ESTABLISHED: u8 = 3;
+    /// One side sent FIN.
+    pub const TCP_FIN_WAIT: u8 = 4;
+    /// Both sides sent FIN.
+    pub const TCP_TIME_WAIT: u8 = 5;
+    /// RST seen.
+    pub const TCP_CLOSE: u8 = 6;
+    /// UDP, ICMP and other protocols: seen one way, then both ways.
+    pub const ONE_WAY: u8 = 7;
+    pub const BOTH_WAYS: u8 = 8;
+}
+
+/// Bits of [`CtEntry::flags`].
+pub const CT_F_ORIG_B: u8 = 1;
+pub const CT_F_FIN_ORIG: u8 = 2;
+pub const CT_F_FIN_REPLY: u8 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// `HostConfig::policy_epoch` the flow was last allowed under.
+    pub epoch: u32,
+    /// Counters charged with this entry: a port slot and a tenant index.
+    pub owner_slot: u32,
+    pub owner_tenant: u32,
+    pub state: u8,
+    /// `CT_F_*`; `CT_F_ORIG_B`: the originator is end b of the key.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<CtEntry>() == 24);
+
+/// Idle timeouts by state (Linux conntrack's defaults, established shortened).
+pub const CT_TCP_SYN_NS: u64 = 60_000_000_000;
+pub const CT_TCP_ESTABLISHED_NS: u64 = 86_400_000_000_000;
+pub const CT_TCP_FIN_NS: u64 = 120_000_000_000;
+pub const CT_TCP_CLOSE_NS: u64 = 10_000_000_000;
+pub const CT_ONE_WAY_NS: u64 = 30_000_000_000;
+pub const CT_BOTH_WAYS_NS: u64 = 180_000_000_000;
+/// A first fragment's verdict is kept this long for the others (Linux's ipfrag_time).
+pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// Idle timeout of an entry in `state`.
+pub const fn ct_timeout_ns(state: u8) -> u64 {
+    match state {
+        ct_state::TCP_SYN_SENT | ct_state::TCP_SYN_RECV => CT_TCP_SYN_NS,
+        ct_state::TCP_ESTABLISHED => CT_TCP_ESTABLISHED_NS,
+        ct_state::TCP_FIN_WAIT | ct_state::TCP_TIME_WAIT => CT_TCP_FIN_NS,
+        ct_state::TCP_CLOSE => CT_TCP_CLOSE_NS,
+        ct_state::BOTH_WAYS => CT_BOTH_WAYS_NS,
+        _ => CT_ONE_WAY_NS,
+    }
+}
+
+/// TCP header flag bits.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Whether a TCP packet with no conntrack entry may start one: a bare SYN.
+pub const fn tcp_opens(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// The (state, flags) of an existing entry after one more packet of its
+/// flow. Shared by the BPF conntrack and the reference model. TCP follows
+/// the handshake and teardown flags only (no sequence-window tracking).
+pub const fn ct_advance(state: u8, flags: u8, tcp: bool, tcp_flags: u8, reply: bool) -> (u8, u8) {
+    use ct_state::*;
+    if !tcp {
+        return (if reply { BOTH_WAYS } else { state }, flags);
+    }
+    if tcp_flags & TCP_RST != 0 {
+        return (TCP_CLOSE, flags);
+    }
+    let syn = tcp_flags & TCP_SYN != 0;
+    let ack = tcp_flags & TCP_ACK != 0;
+    if (state == TCP_CLOSE || state == TCP_TIME_WAIT) && !reply && tcp_opens(tcp_flags) {
+        // The same ports used again for a new connection.
+        return (TCP_SYN_SENT, flags & CT_F_ORIG_B);
+    }
+    let mut state = state;
+    let mut flags = flags;
+    if state == TCP_SYN_SENT && reply && syn && ack {
+        state = TCP_SYN_RECV;
+    } else if state == TCP_SYN_RECV && !reply && ack && !syn {
+        state = TCP_ESTABLISHED;
+    }
+    if tcp_flags & TCP_FIN != 0
+        && (state == TCP_SYN_RECV || state == TCP_ESTABLISHED || state == TCP_FIN_WAIT)
+    {
+        flags |= if reply { CT_F_FIN_REPLY } else { CT_F_FIN_ORIG };
+        state = if flags & (CT_F_FIN_ORIG | CT_F_FIN_REPLY) == (CT_F_FIN_ORIG | CT_F_FIN_REPLY) {
+            TCP_TIME_WAIT
+        } else {
+            TCP_FIN_WAIT
+        };
+    }
+    (state, flags)
+}
+
+/// An IPv4 datagram whose first fragment was allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub zone: u32,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 16);
 
 /// Per-port counters (per CPU in the kernel), from the VM's point of view.
 #[repr(C)]
@@ -236,6 +445,15 @@ drop_reasons! {
     VxlanSpoofedSource = "vxlan_spoofed_source",
     DecapFailed = "decap_failed",
     NoConfig = "no_config",
+    SgEgressDenied = "sg_egress_denied",
+    SgIngressDenied = "sg_ingress_denied",
+    SgRevoked = "sg_revoked",
+    CtTcpNotSyn = "ct_tcp_not_syn",
+    CtPortQuota = "ct_port_quota",
+    CtTenantQuota = "ct_tenant_quota",
+    CtFull = "ct_full",
+    IcmpErrorUnrelated = "icmp_error_unrelated",
+    FragmentUnknown = "fragment_unknown",
 }
 
 #[cfg(feature = "user")]
@@ -254,4 +472,9 @@ mod pod {
     unsafe impl aya::Pod for VtepKey {}
     unsafe impl aya::Pod for HostConfig {}
     unsafe impl aya::Pod for PortStats {}
+    unsafe impl aya::Pod for SgAddrKey {}
+    unsafe impl aya::Pod for SgRuleKey {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
 }

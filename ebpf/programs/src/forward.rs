@@ -45,6 +45,7 @@ pub fn from_port(
     ifindex: u32,
     port: &PortInfo,
     p: &Parsed,
+    peer: &mut ForwardEntry,
 ) -> Result<Next, DropReason> {
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let dst = unsafe { (*eth).dst };
@@ -56,14 +57,12 @@ pub fn from_port(
         });
     }
     let fwd = lookup(port.vni, dst).ok_or(DropReason::UnknownUnicast)?;
+    *peer = fwd;
     if fwd.kind == FWD_LOCAL {
         if fwd.ifindex == ifindex {
             return Err(DropReason::Hairpin);
         }
-        return Ok(Next::of(
-            NEXT_VERDICT,
-            deliver(&fwd, ctx.len(), true) as u32,
-        ));
+        return Ok(Next::of(NEXT_LOCAL, 0));
     }
     if segment_len(ctx, c, p) > port.mtu as usize {
         let kind = if p.l3 == L3::Ipv4 {
@@ -73,7 +72,7 @@ pub fn from_port(
         };
         return Ok(Next::of(kind, 0));
     }
-    Ok(Next::of(NEXT_ENCAP, u32::from_ne_bytes(fwd.vtep)))
+    Ok(Next::of(NEXT_ENCAP, 0))
 }
 
 /// The IP length of the packets this frame will be on the wire: a GSO frame

@@ -2,12 +2,17 @@
 //! `Result<_, DropReason>`, which is turned here into a counted drop.
 #![no_std]
 #![no_main]
+// Atomic add on map values: core's atomics have no fetch_add on this target.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod conntrack;
 mod forward;
 mod hdr;
 mod icmp;
 mod maps;
 mod parse;
+mod policy;
 mod port;
 mod proxy;
 mod spoof;
@@ -23,7 +28,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use cloison_abi::{DropReason, PortInfo, VXLAN_ENCAP_LEN};
+use cloison_abi::{DropReason, PORT_F_SECURITY, VXLAN_ENCAP_LEN};
 
 use crate::{
     hdr::{unpack, Cursor, Packed, ETH_LEN, ETH_P_IP, ETH_P_IPV6},
@@ -34,33 +39,41 @@ use crate::{
 /// TC ingress of a port's host-side interface: everything the VM sends.
 #[classifier]
 pub fn cl_port(ctx: TcContext) -> i32 {
-    let mut port = PortInfo {
-        vni: 0,
-        slot: NO_SLOT,
-        flags: 0,
-        mtu: 0,
-        mac: [0; 6],
-        _pad: [0; 2],
-    };
-    let mut ifindex = 0;
-    let mut next = Next::of(NEXT_VERDICT, TC_ACT_SHOT as u32);
-    let first = port::from_vm(&ctx, &mut port, &mut ifindex, &mut next);
+    let mut d = Decision::new();
+    let first = port::from_vm(&ctx, &mut d);
     let res = if first < 0 {
         first
     } else {
-        match next.kind {
-            NEXT_ARP => proxy::arp(&ctx, ifindex, &port),
-            NEXT_ND => proxy::nd(&ctx, &port, ifindex),
-            NEXT_TOO_BIG_V4 => icmp::too_big(&ctx, ifindex, &port, true),
-            NEXT_TOO_BIG_V6 => icmp::too_big(&ctx, ifindex, &port, false),
-            NEXT_ENCAP => vxlan::encap(&ctx, port.vni, next.arg.to_ne_bytes()),
-            _ => next.arg as i32 as Packed,
+        let sg = match d.next.kind {
+            NEXT_LOCAL | NEXT_ENCAP | NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 => {
+                policy::from_port(&ctx, &d)
+            }
+            _ => 0,
+        };
+        if sg < 0 {
+            sg
+        } else {
+            match d.next.kind {
+                NEXT_ARP => proxy::arp(&ctx, d.ifindex, &d.port),
+                NEXT_ND => proxy::nd(&ctx, &d.port, d.ifindex),
+                NEXT_TOO_BIG_V4 => icmp::too_big(&ctx, d.ifindex, &d.port, true),
+                NEXT_TOO_BIG_V6 => icmp::too_big(&ctx, d.ifindex, &d.port, false),
+                NEXT_ENCAP => vxlan::encap(&ctx, d.port.vni, d.peer.vtep),
+                NEXT_LOCAL => forward::deliver(&d.peer, ctx.len(), true) as Packed,
+                _ => d.next.arg as i32 as Packed,
+            }
         }
     };
     match unpack(res) {
         Ok(action) => action,
         Err(reason) => {
-            count_drop(reason, port.slot);
+            // A local receiver's ingress rules refused it: its counter.
+            let slot = if reason == DropReason::SgIngressDenied && d.next.kind == NEXT_LOCAL {
+                d.peer.slot
+            } else {
+                d.port.slot
+            };
+            count_drop(reason, slot);
             TC_ACT_SHOT
         }
     }
@@ -73,6 +86,13 @@ pub fn cl_uplink_xdp(ctx: XdpContext) -> u32 {
     match uplink::classify(&c) {
         Ok(None) => xdp_action::XDP_PASS,
         Ok(Some(d)) => {
+            if d.port.flags & PORT_F_SECURITY != 0 {
+                let inner = Cursor::new(ctx.data() + VXLAN_ENCAP_LEN, ctx.data_end());
+                if let Err(reason) = unpack(policy::to_port(&inner, inner.len(), d.port.ifindex)) {
+                    count_drop(reason, d.port.slot);
+                    return xdp_action::XDP_DROP;
+                }
+            }
             if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_ENCAP_LEN as i32) } != 0 {
                 count_drop(DropReason::DecapFailed, d.port.slot);
                 return xdp_action::XDP_DROP;
@@ -91,18 +111,28 @@ pub fn cl_uplink_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn cl_uplink_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let want = (VXLAN_ENCAP_LEN + ETH_LEN) as u32;
+    let want = VXLAN_ENCAP_LEN as u32 + PULL_LEN;
     let _ = ctx.pull_data(if len < want { len } else { want });
     let c = Cursor::new(ctx.data(), ctx.data_end());
     match uplink::classify(&c) {
         Ok(None) => TC_ACT_OK,
-        Ok(Some(d)) => match decap_tc(&ctx, &c, d.inner_proto) {
-            Ok(()) => forward::deliver(&d.port, ctx.len(), false),
-            Err(reason) => {
-                count_drop(reason, d.port.slot);
-                TC_ACT_SHOT
+        Ok(Some(d)) => {
+            if d.port.flags & PORT_F_SECURITY != 0 {
+                let inner = Cursor::new(c.data + VXLAN_ENCAP_LEN, c.end);
+                let inner_len = len as usize - VXLAN_ENCAP_LEN;
+                if let Err(reason) = unpack(policy::to_port(&inner, inner_len, d.port.ifindex)) {
+                    count_drop(reason, d.port.slot);
+                    return TC_ACT_SHOT;
+                }
             }
-        },
+            match decap_tc(&ctx, &c, d.inner_proto) {
+                Ok(()) => forward::deliver(&d.port, ctx.len(), false),
+                Err(reason) => {
+                    count_drop(reason, d.port.slot);
+                    TC_ACT_SHOT
+                }
+            }
+        }
         Err(reason) => {
             count_drop(reason, NO_SLOT);
             TC_ACT_SHOT

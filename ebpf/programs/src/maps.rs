@@ -2,7 +2,7 @@
 //! `dataplane` crate; pinned by name so an agent restart reuses them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use cloison_abi::*;
 
@@ -32,6 +32,31 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
 
 #[map(name = "CL_PORT_STATS")]
 pub static PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_PORTS, 0);
+
+#[map(name = "CL_SG_ADDRS")]
+pub static SG_ADDRS: LpmTrie<SgAddrKey, u32> = LpmTrie::pinned(MAX_SG_ADDRS, 0);
+
+#[map(name = "CL_SG_RULES")]
+pub static SG_RULES: LpmTrie<SgRuleKey, u32> = LpmTrie::pinned(MAX_SG_RULES, 0);
+
+#[map(name = "CL_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+/// Live conntrack entries charged to each port slot, then to each tenant
+/// (`MAX_PORTS + tenant`). Signed: a decrement racing the agent's recount may
+/// briefly go below zero, which must not read as a full quota.
+#[map(name = "CL_CT_USE")]
+pub static CT_USE: Array<i64> = Array::pinned(MAX_PORTS + MAX_TENANTS, 0);
+
+/// First fragments allowed, and when they were seen.
+#[map(name = "CL_FRAGS")]
+pub static FRAGMENTS: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+
+/// Per-CPU working memory of the policy stage: what would not fit in the
+/// 512-byte BPF stack along the longest call chain. Programs on one CPU run
+/// in softirq context one at a time, so one slot per CPU is never shared.
+#[map]
+pub static SCRATCH: PerCpuArray<crate::policy::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot value meaning "no port known yet" (drops not attributed to a port).
 pub const NO_SLOT: u32 = u32::MAX;

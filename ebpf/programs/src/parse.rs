@@ -20,16 +20,41 @@ pub struct Parsed {
     pub l4_off: usize,
     /// L4 protocol (IPv4 protocol or IPv6 next header).
     pub proto: u8,
-    /// Source IP, IPv4-mapped for IPv4.
+    /// Source and destination IP, IPv4-mapped for IPv4.
     pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// Non-first IPv4 fragment: no L4 header in it.
     pub later_fragment: bool,
-    /// TCP/UDP ports or ICMP type/code, 0 where absent.
+    /// IPv4 first fragment of several (more-fragments set, offset 0).
+    pub first_fragment: bool,
+    /// IPv4 identification (fragment reassembly key).
+    pub ip_id: [u8; 2],
+    /// TCP/UDP ports, 0 where absent. ICMP echo: the identifier as the
+    /// requester's port (`sport` of a request, `dport` of a reply).
     pub sport: u16,
     pub dport: u16,
     pub icmp_type: u8,
+    pub tcp_flags: u8,
     /// IP packet length (IPv4 total length / IPv6 40 + payload).
     pub ip_len: usize,
+}
+
+impl Parsed {
+    pub const EMPTY: Parsed = Parsed {
+        l3: L3::Arp,
+        l4_off: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        later_fragment: false,
+        first_fragment: false,
+        ip_id: [0; 2],
+        sport: 0,
+        dport: 0,
+        icmp_type: 0,
+        tcp_flags: 0,
+        ip_len: 0,
+    };
 }
 
 #[inline(always)]
@@ -39,20 +64,11 @@ pub fn ethernet(c: &Cursor) -> Result<(&EthHdr, u16), DropReason> {
     Ok((eth, be16(eth.proto)))
 }
 
+/// Fills `p` (written in place: a returned copy would cost BPF stack).
 #[inline(always)]
-pub fn frame(c: &Cursor, pkt_len: usize) -> Result<Parsed, DropReason> {
+pub fn frame(c: &Cursor, pkt_len: usize, p: &mut Parsed) -> Result<(), DropReason> {
     let (_, proto) = ethernet(c)?;
-    let mut p = Parsed {
-        l3: L3::Arp,
-        l4_off: 0,
-        proto: 0,
-        src: [0; 16],
-        later_fragment: false,
-        sport: 0,
-        dport: 0,
-        icmp_type: 0,
-        ip_len: 0,
-    };
+    *p = Parsed::EMPTY;
     match proto {
         ETH_P_ARP => {
             let arp: *mut ArpHdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedArp)?;
@@ -61,7 +77,7 @@ pub fn frame(c: &Cursor, pkt_len: usize) -> Result<Parsed, DropReason> {
             {
                 return Err(DropReason::MalformedArp);
             }
-            Ok(p)
+            Ok(())
         }
         ETH_P_IP => {
             let ip: *mut Ipv4Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv4)?;
@@ -76,12 +92,15 @@ pub fn frame(c: &Cursor, pkt_len: usize) -> Result<Parsed, DropReason> {
             p.l4_off = ETH_LEN + ihl_bytes;
             p.proto = ip.proto;
             p.src = crate::maps::v4_mapped(ip.src);
+            p.dst = crate::maps::v4_mapped(ip.dst);
             p.later_fragment = frag & 0x1fff != 0;
+            p.first_fragment = frag & 0x3fff == 0x2000;
+            p.ip_id = ip.id;
             p.ip_len = tot;
             if !p.later_fragment {
-                l4(c, &mut p)?;
+                l4(c, p)?;
             }
-            Ok(p)
+            Ok(())
         }
         ETH_P_IPV6 => {
             let ip: *mut Ipv6Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv6)?;
@@ -94,9 +113,10 @@ pub fn frame(c: &Cursor, pkt_len: usize) -> Result<Parsed, DropReason> {
             p.l4_off = ETH_LEN + 40;
             p.proto = ip.next_header;
             p.src = ip.src;
+            p.dst = ip.dst;
             p.ip_len = 40 + plen;
-            l4(c, &mut p)?;
-            Ok(p)
+            l4(c, p)?;
+            Ok(())
         }
         _ => Err(DropReason::UnsupportedEthertype),
     }
@@ -114,6 +134,7 @@ fn l4(c: &Cursor, p: &mut Parsed) -> Result<(), DropReason> {
             }
             p.sport = be16(t.sport);
             p.dport = be16(t.dport);
+            p.tcp_flags = t.flags;
         }
         IPPROTO_UDP => {
             let u: *mut UdpHdr = c.at(off).ok_or(DropReason::TruncatedL4)?;
@@ -123,7 +144,18 @@ fn l4(c: &Cursor, p: &mut Parsed) -> Result<(), DropReason> {
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let i: *mut IcmpHdr = c.at(off).ok_or(DropReason::TruncatedL4)?;
-            p.icmp_type = unsafe { (*i).ty };
+            let i = unsafe { &*i };
+            p.icmp_type = i.ty;
+            let id = be16([i.rest[0], i.rest[1]]);
+            match (p.proto, i.ty) {
+                (IPPROTO_ICMP, ICMP_ECHO_REQUEST) | (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST) => {
+                    p.sport = id
+                }
+                (IPPROTO_ICMP, ICMP_ECHO_REPLY) | (IPPROTO_ICMPV6, ICMPV6_ECHO_REPLY) => {
+                    p.dport = id
+                }
+                _ => {}
+            }
         }
         _ => {}
     }

@@ -7,12 +7,12 @@ use crate::{
     forward,
     hdr::*,
     maps::{count_from_vm, PORTS},
-    parse::{self, L3},
+    parse::{self, Parsed, L3},
     spoof,
 };
 
 /// Headers the pipeline reads directly; pulled into the linear area first.
-const PULL_LEN: u32 = 128;
+pub const PULL_LEN: u32 = 128;
 
 /// What the entry point does next. The stages that rewrite the packet are
 /// called from the entry point, not from here, so that no call chain exceeds
@@ -31,8 +31,10 @@ pub const NEXT_ARP: u32 = 1;
 pub const NEXT_ND: u32 = 2;
 pub const NEXT_TOO_BIG_V4: u32 = 3;
 pub const NEXT_TOO_BIG_V6: u32 = 4;
-/// `arg` is the remote VTEP address (network order bytes as a native u32).
+/// To the remote VTEP in `Decision::peer`.
 pub const NEXT_ENCAP: u32 = 5;
+/// To the local port in `Decision::peer`.
+pub const NEXT_LOCAL: u32 = 6;
 
 impl Next {
     #[inline(always)]
@@ -41,12 +43,42 @@ impl Next {
     }
 }
 
-/// Fills `port`, `ifindex` and `next` for the stages that follow.
+/// What the first stages learnt of a frame, for the stages that follow
+/// (one out-parameter: BPF calls take at most five arguments).
+pub struct Decision {
+    pub port: PortInfo,
+    pub ifindex: u32,
+    pub next: Next,
+    /// Where forwarding sends the frame (`NEXT_LOCAL`, `NEXT_ENCAP`, too big).
+    pub peer: ForwardEntry,
+    pub parsed: Parsed,
+}
+
+impl Decision {
+    #[inline(always)]
+    pub fn new() -> Self {
+        Decision {
+            port: crate::policy::EMPTY_PORT,
+            ifindex: 0,
+            next: Next::of(NEXT_VERDICT, aya_ebpf::bindings::TC_ACT_SHOT as u32),
+            peer: ForwardEntry {
+                kind: 0,
+                ifindex: 0,
+                slot: 0,
+                flags: 0,
+                vtep: [0; 4],
+            },
+            parsed: Parsed::EMPTY,
+        }
+    }
+}
+
+/// Fills `d` for the stages that follow.
 #[inline(never)]
-pub fn from_vm(ctx: &TcContext, port: &mut PortInfo, ifindex: &mut u32, next: &mut Next) -> Packed {
-    match stage(ctx, port, ifindex) {
+pub fn from_vm(ctx: &TcContext, d: &mut Decision) -> Packed {
+    match stage(ctx, d) {
         Ok(n) => {
-            *next = n;
+            d.next = n;
             0
         }
         Err(e) => pack(Err(e)),
@@ -54,22 +86,25 @@ pub fn from_vm(ctx: &TcContext, port: &mut PortInfo, ifindex: &mut u32, next: &m
 }
 
 #[inline(always)]
-fn stage(ctx: &TcContext, port: &mut PortInfo, ifindex: &mut u32) -> Result<Next, DropReason> {
-    *ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let info = PORTS.get_ptr(&*ifindex).ok_or(DropReason::UnknownPort)?;
-    *port = unsafe { *info };
+fn stage(ctx: &TcContext, d: &mut Decision) -> Result<Next, DropReason> {
+    d.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = d.ifindex;
+    let info = PORTS.get_ptr(&ifindex).ok_or(DropReason::UnknownPort)?;
+    d.port = unsafe { *info };
+    let port = &d.port;
     let len = ctx.len();
     count_from_vm(port.slot, len);
     let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
 
     let c = Cursor::new(ctx.data(), ctx.data_end());
-    let p = parse::frame(&c, len as usize)?;
+    parse::frame(&c, len as usize, &mut d.parsed)?;
+    let p = &d.parsed;
     if p.l3 == L3::Arp {
         return Ok(Next::of(NEXT_ARP, 0));
     }
     if port.flags & PORT_F_SECURITY != 0 {
         let (eth, _) = parse::ethernet(&c)?;
-        spoof::check_ip(eth, *ifindex, port, &p)?;
+        spoof::check_ip(eth, ifindex, port, p)?;
     }
     if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 {
         match p.icmp_type {
@@ -78,5 +113,5 @@ fn stage(ctx: &TcContext, port: &mut PortInfo, ifindex: &mut u32) -> Result<Next
             _ => {}
         }
     }
-    forward::from_port(ctx, &c, *ifindex, port, &p)
+    forward::from_port(ctx, &c, ifindex, port, p, &mut d.peer)
 }

@@ -1,0 +1,220 @@
+//! Compiles security groups into the two lookup tables of the BPF policy
+//! stage, so a new flow costs two longest-prefix matches whatever the number
+//! of rules:
+//!
+//! 1. `CL_SG_ADDRS`: (policy, direction, family, remote address) → class.
+//!    Every remote prefix any rule names is a key; its class is the set of
+//!    rules whose remote contains it. Remote prefixes that contain an address
+//!    are nested, so the longest one present carries every rule matching it.
+//! 2. `CL_SG_RULES`: (policy, class, direction, protocol, port prefix) → allow.
+//!    A port range becomes the few prefixes that cover it exactly.
+//!
+//! A policy is a port's set of groups; ports with the same set share one.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use cloison_abi::*;
+use ipnet::IpNet;
+
+use crate::{snapshot::*, Error};
+
+/// The policy of each local port with port security: its sorted group names.
+pub type PolicySet = Vec<String>;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SgTables {
+    /// (prefix length, key) → class.
+    pub addrs: BTreeMap<(u32, SgAddrKey), u32>,
+    /// (prefix length, key) → 1.
+    pub rules: BTreeMap<(u32, SgRuleKey), u32>,
+}
+
+/// The prefixes that cover `first..=last` exactly: (value, prefix bits of 16).
+pub fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u32)> {
+    let (mut lo, hi) = (first as u32, last as u32);
+    let mut out = Vec::new();
+    while lo <= hi {
+        // The largest aligned block starting at lo that stays inside the range.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            lo & lo.wrapping_neg()
+        };
+        while lo + size - 1 > hi {
+            size /= 2;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+fn family(net: &IpNet) -> u8 {
+    match net {
+        IpNet::V4(_) => SG_FAMILY_V4,
+        IpNet::V6(_) => SG_FAMILY_V6,
+    }
+}
+
+fn addr_key(policy: u32, direction: u8, net: IpNet) -> (u32, SgAddrKey) {
+    let mut addr = [0; 16];
+    match net.network() {
+        IpAddr::V4(a) => addr[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => addr = a.octets(),
+    }
+    let key = SgAddrKey {
+        policy: policy.to_be_bytes(),
+        direction,
+        family: family(&net),
+        _pad: [0; 2],
+        addr,
+    };
+    (SG_ADDR_FIXED_BITS + net.prefix_len() as u32, key)
+}
+
+/// Addresses a remote group stands for: its ports' IPs and allowed pairs.
+fn group_members(snap: &Snapshot) -> BTreeMap<&str, BTreeSet<IpNet>> {
+    let mut out: BTreeMap<&str, BTreeSet<IpNet>> = BTreeMap::new();
+    for p in &snap.ports {
+        for g in &p.security_groups {
+            let set = out.entry(g.as_str()).or_default();
+            set.extend(p.ips.iter().map(|ip| IpNet::from(*ip)));
+            set.extend(p.allowed_address_pairs.iter().map(|a| a.ip.trunc()));
+        }
+    }
+    out
+}
+
+fn direction_code(d: Direction) -> u8 {
+    match d {
+        Direction::Ingress => SG_INGRESS,
+        Direction::Egress => SG_EGRESS,
+    }
+}
+
+/// Compiles `policies` (id → group names) against the snapshot's groups.
+pub fn compile(snap: &Snapshot, policies: &BTreeMap<u32, PolicySet>) -> Result<SgTables, Error> {
+    let groups: BTreeMap<&str, &SecurityGroup> = snap
+        .security_groups
+        .iter()
+        .map(|g| (g.name.as_str(), g))
+        .collect();
+    let members = group_members(snap);
+    let none = BTreeSet::new();
+    let mut out = SgTables::default();
+    for (&policy, set) in policies {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let d = direction_code(dir);
+            let rules: BTreeSet<&Rule> = set
+                .iter()
+                .filter_map(|g| groups.get(g.as_str()))
+                .flat_map(|g| g.rules.iter())
+                .filter(|r| r.direction == dir)
+                .collect();
+            let rules: Vec<&Rule> = rules.into_iter().collect();
+            // Remote prefix → the rules naming it.
+            let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+            for (i, r) in rules.iter().enumerate() {
+                let any = match r.ethertype {
+                    Ethertype::IPv4 => "0.0.0.0/0".parse().expect("literal"),
+                    Ethertype::IPv6 => "::/0".parse().expect("literal"),
+                };
+                let remotes: Vec<IpNet> = match &r.remote {
+                    None => vec![any],
+                    Some(Remote::Cidr(c)) => vec![c.trunc()],
+                    Some(Remote::Group(g)) => members
+                        .get(g.as_str())
+                        .unwrap_or(&none)
+                        .iter()
+                        .filter(|n| family(n) == family(&any))
+                        .copied()
+                        .collect(),
+                };
+                for n in remotes {
+                    by_prefix.entry(n).or_default().push(i);
+                }
+            }
+            let mut classes: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
+            for prefix in by_prefix.keys() {
+                let mut class = BTreeSet::new();
+                for bits in 0..=prefix.prefix_len() {
+                    let ancestor = IpNet::new(prefix.addr(), bits)
+                        .expect("shorter than the prefix")
+                        .trunc();
+                    if let Some(rs) = by_prefix.get(&ancestor) {
+                        class.extend(rs.iter().copied());
+                    }
+                }
+                let next = classes.len() as u32;
+                let id = *classes.entry(class.into_iter().collect()).or_insert(next);
+                out.addrs.insert(addr_key(policy, d, *prefix), id);
+            }
+            for (class, &id) in &classes {
+                for &i in class {
+                    let r = rules[i];
+                    let key = |proto: u8, port: u16| SgRuleKey {
+                        policy: policy.to_be_bytes(),
+                        class: id.to_be_bytes(),
+                        direction: d,
+                        proto,
+                        port: port.to_be_bytes(),
+                    };
+                    match (r.protocol.number(r.ethertype), r.ports) {
+                        (None, _) => {
+                            out.rules.insert((SG_RULE_FIXED_BITS, key(0, 0)), 1);
+                        }
+                        (Some(p), None) => {
+                            out.rules.insert((SG_RULE_FIXED_BITS + 8, key(p, 0)), 1);
+                        }
+                        (Some(p), Some(range)) => {
+                            for (v, bits) in port_prefixes(range.first, range.last) {
+                                out.rules
+                                    .insert((SG_RULE_FIXED_BITS + 8 + bits, key(p, v)), 1);
+                            }
+                        }
+                    }
+                }
+            }
+            if out.addrs.len() > MAX_SG_ADDRS as usize || out.rules.len() > MAX_SG_RULES as usize {
+                return Err(Error::Invalid(format!(
+                    "security groups {set:?} compile to more than the {MAX_SG_ADDRS} address \
+                     and {MAX_SG_RULES} rule entries a host holds"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_become_exact_prefixes() {
+        assert_eq!(port_prefixes(22, 22), vec![(22, 16)]);
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(8000, 8003), vec![(8000, 14)]);
+        assert_eq!(port_prefixes(1, 3), vec![(1, 16), (2, 15)]);
+        assert_eq!(port_prefixes(65535, 65535), vec![(65535, 16)]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn port_prefixes_cover_the_range_and_nothing_else(a: u16, b: u16, probe: u16) {
+            let (first, last) = (a.min(b), a.max(b));
+            let ps = port_prefixes(first, last);
+            let hits = ps
+                .iter()
+                .filter(|(v, bits)| {
+                    let mask = u16::MAX.checked_shl(16 - bits).unwrap_or(0);
+                    probe & mask == *v
+                })
+                .count();
+            proptest::prop_assert_eq!(hits, ((first..=last).contains(&probe)) as usize);
+            proptest::prop_assert!(ps.len() <= 30);
+        }
+    }
+}

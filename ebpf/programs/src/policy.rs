@@ -1,0 +1,383 @@
+//! Security groups, stateful, at both ends of a flow: the sending port's
+//! egress rules and the receiving port's ingress rules, for the ends that are
+//! local ports with port security. An established flow costs one conntrack
+//! lookup; a new one two longest-prefix matches per end, whatever the number
+//! of rules (see dataplane/src/policy.rs for how rules become those tables).
+//! When the rules change (`policy_epoch`), a flow is checked again on its
+//! next packet and cut if they no longer allow it.
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use cloison_abi::*;
+
+use crate::{
+    conntrack,
+    hdr::*,
+    maps::{CONFIG, CONNTRACK, FRAGMENTS, PORTS, SCRATCH, SG_ADDRS, SG_RULES},
+    parse::{self, Parsed, L3},
+    port::{Decision, NEXT_LOCAL},
+};
+
+/// The port program's check, after forwarding chose where the frame goes.
+#[inline(never)]
+pub fn from_port(ctx: &TcContext, d: &Decision) -> Packed {
+    let local_peer = d.next.kind == NEXT_LOCAL && d.peer.flags & PORT_F_SECURITY != 0;
+    let sender_secure = d.port.flags & PORT_F_SECURITY != 0;
+    if !sender_secure && !local_peer {
+        return 0;
+    }
+    let rp: *const PortInfo = if local_peer {
+        match PORTS.get_ptr(&d.peer.ifindex) {
+            // The map value itself: it does not move while the program runs.
+            Some(info) => info,
+            None => return pack(Err(DropReason::UnknownPort)),
+        }
+    } else {
+        core::ptr::null()
+    };
+    let sp: *const PortInfo = if sender_secure {
+        &d.port
+    } else {
+        core::ptr::null()
+    };
+    let owner = if sender_secure { sp } else { rp };
+    let c = Cursor::new(ctx.data(), ctx.data_end());
+    enforce(&c, &d.parsed, owner, sp, rp)
+}
+
+pub struct Scratch {
+    parsed: Parsed,
+    receiver: PortInfo,
+    key: CtKey,
+}
+
+#[inline(always)]
+fn scratch() -> Result<&'static mut Scratch, DropReason> {
+    match SCRATCH.get_ptr_mut(0) {
+        Some(s) => Ok(unsafe { &mut *s }),
+        None => Err(DropReason::NoConfig),
+    }
+}
+
+/// The uplink's check of a decapsulated frame for local port `ifindex`;
+/// `c` starts at the inner Ethernet header, `pkt_len` counts from there.
+#[inline(never)]
+pub fn to_port(c: &Cursor, pkt_len: usize, ifindex: u32) -> Packed {
+    let sc = match scratch() {
+        Ok(s) => s,
+        Err(e) => return pack(Err(e)),
+    };
+    match PORTS.get_ptr(&ifindex) {
+        Some(info) => sc.receiver = unsafe { *info },
+        None => return pack(Err(DropReason::UnknownPort)),
+    };
+    if sc.receiver.flags & PORT_F_SECURITY == 0 {
+        return 0;
+    }
+    if let Err(e) = parse::frame(c, pkt_len, &mut sc.parsed) {
+        return pack(Err(e));
+    }
+    if sc.parsed.l3 == L3::Arp {
+        // ARP is answered on every host by the proxy; none crosses the overlay.
+        return pack(Err(DropReason::UnsupportedEthertype));
+    }
+    enforce(c, &sc.parsed, &sc.receiver, core::ptr::null(), &sc.receiver)
+}
+
+pub const EMPTY_PORT: PortInfo = PortInfo {
+    vni: 0,
+    slot: 0,
+    flags: 0,
+    mtu: 0,
+    mac: [0; 6],
+    _pad: [0; 2],
+    policy: 0,
+    tenant: 0,
+    ct_port_quota: 0,
+    ct_tenant_quota: 0,
+};
+
+/// `sender` / `receiver`: the local port with port security at that end of
+/// the flow, or null; `owner` (one of them, never null) is charged with a
+/// new flow's conntrack entry, and its network is the flow's zone.
+#[inline(never)]
+fn enforce(
+    c: &Cursor,
+    p: &Parsed,
+    owner: *const PortInfo,
+    sender: *const PortInfo,
+    receiver: *const PortInfo,
+) -> Packed {
+    let Some(owner) = (unsafe { owner.as_ref() }) else {
+        return pack(Err(DropReason::UnknownPort));
+    };
+    let s = unsafe { sender.as_ref() };
+    let r = unsafe { receiver.as_ref() };
+    pack(check(c, p, owner, s, r).map(|_| 0))
+}
+
+#[inline(always)]
+fn check(
+    c: &Cursor,
+    p: &Parsed,
+    owner: &PortInfo,
+    s: Option<&PortInfo>,
+    r: Option<&PortInfo>,
+) -> Result<(), DropReason> {
+    let zone = owner.vni;
+    let v4 = p.l3 == L3::Ipv4;
+    if !v4 && p.proto == IPPROTO_ICMPV6 && (p.icmp_type == 135 || p.icmp_type == 136) {
+        // Neighbour discovery is always allowed (as in Neutron).
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if p.later_fragment {
+        return fragment_seen(zone, p, now);
+    }
+    if is_icmp_error(p) {
+        return related(c, p, zone, now);
+    }
+    let epoch = CONFIG.get(0).ok_or(DropReason::NoConfig)?.policy_epoch;
+    let key = &mut scratch()?.key;
+    let from_b = conntrack::key(key, zone, p.proto, &p.src, (p.sport, p.dport), &p.dst);
+    let tcp = p.proto == IPPROTO_TCP;
+    if let Some(e) = CONNTRACK.get_ptr_mut(&*key) {
+        let e = unsafe { &mut *e };
+        if !conntrack::expired(e, now) {
+            let reply = from_b != (e.flags & CT_F_ORIG_B != 0);
+            if e.epoch != epoch {
+                if rules_allow(p, s, r, reply).is_err() {
+                    conntrack::remove(&*key, e);
+                    return Err(DropReason::SgRevoked);
+                }
+                e.epoch = epoch;
+            }
+            let (state, flags) = ct_advance(e.state, e.flags, tcp, p.tcp_flags, reply);
+            e.state = state;
+            e.flags = flags;
+            e.last_seen_ns = now;
+            remember_first_fragment(zone, p, now);
+            return Ok(());
+        }
+        conntrack::remove(&*key, e);
+    }
+    if tcp && !tcp_opens(p.tcp_flags) {
+        return Err(DropReason::CtTcpNotSyn);
+    }
+    rules_allow(p, s, r, false)?;
+    let state = if tcp {
+        ct_state::TCP_SYN_SENT
+    } else {
+        ct_state::ONE_WAY
+    };
+    conntrack::create(&*key, owner, state, from_b, epoch, now)?;
+    remember_first_fragment(zone, p, now);
+    Ok(())
+}
+
+/// Whether the rules of the secured ends allow this packet's flow. `reply`:
+/// the packet goes from the flow's responder to its originator, so the
+/// sender's ingress and the receiver's egress rules apply, and the service
+/// port is the packet's source port.
+///
+/// This and the other helpers below are calls, not inlined: each has its
+/// own stack frame, so that no call chain reaches the 512-byte BPF stack.
+#[inline(always)]
+fn rules_allow(
+    p: &Parsed,
+    s: Option<&PortInfo>,
+    r: Option<&PortInfo>,
+    reply: bool,
+) -> Result<(), DropReason> {
+    let sp: *const PortInfo = match s {
+        Some(s) => s,
+        None => core::ptr::null(),
+    };
+    let rp: *const PortInfo = match r {
+        Some(r) => r,
+        None => core::ptr::null(),
+    };
+    unpack(rules_allow_call(p, sp, rp, reply as u32)).map(|_| ())
+}
+
+#[inline(never)]
+fn rules_allow_call(p: &Parsed, s: *const PortInfo, r: *const PortInfo, reply: u32) -> Packed {
+    let reply = reply != 0;
+    let service = if reply { p.sport } else { p.dport };
+    if let Some(s) = unsafe { s.as_ref() } {
+        let dir = if reply { SG_INGRESS } else { SG_EGRESS };
+        if allowed(s.policy, dir as u32, &p.dst, p, service as u32) == 0 {
+            return pack(Err(if reply {
+                DropReason::SgIngressDenied
+            } else {
+                DropReason::SgEgressDenied
+            }));
+        }
+    }
+    if let Some(r) = unsafe { r.as_ref() } {
+        let dir = if reply { SG_EGRESS } else { SG_INGRESS };
+        if allowed(r.policy, dir as u32, &p.src, p, service as u32) == 0 {
+            return pack(Err(if reply {
+                DropReason::SgEgressDenied
+            } else {
+                DropReason::SgIngressDenied
+            }));
+        }
+    }
+    0
+}
+
+/// Two lookups: the remote address's class, then (class, protocol, port).
+/// 1 if allowed.
+#[inline(never)]
+fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32) -> u32 {
+    let (v4, proto, direction, port) = (p.l3 == L3::Ipv4, p.proto, direction as u8, port as u16);
+    let mut addr = [0u8; 16];
+    let (family, bits) = if v4 {
+        addr[0] = remote[12];
+        addr[1] = remote[13];
+        addr[2] = remote[14];
+        addr[3] = remote[15];
+        (SG_FAMILY_V4, 32)
+    } else {
+        addr = *remote;
+        (SG_FAMILY_V6, 128)
+    };
+    let policy = policy.to_be_bytes();
+    let key = Key::new(
+        SG_ADDR_FIXED_BITS + bits,
+        SgAddrKey {
+            policy,
+            direction,
+            family,
+            _pad: [0; 2],
+            addr,
+        },
+    );
+    let class = match SG_ADDRS.get(&key) {
+        Some(c) => *c,
+        None => return 0,
+    };
+    let key = Key::new(
+        SG_RULE_FIXED_BITS + 24,
+        SgRuleKey {
+            policy,
+            class: class.to_be_bytes(),
+            direction,
+            proto,
+            port: port.to_be_bytes(),
+        },
+    );
+    SG_RULES.get(&key).is_some() as u32
+}
+
+#[inline(always)]
+fn is_icmp_error(p: &Parsed) -> bool {
+    match (p.l3, p.proto) {
+        (L3::Ipv4, IPPROTO_ICMP) => matches!(p.icmp_type, 3 | 11 | 12),
+        (L3::Ipv6, IPPROTO_ICMPV6) => matches!(p.icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// An ICMP error passes only if the packet it quotes belongs to a tracked flow.
+#[inline(always)]
+fn related(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), DropReason> {
+    unpack(related_call(c, p, zone, now)).map(|_| ())
+}
+
+#[inline(never)]
+fn related_call(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Packed {
+    pack(related_stage(c, p, zone, now).map(|_| 0))
+}
+
+#[inline(always)]
+fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), DropReason> {
+    let unrelated = DropReason::IcmpErrorUnrelated;
+    // Parsed may live in map memory, whose values the verifier does not
+    // track: bound the offset before it moves a packet pointer.
+    if p.l4_off > ETH_LEN + 60 {
+        return Err(unrelated);
+    }
+    let off = p.l4_off + 8;
+    let key = &mut scratch()?.key;
+    let (proto, l4) = if p.l3 == L3::Ipv4 {
+        let ip: *mut Ipv4Hdr = c.at(off).ok_or(unrelated)?;
+        let ip = unsafe { &*ip };
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return Err(unrelated);
+        }
+        key.addr_a = crate::maps::v4_mapped(ip.src);
+        key.addr_b = crate::maps::v4_mapped(ip.dst);
+        (ip.proto, off + ihl)
+    } else {
+        let ip: *mut Ipv6Hdr = c.at(off).ok_or(unrelated)?;
+        let ip = unsafe { &*ip };
+        key.addr_a = ip.src;
+        key.addr_b = ip.dst;
+        (ip.next_header, off + 40)
+    };
+    let (mut sport, mut dport) = (0u16, 0u16);
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports: *mut [u8; 4] = c.at(l4).ok_or(unrelated)?;
+            let ports = unsafe { &*ports };
+            sport = be16([ports[0], ports[1]]);
+            dport = be16([ports[2], ports[3]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let i: *mut IcmpHdr = c.at(l4).ok_or(unrelated)?;
+            let i = unsafe { &*i };
+            let id = be16([i.rest[0], i.rest[1]]);
+            match i.ty {
+                ICMP_ECHO_REQUEST | ICMPV6_ECHO_REQUEST => sport = id,
+                ICMP_ECHO_REPLY | ICMPV6_ECHO_REPLY => dport = id,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    // The quoted packet's own ends, put in canonical order like any key.
+    let (src, dst) = (key.addr_a, key.addr_b);
+    conntrack::key(key, zone, proto, &src, (sport, dport), &dst);
+    match CONNTRACK.get_ptr(key) {
+        Some(e) if !conntrack::expired(unsafe { &*e }, now) => Ok(()),
+        _ => Err(unrelated),
+    }
+}
+
+#[inline(always)]
+fn frag_key(zone: u32, p: &Parsed) -> FragKey {
+    FragKey {
+        zone,
+        src: [p.src[12], p.src[13], p.src[14], p.src[15]],
+        dst: [p.dst[12], p.dst[13], p.dst[14], p.dst[15]],
+        id: p.ip_id,
+        proto: p.proto,
+        _pad: 0,
+    }
+}
+
+#[inline(never)]
+fn remember_first_fragment(zone: u32, p: &Parsed, now: u64) {
+    if p.first_fragment {
+        let _ = FRAGMENTS.insert(&frag_key(zone, p), &now, 0);
+    }
+}
+
+/// A later fragment gets its first fragment's verdict.
+#[inline(always)]
+fn fragment_seen(zone: u32, p: &Parsed, now: u64) -> Result<(), DropReason> {
+    if fragment_seen_call(zone, p, now) != 0 {
+        Ok(())
+    } else {
+        Err(DropReason::FragmentUnknown)
+    }
+}
+
+#[inline(never)]
+fn fragment_seen_call(zone: u32, p: &Parsed, now: u64) -> u32 {
+    match FRAGMENTS.get_ptr(&frag_key(zone, p)) {
+        Some(t) => (now.wrapping_sub(unsafe { *t }) <= FRAG_TIMEOUT_NS) as u32,
+        None => 0,
+    }
+}

@@ -28,7 +28,7 @@ use cloison_abi::{map_names as M, program_names as P, *};
 use crate::{
     netdev,
     snapshot::Snapshot,
-    tables::{self, Compiled, Tables},
+    tables::{self, Compiled, ConntrackLimits, Tables},
     Error,
 };
 
@@ -90,6 +90,7 @@ pub struct RunResult {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    ct_limits: ConntrackLimits,
 }
 
 fn link_dir(pin_dir: &Path) -> PathBuf {
@@ -149,9 +150,18 @@ impl Dataplane {
         let xdp: &mut Xdp = program(&mut ebpf, P::UPLINK_XDP)?;
         xdp.load()
             .map_err(|e| Error::kernel(format!("verify {}", P::UPLINK_XDP))(e.into()))?;
-        let mut dp = Dataplane { ebpf, pin_dir };
+        let mut dp = Dataplane {
+            ebpf,
+            pin_dir,
+            ct_limits: ConntrackLimits::default(),
+        };
         dp.swap_pinned_links()?;
         Ok(dp)
+    }
+
+    /// Caps the conntrack shares from the next `apply` on.
+    pub fn set_conntrack_limits(&mut self, limits: ConntrackLimits) {
+        self.ct_limits = limits;
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -216,8 +226,14 @@ impl Dataplane {
         let uplink_ifindex = netdev::ifindex(uplink)
             .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
         let previous: BTreeMap<u32, PortInfo> = read_hash(&self.ebpf, M::PORTS)?;
-        let compiled: Compiled =
-            tables::compile(snap, host, uplink_ifindex, netdev::resolve, &previous)?;
+        let compiled: Compiled = tables::compile(
+            snap,
+            host,
+            uplink_ifindex,
+            netdev::resolve,
+            &previous,
+            self.ct_limits,
+        )?;
         let t = &compiled.tables;
         let mut report = ApplyReport {
             pending: compiled.pending.clone(),

@@ -394,10 +394,12 @@ impl Snapshot {
                 if let Some(Remote::Group(other)) = &r.remote {
                     match groups.get(other.as_str()) {
                         Some(o) if o.tenant == g.tenant => {}
-                        Some(_) => return invalid(format!(
+                        Some(_) => {
+                            return invalid(format!(
                             "security group {} rule {i}: group {other} belongs to another tenant",
                             g.name
-                        )),
+                        ))
+                        }
                         None => {
                             return invalid(format!(
                                 "security group {} rule {i}: unknown group {other}",

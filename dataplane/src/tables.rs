@@ -70,12 +70,41 @@ pub fn addr_key(ifindex: u32, net: IpNet) -> (u32, AddrKey) {
     (32 + bits, key)
 }
 
+/// Caps on the fair shares of the conntrack table: an operator may hold a
+/// port or a tenant below its share. `u32::MAX`: the share alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackLimits {
+    pub per_port: u32,
+    pub per_tenant: u32,
+}
+
+impl Default for ConntrackLimits {
+    fn default() -> Self {
+        ConntrackLimits {
+            per_port: u32::MAX,
+            per_tenant: u32::MAX,
+        }
+    }
+}
+
+/// A port's conntrack share: all of its tenant's if it is the tenant's only
+/// port on the host, else three quarters of it. A busy port is not held to
+/// an equal split with idle neighbours, and they always keep a quarter.
+pub fn port_share(tenant_quota: u32, tenant_ports: u32) -> u32 {
+    if tenant_ports <= 1 {
+        tenant_quota
+    } else {
+        (tenant_quota / 4 * 3).max(1)
+    }
+}
+
 pub fn compile(
     snap: &Snapshot,
     host: &str,
     uplink_ifindex: u32,
     resolve: impl Fn(&str) -> Option<Iface>,
     previous: &BTreeMap<u32, PortInfo>,
+    limits: ConntrackLimits,
 ) -> Result<Compiled, Error> {
     snap.validate()?;
     let me = snap
@@ -138,8 +167,8 @@ pub fn compile(
         }
     }
 
-    // Conntrack shares: each tenant on this host an equal part of the table,
-    // each of its ports an equal part of the tenant's.
+    // Conntrack shares: each tenant on this host an equal part of the table
+    // (see port_share for its ports).
     let mut tenant_ports: BTreeMap<&str, u32> = BTreeMap::new();
     for p in snap
         .ports
@@ -155,7 +184,7 @@ pub fn compile(
             "more than {MAX_TENANTS} tenants on host {host}"
         )));
     }
-    let tenant_quota = CT_USABLE / (tenant_ports.len() as u32).max(1);
+    let tenant_quota = (CT_USABLE / (tenant_ports.len() as u32).max(1)).min(limits.per_tenant);
     let tenant_index: BTreeMap<&str, u32> = tenant_ports
         .keys()
         .enumerate()
@@ -263,7 +292,8 @@ pub fn compile(
                     _pad: [0; 2],
                     policy: sets.get(p.name.as_str()).map_or(0, |s| policy_of[s]),
                     tenant: tenant_index[net.tenant.as_str()],
-                    ct_port_quota: (tenant_quota / tenant_ports[net.tenant.as_str()]).max(1),
+                    ct_port_quota: port_share(tenant_quota, tenant_ports[net.tenant.as_str()])
+                        .min(limits.per_port),
                     ct_tenant_quota: tenant_quota,
                 },
             );
@@ -352,7 +382,15 @@ mod tests {
 
     #[test]
     fn compiles_local_remote_and_pending_ports() {
-        let c = compile(&snap(), "hv1", 2, resolve, &BTreeMap::new()).unwrap();
+        let c = compile(
+            &snap(),
+            "hv1",
+            2,
+            resolve,
+            &BTreeMap::new(),
+            ConntrackLimits::default(),
+        )
+        .unwrap();
         assert_eq!(c.pending, vec!["p3".to_string()]);
         assert_eq!(c.tables.config.vtep, [192, 0, 2, 1]);
         assert_eq!(c.tables.ports[&10].vni, 7);
@@ -380,13 +418,28 @@ mod tests {
 
     #[test]
     fn keeps_the_slot_a_port_had() {
-        let mut info = compile(&snap(), "hv1", 2, resolve, &BTreeMap::new())
-            .unwrap()
-            .tables
-            .ports[&10];
+        let mut info = compile(
+            &snap(),
+            "hv1",
+            2,
+            resolve,
+            &BTreeMap::new(),
+            ConntrackLimits::default(),
+        )
+        .unwrap()
+        .tables
+        .ports[&10];
         info.slot = 5;
         let prev = BTreeMap::from([(10, info)]);
-        let c = compile(&snap(), "hv1", 2, resolve, &prev).unwrap();
+        let c = compile(
+            &snap(),
+            "hv1",
+            2,
+            resolve,
+            &prev,
+            ConntrackLimits::default(),
+        )
+        .unwrap();
         assert_eq!(c.local_ports[0].slot, 5);
     }
 
@@ -394,7 +447,15 @@ mod tests {
     fn a_host_without_ports_programs_no_network() {
         let mut s = snap();
         s.ports.retain(|p| p.host != "hv1");
-        let c = compile(&s, "hv1", 2, resolve, &BTreeMap::new()).unwrap();
+        let c = compile(
+            &s,
+            "hv1",
+            2,
+            resolve,
+            &BTreeMap::new(),
+            ConntrackLimits::default(),
+        )
+        .unwrap();
         assert!(c.tables.networks.is_empty() && c.tables.forward.is_empty());
     }
 
@@ -403,9 +464,16 @@ mod tests {
         let bad = |f: &dyn Fn(&mut Snapshot)| {
             let mut s = snap();
             f(&mut s);
-            compile(&s, "hv1", 2, resolve, &BTreeMap::new())
-                .unwrap_err()
-                .to_string()
+            compile(
+                &s,
+                "hv1",
+                2,
+                resolve,
+                &BTreeMap::new(),
+                ConntrackLimits::default(),
+            )
+            .unwrap_err()
+            .to_string()
         };
         assert!(bad(&|s| s.networks[0].vni = 0).contains("VNI"));
         assert!(bad(&|s| s.networks[0].mtu = 100).contains("MTU"));

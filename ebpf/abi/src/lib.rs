@@ -27,8 +27,9 @@ pub const MAX_ADDR_ALLOW: u32 = 65536;
 /// Tenants with a port on one host (conntrack quota counters).
 pub const MAX_TENANTS: u32 = 4096;
 /// Conntrack entries per host. Each tenant on the host gets an equal share
-/// of [`CT_USABLE`], each of its ports an equal share of the tenant's, so
-/// the LRU never has to evict: one tenant's flood only meets its own limit.
+/// of [`CT_USABLE`] (each of its ports at most three quarters of that when
+/// it has several), so the LRU never has to evict: one tenant's flood only
+/// meets its own limit.
 pub const MAX_CONNTRACK: u32 = 262144;
 /// The part of the table handed out as quotas; the rest absorbs the LRU's
 /// per-CPU free lists, which may evict before the table is globally full.

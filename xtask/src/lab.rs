@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     process::Command,
     sync::{
@@ -17,8 +17,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use cloison_abi::DropReason;
 use cloison_dataplane::{
-    loader::DEFAULT_PIN_ROOT, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port, Snapshot,
-    Stats, UplinkHook,
+    loader::DEFAULT_PIN_ROOT, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port,
+    SecurityGroup, Snapshot, Stats, UplinkHook,
 };
 
 /// Runs a command, failing with its stderr.
@@ -139,6 +139,29 @@ pub struct Lab {
 
 pub const UPLINK: &str = "up0";
 
+/// Neutron's default group, `{prefix}-default`: everything out, and in from
+/// the group's own members, over IPv4 and IPv6.
+pub fn default_group(tenant: &str, prefix: &str) -> SecurityGroup {
+    let name = format!("{prefix}-default");
+    let rules = ["IPv4", "IPv6"]
+        .iter()
+        .flat_map(|e| {
+            [
+                format!(r#"{{"direction": "egress", "ethertype": "{e}"}}"#),
+                format!(
+                    r#"{{"direction": "ingress", "ethertype": "{e}", "remote": {{"group": "{name}"}}}}"#
+                ),
+            ]
+        })
+        .map(|r| serde_json::from_str(&r).expect("rule literal"))
+        .collect();
+    SecurityGroup {
+        name,
+        tenant: tenant.into(),
+        rules,
+    }
+}
+
 pub fn underlay_ip(host: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, host as u8)
 }
@@ -186,6 +209,9 @@ impl Lab {
             self.add_host(i)?;
         }
         for n in ["a", "b"] {
+            self.snapshot
+                .security_groups
+                .push(default_group(&format!("tenant-{n}"), n));
             self.snapshot.networks.push(Network {
                 name: format!("{n}-net"),
                 tenant: format!("tenant-{n}"),
@@ -279,7 +305,7 @@ impl Lab {
             interface: port_if.clone(),
             mac,
             ips: vec![ip.into(), ip6.into()],
-            security_groups: vec![],
+            security_groups: vec![format!("{tenant}-default")],
             allowed_address_pairs: vec![],
             port_security: true,
         });
@@ -302,6 +328,14 @@ impl Lab {
 
     fn pin_name(&self, host: &str) -> String {
         format!("{}-{host}", self.tag)
+    }
+
+    /// Conntrack entries on `host` now.
+    pub fn conntrack_entries(&self, host: &str) -> Result<usize> {
+        let (pin, root) = (self.pin_name(host), self.pin_root.clone());
+        in_netns(&self.ns(host), move || {
+            Ok(Dataplane::open(&pin, &root)?.conntrack()?.len())
+        })
     }
 
     /// Programs every host's dataplane with the lab snapshot.
@@ -440,7 +474,7 @@ impl Lab {
             interface: "vx0".into(),
             mac,
             ips: vec!["10.0.0.9".parse()?],
-            security_groups: vec![],
+            security_groups: vec!["a-default".into()],
             allowed_address_pairs: vec![],
             port_security: true,
         });
@@ -544,15 +578,29 @@ pub fn contains(frame: &[u8], needle: &[u8]) -> bool {
 /// A TCP exchange: a server in `to`'s VM echoes what a client in `from`'s
 /// VM sends. Returns the echoed bytes.
 pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> {
+    let addr = lab.vm(to).ip.into();
+    tcp_echo_to(lab, from, to, addr, 5001, msg, Duration::from_secs(5))
+}
+
+/// [`tcp_echo`] to `addr:port` (an address of `to`), giving up after `wait`:
+/// an error when the security groups stop it.
+pub fn tcp_echo_to(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    addr: IpAddr,
+    port: u16,
+    msg: &[u8],
+    wait: Duration,
+) -> Result<Vec<u8>> {
     let server_ns = lab.vm(to).ns.clone();
-    let addr = lab.vm(to).ip;
     let (tx, rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || -> Result<()> {
         netdev::enter_netns(&server_ns)?;
-        let l = TcpListener::bind((addr, 5001))?;
+        let l = TcpListener::bind((addr, port))?;
         tx.send(()).ok();
         l.set_nonblocking(true)?;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + wait + Duration::from_secs(1);
         let mut s = loop {
             match l.accept() {
                 Ok((s, _)) => break s,
@@ -565,15 +613,13 @@ pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
             }
         };
         s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_read_timeout(Some(wait))?;
         let mut buf = vec![0u8; 65536];
-        let mut total = Vec::new();
         loop {
             let n = s.read(&mut buf)?;
             if n == 0 {
                 break;
             }
-            total.extend_from_slice(&buf[..n]);
             s.write_all(&buf[..n])?;
         }
         Ok(())
@@ -582,8 +628,8 @@ pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
         .context("server start")?;
     let msg = msg.to_vec();
     let got = in_netns(&lab.vm(from).ns, move || {
-        let mut s = TcpStream::connect_timeout(&(addr, 5001).into(), Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut s = TcpStream::connect_timeout(&(addr, port).into(), wait)?;
+        s.set_read_timeout(Some(wait))?;
         s.write_all(&msg)?;
         s.shutdown(std::net::Shutdown::Write)?;
         let mut got = Vec::new();
@@ -600,13 +646,26 @@ pub fn tcp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
 
 /// One UDP datagram each way between two VMs; returns the reply.
 pub fn udp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> {
+    let addr = lab.vm(to).ip.into();
+    udp_echo_to(lab, from, to, addr, 5002, msg, Duration::from_secs(5))
+}
+
+/// [`udp_echo`] to `addr:port`, giving up after `wait`.
+pub fn udp_echo_to(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    addr: IpAddr,
+    port: u16,
+    msg: &[u8],
+    wait: Duration,
+) -> Result<Vec<u8>> {
     let server_ns = lab.vm(to).ns.clone();
-    let addr = lab.vm(to).ip;
     let (tx, rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || -> Result<()> {
         netdev::enter_netns(&server_ns)?;
-        let s = UdpSocket::bind((addr, 5002))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let s = UdpSocket::bind((addr, port))?;
+        s.set_read_timeout(Some(wait + Duration::from_secs(1)))?;
         tx.send(()).ok();
         let mut buf = [0u8; 2048];
         let (n, peer) = s.recv_from(&mut buf)?;
@@ -617,9 +676,14 @@ pub fn udp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
         .context("server start")?;
     let msg = msg.to_vec();
     let got = in_netns(&lab.vm(from).ns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.send_to(&msg, (addr, 5002))?;
+        let any: IpAddr = if addr.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let s = UdpSocket::bind((any, 0))?;
+        s.set_read_timeout(Some(wait))?;
+        s.send_to(&msg, (addr, port))?;
         let mut buf = [0u8; 2048];
         let (n, _) = s.recv_from(&mut buf)?;
         Ok(buf[..n].to_vec())
@@ -630,6 +694,146 @@ pub fn udp_echo(lab: &Lab, from: &str, to: &str, msg: &[u8]) -> Result<Vec<u8>> 
     let got = got?;
     served?;
     Ok(got)
+}
+
+/// A TCP stream that keeps running: a client in one VM writes small chunks
+/// as fast as the connection takes them, a server in another counts them.
+pub struct TcpStreamProbe {
+    received: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl TcpStreamProbe {
+    pub fn start(lab: &Lab, from: &str, to: &str, port: u16) -> Result<TcpStreamProbe> {
+        let addr = lab.vm(to).ip;
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (server_ns, client_ns) = (lab.vm(to).ns.clone(), lab.vm(from).ns.clone());
+        let (count, done) = (received.clone(), stop.clone());
+        let server = std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                netdev::enter_netns(&server_ns)?;
+                let l = TcpListener::bind((addr, port))?;
+                tx.send(()).ok();
+                let (mut s, _) = l.accept()?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                let mut buf = vec![0u8; 65536];
+                while !done.load(Ordering::Relaxed) {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            count.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(())
+            };
+            let _ = run();
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .context("stream server start")?;
+        let done = stop.clone();
+        let client = std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                netdev::enter_netns(&client_ns)?;
+                let mut s =
+                    TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(3))?;
+                s.set_write_timeout(Some(Duration::from_millis(200)))?;
+                let chunk = [0x5au8; 1024];
+                while !done.load(Ordering::Relaxed) {
+                    match s.write(&chunk) {
+                        Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(())
+            };
+            let _ = run();
+        });
+        Ok(TcpStreamProbe {
+            received,
+            stop,
+            threads: vec![server, client],
+        })
+    }
+
+    /// Bytes the server has received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received during the next `d`.
+    pub fn progress(&self, d: Duration) -> u64 {
+        let before = self.received();
+        std::thread::sleep(d);
+        self.received() - before
+    }
+}
+
+impl Drop for TcpStreamProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An open TCP connection from VM `from` to VM `to` on `port`: the client
+/// and the server's socket, usable from any thread (sockets keep their
+/// namespace).
+pub fn tcp_connection(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> Result<(TcpStream, TcpStream)> {
+    let addr = lab.vm(to).ip;
+    let listener = in_netns(&lab.vm(to).ns, move || Ok(TcpListener::bind((addr, port))?))?;
+    let accept = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let client = in_netns(&lab.vm(from).ns, move || {
+        Ok(TcpStream::connect_timeout(
+            &(addr, port).into(),
+            Duration::from_secs(3),
+        )?)
+    })?;
+    let server = accept
+        .join()
+        .map_err(|_| anyhow::anyhow!("accept panicked"))??;
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    }
+    Ok((client, server))
+}
+
+/// Sends one UDP datagram for each of `flows` distinct flows (source and
+/// destination ports vary) from VM `from` to `addr`, as fast as it can.
+pub fn udp_flood(lab: &Lab, from: &str, addr: Ipv4Addr, flows: u32) -> Result<()> {
+    in_netns(&lab.vm(from).ns, move || {
+        let sockets: Vec<UdpSocket> = (0..flows.div_ceil(60000))
+            .map(|_| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .collect::<std::io::Result<_>>()?;
+        for i in 0..flows {
+            let s = &sockets[(i / 60000) as usize];
+            let port = 1024 + (i % 60000) as u16;
+            // A full socket buffer drops the datagram: fine for a flood.
+            let _ = s.send_to(b"flood", (addr, port));
+        }
+        Ok(())
+    })
 }
 
 /// iperf3 TCP throughput in Gbit/s between two namespaces, `secs` long.

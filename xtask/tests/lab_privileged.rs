@@ -1,7 +1,13 @@
 //! Lab tests: real namespaces, real veths, the real kernel running the
 //! programs, real traffic. They need root (CAP_NET_ADMIN, CAP_BPF).
+use std::{
+    io::{Read, Write},
+    net::IpAddr,
+    time::Duration,
+};
+
 use cloison_abi::DropReason;
-use cloison_dataplane::UplinkHook;
+use cloison_dataplane::{SecurityGroup, UplinkHook};
 use xtask::lab::*;
 
 /// The two-host lab, not yet programmed (tests add to it first).
@@ -255,4 +261,212 @@ fn privileged_iperf3_tcp_with_default_offloads_beside_kernel_baseline() {
         .expect("iperf3 over the kernel baseline");
     println!("iperf3 TCP: Cloison {cloison:.2} Gbit/s, kernel VXLAN + bridge {base:.2} Gbit/s (ratio {:.2})", cloison / base);
     assert!(cloison > 0.0 && base > 0.0, "both carried TCP");
+}
+
+/// Tenant a's groups for the security-group lab tests: a1 serves TCP
+/// 8080-8081 to the members of `client` (a2), UDP 5353 to 10.0.0.3 only,
+/// and ICMP to anyone; a3 is in `plain` (out only). Tenant b keeps its
+/// default group.
+fn web_and_client(lab: &mut Lab) {
+    let sg = |s: &str| serde_json::from_str::<SecurityGroup>(s).expect("group literal");
+    let out = r#"{"direction": "egress"}, {"direction": "egress", "ethertype": "IPv6"}"#;
+    lab.snapshot.security_groups.extend([
+        sg(&format!(
+            r#"{{"name": "web", "tenant": "tenant-a", "rules": [
+                {{"direction": "ingress", "protocol": "tcp", "ports": "8080-8081", "remote": {{"group": "client"}}}},
+                {{"direction": "ingress", "protocol": "udp", "ports": "5353", "remote": {{"cidr": "10.0.0.3/32"}}}},
+                {{"direction": "ingress", "protocol": "icmp"}}, {out}]}}"#
+        )),
+        sg(&format!(r#"{{"name": "client", "tenant": "tenant-a", "rules": [{out}]}}"#)),
+        sg(&format!(r#"{{"name": "plain", "tenant": "tenant-a", "rules": [{out}]}}"#)),
+    ]);
+    set_groups(lab, &[("a1", "web"), ("a2", "client"), ("a3", "plain")]);
+}
+
+fn set_groups(lab: &mut Lab, groups: &[(&str, &str)]) {
+    for (port, group) in groups {
+        let p = lab
+            .snapshot
+            .ports
+            .iter_mut()
+            .find(|p| p.name == *port)
+            .expect("lab port");
+        p.security_groups = vec![group.to_string()];
+    }
+}
+
+const DENIED_WAIT: Duration = Duration::from_secs(1);
+
+fn tcp_ok(lab: &Lab, from: &str, to: &str, addr: IpAddr, port: u16) -> bool {
+    tcp_echo_to(lab, from, to, addr, port, b"sg", DENIED_WAIT).is_ok_and(|got| got == b"sg")
+}
+
+fn udp_ok(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
+    let addr = lab.vm(to).ip.into();
+    udp_echo_to(lab, from, to, addr, port, b"sg", DENIED_WAIT).is_ok_and(|got| got == b"sg")
+}
+
+#[test]
+fn privileged_security_group_matrix_with_real_traffic() {
+    let mut lab = lab();
+    web_and_client(&mut lab);
+    lab.apply().expect("apply");
+    let v4 = |vm: &str| IpAddr::from(lab.vm(vm).ip);
+    let (a1, b2) = (v4("a1"), v4("b2"));
+    let a1_v6 = IpAddr::from(lab.vm("a1").ip6);
+
+    let allowed = [
+        (
+            "a2 -> a1 tcp 8080 (remote group, across hosts)",
+            tcp_ok(&lab, "a2", "a1", a1, 8080),
+        ),
+        (
+            "a3 -> a1 udp 5353 (remote CIDR, one host)",
+            udp_ok(&lab, "a3", "a1", 5353),
+        ),
+        (
+            "a2 -> a1 ping (icmp from anywhere)",
+            lab.ping("a2", "10.0.0.1", 2),
+        ),
+        (
+            "b1 -> b2 tcp 8080 (tenant b's default group)",
+            tcp_ok(&lab, "b1", "b2", b2, 8080),
+        ),
+    ];
+    let denied = [
+        (
+            "a3 -> a1 tcp 8080 (a3 is not in client)",
+            tcp_ok(&lab, "a3", "a1", a1, 8080),
+        ),
+        (
+            "a2 -> a1 tcp 9090 (no rule)",
+            tcp_ok(&lab, "a2", "a1", a1, 9090),
+        ),
+        (
+            "a2 -> a1 udp 5353 (the CIDR is a3's)",
+            udp_ok(&lab, "a2", "a1", 5353),
+        ),
+        (
+            "a1 -> a2 ping (client takes nothing in)",
+            lab.ping("a1", "10.0.0.2", 2),
+        ),
+        (
+            "a1 -> a3 tcp 8080 (plain takes nothing in)",
+            tcp_ok(&lab, "a1", "a3", v4("a3"), 8080),
+        ),
+        (
+            "a2 -> a1 tcp 8080 over IPv6 (the rule is IPv4)",
+            tcp_ok(&lab, "a2", "a1", a1_v6, 8080),
+        ),
+    ];
+    for (what, ok) in allowed {
+        assert!(ok, "allowed: {what}");
+    }
+    for (what, ok) in denied {
+        assert!(!ok, "denied: {what}");
+    }
+    let (d1, d2) = (lab.drops("hv1").unwrap(), lab.drops("hv2").unwrap());
+    assert!(
+        d1.get(&DropReason::SgIngressDenied).is_some(),
+        "hv1 counts: {d1:?}"
+    );
+    assert!(
+        d2.get(&DropReason::SgIngressDenied).is_some(),
+        "hv2 counts: {d2:?}"
+    );
+
+    // A remote group follows its members: a3 joins client.
+    set_groups(&mut lab, &[("a3", "client")]);
+    lab.apply().expect("apply");
+    assert!(
+        tcp_ok(&lab, "a3", "a1", a1, 8080),
+        "a3 -> a1 tcp 8080 once a3 is in client"
+    );
+}
+
+#[test]
+fn privileged_revoke_cuts_a_running_tcp_stream() {
+    let mut lab = lab();
+    web_and_client(&mut lab);
+    lab.apply().expect("apply");
+    let stream = TcpStreamProbe::start(&lab, "a2", "a1", 8080).expect("stream");
+    assert!(
+        stream.progress(Duration::from_secs(1)) > 0,
+        "the stream runs"
+    );
+
+    // a2 leaves client: the rule that let its stream in no longer matches.
+    set_groups(&mut lab, &[("a2", "plain")]);
+    lab.apply().expect("apply");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stream.progress(Duration::from_millis(1500)),
+        0,
+        "the stream stops once the rule no longer allows it"
+    );
+    let d1 = lab.drops("hv1").unwrap();
+    assert!(
+        d1.get(&DropReason::SgRevoked).is_some(),
+        "cut and counted: {d1:?}"
+    );
+
+    set_groups(&mut lab, &[("a2", "client")]);
+    lab.apply().expect("apply");
+    let a1 = IpAddr::from(lab.vm("a1").ip);
+    assert!(
+        tcp_ok(&lab, "a2", "a1", a1, 8081),
+        "a new connection once a2 is back"
+    );
+}
+
+#[test]
+fn privileged_new_flow_flood_leaves_other_tenants_alone() {
+    let mut lab = lab();
+    lab.apply().expect("apply");
+    // Tenant a: a busy stream, and a connection that stays idle during the
+    // flood (an LRU would evict an idle entry first).
+    let stream = TcpStreamProbe::start(&lab, "a2", "a1", 8080).expect("stream");
+    assert!(
+        stream.progress(Duration::from_secs(1)) > 0,
+        "the stream runs"
+    );
+    let (mut client, mut server) = tcp_connection(&lab, "a1", "a2", 8081).expect("connection");
+    let exchange = |client: &mut std::net::TcpStream, server: &mut std::net::TcpStream| {
+        client.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf)?;
+        server.write_all(b"pong")?;
+        client.read_exact(&mut buf)?;
+        anyhow::Ok(buf == *b"pong")
+    };
+    assert!(exchange(&mut client, &mut server).expect("before the flood"));
+
+    // More new flows than the whole conntrack table holds.
+    let flows = cloison_abi::MAX_CONNTRACK + 40_000;
+    udp_flood(&lab, "b1", lab.vm("b2").ip, flows).expect("flood");
+
+    assert!(
+        exchange(&mut client, &mut server).expect("after the flood"),
+        "tenant a's idle connection survives"
+    );
+    assert!(
+        stream.progress(Duration::from_secs(1)) > 0,
+        "tenant a's busy stream goes on"
+    );
+    let a3 = IpAddr::from(lab.vm("a3").ip);
+    assert!(
+        tcp_ok(&lab, "a1", "a3", a3, 5001),
+        "tenant a still opens new flows"
+    );
+    let d1 = lab.drops("hv1").unwrap();
+    let refused = d1.get(&DropReason::CtPortQuota).copied().unwrap_or(0);
+    let entries = lab.conntrack_entries("hv1").unwrap();
+    println!(
+        "flood of {flows} flows: {refused} refused over quota, {entries} conntrack entries on hv1"
+    );
+    assert!(
+        refused > 0,
+        "b1's new flows beyond its share are refused: {d1:?}"
+    );
+    assert!(entries < cloison_abi::MAX_CONNTRACK as usize);
 }

@@ -11,6 +11,7 @@ pub mod netdev;
 pub mod policy;
 pub mod snapshot;
 pub mod tables;
+pub mod testbed;
 
 pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
 pub use snapshot::{

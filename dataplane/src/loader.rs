@@ -85,6 +85,8 @@ pub struct Stats {
 pub struct RunResult {
     pub verdict: u32,
     pub frame: Vec<u8>,
+    /// The kernel's time per run of the program (the average over repeats).
+    pub duration: std::time::Duration,
 }
 
 pub struct Dataplane {
@@ -470,6 +472,20 @@ impl Dataplane {
             .map_err(|e| Error::kernel("read CL_CT_USE")(e.into()))
     }
 
+    /// Forgets every tracked flow (their next packets are new flows again).
+    pub fn conntrack_flush(&mut self) -> Result<usize, Error> {
+        let keys: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
+        {
+            let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
+                map_mut(&mut self.ebpf, M::CONNTRACK)?;
+            for k in &keys {
+                let _ = m.remove(k);
+            }
+        }
+        self.conntrack_gc()?;
+        Ok(keys.len())
+    }
+
     /// Deletes the entries whose idle timeout has passed and sets every
     /// quota counter to the number of live entries it is charged with (the
     /// LRU may have evicted entries behind the counters' back). The agent
@@ -515,7 +531,20 @@ impl Dataplane {
         gso_size: u32,
     ) -> Result<RunResult, Error> {
         let prog: &SchedClassifier = program_ref(&self.ebpf, P::PORT)?;
-        run_tc(prog, ifindex, frame, gso_size)
+        run_tc(prog, ifindex, frame, gso_size, 1)
+    }
+
+    /// [`Self::test_run_port`] `repeat` times in one call, for benches. The
+    /// kernel runs the same input each time: what the program changes (its
+    /// maps, not the input) carries from one run to the next.
+    pub fn test_run_port_repeat(
+        &self,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<RunResult, Error> {
+        let prog: &SchedClassifier = program_ref(&self.ebpf, P::PORT)?;
+        run_tc(prog, ifindex, frame, 0, repeat)
     }
 
     /// Runs an uplink program on a frame from the underlay.
@@ -527,7 +556,7 @@ impl Dataplane {
     ) -> Result<RunResult, Error> {
         if hook == UplinkHook::Tc {
             let prog: &SchedClassifier = program_ref(&self.ebpf, P::UPLINK_TC)?;
-            return run_tc(prog, ifindex, frame, 0);
+            return run_tc(prog, ifindex, frame, 0, 1);
         }
         let prog: &Xdp = program_ref(&self.ebpf, P::UPLINK_XDP)?;
         let mut out = vec![0u8; frame.len() + 256];
@@ -542,6 +571,7 @@ impl Dataplane {
         Ok(RunResult {
             verdict: r.return_value,
             frame: out,
+            duration: r.duration,
         })
     }
 
@@ -569,6 +599,7 @@ fn run_tc(
     ifindex: u32,
     frame: &[u8],
     gso_size: u32,
+    repeat: u32,
 ) -> Result<RunResult, Error> {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_INGRESS_IFINDEX..][..4].copy_from_slice(&ifindex.to_ne_bytes());
@@ -584,6 +615,7 @@ fn run_tc(
             data_in: Some(frame),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
+            repeat,
             ..Default::default()
         })
         .map_err(|e| Error::kernel("test-run TC")(e.into()))?;
@@ -591,6 +623,7 @@ fn run_tc(
     Ok(RunResult {
         verdict: r.return_value,
         frame: out,
+        duration: r.duration,
     })
 }
 
@@ -698,14 +731,15 @@ fn delete_stale_hash<K: Pod + Ord, V: Pod>(
     Ok(stale.len())
 }
 
-/// The clock of `bpf_ktime_get_ns`.
+/// The clock the programs stamp conntrack entries with
+/// (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: a valid timespec to fill; the clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -6,8 +6,12 @@ use std::{net::Ipv4Addr, process::Command};
 
 use cloison_abi::DropReason;
 use cloison_dataplane::{
-    loader::RunResult, model::Verdict, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port,
-    SecurityGroup, Snapshot, UplinkHook,
+    loader::RunResult,
+    model::Verdict,
+    netdev,
+    snapshot::MacAddr,
+    testbed::{Testbed, UPLINK},
+    Dataplane, Host, Network, Port, SecurityGroup, Snapshot, UplinkHook,
 };
 use etherparse::PacketBuilder;
 
@@ -21,7 +25,7 @@ pub const XDP_REDIRECT: u32 = 4;
 pub const A1: [u8; 6] = [2, 0, 0, 0, 0, 1];
 pub const A2: [u8; 6] = [2, 0, 0, 0, 0, 2];
 pub const A3: [u8; 6] = [2, 0, 0, 0, 0, 3];
-pub const NEXT_HOP_MAC: [u8; 6] = [2, 0xaa, 0, 0, 0, 2];
+pub use cloison_dataplane::testbed::NEXT_HOP_MAC;
 
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip");
@@ -30,20 +34,6 @@ pub fn ip(args: &[&str]) {
         "ip {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The namespace, the dataplane and the interfaces of one fixture run.
-pub struct Bench {
-    pub ns: String,
-    pub pin: String,
-    pub root: std::path::PathBuf,
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        let _ = Dataplane::purge(&self.pin, &self.root);
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-    }
 }
 
 pub fn snapshot() -> Snapshot {
@@ -114,84 +104,21 @@ pub fn with_snapshot(snap: Snapshot, f: impl FnOnce(&mut Dataplane, u32, u32) + 
         "fixtures need root: run `cargo xtask test` as root"
     );
     let tag = format!("clfx{:x}", std::process::id() & 0xffff);
-    let bench = Bench {
-        ns: tag.clone(),
-        pin: tag.clone(),
-        root: "/sys/fs/bpf/cloison".into(),
-    };
-    let ns = bench.ns.as_str();
-    ip(&["netns", "add", ns]);
-    ip(&[
-        "-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1",
-    ]);
-    ip(&["-n", ns, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    for dev in ["up0", "up1", "lo"] {
-        ip(&["-n", ns, "link", "set", dev, "up"]);
-    }
-    // A hypervisor that routes: the FIB helper answers with the next hop's MAC.
-    // (Hosts with forwarding off are covered by the lab: the kernel resolves.)
-    let fwd = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.conf.up0.forwarding=1",
-        ])
-        .status()
-        .expect("sysctl");
-    assert!(fwd.success());
-    ip(&[
-        "-n",
-        ns,
-        "neigh",
-        "add",
-        "192.0.2.2",
-        "lladdr",
-        "02:aa:00:00:00:02",
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ]);
-    let local: Vec<String> = snap
-        .ports
-        .iter()
-        .filter(|p| p.host == "hv1")
-        .map(|p| p.interface.clone())
-        .collect();
-    for p in &local {
-        ip(&[
-            "-n",
-            ns,
-            "link",
-            "add",
-            p.as_str(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{p}v"),
-        ]);
-        ip(&["-n", ns, "link", "set", p.as_str(), "up"]);
-        ip(&["-n", ns, "link", "set", &format!("{p}v"), "up"]);
-    }
-    let (ns, pin, root) = (bench.ns.clone(), bench.pin.clone(), bench.root.clone());
-    let res = std::thread::spawn(move || {
-        netdev::enter_netns(&ns).expect("enter netns");
-        let mut dp = Dataplane::open(&pin, &root).expect("open");
-        dp.apply(&snap, "hv1", "up0", UplinkHook::Xdp)
-            .expect("apply");
-        let pa1 = netdev::ifindex("pa1").expect("pa1");
-        let up0 = netdev::ifindex("up0").expect("up0");
-        f(&mut dp, pa1, up0);
-    })
-    .join();
-    drop(bench);
-    if let Err(e) = res {
-        std::panic::resume_unwind(e);
-    }
+    let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed");
+    // A thread of its own enters the namespace; the test bed outlives it.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut dp = bed.enter().expect("open");
+                dp.apply(&snap, "hv1", UPLINK, UplinkHook::Xdp)
+                    .expect("apply");
+                let pa1 = netdev::ifindex("pa1").expect("pa1");
+                let up0 = netdev::ifindex(UPLINK).expect("up0");
+                f(&mut dp, pa1, up0);
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    });
 }
 
 pub fn drops(dp: &Dataplane, r: DropReason) -> u64 {

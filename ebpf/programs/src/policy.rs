@@ -5,7 +5,9 @@
 //! of rules (see dataplane/src/policy.rs for how rules become those tables).
 //! When the rules change (`policy_epoch`), a flow is checked again on its
 //! next packet and cut if they no longer allow it.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::TcContext,
+};
 use cloison_abi::*;
 
 use crate::{
@@ -16,6 +18,18 @@ use crate::{
     port::{Decision, NEXT_LOCAL},
 };
 
+/// The two ends of a flow as the policy stage sees them.
+pub struct Ends {
+    /// The flow's network: its conntrack zone.
+    zone: u32,
+    /// The sending port if it is local and has port security, else null.
+    sender: *const PortInfo,
+    /// The receiving port if it is local and has port security, else null;
+    /// looked up only when rules are checked (`receiver_ifindex`).
+    receiver: *const PortInfo,
+    receiver_ifindex: u32,
+}
+
 /// The port program's check, after forwarding chose where the frame goes.
 #[inline(never)]
 pub fn from_port(ctx: &TcContext, d: &Decision) -> Packed {
@@ -24,23 +38,18 @@ pub fn from_port(ctx: &TcContext, d: &Decision) -> Packed {
     if !sender_secure && !local_peer {
         return 0;
     }
-    let rp: *const PortInfo = if local_peer {
-        match PORTS.get_ptr(&d.peer.ifindex) {
-            // The map value itself: it does not move while the program runs.
-            Some(info) => info,
-            None => return pack(Err(DropReason::UnknownPort)),
-        }
-    } else {
-        core::ptr::null()
+    let ends = Ends {
+        zone: d.port.vni,
+        sender: if sender_secure {
+            &d.port
+        } else {
+            core::ptr::null()
+        },
+        receiver: core::ptr::null(),
+        receiver_ifindex: if local_peer { d.peer.ifindex } else { 0 },
     };
-    let sp: *const PortInfo = if sender_secure {
-        &d.port
-    } else {
-        core::ptr::null()
-    };
-    let owner = if sender_secure { sp } else { rp };
     let c = Cursor::new(ctx.data(), ctx.data_end());
-    enforce(&c, &d.parsed, owner, sp, rp)
+    enforce(&c, &d.parsed, &ends)
 }
 
 pub struct Scratch {
@@ -79,7 +88,13 @@ pub fn to_port(c: &Cursor, pkt_len: usize, ifindex: u32) -> Packed {
         // ARP is answered on every host by the proxy; none crosses the overlay.
         return pack(Err(DropReason::UnsupportedEthertype));
     }
-    enforce(c, &sc.parsed, &sc.receiver, core::ptr::null(), &sc.receiver)
+    let ends = Ends {
+        zone: sc.receiver.vni,
+        sender: core::ptr::null(),
+        receiver: &sc.receiver,
+        receiver_ifindex: ifindex,
+    };
+    enforce(c, &sc.parsed, &ends)
 }
 
 pub const EMPTY_PORT: PortInfo = PortInfo {
@@ -95,40 +110,36 @@ pub const EMPTY_PORT: PortInfo = PortInfo {
     ct_tenant_quota: 0,
 };
 
-/// `sender` / `receiver`: the local port with port security at that end of
-/// the flow, or null; `owner` (one of them, never null) is charged with a
-/// new flow's conntrack entry, and its network is the flow's zone.
 #[inline(never)]
-fn enforce(
-    c: &Cursor,
-    p: &Parsed,
-    owner: *const PortInfo,
-    sender: *const PortInfo,
-    receiver: *const PortInfo,
-) -> Packed {
-    let Some(owner) = (unsafe { owner.as_ref() }) else {
-        return pack(Err(DropReason::UnknownPort));
-    };
-    let s = unsafe { sender.as_ref() };
-    let r = unsafe { receiver.as_ref() };
-    pack(check(c, p, owner, s, r).map(|_| 0))
+fn enforce(c: &Cursor, p: &Parsed, ends: &Ends) -> Packed {
+    pack(check(c, p, ends).map(|_| 0))
+}
+
+/// The secured ends' ports, for checking rules and charging a new entry
+/// (to the sender if secured, else the receiver).
+#[inline(always)]
+fn resolve(ends: &Ends) -> Result<(Option<&PortInfo>, Option<&PortInfo>), DropReason> {
+    let s = unsafe { ends.sender.as_ref() };
+    let mut r = unsafe { ends.receiver.as_ref() };
+    if r.is_none() && ends.receiver_ifindex != 0 {
+        let info = PORTS
+            .get_ptr(&ends.receiver_ifindex)
+            .ok_or(DropReason::UnknownPort)?;
+        r = Some(unsafe { &*info });
+    }
+    Ok((s, r))
 }
 
 #[inline(always)]
-fn check(
-    c: &Cursor,
-    p: &Parsed,
-    owner: &PortInfo,
-    s: Option<&PortInfo>,
-    r: Option<&PortInfo>,
-) -> Result<(), DropReason> {
-    let zone = owner.vni;
+fn check(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), DropReason> {
+    let zone = ends.zone;
     let v4 = p.l3 == L3::Ipv4;
     if !v4 && p.proto == IPPROTO_ICMPV6 && (p.icmp_type == 135 || p.icmp_type == 136) {
         // Neighbour discovery is always allowed (as in Neutron).
         return Ok(());
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Coarse (a tick of resolution) is plenty for timeouts of seconds, and cheaper.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if p.later_fragment {
         return fragment_seen(zone, p, now);
     }
@@ -144,6 +155,7 @@ fn check(
         if !conntrack::expired(e, now) {
             let reply = from_b != (e.flags & CT_F_ORIG_B != 0);
             if e.epoch != epoch {
+                let (s, r) = resolve(ends)?;
                 if rules_allow(p, s, r, reply).is_err() {
                     conntrack::remove(&*key, e);
                     return Err(DropReason::SgRevoked);
@@ -162,7 +174,12 @@ fn check(
     if tcp && !tcp_opens(p.tcp_flags) {
         return Err(DropReason::CtTcpNotSyn);
     }
+    let (s, r) = resolve(ends)?;
     rules_allow(p, s, r, false)?;
+    let owner = match s {
+        Some(s) => s,
+        None => r.ok_or(DropReason::UnknownPort)?,
+    };
     let state = if tcp {
         ct_state::TCP_SYN_SENT
     } else {

@@ -1,0 +1,112 @@
+//! Per-packet cost of the security-group path in BPF_PROG_TEST_RUN (the
+//! kernel's own timing of the program, not the syscall around it), port a1
+//! to port a3 on one host, both with port security, with 1 to 10,000 rules
+//! in each port's group:
+//!
+//! - established: one conntrack lookup (the same ACK, repeated in the kernel);
+//! - new flow: a SYN with a source port never seen, so each run misses
+//!   conntrack, checks a1's egress and a3's ingress rules (two lookups each)
+//!   and creates an entry; conntrack is flushed between batches, untimed.
+//!
+//! Needs root: `sudo cargo bench -p cloison-benches` (or `cargo xtask bench`).
+use std::time::Duration;
+
+use cloison_benches::*;
+use cloison_dataplane::{netdev, testbed::Testbed, Dataplane, UplinkHook};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+const TC_ACT_REDIRECT: u32 = 7;
+
+fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
+    let mut snap = sg_snapshot(rules);
+    for p in &mut snap.ports {
+        p.port_security = port_security;
+        if !port_security {
+            p.security_groups.clear();
+        }
+    }
+    let tag = format!("clbn{:x}", std::process::id() & 0xffff);
+    let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
+    let mut dp = bed.enter().expect("open");
+    dp.apply(
+        &snap,
+        "hv1",
+        cloison_dataplane::testbed::UPLINK,
+        UplinkHook::Xdp,
+    )
+    .expect("apply");
+    let pa1 = netdev::ifindex("pa1").expect("pa1");
+    (bed, dp, pa1)
+}
+
+fn security_groups(c: &mut Criterion) {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("security_groups bench: skipped, BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let mut g = c.benchmark_group("sg");
+    {
+        // The same forwarding without port security: no anti-spoofing, no
+        // security groups, no conntrack. What the rest costs is the difference.
+        let (_bed, dp, pa1) = host(1, false);
+        let ack = tcp(40000, TCP_ACK);
+        g.bench_function("no_port_security", |b| {
+            b.iter_custom(|iters| {
+                let r = dp
+                    .test_run_port_repeat(pa1, &ack, iters as u32)
+                    .expect("run");
+                assert_eq!(r.verdict, TC_ACT_REDIRECT);
+                r.duration * iters as u32
+            })
+        });
+    }
+    for rules in [1usize, 100, 1_000, 10_000] {
+        let (bed, mut dp, pa1) = host(rules, true);
+        let syn = tcp(40000, TCP_SYN);
+        assert_eq!(
+            dp.test_run_port(pa1, &syn, 0).unwrap().verdict,
+            TC_ACT_REDIRECT
+        );
+        let ack = tcp(40000, TCP_ACK);
+        g.bench_function(BenchmarkId::new("established", rules), |b| {
+            b.iter_custom(|iters| {
+                let r = dp
+                    .test_run_port_repeat(pa1, &ack, iters as u32)
+                    .expect("run");
+                assert_eq!(r.verdict, TC_ACT_REDIRECT);
+                r.duration * iters as u32
+            })
+        });
+        let mut sport = 0u16;
+        g.bench_function(BenchmarkId::new("new_flow", rules), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    sport = sport.wrapping_add(1);
+                    if sport == 0 || sport == 40000 {
+                        // Untimed: every source port has been used.
+                        dp.conntrack_flush().expect("flush");
+                        sport = 1;
+                    }
+                    let r = dp.test_run_port(pa1, &tcp(sport, TCP_SYN), 0).expect("run");
+                    assert_eq!(r.verdict, TC_ACT_REDIRECT, "new flow allowed");
+                    total += r.duration;
+                }
+                total
+            })
+        });
+        drop(dp);
+        drop(bed);
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(20);
+    targets = security_groups
+}
+criterion_main!(benches);

@@ -330,6 +330,39 @@ impl Lab {
         format!("{}-{host}", self.tag)
     }
 
+    /// Tenant a's groups for the security-group tests and demo: a1 serves
+    /// TCP 8080-8081 to the members of `client` (a2), UDP 5353 to 10.0.0.3
+    /// only, and ICMP to anyone; a3 is in `plain` (out only). Tenant b keeps
+    /// its default group.
+    pub fn web_and_client(&mut self) {
+        let sg = |s: &str| serde_json::from_str::<SecurityGroup>(s).expect("group literal");
+        let out = r#"{"direction": "egress"}, {"direction": "egress", "ethertype": "IPv6"}"#;
+        self.snapshot.security_groups.extend([
+            sg(&format!(
+                r#"{{"name": "web", "tenant": "tenant-a", "rules": [
+                {{"direction": "ingress", "protocol": "tcp", "ports": "8080-8081", "remote": {{"group": "client"}}}},
+                {{"direction": "ingress", "protocol": "udp", "ports": "5353", "remote": {{"cidr": "10.0.0.3/32"}}}},
+                {{"direction": "ingress", "protocol": "icmp"}}, {out}]}}"#
+            )),
+            sg(&format!(r#"{{"name": "client", "tenant": "tenant-a", "rules": [{out}]}}"#)),
+            sg(&format!(r#"{{"name": "plain", "tenant": "tenant-a", "rules": [{out}]}}"#)),
+        ]);
+        self.set_groups(&[("a1", "web"), ("a2", "client"), ("a3", "plain")]);
+    }
+
+    /// Puts each named port in exactly the one group given.
+    pub fn set_groups(&mut self, groups: &[(&str, &str)]) {
+        for (port, group) in groups {
+            let p = self
+                .snapshot
+                .ports
+                .iter_mut()
+                .find(|p| p.name == *port)
+                .expect("lab port");
+            p.security_groups = vec![group.to_string()];
+        }
+    }
+
     /// Conntrack entries on `host` now.
     pub fn conntrack_entries(&self, host: &str) -> Result<usize> {
         let (pin, root) = (self.pin_name(host), self.pin_root.clone());

@@ -28,10 +28,11 @@ fn main() -> ExitCode {
     let res = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("test") => setup().and_then(|()| test()),
+        Some("bench") => setup().and_then(|()| bench()),
         Some("demo") => setup().and_then(|()| demo()),
         Some("lab") => hold_lab(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(600)),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | demo | lab [SECS]"
+            "usage: cargo xtask setup | test | bench | demo | lab [SECS]"
         )),
     };
     match res {
@@ -163,7 +164,15 @@ fn test() -> Result<()> {
         "--test-threads",
         "1",
     ]))?;
+    step("benches, smoke run (each benchmark once, in test mode)");
+    run(cargo().args(["test", "-p", "cloison-benches", "--benches"]))?;
     Ok(())
+}
+
+/// The criterion benches, full length; results under target/criterion.
+fn bench() -> Result<()> {
+    step("cargo bench -p cloison-benches (per-packet costs in BPF_PROG_TEST_RUN)");
+    run(cargo().args(["bench", "-p", "cloison-benches"]))
 }
 
 fn print_drops(title: &str, drops: &std::collections::BTreeMap<DropReason, u64>) {
@@ -241,6 +250,64 @@ fn demo() -> Result<()> {
         }
     );
 
+    step("security groups: a1 in web (TCP 8080-8081 from group client), a2 in client, a3 in plain");
+    lab.web_and_client();
+    lab.apply()?;
+    let wait = std::time::Duration::from_secs(1);
+    let a1: std::net::IpAddr = lab.vm("a1").ip.into();
+    let tcp_to_a1 = |from: &str, port| {
+        lab::tcp_echo_to(&lab, from, "a1", a1, port, b"sg", wait).is_ok_and(|g| g == b"sg")
+    };
+    let sg_checks = [
+        (
+            "a2 -> a1 tcp 8080 (a2 in client, across hosts)",
+            tcp_to_a1("a2", 8080),
+            true,
+        ),
+        (
+            "a3 -> a1 tcp 8080 (a3 not in client, same host)",
+            tcp_to_a1("a3", 8080),
+            false,
+        ),
+        ("a2 -> a1 tcp 9090 (no rule)", tcp_to_a1("a2", 9090), false),
+        (
+            "a2 -> a1 ping (icmp from anywhere)",
+            lab.ping("a2", "10.0.0.1", 2),
+            true,
+        ),
+        (
+            "a1 -> a2 ping (client takes nothing in)",
+            lab.ping("a1", "10.0.0.2", 2),
+            false,
+        ),
+    ];
+    let mut sg_wrong = 0;
+    for (what, got, want) in sg_checks {
+        sg_wrong += (got != want) as u32;
+        println!(
+            "  {:<8} {what}{}",
+            if got { "passes" } else { "refused" },
+            if got == want { "" } else { "   <- WRONG" }
+        );
+    }
+    let stream = lab::TcpStreamProbe::start(&lab, "a2", "a1", 8081)?;
+    let before = stream.progress(std::time::Duration::from_secs(1));
+    lab.set_groups(&[("a2", "plain")]);
+    lab.apply()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = stream.progress(std::time::Duration::from_secs(1));
+    drop(stream);
+    println!(
+        "  revoke: a2 leaves client while streaming to a1:8081: {before} B/s before, {after} B/s after"
+    );
+    sg_wrong += (before == 0 || after != 0) as u32;
+    lab.set_groups(&[
+        ("a1", "a-default"),
+        ("a2", "a-default"),
+        ("a3", "a-default"),
+    ]);
+    lab.apply()?;
+
     step("throughput: iperf3 TCP between VMs on two hosts, 3 s each");
     let cloison = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3);
     let base = lab::KernelBaseline::new().and_then(|b| lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3));
@@ -268,6 +335,9 @@ fn demo() -> Result<()> {
     lab.cleanup();
     if leaked > 0 || crossed {
         bail!("isolation broken");
+    }
+    if sg_wrong > 0 {
+        bail!("{sg_wrong} security-group checks gave the wrong answer");
     }
     Ok(())
 }

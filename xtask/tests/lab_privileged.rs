@@ -7,7 +7,7 @@ use std::{
 };
 
 use cloison_abi::DropReason;
-use cloison_dataplane::{SecurityGroup, UplinkHook};
+use cloison_dataplane::UplinkHook;
 use xtask::lab::*;
 
 /// The two-host lab, not yet programmed (tests add to it first).
@@ -263,38 +263,6 @@ fn privileged_iperf3_tcp_with_default_offloads_beside_kernel_baseline() {
     assert!(cloison > 0.0 && base > 0.0, "both carried TCP");
 }
 
-/// Tenant a's groups for the security-group lab tests: a1 serves TCP
-/// 8080-8081 to the members of `client` (a2), UDP 5353 to 10.0.0.3 only,
-/// and ICMP to anyone; a3 is in `plain` (out only). Tenant b keeps its
-/// default group.
-fn web_and_client(lab: &mut Lab) {
-    let sg = |s: &str| serde_json::from_str::<SecurityGroup>(s).expect("group literal");
-    let out = r#"{"direction": "egress"}, {"direction": "egress", "ethertype": "IPv6"}"#;
-    lab.snapshot.security_groups.extend([
-        sg(&format!(
-            r#"{{"name": "web", "tenant": "tenant-a", "rules": [
-                {{"direction": "ingress", "protocol": "tcp", "ports": "8080-8081", "remote": {{"group": "client"}}}},
-                {{"direction": "ingress", "protocol": "udp", "ports": "5353", "remote": {{"cidr": "10.0.0.3/32"}}}},
-                {{"direction": "ingress", "protocol": "icmp"}}, {out}]}}"#
-        )),
-        sg(&format!(r#"{{"name": "client", "tenant": "tenant-a", "rules": [{out}]}}"#)),
-        sg(&format!(r#"{{"name": "plain", "tenant": "tenant-a", "rules": [{out}]}}"#)),
-    ]);
-    set_groups(lab, &[("a1", "web"), ("a2", "client"), ("a3", "plain")]);
-}
-
-fn set_groups(lab: &mut Lab, groups: &[(&str, &str)]) {
-    for (port, group) in groups {
-        let p = lab
-            .snapshot
-            .ports
-            .iter_mut()
-            .find(|p| p.name == *port)
-            .expect("lab port");
-        p.security_groups = vec![group.to_string()];
-    }
-}
-
 const DENIED_WAIT: Duration = Duration::from_secs(1);
 
 fn tcp_ok(lab: &Lab, from: &str, to: &str, addr: IpAddr, port: u16) -> bool {
@@ -309,7 +277,7 @@ fn udp_ok(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
 #[test]
 fn privileged_security_group_matrix_with_real_traffic() {
     let mut lab = lab();
-    web_and_client(&mut lab);
+    lab.web_and_client();
     lab.apply().expect("apply");
     let v4 = |vm: &str| IpAddr::from(lab.vm(vm).ip);
     let (a1, b2) = (v4("a1"), v4("b2"));
@@ -376,7 +344,7 @@ fn privileged_security_group_matrix_with_real_traffic() {
     );
 
     // A remote group follows its members: a3 joins client.
-    set_groups(&mut lab, &[("a3", "client")]);
+    lab.set_groups(&[("a3", "client")]);
     lab.apply().expect("apply");
     assert!(
         tcp_ok(&lab, "a3", "a1", a1, 8080),
@@ -387,7 +355,7 @@ fn privileged_security_group_matrix_with_real_traffic() {
 #[test]
 fn privileged_revoke_cuts_a_running_tcp_stream() {
     let mut lab = lab();
-    web_and_client(&mut lab);
+    lab.web_and_client();
     lab.apply().expect("apply");
     let stream = TcpStreamProbe::start(&lab, "a2", "a1", 8080).expect("stream");
     assert!(
@@ -396,7 +364,7 @@ fn privileged_revoke_cuts_a_running_tcp_stream() {
     );
 
     // a2 leaves client: the rule that let its stream in no longer matches.
-    set_groups(&mut lab, &[("a2", "plain")]);
+    lab.set_groups(&[("a2", "plain")]);
     lab.apply().expect("apply");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -410,7 +378,7 @@ fn privileged_revoke_cuts_a_running_tcp_stream() {
         "cut and counted: {d1:?}"
     );
 
-    set_groups(&mut lab, &[("a2", "client")]);
+    lab.set_groups(&[("a2", "client")]);
     lab.apply().expect("apply");
     let a1 = IpAddr::from(lab.vm("a1").ip);
     assert!(

@@ -191,6 +191,174 @@ pub fn compile(snap: &Snapshot, policies: &BTreeMap<u32, PolicySet>) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// What the BPF stage does with the tables: the class of the longest
+    /// matching address prefix, then any rule entry matching (class, proto, port).
+    fn tables_allow(
+        t: &SgTables,
+        policy: u32,
+        dir: u8,
+        remote: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> bool {
+        let (family, addr, bits) = match remote {
+            IpAddr::V4(a) => {
+                let mut b = [0; 16];
+                b[..4].copy_from_slice(&a.octets());
+                (SG_FAMILY_V4, b, 32)
+            }
+            IpAddr::V6(a) => (SG_FAMILY_V6, a.octets(), 128),
+        };
+        let lookup = u128::from_be_bytes(addr);
+        let class = t
+            .addrs
+            .iter()
+            .filter(|((len, k), _)| {
+                let plen = len - SG_ADDR_FIXED_BITS;
+                let mask = u128::MAX.checked_shl(128 - plen).unwrap_or(0);
+                k.policy == policy.to_be_bytes()
+                    && k.direction == dir
+                    && k.family == family
+                    && plen <= bits
+                    && (u128::from_be_bytes(k.addr) ^ lookup) & mask == 0
+            })
+            .max_by_key(|((len, _), _)| *len)
+            .map(|(_, c)| *c);
+        let Some(class) = class else {
+            return false;
+        };
+        t.rules.keys().any(|(len, k)| {
+            let rest = len - SG_RULE_FIXED_BITS;
+            k.policy == policy.to_be_bytes()
+                && k.class == class.to_be_bytes()
+                && k.direction == dir
+                && (rest == 0
+                    || (k.proto == proto && {
+                        let pbits = rest - 8;
+                        let mask = u16::MAX.checked_shl(16 - pbits).unwrap_or(0);
+                        (u16::from_be_bytes(k.port) ^ port) & mask == 0
+                    }))
+        })
+    }
+
+    /// API.md's semantics, rule by rule.
+    fn rules_allow(
+        snap: &Snapshot,
+        groups: &[String],
+        dir: Direction,
+        remote: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> bool {
+        let members = group_members(snap);
+        snap.security_groups
+            .iter()
+            .filter(|g| groups.contains(&g.name))
+            .flat_map(|g| &g.rules)
+            .any(|r| {
+                r.direction == dir
+                    && (r.ethertype == Ethertype::IPv4) == remote.is_ipv4()
+                    && r.protocol.number(r.ethertype).is_none_or(|n| n == proto)
+                    && r.ports.is_none_or(|p| (p.first..=p.last).contains(&port))
+                    && match &r.remote {
+                        None => true,
+                        Some(Remote::Cidr(c)) => c.contains(&remote),
+                        Some(Remote::Group(g)) => members
+                            .get(g.as_str())
+                            .is_some_and(|m| m.iter().any(|n| n.contains(&remote))),
+                    }
+            })
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        let remote = prop_oneof![
+            Just(None),
+            (0u8..4, 0u8..4, 22u8..=32).prop_map(|(c, d, len)| Some(Remote::Cidr(
+                IpNet::new(IpAddr::from([10, 0, c, d * 64]), len)
+                    .unwrap()
+                    .trunc()
+            ))),
+            (0u8..8).prop_map(|len| Some(Remote::Cidr(
+                IpNet::new(IpAddr::from([10, 0, 0, 0]), 16 + len).unwrap()
+            ))),
+            Just(Some(Remote::Group("g0".into()))),
+            Just(Some(Remote::Group("g1".into()))),
+        ];
+        (
+            any::<bool>(),
+            0u8..4,
+            proptest::option::of((1u16..40, 0u16..40)),
+            remote,
+        )
+            .prop_map(|(ingress, proto, ports, remote)| {
+                let protocol = [
+                    Protocol::Any,
+                    Protocol::Number(6),
+                    Protocol::Number(17),
+                    Protocol::Number(1),
+                ][proto as usize];
+                Rule {
+                    direction: if ingress {
+                        Direction::Ingress
+                    } else {
+                        Direction::Egress
+                    },
+                    ethertype: Ethertype::IPv4,
+                    protocol,
+                    ports: matches!(protocol, Protocol::Number(6 | 17))
+                        .then_some(ports)
+                        .flatten()
+                        .map(|(first, n)| PortRange {
+                            first,
+                            last: first + n,
+                        }),
+                    remote,
+                }
+            })
+    }
+
+    proptest! {
+        /// The compiled tables answer exactly as the rules read.
+        #[test]
+        fn compiled_tables_decide_as_the_rules_read(
+            g0 in proptest::collection::vec(rule(), 0..8),
+            g1 in proptest::collection::vec(rule(), 0..8),
+            probes in proptest::collection::vec((any::<bool>(), 0u8..4, 0u8..=255, 0u8..4, 0u16..90), 1..40),
+        ) {
+            let snap: Snapshot = serde_json::from_value(serde_json::json!({
+                "hosts": [{"name": "h", "underlay_ip": "192.0.2.1"}],
+                "networks": [{"name": "n", "tenant": "t", "vni": 1, "subnets": ["10.0.0.0/16"]}],
+                "security_groups": [
+                    {"name": "g0", "tenant": "t", "rules": g0},
+                    {"name": "g1", "tenant": "t", "rules": g1}],
+                "ports": [
+                    {"name": "p0", "network": "n", "host": "h", "interface": "i0", "mac": "02:00:00:00:00:01",
+                     "ips": ["10.0.0.1"], "security_groups": ["g0"]},
+                    {"name": "p1", "network": "n", "host": "h", "interface": "i1", "mac": "02:00:00:00:00:02",
+                     "ips": ["10.0.1.7"], "security_groups": ["g1"],
+                     "allowed_address_pairs": [{"ip": "10.0.2.0/26"}]}]
+            })).unwrap();
+            snap.validate().unwrap();
+            let sets: Vec<PolicySet> = vec![vec!["g0".into()], vec!["g1".into()], vec!["g0".into(), "g1".into()]];
+            let policies: BTreeMap<u32, PolicySet> =
+                sets.iter().cloned().enumerate().map(|(i, s)| (i as u32 + 1, s)).collect();
+            let t = compile(&snap, &policies).unwrap();
+            for (ingress, c, d, proto, port) in probes {
+                let remote = IpAddr::from([10, 0, c, d]);
+                let proto = [0u8, 6, 17, 1][proto as usize];
+                let dir = if ingress { Direction::Ingress } else { Direction::Egress };
+                for (id, set) in &policies {
+                    prop_assert_eq!(
+                        tables_allow(&t, *id, direction_code(dir), remote, proto, port),
+                        rules_allow(&snap, set, dir, remote, proto, port),
+                        "policy {:?} {:?} {} proto {} port {}", set, dir, remote, proto, port
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn port_ranges_become_exact_prefixes() {

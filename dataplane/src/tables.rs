@@ -492,6 +492,120 @@ mod tests {
     }
 
     #[test]
+    fn rejects_bad_security_groups() {
+        let bad = |groups: serde_json::Value, port_groups: &[&str]| {
+            let mut s = snap();
+            s.security_groups = serde_json::from_value(groups).unwrap();
+            s.ports[0].security_groups = port_groups.iter().map(|g| g.to_string()).collect();
+            compile(
+                &s,
+                "hv1",
+                2,
+                resolve,
+                &BTreeMap::new(),
+                ConntrackLimits::default(),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let rule =
+            |r: serde_json::Value| serde_json::json!([{"name": "g", "tenant": "t", "rules": [r]}]);
+        assert!(bad(
+            rule(serde_json::json!({"direction": "ingress", "protocol": "icmp", "ports": "22"})),
+            &[]
+        )
+        .contains("tcp or udp"));
+        assert!(bad(
+            rule(serde_json::json!({"direction": "ingress", "protocol": "icmpv6"})),
+            &[]
+        )
+        .contains("IPv6"));
+        assert!(bad(
+            rule(serde_json::json!({"direction": "egress", "remote": {"cidr": "fd00::/8"}})),
+            &[]
+        )
+        .contains("not an IPv4 network"));
+        assert!(bad(
+            rule(serde_json::json!({"direction": "egress", "remote": {"group": "nope"}})),
+            &[]
+        )
+        .contains("unknown group"));
+        let other = serde_json::json!([{"name": "g", "tenant": "t", "rules": []},
+                                       {"name": "x", "tenant": "other", "rules": []}]);
+        assert!(bad(other.clone(), &["x"]).contains("another tenant"));
+        assert!(bad(other, &["y"]).contains("unknown group"));
+        for text in [
+            r#"{"direction": "ingress", "protocol": "sctp"}"#,
+            r#"{"direction": "ingress", "protocol": 256}"#,
+            r#"{"direction": "ingress", "protocol": "tcp", "ports": "90-80"}"#,
+            r#"{"direction": "ingress", "protocol": "tcp", "ports": "0"}"#,
+            r#"{"direction": "sideways"}"#,
+            r#"{"direction": "ingress", "remote": {"cidr": "10.0.0.0/8", "group": "g"}}"#,
+        ] {
+            assert!(serde_json::from_str::<Rule>(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn policies_are_shared_and_kept_and_quotas_split_per_tenant() {
+        let mut s = snap();
+        s.security_groups = serde_json::from_value(serde_json::json!([
+            {"name": "g", "tenant": "t", "rules": [{"direction": "egress"}]}]))
+        .unwrap();
+        s.ports[0].security_groups = vec!["g".into()];
+        let c = compile(
+            &s,
+            "hv1",
+            2,
+            resolve,
+            &BTreeMap::new(),
+            ConntrackLimits::default(),
+        )
+        .unwrap();
+        let info = c.tables.ports[&10];
+        assert_eq!(info.policy, 1);
+        assert_eq!(
+            (info.ct_tenant_quota, info.ct_port_quota),
+            (CT_USABLE, CT_USABLE)
+        );
+        assert_eq!(c.tables.sg.addrs.len(), 1, "one remote prefix: any");
+        // A port keeps its policy id across compiles.
+        let mut prev_info = info;
+        prev_info.policy = 7;
+        let again = compile(
+            &s,
+            "hv1",
+            2,
+            resolve,
+            &BTreeMap::from([(10, prev_info)]),
+            ConntrackLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(again.tables.ports[&10].policy, 7);
+        let limited = compile(
+            &s,
+            "hv1",
+            2,
+            resolve,
+            &BTreeMap::new(),
+            ConntrackLimits {
+                per_port: 5,
+                per_tenant: 100,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                limited.tables.ports[&10].ct_tenant_quota,
+                limited.tables.ports[&10].ct_port_quota
+            ),
+            (100, 5)
+        );
+        assert_eq!(port_share(100, 1), 100);
+        assert_eq!(port_share(100, 3), 75);
+    }
+
+    #[test]
     fn mac_addresses_parse_and_print() {
         let m: MacAddr = "02:aB:00:00:00:ff".parse().unwrap();
         assert_eq!(m.to_string(), "02:ab:00:00:00:ff");

@@ -479,3 +479,72 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FragKey {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ct_state::*, *};
+
+    /// Runs packets (flags, from the responder) through `ct_advance` from a
+    /// new TCP entry; returns the states after each.
+    fn tcp(packets: &[(u8, bool)]) -> [u8; 8] {
+        let (mut state, mut flags) = (TCP_SYN_SENT, 0);
+        let mut out = [0; 8];
+        for (i, &(f, reply)) in packets.iter().enumerate() {
+            (state, flags) = ct_advance(state, flags, true, f, reply);
+            out[i] = state;
+        }
+        out
+    }
+
+    #[test]
+    fn tcp_handshake_data_and_teardown() {
+        let states = tcp(&[
+            (TCP_SYN | TCP_ACK, true),
+            (TCP_ACK, false),
+            (TCP_ACK, true),
+            (TCP_FIN | TCP_ACK, false),
+            (TCP_ACK, true),
+            (TCP_FIN | TCP_ACK, true),
+        ]);
+        assert_eq!(
+            states[..6],
+            [
+                TCP_SYN_RECV,
+                TCP_ESTABLISHED,
+                TCP_ESTABLISHED,
+                TCP_FIN_WAIT,
+                TCP_FIN_WAIT,
+                TCP_TIME_WAIT
+            ]
+        );
+    }
+
+    #[test]
+    fn tcp_reset_and_reuse() {
+        let states = tcp(&[(TCP_SYN | TCP_ACK, true), (TCP_RST, true), (TCP_SYN, false)]);
+        assert_eq!(states[..3], [TCP_SYN_RECV, TCP_CLOSE, TCP_SYN_SENT]);
+        // A SYN from the responder does not reopen a closed entry.
+        let (s, _) = ct_advance(TCP_CLOSE, 0, true, TCP_SYN, true);
+        assert_eq!(s, TCP_CLOSE);
+    }
+
+    #[test]
+    fn a_retransmitted_syn_or_a_stray_ack_changes_nothing() {
+        assert_eq!(
+            tcp(&[(TCP_SYN, false), (TCP_ACK, false)])[..2],
+            [TCP_SYN_SENT, TCP_SYN_SENT]
+        );
+        assert!(tcp_opens(TCP_SYN));
+        for f in [TCP_ACK, TCP_SYN | TCP_ACK, TCP_SYN | TCP_RST, TCP_FIN, 0] {
+            assert!(!tcp_opens(f), "{f:#x} does not open a connection");
+        }
+    }
+
+    #[test]
+    fn other_protocols_become_two_way_on_a_reply() {
+        assert_eq!(ct_advance(ONE_WAY, 0, false, 0, false).0, ONE_WAY);
+        assert_eq!(ct_advance(ONE_WAY, 0, false, 0, true).0, BOTH_WAYS);
+        assert!(ct_timeout_ns(BOTH_WAYS) > ct_timeout_ns(ONE_WAY));
+        assert!(ct_timeout_ns(TCP_ESTABLISHED) > ct_timeout_ns(TCP_SYN_SENT));
+    }
+}

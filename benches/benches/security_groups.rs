@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cloison_benches::*;
 use cloison_dataplane::{netdev, testbed::Testbed, Dataplane, UplinkHook};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
 
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -39,6 +39,17 @@ fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
     (bed, dp, pa1)
 }
 
+/// The same frame, run `iters` times by the kernel in one call.
+fn repeated(b: &mut Bencher, dp: &Dataplane, ifindex: u32, frame: &[u8]) {
+    b.iter_custom(|iters| {
+        let r = dp
+            .test_run_port_repeat(ifindex, frame, iters as u32)
+            .expect("run");
+        assert_eq!(r.verdict, TC_ACT_REDIRECT);
+        r.duration * iters as u32
+    })
+}
+
 fn security_groups(c: &mut Criterion) {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("security_groups bench: skipped, BPF_PROG_TEST_RUN needs root");
@@ -50,15 +61,7 @@ fn security_groups(c: &mut Criterion) {
         // security groups, no conntrack. What the rest costs is the difference.
         let (_bed, dp, pa1) = host(1, false);
         let ack = tcp(40000, TCP_ACK);
-        g.bench_function("no_port_security", |b| {
-            b.iter_custom(|iters| {
-                let r = dp
-                    .test_run_port_repeat(pa1, &ack, iters as u32)
-                    .expect("run");
-                assert_eq!(r.verdict, TC_ACT_REDIRECT);
-                r.duration * iters as u32
-            })
-        });
+        g.bench_function("no_port_security", |b| repeated(b, &dp, pa1, &ack));
     }
     for rules in [1usize, 100, 1_000, 10_000] {
         let (bed, mut dp, pa1) = host(rules, true);
@@ -69,13 +72,7 @@ fn security_groups(c: &mut Criterion) {
         );
         let ack = tcp(40000, TCP_ACK);
         g.bench_function(BenchmarkId::new("established", rules), |b| {
-            b.iter_custom(|iters| {
-                let r = dp
-                    .test_run_port_repeat(pa1, &ack, iters as u32)
-                    .expect("run");
-                assert_eq!(r.verdict, TC_ACT_REDIRECT);
-                r.duration * iters as u32
-            })
+            repeated(b, &dp, pa1, &ack)
         });
         let mut sport = 0u16;
         g.bench_function(BenchmarkId::new("new_flow", rules), |b| {

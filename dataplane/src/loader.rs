@@ -13,7 +13,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray, PerCpuValues,
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -78,6 +78,8 @@ pub struct Stats {
     pub drops: BTreeMap<DropReason, u64>,
     /// Counters per port ifindex.
     pub ports: BTreeMap<u32, PortStats>,
+    /// Drops per port ifindex and reason.
+    pub port_drops: BTreeMap<u32, BTreeMap<DropReason, u64>>,
 }
 
 /// Result of one BPF_PROG_TEST_RUN.
@@ -253,12 +255,22 @@ impl Dataplane {
             let mut stats: PerCpuArray<&mut MapData, PortStats> =
                 map_mut(&mut self.ebpf, M::PORT_STATS)?;
             let cpus = nr_cpus().map_err(|(_, e)| Error::io("count CPUs")(e))?;
-            for slot in fresh {
+            for &slot in &fresh {
                 let zero = PerCpuValues::try_from(vec![PortStats::default(); cpus])
                     .map_err(Error::io("per-CPU values"))?;
                 stats
                     .set(slot, zero, 0)
                     .map_err(|e| Error::kernel("reset port counters")(e.into()))?;
+            }
+            let mut drops: PerCpuHashMap<&mut MapData, PortDropKey, u64> =
+                map_mut(&mut self.ebpf, M::PORT_DROPS)?;
+            let stale: Vec<PortDropKey> = drops
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| fresh.contains(&k.slot))
+                .collect();
+            for k in &stale {
+                let _ = drops.remove(k);
             }
         }
 
@@ -436,6 +448,25 @@ impl Dataplane {
                 sum += *s;
             }
             out.ports.insert(ifindex, sum);
+        }
+        let by_slot: BTreeMap<u32, u32> = ports
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, info)| (info.slot, ifindex))
+            .collect();
+        let port_drops: PerCpuHashMap<&MapData, PortDropKey, u64> =
+            map_ref(&self.ebpf, M::PORT_DROPS)?;
+        for (k, v) in port_drops.iter().filter_map(Result::ok) {
+            if let (Some(&ifindex), Some(reason)) =
+                (by_slot.get(&k.slot), DropReason::from_index(k.reason))
+            {
+                let total: u64 = v.iter().sum();
+                *out.port_drops
+                    .entry(ifindex)
+                    .or_default()
+                    .entry(reason)
+                    .or_default() += total;
+            }
         }
         Ok(out)
     }

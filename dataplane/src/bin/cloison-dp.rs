@@ -9,6 +9,8 @@ use cloison_dataplane::{loader::DEFAULT_PIN_ROOT, Dataplane, Snapshot, UplinkHoo
 const USAGE: &str = "usage:
   cloison-dp apply --host NAME --uplink IF --snapshot FILE [--uplink-hook auto|xdp|tc] [--pin-root DIR] [--netns NS]
   cloison-dp stats --host NAME [--pin-root DIR] [--netns NS]
+  cloison-dp conntrack --host NAME [--pin-root DIR] [--netns NS]   (list tracked flows)
+  cloison-dp ct-gc --host NAME [--pin-root DIR] [--netns NS]       (age out idle flows, recount quotas)
   cloison-dp purge --host NAME [--pin-root DIR]";
 
 fn main() -> ExitCode {
@@ -82,6 +84,43 @@ fn run() -> anyhow::Result<()> {
             for (reason, n) in &s.drops {
                 println!("  {:<28} {n}", DropReason::name(*reason));
             }
+            for (ifindex, drops) in &s.port_drops {
+                println!("drops of port {ifindex}:");
+                for (reason, n) in drops {
+                    println!("  {:<28} {n}", DropReason::name(*reason));
+                }
+            }
+        }
+        "conntrack" => {
+            let dp = Dataplane::open(&host, &pin_root)?;
+            let now = cloison_dataplane::loader::monotonic_ns();
+            println!(
+                "{:<8} {:<5} {:<40} {:<40} {:<6} {:>8} {:>6}",
+                "zone", "proto", "a", "b", "state", "idle_s", "slot"
+            );
+            for (k, e) in dp.conntrack()? {
+                let end = |addr: [u8; 16], port: [u8; 2]| {
+                    let ip = std::net::Ipv6Addr::from(addr);
+                    let ip = ip
+                        .to_ipv4_mapped()
+                        .map_or(ip.to_string(), |v4| v4.to_string());
+                    format!("{ip}:{}", u16::from_be_bytes(port))
+                };
+                println!(
+                    "{:<8} {:<5} {:<40} {:<40} {:<6} {:>8} {:>6}",
+                    k.zone,
+                    k.proto,
+                    end(k.addr_a, k.port_a),
+                    end(k.addr_b, k.port_b),
+                    e.state,
+                    now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
+                    e.owner_slot
+                );
+            }
+        }
+        "ct-gc" => {
+            let mut dp = Dataplane::open(&host, &pin_root)?;
+            println!("{host}: {} idle flows removed", dp.conntrack_gc()?);
         }
         "purge" => Dataplane::purge(&host, &pin_root)?,
         _ => anyhow::bail!("unknown command {cmd}\n{USAGE}"),

@@ -57,6 +57,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CL_CONNTRACK";
     pub const CT_USE: &str = "CL_CT_USE";
     pub const FRAGMENTS: &str = "CL_FRAGS";
+    pub const PORT_DROPS: &str = "CL_PORT_DROPS";
 }
 
 /// Program names (the entry point functions of `ebpf/programs`).
@@ -348,6 +349,17 @@ pub const fn ct_advance(state: u8, flags: u8, tcp: bool, tcp_flags: u8, reply: b
     (state, flags)
 }
 
+/// Key of `CL_PORT_DROPS`: drops of one port (slot) for one reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortDropKey {
+    pub slot: u32,
+    pub reason: u32,
+}
+const _: () = assert!(size_of::<PortDropKey>() == 8);
+/// (port, reason) pairs with a count; least recently dropped go first when full.
+pub const MAX_PORT_DROPS: u32 = 65536;
+
 /// An IPv4 datagram whose first fragment was allowed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -478,6 +490,7 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for PortDropKey {}
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! `dataplane` crate; pinned by name so an agent restart reuses them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use cloison_abi::*;
 
@@ -52,6 +52,12 @@ pub static CT_USE: Array<i64> = Array::pinned(MAX_PORTS + MAX_TENANTS, 0);
 #[map(name = "CL_FRAGS")]
 pub static FRAGMENTS: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
 
+/// Drops by (port, reason): per-CPU counters, created on a port's first
+/// drop for a reason.
+#[map(name = "CL_PORT_DROPS")]
+pub static PORT_DROPS: LruPerCpuHashMap<PortDropKey, u64> =
+    LruPerCpuHashMap::pinned(MAX_PORT_DROPS, 0);
+
 /// Per-CPU working memory of the policy stage: what would not fit in the
 /// 512-byte BPF stack along the longest call chain. Programs on one CPU run
 /// in softirq context one at a time, so one slot per CPU is never shared.
@@ -68,6 +74,16 @@ pub fn count_drop(reason: DropReason, slot: u32) {
     }
     if let Some(s) = PORT_STATS.get_ptr_mut(slot) {
         unsafe { (*s).drops += 1 };
+        let key = PortDropKey {
+            slot,
+            reason: reason as u32,
+        };
+        match PORT_DROPS.get_ptr_mut(&key) {
+            Some(c) => unsafe { *c += 1 },
+            None => {
+                let _ = PORT_DROPS.insert(&key, &1, 0);
+            }
+        }
     }
 }
 

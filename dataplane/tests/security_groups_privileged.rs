@@ -105,11 +105,14 @@ fn tcp(
     v
 }
 
-fn tcp6(macs: ([u8; 6], [u8; 6]), src: u8, dst: u8, dport: u16, flags: u8) -> Vec<u8> {
-    let a = |n: u8| -> [u8; 16] { format!("fd00:1::{n}").parse::<Ipv6Addr>().unwrap().octets() };
+fn v6(n: u8) -> [u8; 16] {
+    format!("fd00:1::{n}").parse::<Ipv6Addr>().unwrap().octets()
+}
+
+fn tcp6(macs: ([u8; 6], [u8; 6]), src: u8, dst: u8, ports: (u16, u16), flags: u8) -> Vec<u8> {
     let mut b = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(a(src), a(dst), 64)
-        .tcp(40000, dport, 1, 1000);
+        .ipv6(v6(src), v6(dst), 64)
+        .tcp(ports.0, ports.1, 1, 1000);
     if flags & SYN != 0 {
         b = b.syn();
     }
@@ -140,6 +143,17 @@ fn unreachable(macs: ([u8; 6], [u8; 6]), src: [u8; 4], dst: [u8; 4], quoted: &[u
         .icmpv4_raw(3, 3, [0; 4]);
     let mut v = Vec::new();
     b.write(&mut v, &quoted[14..(14 + 28).min(quoted.len())])
+        .unwrap();
+    v
+}
+
+/// ICMPv6 packet too big from `src` quoting the IPv6 packet inside `quoted`.
+fn too_big6(macs: ([u8; 6], [u8; 6]), src: u8, dst: u8, quoted: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(v6(src), v6(dst), 64)
+        .icmpv6_raw(2, 0, 1280u32.to_be_bytes());
+    let mut v = Vec::new();
+    b.write(&mut v, &quoted[14..(14 + 48).min(quoted.len())])
         .unwrap();
     v
 }
@@ -369,13 +383,31 @@ fn privileged_security_group_fixtures() {
                 (
                     "a1 IPv6 SYN to a3:443",
                     At::Port("pa1"),
-                    tcp6(a1a3, 1, 3, 443, SYN),
+                    tcp6(a1a3, 1, 3, (40000, 443), SYN),
                     PASS,
+                ),
+                (
+                    "a3 IPv6 SYN-ACK back",
+                    At::Port("pa3"),
+                    tcp6(a3a1, 3, 1, (443, 40000), SYN_ACK),
+                    PASS,
+                ),
+                (
+                    "a3 ICMPv6 packet too big about that flow",
+                    At::Port("pa3"),
+                    too_big6(a3a1, 3, 1, &tcp6(a1a3, 1, 3, (40000, 443), ACK)),
+                    PASS,
+                ),
+                (
+                    "a3 ICMPv6 packet too big about no flow",
+                    At::Port("pa3"),
+                    too_big6(a3a1, 3, 1, &tcp6(a1a3, 1, 3, (40001, 443), ACK)),
+                    drop(IcmpErrorUnrelated),
                 ),
                 (
                     "a1 IPv6 SYN to a3:80: client's IPv4 'tcp to anywhere' is not IPv6",
                     At::Port("pa1"),
-                    tcp6(a1a3, 1, 3, 80, SYN),
+                    tcp6(a1a3, 1, 3, (40000, 80), SYN),
                     drop(SgEgressDenied),
                 ),
                 // Tenants: b1 has a1's MAC and address, another zone.

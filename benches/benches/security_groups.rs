@@ -62,6 +62,25 @@ fn security_groups(c: &mut Criterion) {
         let (_bed, dp, pa1) = host(1, false);
         let ack = tcp(40000, TCP_ACK);
         g.bench_function("no_port_security", |b| repeated(b, &dp, pa1, &ack));
+        // The floor of a TC test run here: the uplink program handing a
+        // frame that is not VXLAN (ARP) to the host after two checks.
+        let up0 = netdev::ifindex(cloison_dataplane::testbed::UPLINK).expect("uplink");
+        let arp = {
+            let mut f = vec![0xff; 6];
+            f.extend(A1);
+            f.extend([0x08, 0x06]);
+            f.extend([0u8; 28]);
+            f
+        };
+        g.bench_function("tc_floor_uplink_pass", |b| {
+            b.iter_custom(|iters| {
+                let r = dp
+                    .test_run_uplink_repeat(UplinkHook::Tc, up0, &arp, iters as u32)
+                    .expect("run");
+                assert_eq!(r.verdict, 0, "TC_ACT_OK");
+                r.duration * iters as u32
+            })
+        });
     }
     for rules in [1usize, 100, 1_000, 10_000] {
         let (bed, mut dp, pa1) = host(rules, true);

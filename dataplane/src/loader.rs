@@ -585,9 +585,20 @@ impl Dataplane {
         ifindex: u32,
         frame: &[u8],
     ) -> Result<RunResult, Error> {
+        self.test_run_uplink_repeat(hook, ifindex, frame, 1)
+    }
+
+    /// [`Self::test_run_uplink`] `repeat` times in one call, for benches.
+    pub fn test_run_uplink_repeat(
+        &self,
+        hook: UplinkHook,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<RunResult, Error> {
         if hook == UplinkHook::Tc {
             let prog: &SchedClassifier = program_ref(&self.ebpf, P::UPLINK_TC)?;
-            return run_tc(prog, ifindex, frame, 0, 1);
+            return run_tc(prog, ifindex, frame, 0, repeat);
         }
         let prog: &Xdp = program_ref(&self.ebpf, P::UPLINK_XDP)?;
         let mut out = vec![0u8; frame.len() + 256];
@@ -595,6 +606,7 @@ impl Dataplane {
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                repeat,
                 ..Default::default()
             })
             .map_err(|e| Error::kernel("test-run XDP")(e.into()))?;

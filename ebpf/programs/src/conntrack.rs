@@ -5,7 +5,10 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use cloison_abi::*;
 
-use crate::maps::{CONNTRACK, CT_USE};
+use crate::{
+    hdr::copy16,
+    maps::{CONNTRACK, CT_USE},
+};
 
 /// Writes the canonical key of a packet's flow into `k`; true if the packet
 /// comes from end b of it.
@@ -22,18 +25,18 @@ pub fn key(
     let from_b = greater(src, sport, dst, dport);
     k.zone = zone;
     k.proto = proto;
-    k._pad = [0; 3];
-    if from_b {
-        k.addr_a = *dst;
-        k.addr_b = *src;
-        k.port_a = dport.to_be_bytes();
-        k.port_b = sport.to_be_bytes();
-    } else {
-        k.addr_a = *src;
-        k.addr_b = *dst;
-        k.port_a = sport.to_be_bytes();
-        k.port_b = dport.to_be_bytes();
+    for b in k._pad.iter_mut() {
+        unsafe { core::ptr::write_volatile(b, 0) };
     }
+    let ((a, pa), (b, pb)) = if from_b {
+        ((dst, dport), (src, sport))
+    } else {
+        ((src, sport), (dst, dport))
+    };
+    copy16(&mut k.addr_a, a);
+    copy16(&mut k.addr_b, b);
+    k.port_a = pa.to_be_bytes();
+    k.port_b = pb.to_be_bytes();
     from_b
 }
 

@@ -39,14 +39,15 @@ use crate::{
 /// TC ingress of a port's host-side interface: everything the VM sends.
 #[classifier]
 pub fn cl_port(ctx: TcContext) -> i32 {
-    let mut d = Decision::new();
-    let first = port::from_vm(&ctx, &mut d);
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let d = Decision::init(&mut slot);
+    let first = port::from_vm(&ctx, d);
     let res = if first < 0 {
         first
     } else {
         let sg = match d.next.kind {
             NEXT_LOCAL | NEXT_ENCAP | NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 => {
-                policy::from_port(&ctx, &d)
+                policy::from_port(&ctx, d)
             }
             _ => 0,
         };

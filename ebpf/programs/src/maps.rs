@@ -109,11 +109,12 @@ pub fn count_to_vm(slot: u32, bytes: u32) {
     }
 }
 
+/// `::ffff:a.b.c.d`, built in two registers (an array literal would be a
+/// memset call).
 #[inline(always)]
 pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+    let lo = ((0xffffu64 << 32) | u32::from_be_bytes(a) as u64).to_be();
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, lo]) }
 }
 
 /// Which MAC may send from `addr` on port `ifindex` (anti-spoofing).

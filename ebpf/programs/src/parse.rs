@@ -12,8 +12,10 @@ pub enum L3 {
     Ipv6,
 }
 
-/// What the later stages need to know of a frame.
+/// What the later stages need to know of a frame. All zeroes is a valid
+/// (empty) value, which [`frame`] starts from.
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Parsed {
     pub l3: L3,
     /// Offset of the L4 header (IPv4/IPv6 only).
@@ -39,24 +41,6 @@ pub struct Parsed {
     pub ip_len: usize,
 }
 
-impl Parsed {
-    pub const EMPTY: Parsed = Parsed {
-        l3: L3::Arp,
-        l4_off: 0,
-        proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        later_fragment: false,
-        first_fragment: false,
-        ip_id: [0; 2],
-        sport: 0,
-        dport: 0,
-        icmp_type: 0,
-        tcp_flags: 0,
-        ip_len: 0,
-    };
-}
-
 #[inline(always)]
 pub fn ethernet(c: &Cursor) -> Result<(&EthHdr, u16), DropReason> {
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
@@ -68,7 +52,7 @@ pub fn ethernet(c: &Cursor) -> Result<(&EthHdr, u16), DropReason> {
 #[inline(always)]
 pub fn frame(c: &Cursor, pkt_len: usize, p: &mut Parsed) -> Result<(), DropReason> {
     let (_, proto) = ethernet(c)?;
-    *p = Parsed::EMPTY;
+    unsafe { zero(p) };
     match proto {
         ETH_P_ARP => {
             let arp: *mut ArpHdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedArp)?;
@@ -112,8 +96,8 @@ pub fn frame(c: &Cursor, pkt_len: usize, p: &mut Parsed) -> Result<(), DropReaso
             p.l3 = L3::Ipv6;
             p.l4_off = ETH_LEN + 40;
             p.proto = ip.next_header;
-            p.src = ip.src;
-            p.dst = ip.dst;
+            copy16(&mut p.src, &ip.src);
+            copy16(&mut p.dst, &ip.dst);
             p.ip_len = 40 + plen;
             l4(c, p)?;
             Ok(())

@@ -75,7 +75,7 @@ pub fn to_port(c: &Cursor, pkt_len: usize, ifindex: u32) -> Packed {
         Err(e) => return pack(Err(e)),
     };
     match PORTS.get_ptr(&ifindex) {
-        Some(info) => sc.receiver = unsafe { *info },
+        Some(info) => unsafe { copy(&mut sc.receiver, info) },
         None => return pack(Err(DropReason::UnknownPort)),
     };
     if sc.receiver.flags & PORT_F_SECURITY == 0 {
@@ -96,19 +96,6 @@ pub fn to_port(c: &Cursor, pkt_len: usize, ifindex: u32) -> Packed {
     };
     enforce(c, &sc.parsed, &ends)
 }
-
-pub const EMPTY_PORT: PortInfo = PortInfo {
-    vni: 0,
-    slot: 0,
-    flags: 0,
-    mtu: 0,
-    mac: [0; 6],
-    _pad: [0; 2],
-    policy: 0,
-    tenant: 0,
-    ct_port_quota: 0,
-    ct_tenant_quota: 0,
-};
 
 #[inline(never)]
 fn enforce(c: &Cursor, p: &Parsed, ends: &Ends) -> Packed {
@@ -247,16 +234,17 @@ fn rules_allow_call(p: &Parsed, s: *const PortInfo, r: *const PortInfo, reply: u
 #[inline(never)]
 fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32) -> u32 {
     let (v4, proto, direction, port) = (p.l3 == L3::Ipv4, p.proto, direction as u8, port as u16);
-    let mut addr = [0u8; 16];
-    let (family, bits) = if v4 {
-        addr[0] = remote[12];
-        addr[1] = remote[13];
-        addr[2] = remote[14];
-        addr[3] = remote[15];
-        (SG_FAMILY_V4, 32)
+    let (family, bits, addr) = if v4 {
+        // The IPv4 address in the first 4 bytes, the rest zero.
+        let a = [remote[12], remote[13], remote[14], remote[15]];
+        let w = [u32::from_ne_bytes(a) as u64, 0u64];
+        (SG_FAMILY_V4, 32, unsafe {
+            core::mem::transmute::<[u64; 2], [u8; 16]>(w)
+        })
     } else {
-        addr = *remote;
-        (SG_FAMILY_V6, 128)
+        let mut a = [0u8; 16];
+        copy16(&mut a, remote);
+        (SG_FAMILY_V6, 128, a)
     };
     let policy = policy.to_be_bytes();
     let key = Key::new(
@@ -323,15 +311,10 @@ fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), Drop
         if ihl < 20 {
             return Err(unrelated);
         }
-        key.addr_a = crate::maps::v4_mapped(ip.src);
-        key.addr_b = crate::maps::v4_mapped(ip.dst);
         (ip.proto, off + ihl)
     } else {
         let ip: *mut Ipv6Hdr = c.at(off).ok_or(unrelated)?;
-        let ip = unsafe { &*ip };
-        key.addr_a = ip.src;
-        key.addr_b = ip.dst;
-        (ip.next_header, off + 40)
+        (unsafe { (*ip).next_header }, off + 40)
     };
     let (mut sport, mut dport) = (0u16, 0u16);
     match proto {
@@ -354,8 +337,19 @@ fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), Drop
         _ => {}
     }
     // The quoted packet's own ends, put in canonical order like any key.
-    let (src, dst) = (key.addr_a, key.addr_b);
-    conntrack::key(key, zone, proto, &src, (sport, dport), &dst);
+    if p.l3 == L3::Ipv4 {
+        let ip: *mut Ipv4Hdr = c.at(off).ok_or(unrelated)?;
+        let ip = unsafe { &*ip };
+        let (src, dst) = (
+            crate::maps::v4_mapped(ip.src),
+            crate::maps::v4_mapped(ip.dst),
+        );
+        conntrack::key(key, zone, proto, &src, (sport, dport), &dst);
+    } else {
+        let ip: *mut Ipv6Hdr = c.at(off).ok_or(unrelated)?;
+        let ip = unsafe { &*ip };
+        conntrack::key(key, zone, proto, &ip.src, (sport, dport), &ip.dst);
+    }
     match CONNTRACK.get_ptr(key) {
         Some(e) if !conntrack::expired(unsafe { &*e }, now) => Ok(()),
         _ => Err(unrelated),

@@ -45,6 +45,7 @@ impl Next {
 
 /// What the first stages learnt of a frame, for the stages that follow
 /// (one out-parameter: BPF calls take at most five arguments).
+#[repr(C, align(8))]
 pub struct Decision {
     pub port: PortInfo,
     pub ifindex: u32,
@@ -55,20 +56,16 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Makes `slot` all zeroes (a valid value of every field), with "drop"
+    /// as the verdict, in place: a value returned and moved would be zeroed
+    /// again by a memset call.
     #[inline(always)]
-    pub fn new() -> Self {
-        Decision {
-            port: crate::policy::EMPTY_PORT,
-            ifindex: 0,
-            next: Next::of(NEXT_VERDICT, aya_ebpf::bindings::TC_ACT_SHOT as u32),
-            peer: ForwardEntry {
-                kind: 0,
-                ifindex: 0,
-                slot: 0,
-                flags: 0,
-                vtep: [0; 4],
-            },
-            parsed: Parsed::EMPTY,
+    pub fn init(slot: &mut core::mem::MaybeUninit<Decision>) -> &mut Decision {
+        unsafe {
+            zero(slot.as_mut_ptr());
+            let d = &mut *slot.as_mut_ptr();
+            d.next = Next::of(NEXT_VERDICT, aya_ebpf::bindings::TC_ACT_SHOT as u32);
+            d
         }
     }
 }
@@ -90,11 +87,15 @@ fn stage(ctx: &TcContext, d: &mut Decision) -> Result<Next, DropReason> {
     d.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ifindex = d.ifindex;
     let info = PORTS.get_ptr(&ifindex).ok_or(DropReason::UnknownPort)?;
-    d.port = unsafe { *info };
+    unsafe { copy(&mut d.port, info) };
     let port = &d.port;
     let len = ctx.len();
     count_from_vm(port.slot, len);
-    let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
+    let want = if len < PULL_LEN { len } else { PULL_LEN };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        // Only when the headers are not linear already: the helper costs.
+        let _ = ctx.pull_data(want);
+    }
 
     let c = Cursor::new(ctx.data(), ctx.data_end());
     parse::frame(&c, len as usize, &mut d.parsed)?;

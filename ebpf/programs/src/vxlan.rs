@@ -48,7 +48,12 @@ fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Result<i32, DropReas
     let inner_len = ctx.len();
     let outer_ip_len = inner_len + (VXLAN_ENCAP_LEN - ETH_LEN) as u32;
 
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
+    // In place (see hdr::zero): mem::zeroed() would be a memset call.
+    let fib = unsafe {
+        zero(slot.as_mut_ptr());
+        &mut *slot.as_mut_ptr()
+    };
     fib.family = AF_INET;
     fib.l4_protocol = IPPROTO_UDP;
     fib.dport = VXLAN_PORT.to_be();
@@ -59,7 +64,7 @@ fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4]) -> Result<i32, DropReas
     let rc = unsafe {
         bpf_fib_lookup(
             skb as *mut c_void,
-            &mut fib,
+            fib,
             size_of::<FibParams>() as i32,
             BPF_FIB_LOOKUP_OUTPUT,
         )

@@ -31,6 +31,17 @@ fn ip(args: &[&str]) -> Result<(), Error> {
     Ok(())
 }
 
+fn sysctl(ns: &str, setting: &str) -> Result<(), Error> {
+    let ok = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw", setting])
+        .status()
+        .map_err(Error::io("sysctl"))?;
+    if !ok.success() {
+        return Err(Error::Invalid(format!("sysctl {setting} failed in {ns}")));
+    }
+    Ok(())
+}
+
 impl Testbed {
     /// Creates the namespace `tag` and the interfaces of `host`'s ports in `snap`.
     pub fn new(tag: &str, snap: &Snapshot, host: &str) -> Result<Testbed, Error> {
@@ -40,6 +51,11 @@ impl Testbed {
         };
         let ns = bed.ns.as_str();
         ip(&["netns", "add", ns])?;
+        // No IPv6 on the bed's own interfaces: their router solicitations
+        // and reports would reach the port programs and move drop counters
+        // in the middle of a fixture. The frames under test are injected.
+        sysctl(ns, "net.ipv6.conf.all.disable_ipv6=1")?;
+        sysctl(ns, "net.ipv6.conf.default.disable_ipv6=1")?;
         ip(&[
             "-n", ns, "link", "add", UPLINK, "type", "veth", "peer", "name", "up1",
         ])?;
@@ -49,20 +65,7 @@ impl Testbed {
         }
         // A hypervisor that routes: the FIB helper answers with the next
         // hop's MAC. (Hosts with forwarding off are covered by the lab.)
-        let fwd = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.conf.up0.forwarding=1",
-            ])
-            .status()
-            .map_err(Error::io("sysctl"))?;
-        if !fwd.success() {
-            return Err(Error::Invalid("sysctl forwarding failed".into()));
-        }
+        sysctl(ns, "net.ipv4.conf.up0.forwarding=1")?;
         let mac = crate::snapshot::MacAddr(NEXT_HOP_MAC).to_string();
         ip(&[
             "-n",

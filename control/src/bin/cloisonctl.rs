@@ -1,0 +1,301 @@
+//! `cloisonctl`: the agent's API from a shell. Human tables by default,
+//! `--json` for scripts.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use cloison_control::{
+    client::{Answer, Client, Endpoint},
+    desired::Kind,
+};
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(about = "Drive a cloisond agent through its API")]
+struct Args {
+    /// unix:PATH or tcp:ADDR of the agent.
+    #[arg(
+        long,
+        env = "CLOISON_ENDPOINT",
+        default_value = "unix:/run/cloison/cloisond.sock"
+    )]
+    endpoint: Endpoint,
+    /// Bearer token file (TCP endpoints).
+    #[arg(long, env = "CLOISON_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// One object: KIND is host, network, security-group or port.
+    Get {
+        kind: String,
+        name: String,
+    },
+    /// Every object of a kind.
+    List {
+        kind: String,
+    },
+    /// Create or replace the objects of a YAML or JSON file (a list, or
+    /// YAML documents, each with `kind` and `name`), in dependency order.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    Delete {
+        kind: String,
+        name: String,
+    },
+    /// Desired and applied generations.
+    Status,
+    /// A port's packets, bytes and drops by reason.
+    Stats {
+        port: String,
+    },
+}
+
+fn kind(s: &str) -> Result<Kind> {
+    let k = match s.trim_end_matches('s') {
+        "host" => Kind::Host,
+        "network" => Kind::Network,
+        "security-group" | "sg" => Kind::SecurityGroup,
+        "port" => Kind::Port,
+        _ => bail!("unknown kind {s:?}: host, network, security-group or port"),
+    };
+    Ok(k)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloisonctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The answer's JSON if it is a success; the API's error message otherwise.
+fn ok(a: Answer) -> Result<Value> {
+    if (200..300).contains(&a.status) {
+        if a.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        return a.json();
+    }
+    let msg = a
+        .json()
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&a.body).into_owned());
+    bail!("{} ({})", msg, a.status)
+}
+
+async fn run(args: Args) -> Result<()> {
+    let token = match &args.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("read {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let c = Client {
+        endpoint: args.endpoint.clone(),
+        token,
+    };
+    let json = args.json;
+    match args.cmd {
+        Cmd::Get { kind: k, name } => {
+            let k = kind(&k)?;
+            let v = ok(c.get(&format!("/v1/{}/{name}", k.path())).await?)?;
+            print_objects(k, &[v], json);
+        }
+        Cmd::List { kind: k } => {
+            let k = kind(&k)?;
+            let v = ok(c.get(&format!("/v1/{}", k.path())).await?)?;
+            print_objects(k, v.as_array().map(Vec::as_slice).unwrap_or(&[]), json);
+        }
+        Cmd::Delete { kind: k, name } => {
+            let k = kind(&k)?;
+            ok(c.delete(&format!("/v1/{}/{name}", k.path())).await?)?;
+            if !json {
+                println!("{k} {name} deleted");
+            }
+        }
+        Cmd::Status => {
+            let v = ok(c.get("/v1/status").await?)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "host {}  desired generation {}  applied {}  programs {}",
+                    v["host"].as_str().unwrap_or("?"),
+                    v["desired_generation"],
+                    v["applied_generation"],
+                    v["programs"].as_str().unwrap_or("?")
+                );
+                if let Some(p) = v["pending_ports"].as_array().filter(|p| !p.is_empty()) {
+                    println!("pending ports (no interface yet): {p:?}");
+                }
+            }
+        }
+        Cmd::Stats { port } => {
+            let v = ok(c.get(&format!("/v1/ports/{port}/stats")).await?)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("port {port} on {}", v["host"].as_str().unwrap_or("?"));
+                println!(
+                    "  from VM  {} packets  {} bytes",
+                    v["from_vm"]["packets"], v["from_vm"]["bytes"]
+                );
+                println!(
+                    "  to VM    {} packets  {} bytes",
+                    v["to_vm"]["packets"], v["to_vm"]["bytes"]
+                );
+                println!("  drops    {}", v["drops"]);
+                for (r, n) in v["drops_by_reason"].as_object().into_iter().flatten() {
+                    println!("    {r:<28} {n}");
+                }
+            }
+        }
+        Cmd::Apply { file } => apply(&c, &file, json).await?,
+    }
+    Ok(())
+}
+
+/// Objects of a file: a JSON or YAML list, or YAML documents.
+fn read_objects(file: &PathBuf) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc)
+            .with_context(|| format!("{}: not YAML or JSON", file.display()))?;
+        match v {
+            Value::Array(items) => out.extend(items),
+            Value::Null => {}
+            v => out.push(v),
+        }
+    }
+    Ok(out)
+}
+
+async fn apply(c: &Client, file: &PathBuf, json: bool) -> Result<()> {
+    let mut todo: Vec<(Kind, String, Value)> = Vec::new();
+    for (i, mut v) in read_objects(file)?.into_iter().enumerate() {
+        let m = v
+            .as_object_mut()
+            .with_context(|| format!("object {i} is not a mapping"))?;
+        let k = m
+            .remove("kind")
+            .and_then(|k| k.as_str().map(str::to_string))
+            .with_context(|| format!("object {i} has no kind"))?;
+        let name = m
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .with_context(|| format!("object {i} has no name"))?;
+        todo.push((kind(&k)?, name, v));
+    }
+    // Hosts, networks, groups, ports: what is referred to goes first.
+    todo.sort_by_key(|(k, _, _)| *k);
+    // Groups may name each other: retry conflicts while some succeed.
+    let mut results = Vec::new();
+    loop {
+        let mut left = Vec::new();
+        let mut progressed = false;
+        for (k, name, v) in todo {
+            let a = c.put(&format!("/v1/{}/{name}", k.path()), &v).await?;
+            if a.status == 409 && k == Kind::SecurityGroup {
+                left.push((k, name, v));
+                continue;
+            }
+            progressed = true;
+            let answer = ok(a).with_context(|| format!("{k} {name}"))?;
+            results.push((k, name, answer));
+        }
+        if left.is_empty() {
+            break;
+        }
+        if !progressed {
+            let (k, name, v) = &left[0];
+            let a = c.put(&format!("/v1/{}/{name}", k.path()), v).await?;
+            ok(a).with_context(|| format!("{k} {name}"))?;
+        }
+        todo = left;
+    }
+    if json {
+        let all: Vec<&Value> = results.iter().map(|(_, _, v)| v).collect();
+        println!("{}", serde_json::to_string(&all)?);
+    } else {
+        for (k, name, v) in &results {
+            println!("{k} {name} applied (generation {})", v["generation"]);
+        }
+    }
+    Ok(())
+}
+
+fn print_objects(k: Kind, objs: &[Value], json: bool) {
+    if json {
+        if objs.len() == 1 && matches!(objs[0], Value::Object(_)) {
+            println!("{}", objs[0]);
+        } else {
+            println!("{}", Value::Array(objs.to_vec()));
+        }
+        return;
+    }
+    let cols: &[&str] = match k {
+        Kind::Host => &["underlay_ip"],
+        Kind::Network => &["tenant", "vni", "subnets", "mtu"],
+        Kind::SecurityGroup => &["tenant", "rules"],
+        Kind::Port => &[
+            "network",
+            "host",
+            "interface",
+            "mac",
+            "ips",
+            "security_groups",
+        ],
+    };
+    let cell = |v: &Value, c: &str| match &v[c] {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if c == "rules" => format!("{} rules", a.len()),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map_or(x.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    };
+    let mut rows = vec![std::iter::once("NAME".to_string())
+        .chain(cols.iter().map(|c| c.to_uppercase()))
+        .chain(std::iter::once("GEN".to_string()))
+        .collect::<Vec<_>>()];
+    for v in objs {
+        rows.push(
+            std::iter::once(v["name"].as_str().unwrap_or("?").to_string())
+                .chain(cols.iter().map(|c| cell(v, c)))
+                .chain(std::iter::once(v["generation"].to_string()))
+                .collect(),
+        );
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

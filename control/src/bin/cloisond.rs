@@ -1,0 +1,191 @@
+//! `cloisond`: the agent every hypervisor runs (../shared/API.md).
+use std::{
+    future::IntoFuture,
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use cloison_control::{
+    client::Endpoint,
+    reconcile::{self, Status},
+    server::{router, Agent},
+    store::Store,
+};
+use cloison_dataplane::{loader::DEFAULT_PIN_ROOT, Dataplane, UplinkHook};
+
+#[derive(Parser, Debug)]
+#[command(about = "Cloison's per-host agent: the northbound API, a durable store, the reconciler")]
+struct Args {
+    /// This host's name: its VTEP is the underlay_ip of the host object so named.
+    #[arg(long)]
+    name: String,
+    /// The interface facing the underlay.
+    #[arg(long)]
+    uplink: Option<String>,
+    /// unix:PATH (mode 0600) or tcp:ADDR (needs --token-file); repeatable.
+    #[arg(long)]
+    listen: Vec<Endpoint>,
+    /// File holding the bearer token the TCP listener requires.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where the embedded store lives (default /var/lib/cloison/NAME).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// embedded (default) or etcd.
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    #[arg(long)]
+    etcd_endpoints: Option<String>,
+    /// auto (XDP where the driver has native XDP), xdp or tc.
+    #[arg(long, default_value = "auto")]
+    uplink_hook: UplinkHook,
+    /// Where maps and links are pinned (a bpffs directory).
+    #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Remove everything this host's agent pinned (programs detach) and exit.
+    #[arg(long)]
+    purge: bool,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("cloisond: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.purge {
+        Dataplane::purge(&args.name, &args.pin_root)?;
+        println!("cloisond: purged the dataplane of {}", args.name);
+        return Ok(());
+    }
+    match args.store.as_str() {
+        "embedded" => {}
+        "etcd" => {
+            bail!("--store etcd: fleet mode is not built yet; use the embedded store (the default)")
+        }
+        other => bail!("--store {other}: expected embedded or etcd"),
+    }
+    let uplink = args.uplink.clone().context("--uplink is required")?;
+    if args.listen.is_empty() {
+        bail!("at least one --listen unix:PATH or tcp:ADDR is required");
+    }
+    let token = match &args.token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("read token file {}", f.display()))?;
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                bail!("the token in {} is shorter than 16 characters", f.display());
+            }
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/cloison").join(&args.name));
+    let store = Store::open(&state_dir)
+        .with_context(|| format!("open the store in {}", state_dir.display()))?;
+
+    let status = Arc::new(Status::default());
+    let dataplane: Arc<Mutex<Option<Dataplane>>> = Arc::new(Mutex::new(None));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cfg = reconcile::Config {
+        host: args.name.clone(),
+        uplink,
+        hook: args.uplink_hook,
+        pin_root: args.pin_root.clone(),
+    };
+    {
+        let (dp, st) = (dataplane.clone(), status.clone());
+        std::thread::Builder::new()
+            .name("reconcile".into())
+            .spawn(move || reconcile::run(cfg, dp, st, rx))?;
+    }
+    let agent = Agent::new(args.name.clone(), store, tx, status, dataplane)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut servers = tokio::task::JoinSet::new();
+        for ep in &args.listen {
+            match ep {
+                Endpoint::Unix(path) => {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    let _ = std::fs::remove_file(path);
+                    // Created 0600 (umask), not chmod-ed after: no window.
+                    let old = unsafe { libc::umask(0o177) };
+                    let l = tokio::net::UnixListener::bind(path);
+                    unsafe { libc::umask(old) };
+                    let l = l.with_context(|| format!("listen on {}", path.display()))?;
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                    tracing::info!(socket = %path.display(), "listening");
+                    servers.spawn(
+                        axum::serve(l, router(agent.clone(), None))
+                            .with_graceful_shutdown(shutdown())
+                            .into_future(),
+                    );
+                }
+                Endpoint::Tcp(addr) => {
+                    let Some(token) = token.clone() else {
+                        bail!("--listen tcp:{addr} needs --token-file");
+                    };
+                    let l = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("listen on {addr}"))?;
+                    tracing::info!(%addr, "listening (bearer token required)");
+                    servers.spawn(
+                        axum::serve(l, router(agent.clone(), Some(token)))
+                            .with_graceful_shutdown(shutdown())
+                            .into_future(),
+                    );
+                }
+            }
+        }
+        while let Some(r) = servers.join_next().await {
+            r??;
+        }
+        // The dataplane stays: maps and links are pinned, traffic flows on,
+        // and the next start takes them over.
+        tracing::info!("stopped; the dataplane keeps running");
+        Ok(())
+    })
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,108 @@
+//! A small HTTP/1.1 client of the agent's API, over its unix socket or TCP
+//! (with the bearer token): what cloisonctl and the tests use.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Bytes, Method, Request};
+use hyper_util::rt::TokioIo;
+
+/// Where an agent listens: `unix:PATH` or `tcp:ADDR` (API.md's `--listen`).
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Endpoint::Unix(p.into()));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            return Ok(Endpoint::Tcp(a.into()));
+        }
+        anyhow::bail!("{s:?}: expected unix:PATH or tcp:HOST:PORT")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub endpoint: Endpoint,
+    pub token: Option<String>,
+}
+
+/// An answer: status and body.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "answer is not JSON: {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+impl Client {
+    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Answer> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "cloisond");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let res = match &self.endpoint {
+            Endpoint::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .with_context(|| format!("connect to {}", p.display()))?;
+                send(TokioIo::new(s), req).await?
+            }
+            Endpoint::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .with_context(|| format!("connect to {a}"))?;
+                send(TokioIo::new(s), req).await?
+            }
+        };
+        Ok(res)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Answer> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Result<Answer> {
+        self.call(Method::PUT, path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Answer> {
+        self.call(Method::DELETE, path, None).await
+    }
+}
+
+async fn send<T>(io: T, req: Request<Full<Bytes>>) -> Result<Answer>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(conn);
+    let res = sender.send_request(req).await?;
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await?.to_bytes().to_vec();
+    Ok(Answer { status, body })
+}

@@ -1,0 +1,10 @@
+//! The per-host agent, `cloisond`, and its CLI, `cloisonctl`: the northbound
+//! API of ../shared/API.md over a durable embedded store, and a reconciler
+//! that hands the dataplane complete snapshots. No aya here: the kernel side
+//! is `cloison-dataplane`.
+
+pub mod client;
+pub mod desired;
+pub mod reconcile;
+pub mod server;
+pub mod store;

@@ -1,0 +1,435 @@
+//! The northbound REST API of ../shared/API.md, served by axum on a unix
+//! socket (mode 0600) and optionally on TCP with a bearer token.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{atomic::Ordering, Arc, Mutex},
+};
+
+use axum::{
+    extract::{Path, Request, State},
+    http::{header, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use cloison_abi::DropReason;
+use cloison_dataplane::{netdev, Dataplane, Network, Port, Snapshot};
+use crossbeam_channel::Sender;
+use serde_json::{json, Value};
+
+use crate::{
+    desired::{parse_body, Desired, Kind, Record, Refusal},
+    reconcile::Status,
+    store::{Change, Store},
+};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+pub struct Agent {
+    pub host: String,
+    state: Mutex<Inner>,
+    reconcile: Sender<(u64, Arc<Snapshot>)>,
+    pub status: Arc<Status>,
+    pub dataplane: Arc<Mutex<Option<Dataplane>>>,
+}
+
+struct Inner {
+    desired: Desired,
+    generation: u64,
+    store: Store,
+}
+
+impl Agent {
+    /// The agent over a loaded store; the reconciler gets the stored state
+    /// at once (a restart converges to it).
+    pub fn new(
+        host: String,
+        store: Store,
+        reconcile: Sender<(u64, Arc<Snapshot>)>,
+        status: Arc<Status>,
+        dataplane: Arc<Mutex<Option<Dataplane>>>,
+    ) -> Result<Arc<Agent>, crate::store::StoreError> {
+        let (desired, generation) = store.load()?;
+        let _ = reconcile.send((generation, Arc::new(desired.snapshot())));
+        Ok(Arc::new(Agent {
+            host,
+            state: Mutex::new(Inner {
+                desired,
+                generation,
+                store,
+            }),
+            reconcile,
+            status,
+            dataplane,
+        }))
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.state.lock().expect("agent state")
+    }
+
+    /// PUT: (created, the object as returned).
+    fn put(&self, kind: Kind, name: &str, body: &[u8]) -> Result<(bool, Value), ApiError> {
+        let object = parse_body(kind, name, body)?;
+        let mut inner = self.inner();
+        let existed = inner.desired.get(kind, name).cloned();
+        if let Some(old) = &existed {
+            if old.object == object {
+                return Ok((false, old.to_json())); // idempotent: nothing changes
+            }
+        }
+        let generation = inner.generation + 1;
+        let record = Record { generation, object };
+        let mut next = inner.desired.clone();
+        next.put(kind, name, record.clone());
+        next.check()?;
+        inner
+            .store
+            .commit(
+                Change {
+                    kind,
+                    name,
+                    record: Some(&record),
+                },
+                generation,
+            )
+            .map_err(ApiError::internal)?;
+        inner.desired = next;
+        inner.generation = generation;
+        let _ = self
+            .reconcile
+            .send((generation, Arc::new(inner.desired.snapshot())));
+        Ok((existed.is_none(), record.to_json()))
+    }
+
+    fn delete(&self, kind: Kind, name: &str) -> Result<(), ApiError> {
+        let mut inner = self.inner();
+        if inner.desired.get(kind, name).is_none() {
+            return Err(Refusal::NotFound(format!("no {kind} {name}")).into());
+        }
+        if let Some(why) = inner.desired.in_use(kind, name) {
+            return Err(Refusal::Conflict(why).into());
+        }
+        let generation = inner.generation + 1;
+        inner
+            .store
+            .commit(
+                Change {
+                    kind,
+                    name,
+                    record: None,
+                },
+                generation,
+            )
+            .map_err(ApiError::internal)?;
+        inner.desired.remove(kind, name);
+        inner.generation = generation;
+        let _ = self
+            .reconcile
+            .send((generation, Arc::new(inner.desired.snapshot())));
+        Ok(())
+    }
+}
+
+/// An error answer: `{"error": {"code", "message"}}` with its status.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        let status = StatusCode::from_u16(r.status()).expect("a valid status");
+        ApiError::new(status, r.code(), r.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn kind_of(path: &str) -> Result<Kind, ApiError> {
+    Kind::from_path(path).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no collection {path}"),
+        )
+    })
+}
+
+async fn put_object(
+    State(agent): State<Arc<Agent>>,
+    Path((kind, name)): Path<(String, String)>,
+    req: Request,
+) -> ApiResult {
+    let kind = kind_of(&kind)?;
+    let body = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("a body is at most {MAX_BODY_BYTES} bytes"),
+            )
+        })?;
+    let a = agent.clone();
+    // The store commits durably (fsync): off the async workers.
+    let (created, obj) = tokio::task::spawn_blocking(move || a.put(kind, &name, &body))
+        .await
+        .map_err(ApiError::internal)??;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(obj)).into_response())
+}
+
+async fn get_object(
+    State(agent): State<Arc<Agent>>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult {
+    let kind = kind_of(&kind)?;
+    let inner = agent.inner();
+    let rec = inner
+        .desired
+        .get(kind, &name)
+        .ok_or_else(|| Refusal::NotFound(format!("no {kind} {name}")))?;
+    Ok(axum::Json(rec.to_json()).into_response())
+}
+
+async fn list_objects(State(agent): State<Arc<Agent>>, Path(kind): Path<String>) -> ApiResult {
+    let kind = kind_of(&kind)?;
+    let inner = agent.inner();
+    let all: Vec<Value> = inner.desired.list(kind).map(Record::to_json).collect();
+    Ok(axum::Json(all).into_response())
+}
+
+async fn delete_object(
+    State(agent): State<Arc<Agent>>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult {
+    let kind = kind_of(&kind)?;
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || a.delete(kind, &name))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn status(State(agent): State<Arc<Agent>>) -> ApiResult {
+    let desired = agent.inner().generation;
+    let s = &agent.status;
+    Ok(axum::Json(json!({
+        "host": agent.host,
+        "desired_generation": desired,
+        "applied_generation": s.applied_generation.load(Ordering::SeqCst),
+        "programs": *s.programs.lock().expect("status"),
+        "pending_ports": *s.pending_ports.lock().expect("status"),
+    }))
+    .into_response())
+}
+
+/// This host's ports with an interface: (port, network, ifindex).
+fn local_ports(agent: &Agent) -> Vec<(Port, Network, u32)> {
+    let snap = agent.inner().desired.snapshot();
+    let nets: BTreeMap<&str, &Network> =
+        snap.networks.iter().map(|n| (n.name.as_str(), n)).collect();
+    snap.ports
+        .iter()
+        .filter(|p| p.host == agent.host)
+        .filter_map(|p| {
+            let net = nets.get(p.network.as_str())?;
+            Some((p.clone(), (*net).clone(), netdev::ifindex(&p.interface)?))
+        })
+        .collect()
+}
+
+fn dataplane_stats(agent: &Agent) -> Result<cloison_dataplane::Stats, ApiError> {
+    let dp = agent.dataplane.lock().expect("dataplane");
+    let dp = dp.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the dataplane is not loaded",
+        )
+    })?;
+    dp.stats().map_err(ApiError::internal)
+}
+
+async fn port_stats(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || {
+        if a.inner().desired.get(Kind::Port, &name).is_none() {
+            return Err(Refusal::NotFound(format!("no port {name}")).into());
+        }
+        let Some((_, _, ifindex)) = local_ports(&a).into_iter().find(|(p, _, _)| p.name == name)
+        else {
+            return Err(Refusal::Conflict(format!(
+                "port {name} is not attached on host {}",
+                a.host
+            ))
+            .into());
+        };
+        let stats = dataplane_stats(&a)?;
+        let p = stats.ports.get(&ifindex).copied().unwrap_or_default();
+        let drops: BTreeMap<&str, u64> = stats
+            .port_drops
+            .get(&ifindex)
+            .map(|d| d.iter().map(|(r, n)| (r.name(), *n)).collect())
+            .unwrap_or_default();
+        Ok(axum::Json(json!({
+            "port": name,
+            "host": a.host,
+            "from_vm": {"packets": p.tx_packets, "bytes": p.tx_bytes},
+            "to_vm": {"packets": p.rx_packets, "bytes": p.rx_bytes},
+            "drops": p.drops,
+            "drops_by_reason": drops,
+        }))
+        .into_response())
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        let s = &a.status;
+        let host = &a.host;
+        let _ = writeln!(out, "# TYPE cloison_desired_generation gauge");
+        let _ = writeln!(out, "cloison_desired_generation{{host=\"{host}\"}} {}", a.inner().generation);
+        let _ = writeln!(out, "# TYPE cloison_applied_generation gauge");
+        let _ = writeln!(
+            out,
+            "cloison_applied_generation{{host=\"{host}\"}} {}",
+            s.applied_generation.load(Ordering::SeqCst)
+        );
+        let Ok(stats) = dataplane_stats(&a) else {
+            return Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response());
+        };
+        let _ = writeln!(out, "# TYPE cloison_drops_total counter");
+        for r in DropReason::ALL {
+            let n = stats.drops.get(r).copied().unwrap_or(0);
+            let _ = writeln!(out, "cloison_drops_total{{host=\"{host}\",reason=\"{}\"}} {n}", r.name());
+        }
+        let mut tenants: BTreeMap<String, [u64; 5]> = BTreeMap::new();
+        let series = [
+            ("cloison_port_from_vm_packets_total", 0),
+            ("cloison_port_from_vm_bytes_total", 1),
+            ("cloison_port_to_vm_packets_total", 2),
+            ("cloison_port_to_vm_bytes_total", 3),
+            ("cloison_port_drops_total", 4),
+        ];
+        let ports = local_ports(&a);
+        for (metric, i) in series {
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for (p, net, ifindex) in &ports {
+                let st = stats.ports.get(ifindex).copied().unwrap_or_default();
+                let v = [st.tx_packets, st.tx_bytes, st.rx_packets, st.rx_bytes, st.drops][i];
+                tenants.entry(net.tenant.clone()).or_default()[i] += v;
+                let _ = writeln!(
+                    out,
+                    "{metric}{{host=\"{host}\",port=\"{}\",network=\"{}\",tenant=\"{}\"}} {v}",
+                    p.name, net.name, net.tenant
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE cloison_port_drops_by_reason_total counter");
+        for (p, net, ifindex) in &ports {
+            for (r, n) in stats.port_drops.get(ifindex).into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "cloison_port_drops_by_reason_total{{host=\"{host}\",port=\"{}\",tenant=\"{}\",reason=\"{}\"}} {n}",
+                    p.name,
+                    net.tenant,
+                    r.name()
+                );
+            }
+        }
+        for (metric, i) in series {
+            let tmetric = metric.replace("cloison_port_", "cloison_tenant_");
+            let _ = writeln!(out, "# TYPE {tmetric} counter");
+            for (t, v) in &tenants {
+                let _ = writeln!(out, "{tmetric}{{host=\"{host}\",tenant=\"{t}\"}} {}", v[i]);
+            }
+        }
+        Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Every request on the TCP listener carries `Authorization: Bearer <token>`.
+async fn bearer(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    let got = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = got.is_some_and(|g| {
+        // Length and content compared without an early exit.
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if !ok {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or bad bearer token",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+pub fn router(agent: Arc<Agent>, token: Option<Arc<String>>) -> Router {
+    let r = Router::new()
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/v1/ports/{name}/stats", get(port_stats))
+        .route("/v1/{kind}", get(list_objects))
+        .route(
+            "/v1/{kind}/{name}",
+            get(get_object).put(put_object).delete(delete_object),
+        )
+        .fallback(not_found)
+        .with_state(agent);
+    match token {
+        Some(t) => r.layer(middleware::from_fn_with_state(t, bearer)),
+        None => r,
+    }
+}

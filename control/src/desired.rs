@@ -272,10 +272,12 @@ impl Desired {
                 if let Some(Remote::Group(other)) = &r.remote {
                     match groups.get(other.as_str()) {
                         Some(o) if o.tenant == g.tenant => {}
-                        Some(_) => return conflict(format!(
+                        Some(_) => {
+                            return conflict(format!(
                             "security group {} rule {i}: group {other} belongs to another tenant",
                             g.name
-                        )),
+                        ))
+                        }
                         None => {
                             return conflict(format!(
                                 "security group {} rule {i}: no security group {other}",

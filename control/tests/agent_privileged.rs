@@ -1,0 +1,398 @@
+//! The agent as an outside caller sees it: a real `cloisond` process in a
+//! test-bed namespace of its own (uplink, port veths, real dataplane), driven
+//! only through its socket, per ../shared/API.md. Needs root.
+use std::{
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cloison_control::client::{Answer, Client, Endpoint};
+use cloison_dataplane::{netdev, testbed::Testbed, Snapshot};
+use serde_json::{json, Value};
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Agent {
+    fn start(ns: &str, name: &str, dir: &PathBuf, tcp: Option<&str>) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloisond"));
+        cmd.args(["--name", name, "--uplink", "up0", "--uplink-hook", "xdp"])
+            .arg("--listen")
+            .arg(format!("unix:{}", dir.join("agent.sock").display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        if let Some(addr) = tcp {
+            std::fs::write(dir.join("token"), "s3cret-token-0123456789\n").unwrap();
+            cmd.arg("--listen")
+                .arg(format!("tcp:{addr}"))
+                .arg("--token-file")
+                .arg(dir.join("token"));
+        }
+        let ns_owned = ns.to_string();
+        // The agent runs in the test bed's network namespace (and ours for
+        // mounts, so its pins are where the test bed removes them).
+        unsafe {
+            cmd.pre_exec(move || netdev::enter_netns(&ns_owned));
+        }
+        let child = cmd.spawn().expect("start cloisond");
+        let agent = Agent {
+            child,
+            dir: dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.join("agent.sock").exists() {
+            assert!(Instant::now() < deadline, "cloisond did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    fn client(&self) -> Client {
+        Client {
+            endpoint: Endpoint::Unix(self.dir.join("agent.sock")),
+            token: None,
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+        let _ = std::fs::remove_file(self.dir.join("agent.sock"));
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn objects(host: &str) -> Vec<(&'static str, String, Value)> {
+    vec![
+        (
+            "hosts",
+            host.to_string(),
+            json!({"underlay_ip": "192.0.2.1"}),
+        ),
+        ("hosts", "hv2".into(), json!({"underlay_ip": "192.0.2.2"})),
+        (
+            "networks",
+            "acme-net".into(),
+            json!({"tenant": "acme", "vni": 1001, "subnets": ["10.0.0.0/24", "fd00:1::/64"]}),
+        ),
+        (
+            "security-groups",
+            "web".into(),
+            json!({"tenant": "acme", "rules": [
+            {"direction": "ingress", "protocol": "tcp", "ports": "80", "remote": {"group": "web"}},
+            {"direction": "egress"}]}),
+        ),
+        (
+            "security-groups",
+            "evil-sg".into(),
+            json!({"tenant": "evil", "rules": []}),
+        ),
+        (
+            "ports",
+            "vm1".into(),
+            json!({"network": "acme-net", "host": host, "interface": "pa1",
+            "mac": "02:00:00:00:00:01", "ips": ["10.0.0.5", "fd00:1::5"], "security_groups": ["web"]}),
+        ),
+        (
+            "ports",
+            "vm2".into(),
+            json!({"network": "acme-net", "host": "hv2", "interface": "tap-vm2",
+            "mac": "02:00:00:00:00:02", "ips": ["10.0.0.6"], "security_groups": ["web"]}),
+        ),
+    ]
+}
+
+/// The namespace and interfaces of a host named `name` with port vm1 on pa1.
+fn testbed(name: &str) -> Testbed {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the agent tests need root");
+    let snap: Snapshot = serde_json::from_value(json!({
+        "hosts": [{"name": name, "underlay_ip": "192.0.2.1"}],
+        "ports": [{"name": "vm1", "network": "n", "host": name, "interface": "pa1",
+                   "mac": "02:00:00:00:00:01"}]
+    }))
+    .unwrap();
+    Testbed::new(name, &snap, name).expect("test bed")
+}
+
+fn wait_applied(rt: &tokio::runtime::Runtime, c: &Client) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = rt.block_on(c.get("/v1/status")).unwrap().json().unwrap();
+        if s["applied_generation"] == s["desired_generation"] && s["programs"] == "attached" {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never applied: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn code(a: &Answer) -> (u16, String) {
+    let c = a
+        .json()
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (a.status, c)
+}
+
+#[test]
+fn privileged_api_contract() {
+    let name = format!("clapi{:x}", std::process::id() & 0xffff);
+    let _bed = testbed(&name);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let tcp_addr = format!("127.0.0.1:{}", 17000 + (std::process::id() % 1000));
+    let agent = Agent::start(&name, &name, &dir, Some(&tcp_addr));
+    let c = agent.client();
+    let rt = rt();
+    let mode = std::fs::metadata(dir.join("agent.sock")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // Create: 201 with name and generation; the same again: 200, unchanged.
+    let mut last_gen = 0;
+    for (kind, n, body) in objects(&name) {
+        let a = rt
+            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
+            .unwrap();
+        assert_eq!(
+            a.status,
+            201,
+            "{kind}/{n}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        let v = a.json().unwrap();
+        assert_eq!(v["name"], n.as_str());
+        let g = v["generation"].as_u64().unwrap();
+        assert!(g > last_gen);
+        last_gen = g;
+    }
+    let again = rt
+        .block_on(c.put("/v1/hosts/hv2", &json!({"underlay_ip": "192.0.2.2"})))
+        .unwrap();
+    assert_eq!(again.status, 200);
+    assert!(
+        again.json().unwrap()["generation"].as_u64().unwrap() < last_gen,
+        "unchanged object keeps its generation"
+    );
+    let got = rt.block_on(c.get("/v1/networks/acme-net")).unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json().unwrap()["mtu"], 1450, "default filled");
+    let list = rt.block_on(c.get("/v1/hosts")).unwrap().json().unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "lists are sorted by name");
+
+    // Errors: each with its code, and none changes anything.
+    let before =
+        rt.block_on(c.get("/v1/status")).unwrap().json().unwrap()["desired_generation"].clone();
+    let raw = |method: hyper::Method, path: &str, body: &[u8]| {
+        rt.block_on(c.call(method, path, Some(body.to_vec())))
+            .unwrap()
+    };
+    let cases: Vec<(&str, Answer, (u16, &str))> = vec![
+        ("malformed JSON", raw(hyper::Method::PUT, "/v1/hosts/hv3", b"{\"underlay_ip\": "), (400, "invalid")),
+        ("wrong type", raw(hyper::Method::PUT, "/v1/networks/n2", br#"{"tenant": "acme", "vni": "7"}"#), (400, "invalid")),
+        ("unknown field", raw(hyper::Method::PUT, "/v1/hosts/hv3", br#"{"underlay_ip": "192.0.2.3", "rack": 4}"#), (400, "invalid")),
+        ("bad name", raw(hyper::Method::PUT, "/v1/hosts/HV3", br#"{"underlay_ip": "192.0.2.3"}"#), (400, "invalid")),
+        ("bad CIDR", raw(hyper::Method::PUT, "/v1/networks/n2", br#"{"tenant": "acme", "vni": 7, "subnets": ["10.0.0.0/40"]}"#), (400, "invalid")),
+        ("unknown protocol", raw(hyper::Method::PUT, "/v1/security-groups/g2", br#"{"tenant": "acme", "rules": [{"direction": "ingress", "protocol": "sctp"}]}"#), (400, "invalid")),
+        ("port range on icmp", raw(hyper::Method::PUT, "/v1/security-groups/g2", br#"{"tenant": "acme", "rules": [{"direction": "ingress", "protocol": "icmp", "ports": "22"}]}"#), (400, "invalid")),
+        ("IP outside the subnets", raw(hyper::Method::PUT, "/v1/ports/vm3", br#"{"network": "acme-net", "host": "hv2", "interface": "t3", "mac": "02:00:00:00:00:03", "ips": ["192.168.1.1"]}"#), (400, "invalid")),
+        ("VNI in use", raw(hyper::Method::PUT, "/v1/networks/n2", br#"{"tenant": "acme", "vni": 1001}"#), (409, "conflict")),
+        ("IP in use", raw(hyper::Method::PUT, "/v1/ports/vm3", br#"{"network": "acme-net", "host": "hv2", "interface": "t3", "mac": "02:00:00:00:00:03", "ips": ["10.0.0.5"]}"#), (409, "conflict")),
+        ("MAC in use", raw(hyper::Method::PUT, "/v1/ports/vm3", br#"{"network": "acme-net", "host": "hv2", "interface": "t3", "mac": "02:00:00:00:00:01"}"#), (409, "conflict")),
+        ("missing network", raw(hyper::Method::PUT, "/v1/ports/vm3", br#"{"network": "nope", "host": "hv2", "interface": "t3", "mac": "02:00:00:00:00:03"}"#), (409, "conflict")),
+        ("another tenant's group", raw(hyper::Method::PUT, "/v1/ports/vm3", br#"{"network": "acme-net", "host": "hv2", "interface": "t3", "mac": "02:00:00:00:00:03", "security_groups": ["evil-sg"]}"#), (409, "conflict")),
+        ("network in use", rt.block_on(c.delete("/v1/networks/acme-net")).unwrap(), (409, "conflict")),
+        ("group in use", rt.block_on(c.delete("/v1/security-groups/web")).unwrap(), (409, "conflict")),
+        ("unknown object", rt.block_on(c.get("/v1/ports/nope")).unwrap(), (404, "not_found")),
+        ("delete unknown", rt.block_on(c.delete("/v1/ports/nope")).unwrap(), (404, "not_found")),
+        ("unknown collection", rt.block_on(c.get("/v1/routers")).unwrap(), (404, "not_found")),
+    ];
+    // An oversized body: the agent answers 413 without reading it all (and
+    // closes), so the writer may see its write fail; read the answer anyway.
+    let oversized = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(dir.join("agent.sock")).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let len = 2 << 20;
+        let head =
+            format!("PUT /v1/hosts/hv3 HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        let _ = s.write_all(&vec![b' '; len]);
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    assert!(
+        oversized.starts_with("HTTP/1.1 413"),
+        "oversized body: {oversized}"
+    );
+    for (what, a, (status, want)) in &cases {
+        assert_eq!(
+            code(a),
+            (*status, want.to_string()),
+            "{what}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    let after =
+        rt.block_on(c.get("/v1/status")).unwrap().json().unwrap()["desired_generation"].clone();
+    assert_eq!(before, after, "rejected requests change nothing");
+    assert_eq!(rt.block_on(c.get("/v1/ports/vm3")).unwrap().status, 404);
+
+    // The TCP listener (on the test bed's loopback) wants the token.
+    let tcp = |token: Option<&str>| {
+        let c = Client {
+            endpoint: Endpoint::Tcp(tcp_addr.clone()),
+            token: token.map(str::to_string),
+        };
+        let ns = name.clone();
+        std::thread::spawn(move || {
+            netdev::enter_netns(&ns).unwrap();
+            self::rt().block_on(c.get("/v1/status")).unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(code(&tcp(None)), (401, "unauthorized".into()));
+    assert_eq!(
+        code(&tcp(Some("wrong-token-0123456789"))),
+        (401, "unauthorized".into())
+    );
+    assert_eq!(tcp(Some("s3cret-token-0123456789")).status, 200);
+
+    // The kernel converges; the local port is attached and counted.
+    let status = wait_applied(&rt, &c);
+    assert_eq!(status["host"], name.as_str());
+    let stats = rt.block_on(c.get("/v1/ports/vm1/stats")).unwrap();
+    assert_eq!(
+        stats.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&stats.body)
+    );
+    assert!(stats.json().unwrap()["to_vm"]["packets"].is_u64());
+    assert_eq!(
+        code(&rt.block_on(c.get("/v1/ports/vm2/stats")).unwrap()).0,
+        409,
+        "not on this host"
+    );
+    let metrics = String::from_utf8(rt.block_on(c.get("/metrics")).unwrap().body).unwrap();
+    for needle in [
+        "cloison_applied_generation{",
+        "cloison_drops_total{",
+        "cloison_port_from_vm_packets_total{",
+        "port=\"vm1\"",
+        "tenant=\"acme\"",
+        "cloison_tenant_to_vm_bytes_total{",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+
+    // Delete: 204, then gone; a port first, then what it used.
+    assert_eq!(rt.block_on(c.delete("/v1/ports/vm2")).unwrap().status, 204);
+    assert_eq!(rt.block_on(c.get("/v1/ports/vm2")).unwrap().status, 404);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn privileged_acknowledged_writes_survive_kill_9() {
+    let name = format!("clkil{:x}", std::process::id() & 0xffff);
+    let _bed = testbed(&name);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rt = rt();
+    let mut agent = Agent::start(&name, &name, &dir, None);
+    let c = agent.client();
+    let mut acked = Vec::new();
+    for (kind, n, body) in objects(&name) {
+        let a = rt
+            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
+            .unwrap();
+        assert_eq!(a.status, 201);
+        acked.push((kind, n, a.json().unwrap()));
+    }
+    // Writes racing the kill: each one acknowledged must be there after.
+    let writer = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let rt = self::rt();
+            let mut done = Vec::new();
+            for i in 0..200u32 {
+                let body = json!({"tenant": "acme", "vni": 2000 + i});
+                match rt.block_on(c.put(&format!("/v1/networks/n{i}"), &body)) {
+                    Ok(a) if a.status == 201 => done.push((i, a.json().unwrap())),
+                    _ => break,
+                }
+            }
+            done
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    agent.kill9();
+    let written = writer.join().unwrap();
+    assert!(
+        !written.is_empty(),
+        "some writes were acknowledged before the kill"
+    );
+
+    let agent = Agent::start(&name, &name, &dir, None);
+    let c = agent.client();
+    for (kind, n, v) in &acked {
+        let got = rt.block_on(c.get(&format!("/v1/{kind}/{n}"))).unwrap();
+        assert_eq!(got.status, 200, "{kind}/{n} after kill -9");
+        assert_eq!(&got.json().unwrap(), v);
+    }
+    for (i, v) in &written {
+        let got = rt.block_on(c.get(&format!("/v1/networks/n{i}"))).unwrap();
+        assert_eq!(
+            got.status, 200,
+            "network n{i}, acknowledged before the kill"
+        );
+        assert_eq!(&got.json().unwrap(), v);
+    }
+    let s = wait_applied(&rt, &c);
+    let last_acked = written.last().unwrap().1["generation"].as_u64().unwrap();
+    assert!(s["desired_generation"].as_u64().unwrap() >= last_acked);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{} acknowledged writes before the kill, all there after",
+        acked.len() + written.len()
+    );
+}

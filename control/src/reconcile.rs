@@ -13,7 +13,7 @@ use std::{
 };
 
 use cloison_dataplane::{Dataplane, Snapshot, UplinkHook};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// What `GET /v1/status` reports of the kernel side.
 #[derive(Default)]
@@ -31,34 +31,48 @@ pub struct Config {
     pub pin_root: PathBuf,
 }
 
-/// How often pending ports are looked for and a failed apply retried.
-const RETRY: Duration = Duration::from_millis(500);
+/// How often a failed apply is retried (and pending ports looked for, in
+/// case a link event was missed).
+const RETRY: Duration = Duration::from_secs(5);
 const CONNTRACK_GC: Duration = Duration::from_secs(30);
+
+/// What wakes the reconciler.
+pub enum Event {
+    /// A new desired state and its generation.
+    Desired(u64, Arc<Snapshot>),
+    /// An interface appeared, changed or went (netlink): pending ports may
+    /// attach, gone ones detach.
+    Links,
+}
 
 pub fn run(
     cfg: Config,
     dataplane: Arc<Mutex<Option<Dataplane>>>,
     status: Arc<Status>,
-    desired: Receiver<(u64, Arc<Snapshot>)>,
+    events: Receiver<Event>,
 ) {
     let mut latest: Option<(u64, Arc<Snapshot>)> = None;
     let mut dirty = false;
     let mut last_gc = Instant::now();
     loop {
-        match desired.recv_timeout(RETRY) {
-            Ok(d) => {
-                latest = Some(d);
-                while let Ok(d) = desired.try_recv() {
-                    latest = Some(d);
+        let mut links = false;
+        match events.recv_timeout(RETRY) {
+            Ok(first) => {
+                for e in std::iter::once(first).chain(events.try_iter()) {
+                    match e {
+                        Event::Desired(g, s) => {
+                            latest = Some((g, s));
+                            dirty = true;
+                        }
+                        Event::Links => links = true,
+                    }
                 }
-                dirty = true;
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Timeout) => links = true,
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        let pending = !status.pending_ports.lock().expect("status").is_empty();
         if let Some((generation, snap)) = &latest {
-            if dirty || pending {
+            if dirty || links {
                 dirty = !apply(&cfg, &dataplane, &status, *generation, snap);
             }
         }
@@ -128,4 +142,64 @@ fn apply(
             false
         }
     }
+}
+
+/// Sends [`Event::Links`] whenever the kernel reports a link added, changed
+/// or removed in this network namespace (an rtnetlink RTMGRP_LINK socket;
+/// the message itself is not parsed: the reconciler diffs anyway).
+pub fn watch_links(events: Sender<Event>) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls on a zeroed sockaddr_nl; the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = libc::RTMGRP_LINK as u32;
+    let rc = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::thread::Builder::new()
+        .name("links".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = unsafe {
+                    libc::recv(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                    )
+                };
+                if n < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    // ENOBUFS (events overflowed) still means "something changed".
+                    if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOBUFS) {
+                        tracing::error!(error = %std::io::Error::last_os_error(), "link events");
+                        return;
+                    }
+                }
+                if events.send(Event::Links).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
 }

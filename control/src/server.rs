@@ -15,13 +15,13 @@ use axum::{
     Router,
 };
 use cloison_abi::DropReason;
-use cloison_dataplane::{netdev, Dataplane, Network, Port, Snapshot};
+use cloison_dataplane::{netdev, Dataplane, Network, Port};
 use crossbeam_channel::Sender;
 use serde_json::{json, Value};
 
 use crate::{
     desired::{parse_body, Desired, Kind, Record, Refusal},
-    reconcile::Status,
+    reconcile::{Event, Status},
     store::{Change, Store},
 };
 
@@ -31,7 +31,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct Agent {
     pub host: String,
     state: Mutex<Inner>,
-    reconcile: Sender<(u64, Arc<Snapshot>)>,
+    reconcile: Sender<Event>,
     pub status: Arc<Status>,
     pub dataplane: Arc<Mutex<Option<Dataplane>>>,
 }
@@ -48,12 +48,12 @@ impl Agent {
     pub fn new(
         host: String,
         store: Store,
-        reconcile: Sender<(u64, Arc<Snapshot>)>,
+        reconcile: Sender<Event>,
         status: Arc<Status>,
         dataplane: Arc<Mutex<Option<Dataplane>>>,
     ) -> Result<Arc<Agent>, crate::store::StoreError> {
         let (desired, generation) = store.load()?;
-        let _ = reconcile.send((generation, Arc::new(desired.snapshot())));
+        let _ = reconcile.send(Event::Desired(generation, Arc::new(desired.snapshot())));
         Ok(Arc::new(Agent {
             host,
             state: Mutex::new(Inner {
@@ -99,9 +99,10 @@ impl Agent {
             .map_err(ApiError::internal)?;
         inner.desired = next;
         inner.generation = generation;
-        let _ = self
-            .reconcile
-            .send((generation, Arc::new(inner.desired.snapshot())));
+        let _ = self.reconcile.send(Event::Desired(
+            generation,
+            Arc::new(inner.desired.snapshot()),
+        ));
         Ok((existed.is_none(), record.to_json()))
     }
 
@@ -127,9 +128,10 @@ impl Agent {
             .map_err(ApiError::internal)?;
         inner.desired.remove(kind, name);
         inner.generation = generation;
-        let _ = self
-            .reconcile
-            .send((generation, Arc::new(inner.desired.snapshot())));
+        let _ = self.reconcile.send(Event::Desired(
+            generation,
+            Arc::new(inner.desired.snapshot()),
+        ));
         Ok(())
     }
 }

@@ -323,6 +323,66 @@ fn privileged_api_contract() {
         );
     }
 
+    // A port whose interface does not exist yet is pending, and attached
+    // as soon as the interface appears (a link event, not a poll).
+    let late = json!({"network": "acme-net", "host": name, "interface": "pa9",
+        "mac": "02:00:00:00:00:09", "ips": ["10.0.0.9"], "security_groups": ["web"]});
+    assert_eq!(
+        rt.block_on(c.put("/v1/ports/vm9", &late)).unwrap().status,
+        201
+    );
+    let s = wait_applied(&rt, &c);
+    assert_eq!(s["pending_ports"], json!(["vm9"]));
+    assert_eq!(
+        code(&rt.block_on(c.get("/v1/ports/vm9/stats")).unwrap()).0,
+        409,
+        "not attached yet"
+    );
+    let appeared = Instant::now();
+    let ip = |args: &[&str]| {
+        assert!(
+            Command::new("ip").args(args).status().unwrap().success(),
+            "ip {args:?}"
+        );
+    };
+    ip(&[
+        "-n", &name, "link", "add", "pa9", "type", "veth", "peer", "name", "pa9v",
+    ]);
+    ip(&["-n", &name, "link", "set", "pa9", "up"]);
+    loop {
+        let s = rt.block_on(c.get("/v1/status")).unwrap().json().unwrap();
+        if s["pending_ports"] == json!([]) {
+            break;
+        }
+        assert!(
+            appeared.elapsed() < Duration::from_secs(3),
+            "vm9 still pending: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "pending port attached {} ms after its interface appeared",
+        appeared.elapsed().as_millis()
+    );
+    assert_eq!(
+        rt.block_on(c.get("/v1/ports/vm9/stats")).unwrap().status,
+        200
+    );
+    // And detached (pending again) when it goes.
+    ip(&["-n", &name, "link", "del", "pa9"]);
+    let gone = Instant::now();
+    loop {
+        let s = rt.block_on(c.get("/v1/status")).unwrap().json().unwrap();
+        if s["pending_ports"] == json!(["vm9"]) {
+            break;
+        }
+        assert!(
+            gone.elapsed() < Duration::from_secs(3),
+            "vm9 not pending after its interface went: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // Delete: 204, then gone; a port first, then what it used.
     assert_eq!(rt.block_on(c.delete("/v1/ports/vm2")).unwrap().status, 204);
     assert_eq!(rt.block_on(c.get("/v1/ports/vm2")).unwrap().status, 404);

@@ -126,6 +126,7 @@ fn run(args: Args) -> Result<()> {
             .name("reconcile".into())
             .spawn(move || reconcile::run(cfg, dp, st, rx))?;
     }
+    reconcile::watch_links(tx.clone()).context("watch link events (netlink)")?;
     let agent = Agent::new(args.name.clone(), store, tx, status, dataplane)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -47,6 +47,17 @@ pub enum UplinkHook {
     Tc,
 }
 
+impl UplinkHook {
+    /// The flag value (`--uplink-hook`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Xdp => "xdp",
+            Self::Tc => "tc",
+        }
+    }
+}
+
 impl FromStr for UplinkHook {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {

@@ -126,8 +126,43 @@ pub struct Vm {
     pub ip6: std::net::Ipv6Addr,
 }
 
+/// A `cloisond` the lab runs for one host, in that host's namespace.
+pub struct AgentProc {
+    pub host: String,
+    pub socket: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The cloisond binary built beside the running one (target/<profile>/),
+/// or $CLOISOND.
+pub fn cloisond_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CLOISOND") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join("cloisond");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "no cloisond binary near {} (cargo build -p cloison-control, or set CLOISOND)",
+        exe.display()
+    )
+}
+
 pub struct Lab {
     pub tag: String,
+    /// Agents by host, once `start_agents` ran.
+    pub agents: Vec<AgentProc>,
     pub hosts: Vec<String>,
     pub vms: Vec<Vm>,
     pub snapshot: Snapshot,
@@ -195,6 +230,7 @@ impl Lab {
             snapshot: Snapshot::default(),
             namespaces: Namespaces::default(),
             pins: Vec::new(),
+            agents: Vec::new(),
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             hook,
         };
@@ -326,8 +362,18 @@ impl Lab {
         self.vms.iter().find(|v| v.name == name).expect("lab VM")
     }
 
+    /// A host's pin directory name under `pin_root` (the agents pin under
+    /// the host's own name, in a directory of this lab).
     fn pin_name(&self, host: &str) -> String {
-        format!("{}-{host}", self.tag)
+        if self.agents_started() {
+            host.to_string()
+        } else {
+            format!("{}-{host}", self.tag)
+        }
+    }
+
+    fn agents_started(&self) -> bool {
+        self.pin_root != std::path::Path::new(DEFAULT_PIN_ROOT)
     }
 
     /// Tenant a's groups for the security-group tests and demo: a1 serves
@@ -514,10 +560,166 @@ impl Lab {
         Ok(())
     }
 
+    /// Where the agents of this lab keep their sockets and stores.
+    fn agent_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-agents", self.tag))
+    }
+
+    /// Starts a `cloisond` for every host, in its namespace, its pins under
+    /// a directory of this lab. From then on the lab's state goes through
+    /// their API ([`Lab::apply_via_agents`]).
+    pub fn start_agents(&mut self) -> Result<()> {
+        if !self.pins.is_empty() {
+            bail!("this lab was programmed directly already: one way or the other");
+        }
+        self.pin_root = PathBuf::from(DEFAULT_PIN_ROOT).join(format!("{}-agents", self.tag));
+        for host in self.hosts.clone() {
+            let a = self.spawn_agent(&host)?;
+            self.agents.push(a);
+        }
+        Ok(())
+    }
+
+    fn spawn_agent(&self, host: &str) -> Result<AgentProc> {
+        use std::os::unix::process::CommandExt;
+        let dir = self.agent_dir();
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join(format!("{host}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(cloisond_path()?);
+        cmd.args([
+            "--name",
+            host,
+            "--uplink",
+            UPLINK,
+            "--uplink-hook",
+            self.hook.name(),
+        ])
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--state-dir")
+        .arg(dir.join(format!("{host}-state")))
+        .arg("--pin-root")
+        .arg(&self.pin_root)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+        let ns = self.ns(host);
+        // In the host's network namespace, and ours for mounts (bpffs).
+        unsafe {
+            cmd.pre_exec(move || netdev::enter_netns(&ns));
+        }
+        let child = cmd.spawn().context("start cloisond")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                bail!("cloisond for {host} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(AgentProc {
+            host: host.to_string(),
+            socket,
+            child,
+        })
+    }
+
+    pub fn agent_client(&self, host: &str) -> cloison_control::client::Client {
+        let a = self
+            .agents
+            .iter()
+            .find(|a| a.host == host)
+            .expect("an agent for this host");
+        cloison_control::client::Client {
+            endpoint: cloison_control::client::Endpoint::Unix(a.socket.clone()),
+            token: None,
+        }
+    }
+
+    /// SIGKILL the agent of `host` (its dataplane stays in the kernel).
+    pub fn kill_agent(&mut self, host: &str) {
+        self.agents.retain(|a| a.host != host);
+    }
+
+    /// Starts the agent of `host` again, on its store: it adopts the pinned
+    /// maps and links and swaps in freshly loaded programs.
+    pub fn restart_agent(&mut self, host: &str) -> Result<()> {
+        let a = self.spawn_agent(host)?;
+        self.agents.push(a);
+        Ok(())
+    }
+
+    /// Sends every object of the lab's state to every agent, as an IaaS
+    /// would, and waits until each has it in the kernel.
+    pub fn apply_via_agents(&self) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let snap = &self.snapshot;
+        let mut objects: Vec<(&str, String, serde_json::Value)> = Vec::new();
+        for h in &snap.hosts {
+            objects.push(("hosts", h.name.clone(), serde_json::to_value(h)?));
+        }
+        for n in &snap.networks {
+            objects.push(("networks", n.name.clone(), serde_json::to_value(n)?));
+        }
+        for g in &snap.security_groups {
+            objects.push(("security-groups", g.name.clone(), serde_json::to_value(g)?));
+        }
+        for p in &snap.ports {
+            objects.push(("ports", p.name.clone(), serde_json::to_value(p)?));
+        }
+        for a in &self.agents {
+            let c = self.agent_client(&a.host);
+            rt.block_on(async {
+                for (kind, name, body) in &objects {
+                    let ans = c.put(&format!("/v1/{kind}/{name}"), body).await?;
+                    if !(200..300).contains(&ans.status) {
+                        bail!(
+                            "{}: PUT {kind}/{name}: {} {}",
+                            a.host,
+                            ans.status,
+                            String::from_utf8_lossy(&ans.body)
+                        );
+                    }
+                }
+                Ok(())
+            })?;
+            self.wait_agent(&a.host)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent of `host` has its desired generation in the kernel.
+    pub fn wait_agent(&self, host: &str) -> Result<serde_json::Value> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let c = self.agent_client(host);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = rt.block_on(c.get("/v1/status"))?.json()?;
+            if s["applied_generation"] == s["desired_generation"] && s["programs"] == "attached" {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("{host}: the agent never converged: {s}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Removes every namespace and pin this lab made. Also run on drop.
     pub fn cleanup(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(self.agent_dir());
         for pin in self.pins.drain(..) {
             let _ = Dataplane::purge(&pin, &self.pin_root);
+        }
+        if self.agents_started() {
+            for host in &self.hosts {
+                let _ = Dataplane::purge(host, &self.pin_root);
+            }
+            let _ = std::fs::remove_dir(&self.pin_root);
         }
         self.namespaces.delete_all();
     }

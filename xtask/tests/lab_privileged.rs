@@ -438,3 +438,110 @@ fn privileged_new_flow_flood_leaves_other_tenants_alone() {
     );
     assert!(entries < cloison_abi::MAX_CONNTRACK as usize);
 }
+
+/// `ping` from a VM at a fixed rate in the background; the report of how
+/// many came back.
+fn ping_in_background(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    count: u32,
+    interval: &str,
+) -> std::process::Child {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.vm(from).ns,
+            "ping",
+            "-q",
+            "-i",
+            interval,
+            "-c",
+        ])
+        .arg(count.to_string())
+        .args(["-W", "1", to])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping")
+}
+
+fn ping_result(child: std::process::Child) -> (u32, u32) {
+    let out = child.wait_with_output().expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in {text}"));
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+/// The id of the program behind `host`'s pinned uplink link (bpftool).
+fn uplink_program_id(lab: &Lab, host: &str) -> String {
+    let links = lab.pin_root.join(host).join("links");
+    let pin = ["uplink-xdp", "uplink-tc"]
+        .iter()
+        .map(|n| links.join(n))
+        .find(|p| p.exists())
+        .expect("a pinned uplink link");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&pin)
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v["prog_id"].to_string()
+}
+
+#[test]
+fn privileged_agents_restart_without_losing_a_packet() {
+    let mut lab = lab();
+    lab.start_agents().expect("agents");
+    lab.apply_via_agents()
+        .expect("state through the agents' API");
+    assert!(
+        lab.ping("a1", "10.0.0.2", 2),
+        "a1 -> a2 through agent-programmed hosts"
+    );
+
+    let stream = TcpStreamProbe::start(&lab, "a2", "a1", 8080).expect("stream");
+    let pings = ping_in_background(&lab, "a1", "10.0.0.2", 1500, "0.004");
+    assert!(
+        stream.progress(Duration::from_millis(500)) > 0,
+        "the stream runs"
+    );
+
+    // SIGKILL an agent and start it again (it adopts the pinned maps and
+    // links and swaps in freshly loaded programs), on each host in turn.
+    for host in ["hv1", "hv2"] {
+        let before = uplink_program_id(&lab, host);
+        lab.kill_agent(host);
+        std::thread::sleep(Duration::from_millis(300));
+        lab.restart_agent(host).expect("restart");
+        let s = lab.wait_agent(host).expect("converged after restart");
+        assert_eq!(s["pending_ports"], serde_json::json!([]));
+        let after = uplink_program_id(&lab, host);
+        assert_ne!(
+            before, after,
+            "{host}: the restarted agent swapped in its own programs"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (sent, received) = ping_result(pings);
+    println!("pings during two agent kill -9 / restarts: {received}/{sent}");
+    assert_eq!(received, sent, "not one ping lost");
+    assert!(
+        stream.progress(Duration::from_millis(500)) > 0,
+        "the stream still runs"
+    );
+    // The stream's connection survived: its conntrack entries were kept.
+    let d1 = lab.drops("hv1").unwrap();
+    assert!(
+        !d1.contains_key(&DropReason::CtTcpNotSyn),
+        "no flow forgotten: {d1:?}"
+    );
+}

@@ -418,7 +418,12 @@ impl Lab {
     }
 
     /// Programs every host's dataplane with the lab snapshot.
+    /// Programs every host with the lab's state: through the agents' API
+    /// once they run, else straight through `dataplane`.
     pub fn apply(&mut self) -> Result<()> {
+        if self.agents_started() {
+            return self.apply_via_agents();
+        }
         for host in self.hosts.clone() {
             let pin = self.pin_name(&host);
             if !self.pins.contains(&pin) {
@@ -648,6 +653,31 @@ impl Lab {
         Ok(())
     }
 
+    /// The lab's state as a list of API objects, each with its `kind`: what
+    /// `cloisonctl apply -f` takes.
+    pub fn objects_file(&self) -> Result<serde_json::Value> {
+        let mut out = Vec::new();
+        let snap = &self.snapshot;
+        let mut add = |kind: &str, v: serde_json::Value| {
+            let mut v = v;
+            v["kind"] = kind.into();
+            out.push(v);
+        };
+        for h in &snap.hosts {
+            add("host", serde_json::to_value(h)?);
+        }
+        for n in &snap.networks {
+            add("network", serde_json::to_value(n)?);
+        }
+        for g in &snap.security_groups {
+            add("security-group", serde_json::to_value(g)?);
+        }
+        for p in &snap.ports {
+            add("port", serde_json::to_value(p)?);
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
     /// Sends every object of the lab's state to every agent, as an IaaS
     /// would, and waits until each has it in the kernel.
     pub fn apply_via_agents(&self) -> Result<()> {
@@ -671,15 +701,34 @@ impl Lab {
         for a in &self.agents {
             let c = self.agent_client(&a.host);
             rt.block_on(async {
-                for (kind, name, body) in &objects {
-                    let ans = c.put(&format!("/v1/{kind}/{name}"), body).await?;
-                    if !(200..300).contains(&ans.status) {
-                        bail!(
-                            "{}: PUT {kind}/{name}: {} {}",
-                            a.host,
-                            ans.status,
-                            String::from_utf8_lossy(&ans.body)
-                        );
+                // Groups may name groups put later: those are retried once
+                // the others are in.
+                for phase in ["hosts", "networks", "security-groups", "ports"] {
+                    let mut todo: Vec<&(&str, String, serde_json::Value)> =
+                        objects.iter().filter(|o| o.0 == phase).collect();
+                    while !todo.is_empty() {
+                        let mut left = Vec::new();
+                        let mut last = None;
+                        for o in &todo {
+                            let (kind, name, body) = o;
+                            let ans = c.put(&format!("/v1/{kind}/{name}"), body).await?;
+                            if ans.status == 409 && *kind == "security-groups" {
+                                left.push(*o);
+                                last = Some(ans);
+                            } else if !(200..300).contains(&ans.status) {
+                                bail!(
+                                    "{}: PUT {kind}/{name}: {} {}",
+                                    a.host,
+                                    ans.status,
+                                    String::from_utf8_lossy(&ans.body)
+                                );
+                            }
+                        }
+                        if left.len() == todo.len() {
+                            let ans = last.expect("a refusal");
+                            bail!("{}: {}", a.host, String::from_utf8_lossy(&ans.body));
+                        }
+                        todo = left;
                     }
                 }
                 Ok(())

@@ -186,15 +186,52 @@ fn print_drops(title: &str, drops: &std::collections::BTreeMap<DropReason, u64>)
 }
 
 fn demo() -> Result<()> {
-    step("building the dataplane (BPF object + loader)");
-    run(cargo().args(["build", "--release", "-p", "cloison-dataplane"]))?;
+    step("building cloisond and cloisonctl (BPF object, loader, agent)");
+    run(cargo().args(["build", "-p", "cloison-control", "--bins"]))?;
     step("lab: 2 hypervisors on one underlay switch; tenants a and b both use 10.0.0.0/24 and MACs 02:00:00:00:00:0x");
     let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
     lab.add_kernel_vtep()?;
-    lab.apply()?;
+    lab.start_agents()?;
+    step("the IaaS side: every object to each host's cloisond, with cloisonctl apply -f");
+    let file = std::env::temp_dir().join(format!("{}-objects.json", lab.tag));
+    std::fs::write(&file, serde_json::to_vec_pretty(&lab.objects_file()?)?)?;
+    let cloisonctl = lab::cloisond_path()?.with_file_name("cloisonctl");
+    for a in &lab.agents {
+        let endpoint = format!("unix:{}", a.socket.display());
+        let out = Command::new(&cloisonctl)
+            .args(["--endpoint", &endpoint, "apply", "-f"])
+            .arg(&file)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "cloisonctl apply on {}: {}",
+                a.host,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        println!(
+            "  {}: {} objects applied",
+            a.host,
+            String::from_utf8_lossy(&out.stdout).lines().count()
+        );
+        lab.wait_agent(&a.host)?;
+    }
+    let _ = std::fs::remove_file(&file);
+    let hv1 = format!("unix:{}", lab.agents[0].socket.display());
+    for args in [vec!["list", "ports"], vec!["status"]] {
+        println!("  $ cloisonctl {}", args.join(" "));
+        let out = Command::new(&cloisonctl)
+            .args(["--endpoint", &hv1])
+            .args(&args)
+            .output()?;
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("    {l}");
+        }
+    }
     println!(
-        "  namespaces {}-*, pins under /sys/fs/bpf/cloison/{}-hv*",
-        lab.tag, lab.tag
+        "  namespaces {}-*, pins under {}/hv*",
+        lab.tag,
+        lab.pin_root.display()
     );
     for v in &lab.vms {
         println!(
@@ -308,6 +345,38 @@ fn demo() -> Result<()> {
     ]);
     lab.apply()?;
 
+    step("hitless: hv1's agent killed with SIGKILL and restarted under a 250 pps ping a1 -> a2");
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.vm("a1").ns,
+            "ping",
+            "-q",
+            "-i",
+            "0.004",
+            "-c",
+            "500",
+            "-W",
+            "1",
+            "10.0.0.2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    lab.kill_agent("hv1");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    lab.restart_agent("hv1")?;
+    lab.wait_agent("hv1")?;
+    let out = ping.wait_with_output()?;
+    let summary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("no ping summary")
+        .to_string();
+    println!("  {summary}");
+    let hitless = summary.contains(" 0% packet loss");
+
     step("throughput: iperf3 TCP between VMs on two hosts, 3 s each");
     let cloison = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3);
     let base = lab::KernelBaseline::new().and_then(|b| lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3));
@@ -338,6 +407,9 @@ fn demo() -> Result<()> {
     }
     if sg_wrong > 0 {
         bail!("{sg_wrong} security-group checks gave the wrong answer");
+    }
+    if !hitless {
+        bail!("packets were lost while an agent restarted");
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! [`model`] is a pure-Rust reference of the same packet pipeline, used as the
 //! test oracle for the BPF programs.
 
+mod batch;
 pub mod loader;
 pub mod model;
 pub mod netdev;

@@ -26,7 +26,7 @@ use aya::{
 use cloison_abi::{map_names as M, program_names as P, *};
 
 use crate::{
-    netdev,
+    batch, netdev,
     snapshot::Snapshot,
     tables::{self, Compiled, ConntrackLimits, Tables},
     Error,
@@ -746,25 +746,24 @@ where
 }
 
 fn read_hash<K: Pod + Ord, V: Pod>(ebpf: &Ebpf, name: &str) -> Result<BTreeMap<K, V>, Error> {
-    let m: HashMap<&MapData, K, V> = map_ref(ebpf, name)?;
-    Ok(m.iter().filter_map(Result::ok).collect())
+    batch::read(ebpf, name)
 }
 
+/// Writes the entries of `want` the map does not hold as they are, in
+/// batches; returns how many.
 fn upsert_hash<K: Pod + Ord, V: Pod + PartialEq>(
     ebpf: &mut Ebpf,
     name: &str,
     want: &BTreeMap<K, V>,
 ) -> Result<usize, Error> {
-    let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
-    let mut n = 0;
-    for (k, v) in want {
-        if m.get(k, 0).ok().as_ref() != Some(v) {
-            m.insert(k, v, 0)
-                .map_err(|e| Error::kernel(format!("update {name}"))(e.into()))?;
-            n += 1;
-        }
-    }
-    Ok(n)
+    let have: BTreeMap<K, V> = batch::read(ebpf, name)?;
+    let changed: Vec<(K, V)> = want
+        .iter()
+        .filter(|(k, v)| have.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    batch::update(ebpf, name, &changed)?;
+    Ok(changed.len())
 }
 
 fn delete_stale_hash<K: Pod + Ord, V: Pod>(
@@ -772,16 +771,13 @@ fn delete_stale_hash<K: Pod + Ord, V: Pod>(
     name: &str,
     want: &BTreeMap<K, V>,
 ) -> Result<usize, Error> {
-    let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
-    let stale: Vec<K> = m
+    let have: BTreeMap<K, V> = batch::read(ebpf, name)?;
+    let stale: Vec<K> = have
         .keys()
-        .filter_map(Result::ok)
         .filter(|k| !want.contains_key(k))
+        .copied()
         .collect();
-    for k in &stale {
-        m.remove(k)
-            .map_err(|e| Error::kernel(format!("delete from {name}"))(e.into()))?;
-    }
+    batch::delete(ebpf, name, &stale)?;
     Ok(stale.len())
 }
 

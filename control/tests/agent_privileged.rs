@@ -456,3 +456,76 @@ fn privileged_acknowledged_writes_survive_kill_9() {
         acked.len() + written.len()
     );
 }
+
+#[test]
+fn privileged_cloisonctl_sigterm_and_purge() {
+    let name = format!("clctl{:x}", std::process::id() & 0xffff);
+    let _bed = testbed(&name);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut agent = Agent::start(&name, &name, &dir, None);
+    let endpoint = format!("unix:{}", dir.join("agent.sock").display());
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloisonctl"))
+            .args(["--endpoint", &endpoint])
+            .args(args)
+            .output()
+            .expect("cloisonctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // apply -f takes YAML documents (or JSON), many objects, any order.
+    let yaml = format!(
+        "kind: port\nname: vm1\nnetwork: acme-net\nhost: {name}\ninterface: pa1\nmac: 02:00:00:00:00:01\n\
+         ips: [10.0.0.5]\nsecurity_groups: [web]\n---\n\
+         - kind: security-group\n  name: web\n  tenant: acme\n  rules:\n  - direction: ingress\n    remote: {{group: admin}}\n\
+         - kind: security-group\n  name: admin\n  tenant: acme\n  rules: [{{direction: egress}}]\n\
+         - kind: network\n  name: acme-net\n  tenant: acme\n  vni: 1001\n  subnets: [10.0.0.0/24]\n\
+         - kind: host\n  name: {name}\n  underlay_ip: 192.0.2.1\n"
+    );
+    std::fs::write(dir.join("objects.yaml"), yaml).unwrap();
+    let (ok, out, err) = ctl(&["apply", "-f", dir.join("objects.yaml").to_str().unwrap()]);
+    assert!(ok, "apply: {err}");
+    assert_eq!(out.lines().count(), 5, "{out}");
+    let (ok, out, _) = ctl(&["list", "ports"]);
+    assert!(
+        ok && out.contains("vm1") && out.contains("acme-net"),
+        "{out}"
+    );
+    let (ok, out, _) = ctl(&["--json", "get", "network", "acme-net"]);
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vni"], 1001);
+    let (ok, _, err) = ctl(&["delete", "network", "acme-net"]);
+    assert!(
+        !ok && err.contains("in use by vm1") && err.contains("409"),
+        "{err}"
+    );
+    let (ok, _, err) = ctl(&["get", "port", "nope"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let rt = rt();
+    wait_applied(&rt, &agent.client());
+    let (ok, out, _) = ctl(&["stats", "vm1"]);
+    assert!(ok && out.contains("to VM"), "{out}");
+
+    // SIGTERM: the agent exits, the dataplane stays pinned and attached.
+    let pins = PathBuf::from(cloison_dataplane::loader::DEFAULT_PIN_ROOT).join(&name);
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(
+        pins.join("links").read_dir().unwrap().count() >= 2,
+        "uplink and port links stay pinned"
+    );
+    // --purge removes what it pinned.
+    let purge = Command::new(env!("CARGO_BIN_EXE_cloisond"))
+        .args(["--name", &name, "--purge"])
+        .status()
+        .unwrap();
+    assert!(purge.success());
+    assert!(!pins.exists(), "purged");
+    let _ = std::fs::remove_dir_all(&dir);
+}

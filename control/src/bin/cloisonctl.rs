@@ -189,7 +189,7 @@ fn read_objects(file: &PathBuf) -> Result<Vec<Value>> {
 }
 
 async fn apply(c: &Client, file: &PathBuf, json: bool) -> Result<()> {
-    let mut todo: Vec<(Kind, String, Value)> = Vec::new();
+    let mut all: Vec<(Kind, String, Value)> = Vec::new();
     for (i, mut v) in read_objects(file)?.into_iter().enumerate() {
         let m = v
             .as_object_mut()
@@ -203,34 +203,34 @@ async fn apply(c: &Client, file: &PathBuf, json: bool) -> Result<()> {
             .and_then(Value::as_str)
             .map(str::to_string)
             .with_context(|| format!("object {i} has no name"))?;
-        todo.push((kind(&k)?, name, v));
+        all.push((kind(&k)?, name, v));
     }
     // Hosts, networks, groups, ports: what is referred to goes first.
-    todo.sort_by_key(|(k, _, _)| *k);
-    // Groups may name each other: retry conflicts while some succeed.
+    // Groups may name each other: within their turn, a conflict is retried
+    // once the others are in.
     let mut results = Vec::new();
-    loop {
-        let mut left = Vec::new();
-        let mut progressed = false;
-        for (k, name, v) in todo {
-            let a = c.put(&format!("/v1/{}/{name}", k.path()), &v).await?;
-            if a.status == 409 && k == Kind::SecurityGroup {
-                left.push((k, name, v));
-                continue;
+    for phase in Kind::ALL {
+        let mut todo: Vec<&(Kind, String, Value)> = all.iter().filter(|o| o.0 == phase).collect();
+        while !todo.is_empty() {
+            let mut left = Vec::new();
+            let mut refusal = None;
+            for o in &todo {
+                let (k, name, v) = o;
+                let a = c.put(&format!("/v1/{}/{name}", k.path()), v).await?;
+                if a.status == 409 && *k == Kind::SecurityGroup {
+                    left.push(*o);
+                    refusal = Some((k, name, a));
+                    continue;
+                }
+                let answer = ok(a).with_context(|| format!("{k} {name}"))?;
+                results.push((*k, name.clone(), answer));
             }
-            progressed = true;
-            let answer = ok(a).with_context(|| format!("{k} {name}"))?;
-            results.push((k, name, answer));
+            if left.len() == todo.len() {
+                let (k, name, a) = refusal.expect("a refusal");
+                ok(a).with_context(|| format!("{k} {name}"))?;
+            }
+            todo = left;
         }
-        if left.is_empty() {
-            break;
-        }
-        if !progressed {
-            let (k, name, v) = &left[0];
-            let a = c.put(&format!("/v1/{}/{name}", k.path()), v).await?;
-            ok(a).with_context(|| format!("{k} {name}"))?;
-        }
-        todo = left;
     }
     if json {
         let all: Vec<&Value> = results.iter().map(|(_, _, v)| v).collect();

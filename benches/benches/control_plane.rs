@@ -47,8 +47,8 @@ fn fleet() -> Snapshot {
                 ips: vec![std::net::IpAddr::from([
                     10,
                     0,
-                    (i >> 8) as u8,
-                    (i & 0xff) as u8 + 1,
+                    (i / 250) as u8,
+                    (i % 250) as u8 + 1,
                 ])],
                 security_groups: vec![],
                 allowed_address_pairs: vec![],

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod snapshot;
 pub mod tables;
 pub mod testbed;
+pub mod traffic;
 
 pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
 pub use snapshot::{

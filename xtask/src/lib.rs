@@ -1,2 +1,3 @@
 //! Shared by `cargo xtask` and the lab tests: the netns lab.
 pub mod lab;
+pub mod pps;

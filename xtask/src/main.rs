@@ -169,10 +169,197 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-/// The criterion benches, full length; results under target/criterion.
+/// Everything measured, side by side with the kernel baseline built in the
+/// same run: the criterion benches, packets per second through the lab, TCP
+/// throughput. Results in benches/results/latest.{json,md}.
 fn bench() -> Result<()> {
-    step("cargo bench -p cloison-benches (per-packet costs in BPF_PROG_TEST_RUN)");
-    run(cargo().args(["bench", "-p", "cloison-benches"]))
+    step("criterion: per-packet costs in BPF_PROG_TEST_RUN, control plane (cargo bench -p cloison-benches)");
+    run(cargo().args(["bench", "-p", "cloison-benches"]))?;
+    let criterion = criterion_estimates()?;
+
+    step("lab: packets per second, VM to VM across two hosts (live-frames generator, XDP sink)");
+    let mut runs = Vec::new();
+    let setups: [(&str, Option<UplinkHook>); 3] = [
+        ("cloison-xdp-uplink", Some(UplinkHook::Xdp)),
+        ("cloison-tc-uplink", Some(UplinkHook::Tc)),
+        ("kernel-vxlan-bridge-nftables", None),
+    ];
+    for (name, hook) in setups {
+        runs.extend(lab_pps(name, hook)?);
+    }
+    for r in &runs {
+        println!(
+            "  {:<30} {:>5} B {:>5} flows  {:>8.3} Mpps  ({} of {} delivered)",
+            r.setup, r.frame_bytes, r.flows, r.mpps, r.delivered, r.sent
+        );
+    }
+
+    step("lab: iperf3 TCP between VMs on two hosts, 3 s each");
+    let (cloison, kernel) = {
+        let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
+        lab.apply()?;
+        let c = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3)?;
+        lab.cleanup();
+        let b = lab::KernelBaseline::new()?;
+        (c, lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3)?)
+    };
+    println!("  Cloison {cloison:.2} Gbit/s, kernel {kernel:.2} Gbit/s");
+
+    let date = String::from_utf8(
+        Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()?
+            .stdout,
+    )?;
+    let results = serde_json::json!({
+        "date": date.trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "criterion_ns": criterion,
+        "pps": runs,
+        "iperf3_gbit_s": {"cloison": cloison, "kernel": kernel},
+    });
+    let dir = std::path::Path::new("benches/results");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("latest.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    let md = results_markdown(&results);
+    std::fs::write(dir.join("latest.md"), &md)?;
+    println!("{md}");
+    step("written: benches/results/latest.json, benches/results/latest.md");
+    Ok(())
+}
+
+/// One lab (Cloison with `hook`, or the kernel baseline) measured for 64-
+/// and 1464-byte frames (the largest a 1450-MTU network carries), 1 and
+/// 1,000 flows.
+fn lab_pps(name: &str, hook: Option<UplinkHook>) -> Result<Vec<xtask::pps::PpsRun>> {
+    use cloison_dataplane::snapshot::MacAddr;
+    let mut out = Vec::new();
+    let mut lab = None;
+    let mut base = None;
+    let (from, to, port, src, dst) = match hook {
+        Some(h) => {
+            let mut l = Lab::two_hosts(h)?;
+            l.apply()?;
+            let (a1, a2) = (l.vm("a1").clone(), l.vm("a2").clone());
+            let port = (l.ns("hv1"), a1.port_if.clone());
+            lab = Some(l);
+            (a1.ns, a2.ns, port, (a1.mac, a1.ip), (a2.mac, a2.ip))
+        }
+        None => {
+            let b = lab::KernelBaseline::new()?;
+            let r = (
+                b.vm1.clone(),
+                b.vm2.clone(),
+                (b.hv1.clone(), "tap0".to_string()),
+                (MacAddr([2, 0, 0, 0, 0, 1]), "10.0.0.1".parse()?),
+                (MacAddr([2, 0, 0, 0, 0, 2]), "10.0.0.2".parse()?),
+            );
+            base = Some(b);
+            r
+        }
+    };
+    for bytes in [60usize, 1464] {
+        for flows in [1u32, 1000] {
+            let frame = xtask::pps::udp_frame(src, dst, bytes);
+            let packets = if bytes < 100 { 2_000_000 } else { 500_000 };
+            out.push(xtask::pps::measure(
+                name,
+                &from,
+                &to,
+                (&port.0, &port.1),
+                &frame,
+                packets,
+                flows,
+            )?);
+        }
+    }
+    drop(lab);
+    drop(base);
+    Ok(out)
+}
+
+/// Mean ns per benchmark, from criterion's own files.
+fn criterion_estimates() -> Result<std::collections::BTreeMap<String, f64>> {
+    let mut out = std::collections::BTreeMap::new();
+    let root = std::path::Path::new("target/criterion");
+    for group in std::fs::read_dir(root).context("target/criterion")? {
+        let group = group?.path();
+        let mut stack = vec![group.clone()];
+        while let Some(dir) = stack.pop() {
+            let est = dir.join("new/estimates.json");
+            if est.is_file() {
+                let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&est)?)?;
+                let name = dir.strip_prefix(root)?.display().to_string();
+                if let Some(ns) = v["mean"]["point_estimate"].as_f64() {
+                    out.insert(name, ns);
+                }
+                continue;
+            }
+            for e in std::fs::read_dir(&dir)? {
+                let p = e?.path();
+                if p.is_dir()
+                    && p.file_name()
+                        .is_some_and(|n| n != "report" && n != "new" && n != "base")
+                {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn results_markdown(r: &serde_json::Value) -> String {
+    let mut md = format!(
+        "Measured {} on {} CPUs (`cargo xtask bench`).\n\n",
+        r["date"].as_str().unwrap_or("?"),
+        r["cpus"]
+    );
+    md.push_str("| path, VM to VM across hosts | frame | flows | Mpps | vs kernel |\n|---|---|---|---|---|\n");
+    let runs = r["pps"].as_array().cloned().unwrap_or_default();
+    let kernel = |bytes: &serde_json::Value, flows: &serde_json::Value| {
+        runs.iter()
+            .find(|k| {
+                k["setup"] == "kernel-vxlan-bridge-nftables"
+                    && &k["frame_bytes"] == bytes
+                    && &k["flows"] == flows
+            })
+            .and_then(|k| k["mpps"].as_f64())
+    };
+    for run in &runs {
+        let mpps = run["mpps"].as_f64().unwrap_or(0.0);
+        let ratio = kernel(&run["frame_bytes"], &run["flows"])
+            .map_or("-".into(), |k| format!("{:.2}x", mpps / k));
+        md.push_str(&format!(
+            "| {} | {} B | {} | {:.3} | {} |\n",
+            run["setup"].as_str().unwrap_or("?"),
+            run["frame_bytes"],
+            run["flows"],
+            mpps,
+            ratio
+        ));
+    }
+    let c = r["iperf3_gbit_s"]["cloison"].as_f64().unwrap_or(0.0);
+    let k = r["iperf3_gbit_s"]["kernel"].as_f64().unwrap_or(1.0);
+    md.push_str(&format!(
+        "\n| iperf3, one TCP stream | Gbit/s | vs kernel |\n|---|---|---|\n| Cloison | {c:.2} | {:.2}x |\n| kernel VXLAN + bridge + nftables | {k:.2} | 1.00x |\n",
+        c / k
+    ));
+    md.push_str("\n| criterion benchmark | mean |\n|---|---|\n");
+    for (name, ns) in r["criterion_ns"].as_object().into_iter().flatten() {
+        let ns = ns.as_f64().unwrap_or(0.0);
+        let shown = if ns >= 1e6 {
+            format!("{:.1} ms", ns / 1e6)
+        } else {
+            format!("{ns:.0} ns")
+        };
+        md.push_str(&format!("| {name} | {shown} |\n"));
+    }
+    md
 }
 
 fn print_drops(title: &str, drops: &std::collections::BTreeMap<DropReason, u64>) {

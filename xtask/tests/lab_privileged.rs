@@ -545,3 +545,56 @@ fn privileged_agents_restart_without_losing_a_packet() {
         "no flow forgotten: {d1:?}"
     );
 }
+
+/// The pps bench's generator and sink still work, for Cloison and the
+/// kernel baseline (short runs; `cargo xtask bench` measures).
+#[test]
+fn privileged_pps_generator_reaches_the_other_host() {
+    let mut lab = lab();
+    lab.apply().expect("apply");
+    let (a1, a2) = (lab.vm("a1").clone(), lab.vm("a2").clone());
+    let frame = xtask::pps::udp_frame((a1.mac, a1.ip), (a2.mac, a2.ip), 60);
+    let hv1 = lab.ns("hv1");
+    let r = xtask::pps::measure(
+        "cloison",
+        &a1.ns,
+        &a2.ns,
+        (&hv1, &a1.port_if),
+        &frame,
+        20_000,
+        10,
+    )
+    .expect("cloison pps");
+    assert!(r.delivered > 0 && r.delivered <= r.sent, "{r:?}");
+    lab.cleanup();
+    let b = KernelBaseline::new().expect("baseline");
+    let frame = xtask::pps::udp_frame(
+        (
+            cloison_dataplane::snapshot::MacAddr([2, 0, 0, 0, 0, 1]),
+            "10.0.0.1".parse().unwrap(),
+        ),
+        (
+            cloison_dataplane::snapshot::MacAddr([2, 0, 0, 0, 0, 2]),
+            "10.0.0.2".parse().unwrap(),
+        ),
+        60,
+    );
+    let k = xtask::pps::measure(
+        "kernel",
+        &b.vm1,
+        &b.vm2,
+        (&b.hv1, "tap0"),
+        &frame,
+        20_000,
+        10,
+    )
+    .expect("kernel pps");
+    assert!(
+        k.delivered > 0,
+        "the baseline delivers (its nftables rules allow the group): {k:?}"
+    );
+    println!(
+        "smoke: Cloison {} / kernel {} of 20000 delivered",
+        r.delivered, k.delivered
+    );
+}

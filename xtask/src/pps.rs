@@ -1,0 +1,115 @@
+//! Packets per second through the whole path, VM to VM across two hosts,
+//! generated without the kernel stack: the `cloison-bench` generator sends
+//! UDP frames out of the sending VM's eth0 with BPF_PROG_TEST_RUN live
+//! frames (one core, as fast as it goes), and an XDP sink on the receiving
+//! VM's eth0 counts them. The same generator and sink serve Cloison and the
+//! kernel baseline.
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use cloison_dataplane::{netdev, snapshot::MacAddr, traffic::Traffic};
+use etherparse::PacketBuilder;
+use serde::Serialize;
+
+use crate::lab::sh;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PpsRun {
+    pub setup: String,
+    pub frame_bytes: usize,
+    pub flows: u32,
+    pub sent: u64,
+    pub delivered: u64,
+    pub seconds: f64,
+    /// Delivered frames per second.
+    pub mpps: f64,
+}
+
+/// A UDP frame of `frame_bytes` (without FCS) from `src` to `dst`, UDP
+/// checksum 0 (the generator rewrites the source port).
+pub fn udp_frame(
+    src: (MacAddr, Ipv4Addr),
+    dst: (MacAddr, Ipv4Addr),
+    frame_bytes: usize,
+) -> Vec<u8> {
+    let payload = vec![0x5a; frame_bytes.saturating_sub(14 + 20 + 8)];
+    let b = PacketBuilder::ethernet2(src.0 .0, dst.0 .0)
+        .ipv4(src.1.octets(), dst.1.octets(), 64)
+        .udp(10000, 9);
+    let mut f = Vec::new();
+    b.write(&mut f, &payload).expect("frame");
+    f[40] = 0; // UDP checksum: none
+    f[41] = 0;
+    f
+}
+
+/// One measurement: `packets` frames from the VM in namespace `from_ns` to
+/// the VM in `to_ns`; `sender_port` is the sending VM's port on its host
+/// (namespace, interface), which must take XDP-transmitted frames (NAPI).
+#[allow(clippy::too_many_arguments)]
+pub fn measure(
+    setup: &str,
+    from_ns: &str,
+    to_ns: &str,
+    sender_port: (&str, &str),
+    frame: &[u8],
+    packets: u32,
+    flows: u32,
+) -> Result<PpsRun> {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        sender_port.0,
+        "ethtool",
+        "-K",
+        sender_port.1,
+        "gro",
+        "on",
+    ])?;
+    let to = to_ns.to_string();
+    let mut traffic = crate::lab::in_netns(&to, move || {
+        let mut t = Traffic::load()?;
+        t.attach_sink("eth0")?;
+        Ok(t)
+    })
+    .context("sink")?;
+    let before = traffic.sunk()?;
+    let from = from_ns.to_string();
+    let frame_bytes = frame.len();
+    let frame = frame.to_vec();
+    let start = Instant::now();
+    let (traffic, _) = crate::lab::in_netns(&from, move || {
+        let eth0 = netdev::ifindex("eth0").context("the sender's eth0")?;
+        let took = traffic.send(eth0, &frame, packets, flows)?;
+        Ok((traffic, took))
+    })?;
+    // Frames still in flight reach the sink shortly: the run ends when its
+    // count last moved.
+    let mut delivered = traffic.sunk()? - before;
+    let mut last_change = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = traffic.sunk()? - before;
+        if now != delivered {
+            delivered = now;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_millis(200) {
+            break;
+        }
+    }
+    let seconds = (last_change - start).as_secs_f64();
+    drop(traffic); // detaches the sink
+    Ok(PpsRun {
+        setup: setup.to_string(),
+        frame_bytes,
+        flows,
+        sent: packets as u64,
+        delivered,
+        seconds,
+        mpps: delivered as f64 / seconds / 1e6,
+    })
+}

@@ -99,3 +99,69 @@ pub fn tcp(sport: u16, flags: u8) -> Vec<u8> {
     b.write(&mut v, &[0u8; 64]).expect("frame");
     v
 }
+
+pub const A2: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+/// Two hosts: a1 (pa1) and a3 (pa3) here on hv1, a2 on hv2 (192.0.2.2, the
+/// test bed's next hop); every port in one group that allows everything.
+pub fn paths_snapshot() -> Snapshot {
+    let mut s = sg_snapshot(1);
+    s.hosts.push(Host {
+        name: "hv2".into(),
+        underlay_ip: "192.0.2.2".parse().expect("address"),
+    });
+    s.security_groups = vec![serde_json::from_str(
+        r#"{"name": "open", "tenant": "t", "rules": [{"direction": "ingress"}, {"direction": "egress"}]}"#,
+    )
+    .expect("group")];
+    let mut a2 = s.ports[0].clone();
+    a2.name = "a2".into();
+    a2.host = "hv2".into();
+    a2.interface = "ta2".into();
+    a2.mac = MacAddr(A2);
+    a2.ips = vec!["10.0.0.2".parse().expect("address")];
+    s.ports.push(a2);
+    for p in &mut s.ports {
+        p.security_groups = vec!["open".into()];
+    }
+    s
+}
+
+/// A UDP datagram between two MACs/addresses of the bench network.
+pub fn udp(
+    src: ([u8; 6], [u8; 4]),
+    dst: ([u8; 6], [u8; 4]),
+    sport: u16,
+    payload: usize,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src.0, dst.0)
+        .ipv4(src.1, dst.1, 64)
+        .udp(sport, 9);
+    let mut v = Vec::new();
+    b.write(&mut v, &vec![0u8; payload]).expect("frame");
+    v
+}
+
+/// `inner` in VXLAN from hv2 (192.0.2.2) to hv1 (192.0.2.1), VNI 1001.
+pub fn vxlan(inner: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x08, 0, 0, 0, 0, 0x03, 0xe9, 0];
+    p.extend(inner);
+    let b = PacketBuilder::ethernet2([2, 0xaa, 0, 0, 0, 2], [2, 0xbb, 0, 0, 0, 1])
+        .ipv4([192, 0, 2, 2], [192, 0, 2, 1], 64)
+        .udp(50000, 4789);
+    let mut v = Vec::new();
+    b.write(&mut v, &p).expect("frame");
+    v
+}
+
+/// An ARP request from a1 for `tpa`.
+pub fn arp_request(tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend(A1);
+    f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend(A1);
+    f.extend([10, 0, 0, 1]);
+    f.extend([0; 6]);
+    f.extend(tpa);
+    f
+}

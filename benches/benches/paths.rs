@@ -1,0 +1,147 @@
+//! Per-packet cost of every path of the programs, in BPF_PROG_TEST_RUN
+//! (the kernel's timing of the program alone), all ports with port security
+//! and a security group, flows established. Paths that rewrite the packet
+//! (encapsulation, decapsulation, ARP answers) run once per call on fresh
+//! input, since test-run does not reset a packet between repeats; the
+//! others repeat in the kernel. Needs root.
+use std::time::Duration;
+
+use cloison_benches::*;
+use cloison_dataplane::{
+    loader::RunResult, netdev, testbed::Testbed, Dataplane, Error, UplinkHook,
+};
+use criterion::{criterion_group, criterion_main, Bencher, Criterion};
+
+const IP_A1: [u8; 4] = [10, 0, 0, 1];
+const IP_A2: [u8; 4] = [10, 0, 0, 2];
+const IP_A3: [u8; 4] = [10, 0, 0, 3];
+
+/// Each iteration a separate call on fresh input; the kernel's time summed.
+fn single(b: &mut Bencher, run: impl Fn() -> Result<RunResult, Error>, want: u32) {
+    b.iter_custom(|iters| {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let r = run().expect("run");
+            assert_eq!(r.verdict, want);
+            total += r.duration;
+        }
+        total
+    })
+}
+
+/// The same input `iters` times in one call.
+fn repeated(b: &mut Bencher, run: impl Fn(u32) -> Result<RunResult, Error>, want: u32) {
+    b.iter_custom(|iters| {
+        let r = run(iters as u32).expect("run");
+        assert_eq!(r.verdict, want);
+        r.duration * iters as u32
+    })
+}
+
+const TC_OK: u32 = 0;
+const TC_SHOT: u32 = 2;
+const TC_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_REDIRECT: u32 = 4;
+
+fn paths(c: &mut Criterion) {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("paths bench: skipped, BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let snap = paths_snapshot();
+    let tag = format!("clpb{:x}", std::process::id() & 0xffff);
+    let _bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
+    let mut dp: Dataplane = _bed.enter().expect("open");
+    dp.apply(
+        &snap,
+        "hv1",
+        cloison_dataplane::testbed::UPLINK,
+        UplinkHook::Xdp,
+    )
+    .expect("apply");
+    let dp = dp;
+    let pa1 = netdev::ifindex("pa1").expect("pa1");
+    let up0 = netdev::ifindex("up0").expect("up0");
+
+    let local = udp((A1, IP_A1), (A3, IP_A3), 40000, 64);
+    let remote = udp((A1, IP_A1), (A2, IP_A2), 40000, 64);
+    let decap = vxlan(&udp((A2, IP_A2), (A1, IP_A1), 40001, 64));
+    // Establish the flows first: the benches measure the established path.
+    for (f, up) in [(&local, false), (&remote, false), (&decap, true)] {
+        let r = if up {
+            dp.test_run_uplink(UplinkHook::Xdp, up0, f)
+        } else {
+            dp.test_run_port(pa1, f, 0)
+        };
+        r.expect("warm-up");
+    }
+    let mut g = c.benchmark_group("path");
+    g.bench_function("port_to_local_port", |b| {
+        repeated(b, |n| dp.test_run_port_repeat(pa1, &local, n), TC_REDIRECT)
+    });
+    g.bench_function("port_to_remote_encap", |b| {
+        single(b, || dp.test_run_port(pa1, &remote, 0), TC_REDIRECT)
+    });
+    g.bench_function("uplink_xdp_decap_to_port", |b| {
+        single(
+            b,
+            || dp.test_run_uplink(UplinkHook::Xdp, up0, &decap),
+            XDP_REDIRECT,
+        )
+    });
+    g.bench_function("uplink_tc_decap_to_port", |b| {
+        single(
+            b,
+            || dp.test_run_uplink(UplinkHook::Tc, up0, &decap),
+            TC_REDIRECT,
+        )
+    });
+    let arp = arp_request(IP_A3);
+    g.bench_function("arp_proxy_answer", |b| {
+        single(b, || dp.test_run_port(pa1, &arp, 0), TC_REDIRECT)
+    });
+    let host_traffic = udp(
+        ([2, 0xaa, 0, 0, 0, 2], [192, 0, 2, 2]),
+        ([2, 0xbb, 0, 0, 0, 1], [192, 0, 2, 1]),
+        5,
+        64,
+    );
+    g.bench_function("uplink_xdp_host_traffic_pass", |b| {
+        repeated(
+            b,
+            |n| dp.test_run_uplink_repeat(UplinkHook::Xdp, up0, &host_traffic, n),
+            2,
+        )
+    });
+    // Drop paths (counted, nothing rewritten).
+    let spoofed = udp((A1, [10, 0, 0, 66]), (A3, IP_A3), 40000, 64);
+    g.bench_function("drop_spoofed_ip", |b| {
+        repeated(b, |n| dp.test_run_port_repeat(pa1, &spoofed, n), TC_SHOT)
+    });
+    let unknown = udp((A1, IP_A1), ([2, 0, 0, 0, 0, 0x77], IP_A3), 40000, 64);
+    g.bench_function("drop_unknown_unicast", |b| {
+        repeated(b, |n| dp.test_run_port_repeat(pa1, &unknown, n), TC_SHOT)
+    });
+    let mut intruder = decap.clone();
+    intruder[26..30].copy_from_slice(&[192, 0, 2, 66]); // outer source: no such VTEP
+    g.bench_function("drop_vxlan_unknown_vtep", |b| {
+        repeated(
+            b,
+            |n| dp.test_run_uplink_repeat(UplinkHook::Xdp, up0, &intruder, n),
+            XDP_DROP,
+        )
+    });
+    let _ = TC_OK;
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20);
+    targets = paths
+}
+criterion_main!(benches);

@@ -194,6 +194,16 @@ fn bench() -> Result<()> {
         );
     }
 
+    step("kernel memory of the maps (bpftool), per port, rule and flow");
+    let memory = xtask::memory::measure()?;
+    println!(
+        "  {:.1} MiB in all maps; +{:.0} B per remote port, +{:.0} B per rule, {:.0} B per flow",
+        memory.total_bytes as f64 / (1 << 20) as f64,
+        memory.bytes_per_remote_port,
+        memory.bytes_per_rule,
+        memory.bytes_per_flow
+    );
+
     step("lab: iperf3 TCP between VMs on two hosts, 3 s each");
     let (cloison, kernel) = {
         let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
@@ -218,6 +228,7 @@ fn bench() -> Result<()> {
         "criterion_ns": criterion,
         "pps": runs,
         "iperf3_gbit_s": {"cloison": cloison, "kernel": kernel},
+        "memory": memory,
     });
     let dir = std::path::Path::new("benches/results");
     std::fs::create_dir_all(dir)?;
@@ -349,6 +360,26 @@ fn results_markdown(r: &serde_json::Value) -> String {
         "\n| iperf3, one TCP stream | Gbit/s | vs kernel |\n|---|---|---|\n| Cloison | {c:.2} | {:.2}x |\n| kernel VXLAN + bridge + nftables | {k:.2} | 1.00x |\n",
         c / k
     ));
+    let m = &r["memory"];
+    md.push_str(&format!(
+        "\nKernel memory: {:.1} MiB in all maps (hash maps preallocated); a remote port adds {:.0} B \
+         beyond that, a rule {:.0} B, a flow takes {:.0} B of the conntrack table.\n\n\
+         | map | type | entries | bytes | per entry |\n|---|---|---|---|---|\n",
+        m["total_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        m["bytes_per_remote_port"].as_f64().unwrap_or(0.0),
+        m["bytes_per_rule"].as_f64().unwrap_or(0.0),
+        m["bytes_per_flow"].as_f64().unwrap_or(0.0)
+    ));
+    for x in m["maps"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} |\n",
+            x["name"].as_str().unwrap_or("?"),
+            x["kind"].as_str().unwrap_or("?"),
+            x["max_entries"],
+            x["bytes"],
+            x["bytes_per_entry"].as_f64().unwrap_or(0.0)
+        ));
+    }
     md.push_str("\n| criterion benchmark | mean |\n|---|---|\n");
     for (name, ns) in r["criterion_ns"].as_object().into_iter().flatten() {
         let ns = ns.as_f64().unwrap_or(0.0);

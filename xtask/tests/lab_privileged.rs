@@ -598,3 +598,18 @@ fn privileged_pps_generator_reaches_the_other_host() {
         r.delivered, k.delivered
     );
 }
+
+#[test]
+fn privileged_map_memory_is_measured() {
+    let m = xtask::memory::measure().expect("memory");
+    println!(
+        "maps {} B; per remote port {:.0} B, per rule {:.0} B, per flow {:.0} B",
+        m.total_bytes, m.bytes_per_remote_port, m.bytes_per_rule, m.bytes_per_flow
+    );
+    assert!(m.maps.iter().any(|x| x.name == "CL_CONNTRACK"));
+    assert!(
+        m.bytes_per_flow > 44.0 + 24.0,
+        "a conntrack entry holds at least its key and value"
+    );
+    assert!(m.bytes_per_rule > 0.0, "rules grow the LPM tables");
+}

@@ -1395,3 +1395,64 @@ impl VxlanFrame {
         self.build_with_payload(&self.vxlan_payload())
     }
 }
+
+/// Request/response latency (UDP, one byte each way, one at a time) from
+/// namespace `client_ns` to `server_ip` in `server_ns`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Latency {
+    pub round_trips: u32,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub per_second: f64,
+}
+
+pub fn udp_rr(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    round_trips: u32,
+) -> Result<Latency> {
+    let server = in_netns(server_ns, move || Ok(UdpSocket::bind((server_ip, 7007))?))?;
+    server.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !done.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], peer);
+            }
+        }
+    });
+    let res = in_netns(client_ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect((server_ip, 7007))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 64];
+        // Warm up: neighbours, conntrack, caches.
+        for _ in 0..100 {
+            s.send(b"x")?;
+            s.recv(&mut buf)?;
+        }
+        let mut rtts = Vec::with_capacity(round_trips as usize);
+        let start = Instant::now();
+        for _ in 0..round_trips {
+            let t = Instant::now();
+            s.send(b"x")?;
+            s.recv(&mut buf)?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let total = start.elapsed().as_secs_f64();
+        rtts.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| rtts[((rtts.len() as f64 * p) as usize).min(rtts.len() - 1)];
+        Ok(Latency {
+            round_trips,
+            p50_us: q(0.50),
+            p99_us: q(0.99),
+            per_second: round_trips as f64 / total,
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    res
+}

@@ -204,16 +204,24 @@ fn bench() -> Result<()> {
         memory.bytes_per_flow
     );
 
-    step("lab: iperf3 TCP between VMs on two hosts, 3 s each");
-    let (cloison, kernel) = {
+    step("lab: iperf3 TCP and UDP request/response latency between VMs on two hosts");
+    let a2: std::net::Ipv4Addr = "10.0.0.2".parse()?;
+    let (cloison, kernel, rr_cloison, rr_kernel) = {
         let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
         lab.apply()?;
         let c = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3)?;
+        let rr_c = lab::udp_rr(&lab.vm("a1").ns, &lab.vm("a2").ns, a2, 5000)?;
         lab.cleanup();
         let b = lab::KernelBaseline::new()?;
-        (c, lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3)?)
+        let k = lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3)?;
+        let rr_k = lab::udp_rr(&b.vm1, &b.vm2, a2, 5000)?;
+        (c, k, rr_c, rr_k)
     };
-    println!("  Cloison {cloison:.2} Gbit/s, kernel {kernel:.2} Gbit/s");
+    println!("  iperf3: Cloison {cloison:.2} Gbit/s, kernel {kernel:.2} Gbit/s");
+    println!(
+        "  request/response: Cloison p50 {:.1} us p99 {:.1} us ({:.0}/s), kernel p50 {:.1} us p99 {:.1} us ({:.0}/s)",
+        rr_cloison.p50_us, rr_cloison.p99_us, rr_cloison.per_second, rr_kernel.p50_us, rr_kernel.p99_us, rr_kernel.per_second
+    );
 
     let date = String::from_utf8(
         Command::new("date")
@@ -228,6 +236,7 @@ fn bench() -> Result<()> {
         "criterion_ns": criterion,
         "pps": runs,
         "iperf3_gbit_s": {"cloison": cloison, "kernel": kernel},
+        "udp_request_response": {"cloison": rr_cloison, "kernel": rr_kernel},
         "memory": memory,
     });
     let dir = std::path::Path::new("benches/results");
@@ -359,6 +368,20 @@ fn results_markdown(r: &serde_json::Value) -> String {
     md.push_str(&format!(
         "\n| iperf3, one TCP stream | Gbit/s | vs kernel |\n|---|---|---|\n| Cloison | {c:.2} | {:.2}x |\n| kernel VXLAN + bridge + nftables | {k:.2} | 1.00x |\n",
         c / k
+    ));
+    let (rc, rk) = (
+        &r["udp_request_response"]["cloison"],
+        &r["udp_request_response"]["kernel"],
+    );
+    md.push_str(&format!(
+        "\n| UDP request/response, one at a time | p50 | p99 | per second |\n|---|---|---|---|\n\
+         | Cloison | {:.1} us | {:.1} us | {:.0} |\n| kernel VXLAN + bridge + nftables | {:.1} us | {:.1} us | {:.0} |\n",
+        rc["p50_us"].as_f64().unwrap_or(0.0),
+        rc["p99_us"].as_f64().unwrap_or(0.0),
+        rc["per_second"].as_f64().unwrap_or(0.0),
+        rk["p50_us"].as_f64().unwrap_or(0.0),
+        rk["p99_us"].as_f64().unwrap_or(0.0),
+        rk["per_second"].as_f64().unwrap_or(0.0)
     ));
     let m = &r["memory"];
     md.push_str(&format!(

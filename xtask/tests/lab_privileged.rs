@@ -566,6 +566,8 @@ fn privileged_pps_generator_reaches_the_other_host() {
     )
     .expect("cloison pps");
     assert!(r.delivered > 0 && r.delivered <= r.sent, "{r:?}");
+    let rr = udp_rr(&a1.ns, &a2.ns, a2.ip, 200).expect("request/response");
+    assert!(rr.p50_us > 0.0 && rr.p99_us >= rr.p50_us, "{rr:?}");
     lab.cleanup();
     let b = KernelBaseline::new().expect("baseline");
     let frame = xtask::pps::udp_frame(

@@ -21,6 +21,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "ethtool",
     "nftables",
+    "fonts-dejavu-core",
 ];
 
 fn main() -> ExitCode {
@@ -29,10 +30,11 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("test") => setup().and_then(|()| test()),
         Some("bench") => setup().and_then(|()| bench()),
+        Some("plot") => plot_results(),
         Some("demo") => setup().and_then(|()| demo()),
         Some("lab") => hold_lab(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(600)),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | bench | demo | lab [SECS]"
+            "usage: cargo xtask setup | test | bench | plot | demo | lab [SECS]"
         )),
     };
     match res {
@@ -245,10 +247,23 @@ fn bench() -> Result<()> {
         dir.join("latest.json"),
         serde_json::to_vec_pretty(&results)?,
     )?;
+    xtask::plot::pps(&results, &dir.join("pps.png"))?;
+    xtask::plot::scaling(&results, &dir.join("scaling.png"))?;
     let md = results_markdown(&results);
     std::fs::write(dir.join("latest.md"), &md)?;
     println!("{md}");
-    step("written: benches/results/latest.json, benches/results/latest.md");
+    step("written: benches/results/latest.json, latest.md, pps.png, scaling.png");
+    Ok(())
+}
+
+/// The plots again from benches/results/latest.json.
+fn plot_results() -> Result<()> {
+    let dir = std::path::Path::new("benches/results");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("latest.json"))?)?;
+    xtask::plot::pps(&results, &dir.join("pps.png"))?;
+    xtask::plot::scaling(&results, &dir.join("scaling.png"))?;
+    step("written: benches/results/pps.png, scaling.png");
     Ok(())
 }
 

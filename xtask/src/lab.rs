@@ -67,6 +67,20 @@ impl Drop for Namespaces {
 fn switch(ns: &str) -> Result<()> {
     sh(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"])?;
     sh(&["ip", "-n", ns, "link", "set", "br0", "up"])?;
+    // A switch, not a firewall: bridged frames skip the IP hooks
+    // (br_netfilter is built into this kernel and on by default). The
+    // kernel baseline turns them back on where its nftables rules need them.
+    for family in ["iptables", "ip6tables", "arptables"] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("net.bridge.bridge-nf-call-{family}=0"),
+        ])?;
+    }
     Ok(())
 }
 

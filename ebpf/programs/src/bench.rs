@@ -42,8 +42,27 @@ pub fn cl_bench_gen(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// UDP destination port of the generated frames: what the sink counts.
+const DPORT: u16 = 9;
+
 #[xdp]
-pub fn cl_bench_sink(_ctx: XdpContext) -> u32 {
+pub fn cl_bench_sink(ctx: XdpContext) -> u32 {
+    // Only the generator's frames (IPv4, UDP to DPORT); the rest, such as
+    // the receiving VM's own IPv6 chatter, goes on to its stack.
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + UDP_SPORT_OFF + 4 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let b = data as *const u8;
+    let ours = unsafe {
+        *b.add(12) == 0x08
+            && *b.add(13) == 0x00
+            && *b.add(23) == 17
+            && u16::from_be_bytes([*b.add(UDP_SPORT_OFF + 2), *b.add(UDP_SPORT_OFF + 3)]) == DPORT
+    };
+    if !ours {
+        return xdp_action::XDP_PASS;
+    }
     if let Some(n) = COUNTS.get_ptr_mut(1) {
         unsafe { *n += 1 };
     }

@@ -29,6 +29,8 @@ pub struct Config {
     pub uplink: String,
     pub hook: UplinkHook,
     pub pin_root: PathBuf,
+    /// Size of the conntrack table when it is created.
+    pub conntrack_entries: u32,
 }
 
 /// How often a failed apply is retried (and pending ports looked for, in
@@ -99,7 +101,7 @@ fn apply(
 ) -> bool {
     let mut slot = dataplane.lock().expect("dataplane");
     if slot.is_none() {
-        match Dataplane::open(&cfg.host, &cfg.pin_root) {
+        match Dataplane::open_with_conntrack(&cfg.host, &cfg.pin_root, cfg.conntrack_entries) {
             Ok(dp) => *slot = Some(dp),
             Err(e) => {
                 *status.programs.lock().expect("status") = format!("not loaded: {e}");

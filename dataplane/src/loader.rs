@@ -106,6 +106,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     ct_limits: ConntrackLimits,
+    /// Entries of the conntrack table (as created; a restart keeps the size).
+    ct_capacity: u32,
 }
 
 fn link_dir(pin_dir: &Path) -> PathBuf {
@@ -149,12 +151,33 @@ impl Dataplane {
     /// Loads the programs for `host`, reusing its pinned maps and swapping
     /// the programs of its pinned links.
     pub fn open(host: &str, pin_root: &Path) -> Result<Self, Error> {
+        Self::open_with_conntrack(host, pin_root, MAX_CONNTRACK)
+    }
+
+    /// [`Self::open`], creating the conntrack table with `entries` entries
+    /// if it does not exist yet (a pinned table keeps the size it has).
+    pub fn open_with_conntrack(host: &str, pin_root: &Path, entries: u32) -> Result<Self, Error> {
         ensure_bpffs()?;
         let pin_dir = host_dir(pin_root, host)?;
         fs::create_dir_all(link_dir(&pin_dir))
             .map_err(Error::io(format!("create {}", pin_dir.display())))?;
+        let pinned_ct = pin_dir.join(M::CONNTRACK);
+        let entries = if pinned_ct.exists() {
+            aya::maps::MapData::from_pin(&pinned_ct)
+                .and_then(|m| m.info())
+                .map(|i| i.max_entries())
+                .map_err(|e| Error::kernel("read the pinned conntrack table")(e.into()))?
+        } else {
+            entries
+        };
+        if entries < 1024 {
+            return Err(Error::Invalid(format!(
+                "a conntrack table of {entries} entries is too small"
+            )));
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
+            .map_max_entries(M::CONNTRACK, entries)
             .load(BPF_OBJECT)
             .map_err(|e| Error::kernel("load the BPF object")(e.into()))?;
         for name in [P::PORT, P::UPLINK_TC] {
@@ -169,9 +192,15 @@ impl Dataplane {
             ebpf,
             pin_dir,
             ct_limits: ConntrackLimits::default(),
+            ct_capacity: entries,
         };
         dp.swap_pinned_links()?;
         Ok(dp)
+    }
+
+    /// Entries of this host's conntrack table.
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.ct_capacity
     }
 
     /// Caps the conntrack shares from the next `apply` on.
@@ -248,6 +277,7 @@ impl Dataplane {
             netdev::resolve,
             &previous,
             self.ct_limits,
+            self.ct_capacity,
         )?;
         let t = &compiled.tables;
         let mut report = ApplyReport {

@@ -87,6 +87,13 @@ impl Default for ConntrackLimits {
     }
 }
 
+/// The part of a conntrack table of `capacity` entries handed out as quotas;
+/// the rest absorbs the LRU's per-CPU free lists, which may evict before
+/// the table is globally full.
+pub fn ct_usable(capacity: u32) -> u32 {
+    capacity / 8 * 7
+}
+
 /// A port's conntrack share: all of its tenant's if it is the tenant's only
 /// port on the host, else three quarters of it. A busy port is not held to
 /// an equal split with idle neighbours, and they always keep a quarter.
@@ -105,6 +112,7 @@ pub fn compile(
     resolve: impl Fn(&str) -> Option<Iface>,
     previous: &BTreeMap<u32, PortInfo>,
     limits: ConntrackLimits,
+    ct_capacity: u32,
 ) -> Result<Compiled, Error> {
     snap.validate()?;
     let me = snap
@@ -184,7 +192,8 @@ pub fn compile(
             "more than {MAX_TENANTS} tenants on host {host}"
         )));
     }
-    let tenant_quota = (CT_USABLE / (tenant_ports.len() as u32).max(1)).min(limits.per_tenant);
+    let usable = ct_usable(ct_capacity);
+    let tenant_quota = (usable / (tenant_ports.len() as u32).max(1)).min(limits.per_tenant);
     let tenant_index: BTreeMap<&str, u32> = tenant_ports
         .keys()
         .enumerate()
@@ -389,6 +398,7 @@ mod tests {
             resolve,
             &BTreeMap::new(),
             ConntrackLimits::default(),
+            MAX_CONNTRACK,
         )
         .unwrap();
         assert_eq!(c.pending, vec!["p3".to_string()]);
@@ -425,6 +435,7 @@ mod tests {
             resolve,
             &BTreeMap::new(),
             ConntrackLimits::default(),
+            MAX_CONNTRACK,
         )
         .unwrap()
         .tables
@@ -438,6 +449,7 @@ mod tests {
             resolve,
             &prev,
             ConntrackLimits::default(),
+            MAX_CONNTRACK,
         )
         .unwrap();
         assert_eq!(c.local_ports[0].slot, 5);
@@ -454,6 +466,7 @@ mod tests {
             resolve,
             &BTreeMap::new(),
             ConntrackLimits::default(),
+            MAX_CONNTRACK,
         )
         .unwrap();
         assert!(c.tables.networks.is_empty() && c.tables.forward.is_empty());
@@ -471,6 +484,7 @@ mod tests {
                 resolve,
                 &BTreeMap::new(),
                 ConntrackLimits::default(),
+                MAX_CONNTRACK,
             )
             .unwrap_err()
             .to_string()
@@ -504,6 +518,7 @@ mod tests {
                 resolve,
                 &BTreeMap::new(),
                 ConntrackLimits::default(),
+                MAX_CONNTRACK,
             )
             .unwrap_err()
             .to_string()
@@ -560,13 +575,14 @@ mod tests {
             resolve,
             &BTreeMap::new(),
             ConntrackLimits::default(),
+            MAX_CONNTRACK,
         )
         .unwrap();
         let info = c.tables.ports[&10];
         assert_eq!(info.policy, 1);
         assert_eq!(
             (info.ct_tenant_quota, info.ct_port_quota),
-            (CT_USABLE, CT_USABLE)
+            (ct_usable(MAX_CONNTRACK), ct_usable(MAX_CONNTRACK))
         );
         assert_eq!(c.tables.sg.addrs.len(), 1, "one remote prefix: any");
         // A port keeps its policy id across compiles.
@@ -579,6 +595,7 @@ mod tests {
             resolve,
             &BTreeMap::from([(10, prev_info)]),
             ConntrackLimits::default(),
+            MAX_CONNTRACK,
         )
         .unwrap();
         assert_eq!(again.tables.ports[&10].policy, 7);
@@ -592,6 +609,7 @@ mod tests {
                 per_port: 5,
                 per_tenant: 100,
             },
+            MAX_CONNTRACK,
         )
         .unwrap();
         assert_eq!(

@@ -93,8 +93,13 @@ impl Testbed {
 
     /// Enters the namespace (this thread only) and opens its dataplane.
     pub fn enter(&self) -> Result<Dataplane, Error> {
+        self.enter_with_conntrack(cloison_abi::MAX_CONNTRACK)
+    }
+
+    /// [`Self::enter`] with a conntrack table of `entries`.
+    pub fn enter_with_conntrack(&self, entries: u32) -> Result<Dataplane, Error> {
         netdev::enter_netns(&self.ns).map_err(Error::io(format!("enter netns {}", self.ns)))?;
-        Dataplane::open(&self.pin, DEFAULT_PIN_ROOT.as_ref())
+        Dataplane::open_with_conntrack(&self.pin, DEFAULT_PIN_ROOT.as_ref(), entries)
     }
 }
 

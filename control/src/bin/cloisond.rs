@@ -45,6 +45,10 @@ struct Args {
     /// Where maps and links are pinned (a bpffs directory).
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
+    /// Entries of the conntrack table when it is first created (kept across
+    /// restarts; each tenant gets an equal share of 7/8 of it).
+    #[arg(long, default_value_t = cloison_abi::MAX_CONNTRACK)]
+    conntrack_entries: u32,
     /// Remove everything this host's agent pinned (programs detach) and exit.
     #[arg(long)]
     purge: bool,
@@ -119,6 +123,7 @@ fn run(args: Args) -> Result<()> {
         uplink,
         hook: args.uplink_hook,
         pin_root: args.pin_root.clone(),
+        conntrack_entries: args.conntrack_entries,
     };
     {
         let (dp, st) = (dataplane.clone(), status.clone());

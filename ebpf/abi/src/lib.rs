@@ -26,14 +26,12 @@ pub const MAX_VTEPS: u32 = 65536;
 pub const MAX_ADDR_ALLOW: u32 = 65536;
 /// Tenants with a port on one host (conntrack quota counters).
 pub const MAX_TENANTS: u32 = 4096;
-/// Conntrack entries per host. Each tenant on the host gets an equal share
-/// of [`CT_USABLE`] (each of its ports at most three quarters of that when
-/// it has several), so the LRU never has to evict: one tenant's flood only
-/// meets its own limit.
+/// Conntrack entries per host by default (the agent's `--conntrack-entries`
+/// sets another size). Each tenant on the host gets an equal share of 7/8 of
+/// the table (each of its ports at most three quarters of that when it has
+/// several), so the LRU never has to evict: one tenant's flood only meets
+/// its own limit.
 pub const MAX_CONNTRACK: u32 = 262144;
-/// The part of the table handed out as quotas; the rest absorbs the LRU's
-/// per-CPU free lists, which may evict before the table is globally full.
-pub const CT_USABLE: u32 = MAX_CONNTRACK / 8 * 7;
 /// IPv4 first fragments whose verdict later fragments inherit.
 pub const MAX_FRAGMENTS: u32 = 16384;
 /// Security-group tables: (policy, direction, remote address) → class and

@@ -176,6 +176,8 @@ fn test() -> Result<()> {
 /// throughput. Results in benches/results/latest.{json,md}.
 fn bench() -> Result<()> {
     step("criterion: per-packet costs in BPF_PROG_TEST_RUN, control plane (cargo bench -p cloison-benches)");
+    // Only this run's estimates go into the results.
+    let _ = std::fs::remove_dir_all("target/criterion");
     run(cargo().args(["bench", "-p", "cloison-benches"]))?;
     let criterion = criterion_estimates()?;
 

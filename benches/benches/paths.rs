@@ -6,37 +6,13 @@
 //! others repeat in the kernel. Needs root.
 use std::time::Duration;
 
-use cloison_benches::*;
-use cloison_dataplane::{
-    loader::RunResult, netdev, testbed::Testbed, Dataplane, Error, UplinkHook,
-};
-use criterion::{criterion_group, criterion_main, Bencher, Criterion};
+use cloison_benches::{kernel_time::*, *};
+use cloison_dataplane::{netdev, testbed::Testbed, Dataplane, UplinkHook};
+use criterion::{criterion_group, criterion_main, Criterion};
 
 const IP_A1: [u8; 4] = [10, 0, 0, 1];
 const IP_A2: [u8; 4] = [10, 0, 0, 2];
 const IP_A3: [u8; 4] = [10, 0, 0, 3];
-
-/// Each iteration a separate call on fresh input; the kernel's time summed.
-fn single(b: &mut Bencher, run: impl Fn() -> Result<RunResult, Error>, want: u32) {
-    b.iter_custom(|iters| {
-        let mut total = Duration::ZERO;
-        for _ in 0..iters {
-            let r = run().expect("run");
-            assert_eq!(r.verdict, want);
-            total += r.duration;
-        }
-        total
-    })
-}
-
-/// The same input `iters` times in one call.
-fn repeated(b: &mut Bencher, run: impl Fn(u32) -> Result<RunResult, Error>, want: u32) {
-    b.iter_custom(|iters| {
-        let r = run(iters as u32).expect("run");
-        assert_eq!(r.verdict, want);
-        r.duration * iters as u32
-    })
-}
 
 const TC_OK: u32 = 0;
 const TC_SHOT: u32 = 2;

@@ -4,7 +4,7 @@
 //! entries: a1's share of it, 3/4 of its tenant's 7/8, is 1,050,000). Needs root.
 use std::time::Duration;
 
-use cloison_benches::*;
+use cloison_benches::{kernel_time::*, *};
 use cloison_dataplane::{netdev, snapshot::MacAddr, testbed::Testbed, UplinkHook};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
@@ -42,13 +42,7 @@ fn scaling(c: &mut Criterion) {
         dp.apply(&s, "hv1", uplink, UplinkHook::Xdp).expect("apply");
         dp.test_run_port(pa1, &flow, 0).expect("establish");
         g.bench_with_input(BenchmarkId::new("ports", ports), &ports, |b, _| {
-            b.iter_custom(|iters| {
-                let r = dp
-                    .test_run_port_repeat(pa1, &flow, iters as u32)
-                    .expect("run");
-                assert_eq!(r.verdict, TC_REDIRECT);
-                r.duration * iters as u32
-            })
+            repeated(b, |n| dp.test_run_port_repeat(pa1, &flow, n), TC_REDIRECT)
         });
     }
     let mut s = base.clone();
@@ -76,13 +70,7 @@ fn scaling(c: &mut Criterion) {
         dp.test_run_port(pa1, &flow, 0).expect("establish");
         let entries = dp.conntrack().expect("conntrack").len();
         g.bench_with_input(BenchmarkId::new("flows", flows), &flows, |b, _| {
-            b.iter_custom(|iters| {
-                let r = dp
-                    .test_run_port_repeat(pa1, &flow, iters as u32)
-                    .expect("run");
-                assert_eq!(r.verdict, TC_REDIRECT);
-                r.duration * iters as u32
-            })
+            repeated(b, |n| dp.test_run_port_repeat(pa1, &flow, n), TC_REDIRECT)
         });
         eprintln!("scale/flows/{flows}: {entries} conntrack entries");
     }

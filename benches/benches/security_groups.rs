@@ -11,9 +11,9 @@
 //! Needs root: `sudo cargo bench -p cloison-benches` (or `cargo xtask bench`).
 use std::time::Duration;
 
-use cloison_benches::*;
+use cloison_benches::{kernel_time::*, *};
 use cloison_dataplane::{netdev, testbed::Testbed, Dataplane, UplinkHook};
-use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -39,17 +39,6 @@ fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
     (bed, dp, pa1)
 }
 
-/// The same frame, run `iters` times by the kernel in one call.
-fn repeated(b: &mut Bencher, dp: &Dataplane, ifindex: u32, frame: &[u8]) {
-    b.iter_custom(|iters| {
-        let r = dp
-            .test_run_port_repeat(ifindex, frame, iters as u32)
-            .expect("run");
-        assert_eq!(r.verdict, TC_ACT_REDIRECT);
-        r.duration * iters as u32
-    })
-}
-
 fn security_groups(c: &mut Criterion) {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("security_groups bench: skipped, BPF_PROG_TEST_RUN needs root");
@@ -61,7 +50,13 @@ fn security_groups(c: &mut Criterion) {
         // security groups, no conntrack. What the rest costs is the difference.
         let (_bed, dp, pa1) = host(1, false);
         let ack = tcp(40000, TCP_ACK);
-        g.bench_function("no_port_security", |b| repeated(b, &dp, pa1, &ack));
+        g.bench_function("no_port_security", |b| {
+            repeated(
+                b,
+                |n| dp.test_run_port_repeat(pa1, &ack, n),
+                TC_ACT_REDIRECT,
+            )
+        });
         // The floor of a TC test run here: the uplink program handing a
         // frame that is not VXLAN (ARP) to the host after two checks.
         let up0 = netdev::ifindex(cloison_dataplane::testbed::UPLINK).expect("uplink");
@@ -73,13 +68,11 @@ fn security_groups(c: &mut Criterion) {
             f
         };
         g.bench_function("tc_floor_uplink_pass", |b| {
-            b.iter_custom(|iters| {
-                let r = dp
-                    .test_run_uplink_repeat(UplinkHook::Tc, up0, &arp, iters as u32)
-                    .expect("run");
-                assert_eq!(r.verdict, 0, "TC_ACT_OK");
-                r.duration * iters as u32
-            })
+            repeated(
+                b,
+                |n| dp.test_run_uplink_repeat(UplinkHook::Tc, up0, &arp, n),
+                0,
+            )
         });
     }
     for rules in [1usize, 100, 1_000, 10_000] {
@@ -91,7 +84,11 @@ fn security_groups(c: &mut Criterion) {
         );
         let ack = tcp(40000, TCP_ACK);
         g.bench_function(BenchmarkId::new("established", rules), |b| {
-            repeated(b, &dp, pa1, &ack)
+            repeated(
+                b,
+                |n| dp.test_run_port_repeat(pa1, &ack, n),
+                TC_ACT_REDIRECT,
+            )
         });
         let mut sport = 0u16;
         g.bench_function(BenchmarkId::new("new_flow", rules), |b| {

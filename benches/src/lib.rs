@@ -2,6 +2,37 @@
 use cloison_dataplane::{snapshot::MacAddr, Host, Network, Port, Rule, SecurityGroup, Snapshot};
 use etherparse::PacketBuilder;
 
+/// Criterion timings from the kernel's own clock (BPF_PROG_TEST_RUN's
+/// duration), not the system call around it.
+pub mod kernel_time {
+    use std::time::Duration;
+
+    use cloison_dataplane::{loader::RunResult, Error};
+    use criterion::Bencher;
+
+    /// The same input `iters` times in one call (`run` takes the repeat count).
+    pub fn repeated(b: &mut Bencher, run: impl Fn(u32) -> Result<RunResult, Error>, want: u32) {
+        b.iter_custom(|iters| {
+            let r = run(iters as u32).expect("run");
+            assert_eq!(r.verdict, want);
+            r.duration * iters as u32
+        })
+    }
+
+    /// Each iteration a separate call on fresh input; the kernel's times summed.
+    pub fn single(b: &mut Bencher, run: impl Fn() -> Result<RunResult, Error>, want: u32) {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let r = run().expect("run");
+                assert_eq!(r.verdict, want);
+                total += r.duration;
+            }
+            total
+        })
+    }
+}
+
 pub const A1: [u8; 6] = [2, 0, 0, 0, 0, 1];
 pub const A3: [u8; 6] = [2, 0, 0, 0, 0, 3];
 pub const TCP_SYN: u8 = 0x02;

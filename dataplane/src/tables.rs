@@ -374,6 +374,15 @@ mod tests {
         .unwrap()
     }
 
+    /// This host (hv1) compiled with `prev` as the kernel's ports.
+    fn compiled(
+        s: &Snapshot,
+        prev: &BTreeMap<u32, PortInfo>,
+        limits: ConntrackLimits,
+    ) -> Result<Compiled, Error> {
+        compile(s, "hv1", 2, resolve, prev, limits, MAX_CONNTRACK)
+    }
+
     fn resolve(name: &str) -> Option<Iface> {
         (name == "tap1").then_some(Iface {
             ifindex: 10,
@@ -391,16 +400,7 @@ mod tests {
 
     #[test]
     fn compiles_local_remote_and_pending_ports() {
-        let c = compile(
-            &snap(),
-            "hv1",
-            2,
-            resolve,
-            &BTreeMap::new(),
-            ConntrackLimits::default(),
-            MAX_CONNTRACK,
-        )
-        .unwrap();
+        let c = compiled(&snap(), &BTreeMap::new(), ConntrackLimits::default()).unwrap();
         assert_eq!(c.pending, vec!["p3".to_string()]);
         assert_eq!(c.tables.config.vtep, [192, 0, 2, 1]);
         assert_eq!(c.tables.ports[&10].vni, 7);
@@ -428,30 +428,13 @@ mod tests {
 
     #[test]
     fn keeps_the_slot_a_port_had() {
-        let mut info = compile(
-            &snap(),
-            "hv1",
-            2,
-            resolve,
-            &BTreeMap::new(),
-            ConntrackLimits::default(),
-            MAX_CONNTRACK,
-        )
-        .unwrap()
-        .tables
-        .ports[&10];
+        let mut info = compiled(&snap(), &BTreeMap::new(), ConntrackLimits::default())
+            .unwrap()
+            .tables
+            .ports[&10];
         info.slot = 5;
         let prev = BTreeMap::from([(10, info)]);
-        let c = compile(
-            &snap(),
-            "hv1",
-            2,
-            resolve,
-            &prev,
-            ConntrackLimits::default(),
-            MAX_CONNTRACK,
-        )
-        .unwrap();
+        let c = compiled(&snap(), &prev, ConntrackLimits::default()).unwrap();
         assert_eq!(c.local_ports[0].slot, 5);
     }
 
@@ -459,16 +442,7 @@ mod tests {
     fn a_host_without_ports_programs_no_network() {
         let mut s = snap();
         s.ports.retain(|p| p.host != "hv1");
-        let c = compile(
-            &s,
-            "hv1",
-            2,
-            resolve,
-            &BTreeMap::new(),
-            ConntrackLimits::default(),
-            MAX_CONNTRACK,
-        )
-        .unwrap();
+        let c = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
         assert!(c.tables.networks.is_empty() && c.tables.forward.is_empty());
     }
 
@@ -477,17 +451,9 @@ mod tests {
         let bad = |f: &dyn Fn(&mut Snapshot)| {
             let mut s = snap();
             f(&mut s);
-            compile(
-                &s,
-                "hv1",
-                2,
-                resolve,
-                &BTreeMap::new(),
-                ConntrackLimits::default(),
-                MAX_CONNTRACK,
-            )
-            .unwrap_err()
-            .to_string()
+            compiled(&s, &BTreeMap::new(), ConntrackLimits::default())
+                .unwrap_err()
+                .to_string()
         };
         assert!(bad(&|s| s.networks[0].vni = 0).contains("VNI"));
         assert!(bad(&|s| s.networks[0].mtu = 100).contains("MTU"));
@@ -511,17 +477,9 @@ mod tests {
             let mut s = snap();
             s.security_groups = serde_json::from_value(groups).unwrap();
             s.ports[0].security_groups = port_groups.iter().map(|g| g.to_string()).collect();
-            compile(
-                &s,
-                "hv1",
-                2,
-                resolve,
-                &BTreeMap::new(),
-                ConntrackLimits::default(),
-                MAX_CONNTRACK,
-            )
-            .unwrap_err()
-            .to_string()
+            compiled(&s, &BTreeMap::new(), ConntrackLimits::default())
+                .unwrap_err()
+                .to_string()
         };
         let rule =
             |r: serde_json::Value| serde_json::json!([{"name": "g", "tenant": "t", "rules": [r]}]);
@@ -568,16 +526,7 @@ mod tests {
             {"name": "g", "tenant": "t", "rules": [{"direction": "egress"}]}]))
         .unwrap();
         s.ports[0].security_groups = vec!["g".into()];
-        let c = compile(
-            &s,
-            "hv1",
-            2,
-            resolve,
-            &BTreeMap::new(),
-            ConntrackLimits::default(),
-            MAX_CONNTRACK,
-        )
-        .unwrap();
+        let c = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
         let info = c.tables.ports[&10];
         assert_eq!(info.policy, 1);
         assert_eq!(
@@ -588,28 +537,20 @@ mod tests {
         // A port keeps its policy id across compiles.
         let mut prev_info = info;
         prev_info.policy = 7;
-        let again = compile(
+        let again = compiled(
             &s,
-            "hv1",
-            2,
-            resolve,
             &BTreeMap::from([(10, prev_info)]),
             ConntrackLimits::default(),
-            MAX_CONNTRACK,
         )
         .unwrap();
         assert_eq!(again.tables.ports[&10].policy, 7);
-        let limited = compile(
+        let limited = compiled(
             &s,
-            "hv1",
-            2,
-            resolve,
             &BTreeMap::new(),
             ConntrackLimits {
                 per_port: 5,
                 per_tenant: 100,
             },
-            MAX_CONNTRACK,
         )
         .unwrap();
         assert_eq!(

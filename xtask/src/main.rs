@@ -322,15 +322,13 @@ fn lab_pps(name: &str, hook: Option<UplinkHook>) -> Result<Vec<xtask::pps::PpsRu
         for flows in [1u32, 1000] {
             let frame = xtask::pps::udp_frame(src, dst, bytes);
             let packets = if bytes < 100 { 2_000_000 } else { 500_000 };
-            out.push(xtask::pps::measure(
-                name,
-                &from,
-                &to,
-                (&port.0, &port.1),
-                &frame,
-                packets,
-                flows,
-            )?);
+            let at = xtask::pps::Between {
+                setup: name,
+                from_ns: &from,
+                to_ns: &to,
+                sender_port: (&port.0, &port.1),
+            };
+            out.push(xtask::pps::measure(&at, &frame, packets, flows)?);
         }
     }
     drop(lab);

@@ -52,19 +52,25 @@ pub fn udp_frame(
     f
 }
 
-/// One measurement: `packets` frames from the VM in namespace `from_ns` to
-/// the VM in `to_ns`; `sender_port` is the sending VM's port on its host
+/// Where a measurement runs: from the VM in namespace `from_ns` to the VM
+/// in `to_ns`; `sender_port` is the sending VM's port on its host
 /// (namespace, interface), which must take XDP-transmitted frames (NAPI).
-#[allow(clippy::too_many_arguments)]
-pub fn measure_once(
-    setup: &str,
-    from_ns: &str,
-    to_ns: &str,
-    sender_port: (&str, &str),
-    frame: &[u8],
-    packets: u32,
-    flows: u32,
-) -> Result<PpsRun> {
+#[derive(Clone, Copy, Debug)]
+pub struct Between<'a> {
+    pub setup: &'a str,
+    pub from_ns: &'a str,
+    pub to_ns: &'a str,
+    pub sender_port: (&'a str, &'a str),
+}
+
+/// One measurement: `packets` copies of `frame` over `flows` flows.
+pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Result<PpsRun> {
+    let Between {
+        setup,
+        from_ns,
+        to_ns,
+        sender_port,
+    } = *at;
     sh(&[
         "ip",
         "netns",
@@ -122,27 +128,10 @@ pub fn measure_once(
 }
 
 /// [`measure_once`] [`RUNS`] times; the run with the median rate, and all rates.
-#[allow(clippy::too_many_arguments)]
-pub fn measure(
-    setup: &str,
-    from_ns: &str,
-    to_ns: &str,
-    sender_port: (&str, &str),
-    frame: &[u8],
-    packets: u32,
-    flows: u32,
-) -> Result<PpsRun> {
+pub fn measure(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Result<PpsRun> {
     let mut runs = Vec::new();
     for _ in 0..RUNS {
-        runs.push(measure_once(
-            setup,
-            from_ns,
-            to_ns,
-            sender_port,
-            frame,
-            packets,
-            flows,
-        )?);
+        runs.push(measure_once(at, frame, packets, flows)?);
     }
     runs.sort_by(|a, b| a.mpps.total_cmp(&b.mpps));
     let all: Vec<f64> = runs.iter().map(|r| r.mpps).collect();

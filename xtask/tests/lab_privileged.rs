@@ -556,10 +556,12 @@ fn privileged_pps_generator_reaches_the_other_host() {
     let frame = xtask::pps::udp_frame((a1.mac, a1.ip), (a2.mac, a2.ip), 60);
     let hv1 = lab.ns("hv1");
     let r = xtask::pps::measure(
-        "cloison",
-        &a1.ns,
-        &a2.ns,
-        (&hv1, &a1.port_if),
+        &xtask::pps::Between {
+            setup: "cloison",
+            from_ns: &a1.ns,
+            to_ns: &a2.ns,
+            sender_port: (&hv1, &a1.port_if),
+        },
         &frame,
         20_000,
         10,
@@ -582,10 +584,12 @@ fn privileged_pps_generator_reaches_the_other_host() {
         60,
     );
     let k = xtask::pps::measure(
-        "kernel",
-        &b.vm1,
-        &b.vm2,
-        (&b.hv1, "tap0"),
+        &xtask::pps::Between {
+            setup: "kernel",
+            from_ns: &b.vm1,
+            to_ns: &b.vm2,
+            sender_port: (&b.hv1, "tap0"),
+        },
         &frame,
         20_000,
         10,

@@ -17,6 +17,15 @@ struct Agent {
     dir: PathBuf,
 }
 
+/// Removes a test's directory (socket, store) however the test ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Agent {
     fn start(ns: &str, name: &str, dir: &PathBuf, tcp: Option<&str>) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
@@ -161,6 +170,7 @@ fn privileged_api_contract() {
     let _bed = testbed(&name);
     let dir = std::env::temp_dir().join(&name);
     let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = RemoveOnDrop(dir.clone());
     let tcp_addr = format!("127.0.0.1:{}", 17000 + (std::process::id() % 1000));
     let agent = Agent::start(&name, &name, &dir, Some(&tcp_addr));
     let c = agent.client();
@@ -396,6 +406,7 @@ fn privileged_acknowledged_writes_survive_kill_9() {
     let _bed = testbed(&name);
     let dir = std::env::temp_dir().join(&name);
     let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = RemoveOnDrop(dir.clone());
     let rt = rt();
     let mut agent = Agent::start(&name, &name, &dir, None);
     let c = agent.client();
@@ -463,6 +474,7 @@ fn privileged_cloisonctl_sigterm_and_purge() {
     let _bed = testbed(&name);
     let dir = std::env::temp_dir().join(&name);
     let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = RemoveOnDrop(dir.clone());
     let mut agent = Agent::start(&name, &name, &dir, None);
     let endpoint = format!("unix:{}", dir.join("agent.sock").display());
     let ctl = |args: &[&str]| {

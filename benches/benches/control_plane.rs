@@ -4,6 +4,7 @@
 //! map entries written per second. Needs root.
 use std::time::{Duration, Instant};
 
+use cloison_benches::has_root;
 use cloison_dataplane::{
     snapshot::MacAddr, testbed::Testbed, Dataplane, Host, Network, Port, Snapshot, UplinkHook,
 };
@@ -65,8 +66,7 @@ fn fleet() -> Snapshot {
 }
 
 fn control_plane(c: &mut Criterion) {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("control_plane bench: skipped, programming maps needs root");
+    if !has_root("control_plane") {
         return;
     }
     let full = fleet();

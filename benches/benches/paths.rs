@@ -14,21 +14,19 @@ const IP_A1: [u8; 4] = [10, 0, 0, 1];
 const IP_A2: [u8; 4] = [10, 0, 0, 2];
 const IP_A3: [u8; 4] = [10, 0, 0, 3];
 
-const TC_OK: u32 = 0;
 const TC_SHOT: u32 = 2;
 const TC_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_REDIRECT: u32 = 4;
 
 fn paths(c: &mut Criterion) {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("paths bench: skipped, BPF_PROG_TEST_RUN needs root");
+    if !has_root("paths") {
         return;
     }
     let snap = paths_snapshot();
     let tag = format!("clpb{:x}", std::process::id() & 0xffff);
-    let _bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
-    let mut dp: Dataplane = _bed.enter().expect("open");
+    let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
+    let mut dp: Dataplane = bed.enter().expect("open");
     dp.apply(
         &snap,
         "hv1",
@@ -108,7 +106,6 @@ fn paths(c: &mut Criterion) {
             XDP_DROP,
         )
     });
-    let _ = TC_OK;
     g.finish();
 }
 

@@ -12,8 +12,7 @@ const TC_REDIRECT: u32 = 7;
 const CT_ENTRIES: u32 = 1_600_000;
 
 fn scaling(c: &mut Criterion) {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("scaling bench: skipped, BPF_PROG_TEST_RUN needs root");
+    if !has_root("scaling") {
         return;
     }
     let base = paths_snapshot();

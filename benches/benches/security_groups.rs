@@ -40,8 +40,7 @@ fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
 }
 
 fn security_groups(c: &mut Criterion) {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("security_groups bench: skipped, BPF_PROG_TEST_RUN needs root");
+    if !has_root("security_groups") {
         return;
     }
     let mut g = c.benchmark_group("sg");

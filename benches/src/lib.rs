@@ -33,6 +33,16 @@ pub mod kernel_time {
     }
 }
 
+/// Whether `bench` can run (BPF_PROG_TEST_RUN and map writes need root);
+/// says why not when it cannot.
+pub fn has_root(bench: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("{bench} bench: skipped, BPF_PROG_TEST_RUN and map writes need root");
+    }
+    root
+}
+
 pub const A1: [u8; 6] = [2, 0, 0, 0, 0, 1];
 pub const A3: [u8; 6] = [2, 0, 0, 0, 0, 3];
 pub const TCP_SYN: u8 = 0x02;

@@ -42,7 +42,7 @@ impl Kind {
 
     /// The fields a body may have (besides `name` and `generation`, which
     /// are accepted as they were returned).
-    fn fields(self) -> &'static [&'static str] {
+    pub fn fields(self) -> &'static [&'static str] {
         match self {
             Kind::Host => &["underlay_ip"],
             Kind::Network => &["tenant", "vni", "subnets", "mtu"],

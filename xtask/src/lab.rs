@@ -891,12 +891,10 @@ pub fn tcp_echo_to(
     msg: &[u8],
     wait: Duration,
 ) -> Result<Vec<u8>> {
-    let server_ns = lab.vm(to).ns.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || -> Result<()> {
-        netdev::enter_netns(&server_ns)?;
+    let msg = msg.to_vec();
+    let serve = move |ready: &dyn Fn()| -> Result<()> {
         let l = TcpListener::bind((addr, port))?;
-        tx.send(()).ok();
+        ready();
         l.set_nonblocking(true)?;
         let deadline = Instant::now() + wait + Duration::from_secs(1);
         let mut s = loop {
@@ -921,11 +919,8 @@ pub fn tcp_echo_to(
             s.write_all(&buf[..n])?;
         }
         Ok(())
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .context("server start")?;
-    let msg = msg.to_vec();
-    let got = in_netns(&lab.vm(from).ns, move || {
+    };
+    let client = move || {
         let mut s = TcpStream::connect_timeout(&(addr, port).into(), wait)?;
         s.set_read_timeout(Some(wait))?;
         s.write_all(&msg)?;
@@ -933,7 +928,30 @@ pub fn tcp_echo_to(
         let mut got = Vec::new();
         s.read_to_end(&mut got)?;
         Ok(got)
+    };
+    exchange(&lab.vm(to).ns, serve, &lab.vm(from).ns, client)
+}
+
+/// Runs `serve` on a thread in namespace `server_ns` (it calls `ready` once
+/// it listens), then `client` in `client_ns`; the client's result, once both
+/// are done and the server went well too.
+fn exchange<T: Send + 'static>(
+    server_ns: &str,
+    serve: impl FnOnce(&dyn Fn()) -> Result<()> + Send + 'static,
+    client_ns: &str,
+    client: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ns = server_ns.to_string();
+    let server = std::thread::spawn(move || -> Result<()> {
+        netdev::enter_netns(&ns)?;
+        serve(&|| {
+            tx.send(()).ok();
+        })
     });
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("server start")?;
+    let got = in_netns(client_ns, client);
     let served = server
         .join()
         .map_err(|_| anyhow::anyhow!("server panicked"))?;
@@ -958,22 +976,17 @@ pub fn udp_echo_to(
     msg: &[u8],
     wait: Duration,
 ) -> Result<Vec<u8>> {
-    let server_ns = lab.vm(to).ns.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || -> Result<()> {
-        netdev::enter_netns(&server_ns)?;
+    let serve = move |ready: &dyn Fn()| -> Result<()> {
         let s = UdpSocket::bind((addr, port))?;
         s.set_read_timeout(Some(wait + Duration::from_secs(1)))?;
-        tx.send(()).ok();
+        ready();
         let mut buf = [0u8; 2048];
         let (n, peer) = s.recv_from(&mut buf)?;
         s.send_to(&buf[..n], peer)?;
         Ok(())
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .context("server start")?;
+    };
     let msg = msg.to_vec();
-    let got = in_netns(&lab.vm(from).ns, move || {
+    let client = move || {
         let any: IpAddr = if addr.is_ipv4() {
             Ipv4Addr::UNSPECIFIED.into()
         } else {
@@ -985,13 +998,8 @@ pub fn udp_echo_to(
         let mut buf = [0u8; 2048];
         let (n, _) = s.recv_from(&mut buf)?;
         Ok(buf[..n].to_vec())
-    });
-    let served = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))?;
-    let got = got?;
-    served?;
-    Ok(got)
+    };
+    exchange(&lab.vm(to).ns, serve, &lab.vm(from).ns, client)
 }
 
 /// A TCP stream that keeps running: a client in one VM writes small chunks

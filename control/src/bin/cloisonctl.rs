@@ -252,19 +252,13 @@ fn print_objects(k: Kind, objs: &[Value], json: bool) {
         }
         return;
     }
-    let cols: &[&str] = match k {
-        Kind::Host => &["underlay_ip"],
-        Kind::Network => &["tenant", "vni", "subnets", "mtu"],
-        Kind::SecurityGroup => &["tenant", "rules"],
-        Kind::Port => &[
-            "network",
-            "host",
-            "interface",
-            "mac",
-            "ips",
-            "security_groups",
-        ],
-    };
+    // Every field but the long ones a table has no room for.
+    let cols: Vec<&str> = k
+        .fields()
+        .iter()
+        .copied()
+        .filter(|c| !["allowed_address_pairs", "port_security"].contains(c))
+        .collect();
     let cell = |v: &Value, c: &str| match &v[c] {
         Value::String(s) => s.clone(),
         Value::Array(a) if c == "rules" => format!("{} rules", a.len()),

@@ -567,7 +567,7 @@ impl Dataplane {
         let mut live: BTreeMap<u32, i64> = BTreeMap::new();
         let mut expired = Vec::new();
         for (k, e) in self.conntrack()? {
-            if now.saturating_sub(e.last_seen_ns) > ct_timeout_ns(e.state) {
+            if ct_expired(e.state, e.last_seen_ns, now) {
                 expired.push(k);
             } else {
                 *live.entry(e.owner_slot).or_default() += 1;

@@ -425,7 +425,7 @@ impl<'a> Model<'a> {
         );
         if p.later_fragment {
             return match self.frags.borrow().get(&fkey) {
-                Some(t) if now.wrapping_sub(*t) <= FRAG_TIMEOUT_NS => Ok(()),
+                Some(t) if !idle_longer_than(*t, now, FRAG_TIMEOUT_NS) => Ok(()),
                 _ => Err(FragmentUnknown),
             };
         }
@@ -441,7 +441,7 @@ impl<'a> Model<'a> {
         let tcp = p.proto == 6;
         let mut ct = self.ct.borrow_mut();
         if let Some(e) = ct.get_mut(&key) {
-            if now.wrapping_sub(e.last_seen_ns) <= ct_timeout_ns(e.state) {
+            if !ct_expired(e.state, e.last_seen_ns, now) {
                 let reply = (p.src, p.sport) != e.orig;
                 if e.epoch != self.epoch {
                     if self.rules_allow(p, s, r, reply).is_err() {
@@ -621,7 +621,7 @@ impl<'a> Model<'a> {
         }
         let key = ct_key(zone, proto, (src, sport), (dst, dport));
         match self.ct.borrow().get(&key) {
-            Some(e) if now.wrapping_sub(e.last_seen_ns) <= ct_timeout_ns(e.state) => Ok(()),
+            Some(e) if !ct_expired(e.state, e.last_seen_ns, now) => Ok(()),
             _ => unrelated,
         }
     }

@@ -287,6 +287,19 @@ pub const CT_BOTH_WAYS_NS: u64 = 180_000_000_000;
 /// A first fragment's verdict is kept this long for the others (Linux's ipfrag_time).
 pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 
+/// Whether something last seen at `last_seen_ns` has been idle longer than
+/// `timeout_ns` at `now`. A stamp ahead of `now` is fresh, not ~584 years
+/// old: another CPU may have stamped the entry after this one read the
+/// clock (seen as mid-stream drops of established TCP flows).
+pub const fn idle_longer_than(last_seen_ns: u64, now: u64, timeout_ns: u64) -> bool {
+    now.saturating_sub(last_seen_ns) > timeout_ns
+}
+
+/// Whether a conntrack entry in `state` last seen at `last_seen_ns` is gone at `now`.
+pub const fn ct_expired(state: u8, last_seen_ns: u64, now: u64) -> bool {
+    idle_longer_than(last_seen_ns, now, ct_timeout_ns(state))
+}
+
 /// Idle timeout of an entry in `state`.
 pub const fn ct_timeout_ns(state: u8) -> u64 {
     match state {
@@ -556,6 +569,10 @@ mod tests {
         assert_eq!(ct_advance(ONE_WAY, 0, false, 0, false).0, ONE_WAY);
         assert_eq!(ct_advance(ONE_WAY, 0, false, 0, true).0, BOTH_WAYS);
         assert!(ct_timeout_ns(BOTH_WAYS) > ct_timeout_ns(ONE_WAY));
+        // Stamped by another CPU just after this one read the clock.
+        assert!(!ct_expired(TCP_ESTABLISHED, 1_000_001, 1_000_000));
+        assert!(!ct_expired(TCP_CLOSE, 5, 5 + CT_TCP_CLOSE_NS));
+        assert!(ct_expired(TCP_CLOSE, 5, 6 + CT_TCP_CLOSE_NS));
         assert!(ct_timeout_ns(TCP_ESTABLISHED) > ct_timeout_ns(TCP_SYN_SENT));
     }
 }

@@ -63,7 +63,7 @@ fn greater(x: &[u8; 16], xp: u16, y: &[u8; 16], yp: u16) -> bool {
 
 #[inline(always)]
 pub fn expired(e: &CtEntry, now: u64) -> bool {
-    now.wrapping_sub(e.last_seen_ns) > ct_timeout_ns(e.state)
+    ct_expired(e.state, e.last_seen_ns, now)
 }
 
 #[inline(always)]

@@ -388,7 +388,7 @@ fn fragment_seen(zone: u32, p: &Parsed, now: u64) -> Result<(), DropReason> {
 #[inline(never)]
 fn fragment_seen_call(zone: u32, p: &Parsed, now: u64) -> u32 {
     match FRAGMENTS.get_ptr(&frag_key(zone, p)) {
-        Some(t) => (now.wrapping_sub(unsafe { *t }) <= FRAG_TIMEOUT_NS) as u32,
+        Some(t) => !idle_longer_than(unsafe { *t }, now, FRAG_TIMEOUT_NS) as u32,
         None => 0,
     }
 }

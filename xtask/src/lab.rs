@@ -84,20 +84,35 @@ fn switch(ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// What the lab's underlay switch hands to a host's uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// As a NIC's wire: complete checksums and MTU-sized frames (the switch
+    /// side checksums and segments in software). An XDP uplink needs this.
+    Nic,
+    /// A virtual fabric that keeps offloads end to end, as veth to veth
+    /// does: GSO super-frames with partial checksums reach the uplink. Only
+    /// a TC uplink can carry those (XDP sees neither the GSO nor the
+    /// checksum state), and the kernel baseline keeps GSO end to end.
+    Offload,
+}
+
 /// Plugs a host namespace into the underlay switch (bridge br0 of `ns`)
 /// with a veth whose host side is `UPLINK`, addressed `addr`/24. The switch
-/// side behaves as a NIC's wire: it runs NAPI (GRO on), as a veth needs to
-/// take XDP-redirected frames, and what it sends carries complete checksums
-/// and MTU-sized frames (no checksum or segmentation offload), as frames on a
-/// real wire do. The hosts and VMs keep their defaults.
-fn plug(ns: &str, dev: &str, host_ns: &str, addr: Ipv4Addr) -> Result<()> {
+/// side runs NAPI (GRO on), as a veth needs to take XDP-redirected frames;
+/// what it sends depends on `wire`. The hosts and VMs keep their defaults.
+fn plug(ns: &str, dev: &str, host_ns: &str, addr: Ipv4Addr, wire: Wire) -> Result<()> {
     sh(&[
         "ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", UPLINK, "netns",
         host_ns,
     ])?;
     sh(&["ip", "-n", ns, "link", "set", dev, "master", "br0", "up"])?;
+    let tx = match wire {
+        Wire::Nic => "off",
+        Wire::Offload => "on",
+    };
     sh(&[
-        "ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off",
+        "ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", tx,
     ])?;
     sh(&[
         "ip",
@@ -184,6 +199,7 @@ pub struct Lab {
     pins: Vec<String>,
     pub pin_root: PathBuf,
     pub hook: UplinkHook,
+    pub wire: Wire,
 }
 
 pub const UPLINK: &str = "up0";
@@ -237,6 +253,11 @@ impl Lab {
     /// Two hosts on one underlay switch; tenants `a` and `b` with the same
     /// subnet and the same MACs: a1, a3, b1 on hv1; a2, b2 on hv2.
     pub fn two_hosts(hook: UplinkHook) -> Result<Lab> {
+        Self::two_hosts_on(hook, Wire::Nic)
+    }
+
+    /// `two_hosts` with the underlay handing the uplinks what `wire` says.
+    pub fn two_hosts_on(hook: UplinkHook, wire: Wire) -> Result<Lab> {
         let mut lab = Lab {
             tag: Self::tag(),
             hosts: Vec::new(),
@@ -247,6 +268,7 @@ impl Lab {
             agents: Vec::new(),
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             hook,
+            wire,
         };
         lab.build()?;
         Ok(lab)
@@ -286,7 +308,7 @@ impl Lab {
         let ul = self.ns("ul");
         let hv = self.add_ns(&format!("hv{i}"))?;
         let sw = format!("p{i}");
-        plug(&ul, &sw, &hv, underlay_ip(i))?;
+        plug(&ul, &sw, &hv, underlay_ip(i), self.wire)?;
         let name = format!("hv{i}");
         self.snapshot.hosts.push(Host {
             name: name.clone(),
@@ -492,7 +514,7 @@ impl Lab {
     pub fn add_kernel_vtep(&mut self) -> Result<()> {
         let ul = self.ns("ul");
         let kv = self.add_ns("kv")?;
-        plug(&ul, "p3", &kv, underlay_ip(3))?;
+        plug(&ul, "p3", &kv, underlay_ip(3), self.wire)?;
         sh(&[
             "ip",
             "-n",
@@ -1180,7 +1202,7 @@ pub fn iperf3(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> R
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .context("iperf3 JSON without end.sum_received")?;
+        .with_context(|| format!("iperf3 JSON without end.sum_received: {}", v["error"]))?;
     Ok(bps / 1e9)
 }
 
@@ -1220,6 +1242,11 @@ pub struct KernelBaseline {
 
 impl KernelBaseline {
     pub fn new() -> Result<KernelBaseline> {
+        Self::on(Wire::Nic)
+    }
+
+    /// The baseline with its underlay handing the uplinks what `wire` says.
+    pub fn on(wire: Wire) -> Result<KernelBaseline> {
         let tag = Lab::tag();
         let ul = format!("{tag}-kul");
         let (vm1, vm2) = (format!("{tag}-kvm1"), format!("{tag}-kvm2"));
@@ -1237,7 +1264,7 @@ impl KernelBaseline {
         for i in 1..=2usize {
             let hv = format!("{tag}-khv{i}");
             let vm = if i == 1 { &vm1 } else { &vm2 };
-            plug(&ul, &format!("p{i}"), &hv, underlay_ip(i))?;
+            plug(&ul, &format!("p{i}"), &hv, underlay_ip(i), wire)?;
             let me = underlay_ip(i).to_string();
             let other = underlay_ip(3 - i).to_string();
             sh(&[

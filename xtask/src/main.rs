@@ -32,9 +32,9 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench()),
         Some("plot") => plot_results(),
         Some("demo") => setup().and_then(|()| demo()),
-        Some("lab") => hold_lab(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(600)),
+        Some("lab") => hold_lab(&args[1..]),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | bench | plot | demo | lab [SECS]"
+            "usage: cargo xtask setup | test | bench | plot | demo | lab [SECS] [xdp|tc] [nic|offload]"
         )),
     };
     match res {
@@ -201,25 +201,11 @@ fn bench() -> Result<()> {
     step("lab: iperf3 TCP and UDP request/response between VMs on two hosts, both labs up, 3 alternating rounds");
     // Both labs stay up and take turns, so background work of the kernel
     // (maps of earlier steps being freed) weighs on both alike; the median
-    // round is reported.
+    // round is reported. Two underlays: one that checksums and segments as
+    // a NIC's wire does (Cloison's uplink in XDP), one that keeps GSO end to
+    // end as a virtual fabric does (Cloison's uplink in TC: XDP cannot carry
+    // GSO frames or partial checksums).
     let a2: std::net::Ipv4Addr = "10.0.0.2".parse()?;
-    let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
-    lab.apply()?;
-    let b = lab::KernelBaseline::new()?;
-    let (mut tcp_c, mut tcp_k, mut rr_c, mut rr_k) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..3 {
-        tcp_c.push(lab::iperf3(
-            &lab.vm("a2").ns,
-            &lab.vm("a1").ns,
-            "10.0.0.2",
-            3,
-        )?);
-        tcp_k.push(lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3)?);
-        rr_c.push(lab::udp_rr(&lab.vm("a1").ns, &lab.vm("a2").ns, a2, 3000)?);
-        rr_k.push(lab::udp_rr(&b.vm1, &b.vm2, a2, 3000)?);
-    }
-    drop(b);
-    lab.cleanup();
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -228,9 +214,54 @@ fn bench() -> Result<()> {
         v.sort_by(|a, b| a.p50_us.total_cmp(&b.p50_us));
         v[v.len() / 2].clone()
     };
-    println!("  iperf3 rounds: Cloison {tcp_c:.2?} Gbit/s, kernel {tcp_k:.2?} Gbit/s");
-    let (cloison, kernel) = (median(&mut tcp_c), median(&mut tcp_k));
-    let (rr_cloison, rr_kernel) = (median_rr(&mut rr_c), median_rr(&mut rr_k));
+    let mut tcp = Vec::new();
+    let mut rr = None;
+    for (wire, hook) in [
+        (lab::Wire::Nic, UplinkHook::Xdp),
+        (lab::Wire::Offload, UplinkHook::Tc),
+    ] {
+        let mut lab = Lab::two_hosts_on(hook, wire)?;
+        lab.apply()?;
+        let b = lab::KernelBaseline::on(wire)?;
+        let (mut tcp_c, mut tcp_k, mut rr_c, mut rr_k) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..3 {
+            tcp_c.push(lab::iperf3(
+                &lab.vm("a2").ns,
+                &lab.vm("a1").ns,
+                "10.0.0.2",
+                3,
+            )?);
+            tcp_k.push(lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3)?);
+            if wire == lab::Wire::Nic {
+                rr_c.push(lab::udp_rr(&lab.vm("a1").ns, &lab.vm("a2").ns, a2, 3000)?);
+                rr_k.push(lab::udp_rr(&b.vm1, &b.vm2, a2, 3000)?);
+            }
+        }
+        let drops: u64 = ["hv1", "hv2"]
+            .iter()
+            .map(|h| {
+                lab.drops(h)
+                    .map(|d| d.get(&DropReason::CtTcpNotSyn).copied().unwrap_or(0))
+            })
+            .sum::<Result<u64>>()?;
+        drop(b);
+        lab.cleanup();
+        println!(
+            "  iperf3 rounds, {wire:?} wire: Cloison ({hook:?} uplink) {tcp_c:.2?} Gbit/s, kernel {tcp_k:.2?} Gbit/s; {drops} segments dropped by conntrack"
+        );
+        tcp.push(serde_json::json!({
+            "wire": format!("{wire:?}").to_lowercase(),
+            "cloison_uplink": format!("{hook:?}").to_lowercase(),
+            "cloison": median(&mut tcp_c),
+            "kernel": median(&mut tcp_k),
+            "cloison_rounds": tcp_c,
+            "kernel_rounds": tcp_k,
+        }));
+        if wire == lab::Wire::Nic {
+            rr = Some((median_rr(&mut rr_c), median_rr(&mut rr_k)));
+        }
+    }
+    let (rr_cloison, rr_kernel) = rr.context("no request/response rounds")?;
     println!(
         "  request/response: Cloison p50 {:.1} us p99 {:.1} us ({:.0}/s), kernel p50 {:.1} us p99 {:.1} us ({:.0}/s)",
         rr_cloison.p50_us, rr_cloison.p99_us, rr_cloison.per_second, rr_kernel.p50_us, rr_kernel.p99_us, rr_kernel.per_second
@@ -258,7 +289,7 @@ fn bench() -> Result<()> {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "criterion_ns": criterion,
         "pps": runs,
-        "iperf3_gbit_s": {"cloison": cloison, "kernel": kernel},
+        "iperf3_gbit_s": tcp,
         "udp_request_response": {"cloison": rr_cloison, "kernel": rr_kernel},
         "memory": memory,
     });
@@ -405,12 +436,37 @@ fn results_markdown(r: &serde_json::Value) -> String {
             all.join(" ")
         ));
     }
-    let c = r["iperf3_gbit_s"]["cloison"].as_f64().unwrap_or(0.0);
-    let k = r["iperf3_gbit_s"]["kernel"].as_f64().unwrap_or(1.0);
-    md.push_str(&format!(
-        "\n| iperf3, one TCP stream | Gbit/s | vs kernel |\n|---|---|---|\n| Cloison | {c:.2} | {:.2}x |\n| kernel VXLAN + bridge + nftables | {k:.2} | 1.00x |\n",
-        c / k
-    ));
+    md.push_str(
+        "\n| iperf3, one TCP stream | underlay | Cloison uplink | Cloison Gbit/s | kernel Gbit/s | vs kernel | rounds (Cloison / kernel) |\n|---|---|---|---|---|---|---|\n",
+    );
+    let wire_name = |w: &str| match w {
+        "nic" => "NIC-like wire (full checksums, MTU frames)",
+        "offload" => "GSO end to end (veth fabric)",
+        _ => "?",
+    };
+    let rounds = |v: &serde_json::Value| -> String {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    for t in r["iperf3_gbit_s"].as_array().into_iter().flatten() {
+        let c = t["cloison"].as_f64().unwrap_or(0.0);
+        let k = t["kernel"].as_f64().unwrap_or(1.0);
+        md.push_str(&format!(
+            "| VM to VM across hosts | {} | {} | {c:.2} | {k:.2} | {:.2}x | {} / {} |\n",
+            wire_name(t["wire"].as_str().unwrap_or("")),
+            t["cloison_uplink"].as_str().unwrap_or("?"),
+            c / k,
+            rounds(&t["cloison_rounds"]),
+            rounds(&t["kernel_rounds"]),
+        ));
+    }
     let (rc, rk) = (
         &r["udp_request_response"]["cloison"],
         &r["udp_request_response"]["kernel"],
@@ -697,10 +753,29 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
-fn hold_lab(secs: u64) -> Result<()> {
-    let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
+/// Holds a two-host lab up for inspection: `lab [SECS] [xdp|tc] [nic|offload]`
+/// (uplink hook, and what the underlay hands the uplinks; see `lab::Wire`).
+fn hold_lab(args: &[String]) -> Result<()> {
+    let (mut secs, mut hook, mut wire) = (600, UplinkHook::Auto, lab::Wire::Nic);
+    for a in args {
+        match a.as_str() {
+            "xdp" => hook = UplinkHook::Xdp,
+            "tc" => hook = UplinkHook::Tc,
+            "nic" => wire = lab::Wire::Nic,
+            "offload" => wire = lab::Wire::Offload,
+            n => {
+                secs = n
+                    .parse()
+                    .with_context(|| format!("lab: unknown argument {n}"))?
+            }
+        }
+    }
+    let mut lab = Lab::two_hosts_on(hook, wire)?;
     lab.apply()?;
-    println!("lab {} up for {secs} s (namespaces {}-*)", lab.tag, lab.tag);
+    println!(
+        "lab {} up for {secs} s (namespaces {}-*, {hook:?} uplink, {wire:?} wire)",
+        lab.tag, lab.tag
+    );
     std::thread::sleep(std::time::Duration::from_secs(secs));
     Ok(())
 }

@@ -12,12 +12,16 @@ use xtask::lab::*;
 
 /// The two-host lab, not yet programmed (tests add to it first).
 fn lab() -> Lab {
+    need_root();
+    Lab::two_hosts(UplinkHook::Auto).expect("lab")
+}
+
+fn need_root() {
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
         "the lab tests need root: run them through `cargo xtask test` as root"
     );
-    Lab::two_hosts(UplinkHook::Auto).expect("lab")
 }
 
 #[test]
@@ -249,18 +253,37 @@ fn privileged_underlay_injection_is_dropped_and_counted() {
 
 #[test]
 fn privileged_iperf3_tcp_with_default_offloads_beside_kernel_baseline() {
-    let mut lab = lab();
-    lab.apply().expect("apply");
     // The VMs keep their default offloads (checksum, TSO/GSO): the bulk
-    // transfer must work through encap (GSO kept) and decap.
-    let cloison =
-        iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 2).expect("iperf3 over Cloison");
-    lab.cleanup();
-    let base = KernelBaseline::new()
-        .and_then(|b| iperf3(&b.vm2, &b.vm1, "10.0.0.2", 2))
-        .expect("iperf3 over the kernel baseline");
-    println!("iperf3 TCP: Cloison {cloison:.2} Gbit/s, kernel VXLAN + bridge {base:.2} Gbit/s (ratio {:.2})", cloison / base);
-    assert!(cloison > 0.0 && base > 0.0, "both carried TCP");
+    // transfer must work through encap (GSO kept) and decap, over a wire
+    // that checksums and segments as a NIC's does (XDP uplink) and over one
+    // that keeps GSO end to end (TC uplink); an established stream never
+    // loses a segment to conntrack (both CPUs stamp its entry).
+    need_root();
+    for (hook, wire) in [
+        (UplinkHook::Auto, Wire::Nic),
+        (UplinkHook::Tc, Wire::Offload),
+    ] {
+        let mut lab = Lab::two_hosts_on(hook, wire).expect("lab");
+        lab.apply().expect("apply");
+        let cloison =
+            iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 2).expect("iperf3 over Cloison");
+        for host in ["hv1", "hv2"] {
+            let drops = lab.drops(host).expect("drops");
+            assert!(
+                !drops.contains_key(&DropReason::CtTcpNotSyn),
+                "{wire:?} wire: segments of the stream dropped on {host}: {drops:?}"
+            );
+        }
+        lab.cleanup();
+        let base = KernelBaseline::on(wire)
+            .and_then(|b| iperf3(&b.vm2, &b.vm1, "10.0.0.2", 2))
+            .expect("iperf3 over the kernel baseline");
+        println!(
+            "iperf3 TCP, {wire:?} wire: Cloison ({hook:?} uplink) {cloison:.2} Gbit/s, kernel VXLAN + bridge {base:.2} Gbit/s (ratio {:.2})",
+            cloison / base
+        );
+        assert!(cloison > 0.0 && base > 0.0, "both carried TCP");
+    }
 }
 
 const DENIED_WAIT: Duration = Duration::from_secs(1);

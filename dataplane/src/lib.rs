@@ -10,6 +10,7 @@ pub mod loader;
 pub mod model;
 pub mod netdev;
 pub mod policy;
+pub mod progstats;
 pub mod snapshot;
 pub mod tables;
 pub mod testbed;

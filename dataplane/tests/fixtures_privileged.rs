@@ -64,6 +64,28 @@ fn privileged_port_fixtures() {
         );
         assert_eq!(&out[50..], &f[..], "inner frame intact");
 
+        // ECMP entropy: one flow, one outer source port; 256 flows (inner
+        // source ports) spread over many, all in the range.
+        let outer_sport = |dp: &cloison_dataplane::Dataplane, sport: u16| {
+            let f = udp4(A1, A2, [10, 0, 0, 1], [10, 0, 0, 2], sport, 2000, b"e");
+            let r = dp.test_run_port(pa1, &f, 0).unwrap();
+            let out = redirected(&r);
+            u16::from_be_bytes([out[34], out[35]])
+        };
+        assert_eq!(
+            outer_sport(&dp, 1000),
+            udp.source_port(),
+            "same flow, same port"
+        );
+        let ports: std::collections::BTreeSet<u16> =
+            (0..256).map(|i| outer_sport(&dp, 20000 + i)).collect();
+        assert!(ports.iter().all(|p| *p >= 49152), "{ports:?}");
+        assert!(
+            ports.len() >= 200,
+            "256 flows over {} source ports",
+            ports.len()
+        );
+
         // Too big for the network MTU (1450) with DF: ICMP back to the VM.
         let big = udp4(
             A1,

@@ -359,7 +359,17 @@ fn lab_pps(name: &str, hook: Option<UplinkHook>) -> Result<Vec<xtask::pps::PpsRu
                 to_ns: &to,
                 sender_port: (&port.0, &port.1),
             };
-            out.push(xtask::pps::measure(&at, &frame, packets, flows)?);
+            let mut r = xtask::pps::measure(&at, &frame, packets, flows)?;
+            if hook.is_some() {
+                r.program_ns = xtask::pps::program_costs(
+                    &at,
+                    &frame,
+                    packets,
+                    flows,
+                    &["cl_port", "cl_uplink_xdp", "cl_uplink_tc"],
+                )?;
+            }
+            out.push(r);
         }
     }
     drop(lab);

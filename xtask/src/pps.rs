@@ -5,12 +5,13 @@
 //! VM's eth0 counts them. The same generator and sink serve Cloison and the
 //! kernel baseline.
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use cloison_dataplane::{netdev, snapshot::MacAddr, traffic::Traffic};
+use cloison_dataplane::{netdev, progstats, snapshot::MacAddr, traffic::Traffic};
 use etherparse::PacketBuilder;
 use serde::Serialize;
 
@@ -26,8 +27,18 @@ pub struct PpsRun {
     pub seconds: f64,
     /// Delivered frames per second (the median of the runs).
     pub mpps: f64,
+    /// CPU time the machine spent busy during the run (all CPUs, the
+    /// generator included), in seconds.
+    pub cpu_seconds: f64,
+    /// Delivered frames per second of busy CPU: Mpps per core.
+    pub mpps_per_core: f64,
     /// Every run's Mpps.
     pub runs: Vec<f64>,
+    /// Mean nanoseconds per run of each of Cloison's programs on the path,
+    /// from one more run with the kernel timing them (empty for the kernel
+    /// baseline, whose path is not BPF).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub program_ns: BTreeMap<String, f64>,
 }
 
 /// Runs per measurement (the median is reported): saturation figures move
@@ -94,7 +105,18 @@ pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Res
     let frame_bytes = frame.len();
     let frame = frame.to_vec();
     let start = Instant::now();
+    let cpu_before = busy_cpu_seconds()?;
+    let pin = std::env::var("CL_GEN_CPU")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok());
     let (traffic, _) = crate::lab::in_netns(&from, move || {
+        if let Some(cpu) = pin {
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
         let eth0 = netdev::ifindex("eth0").context("the sender's eth0")?;
         let took = traffic.send(eth0, &frame, packets, flows)?;
         Ok((traffic, took))
@@ -114,6 +136,8 @@ pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Res
         }
     }
     let seconds = (last_change - start).as_secs_f64();
+    // The idle tail after the last frame adds no busy time.
+    let cpu_seconds = busy_cpu_seconds()? - cpu_before;
     drop(traffic); // detaches the sink
     Ok(PpsRun {
         setup: setup.to_string(),
@@ -123,7 +147,10 @@ pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Res
         delivered,
         seconds,
         mpps: delivered as f64 / seconds / 1e6,
+        cpu_seconds,
+        mpps_per_core: delivered as f64 / cpu_seconds.max(1e-3) / 1e6,
         runs: vec![],
+        program_ns: BTreeMap::new(),
     })
 }
 
@@ -138,4 +165,45 @@ pub fn measure(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Result<P
     let mut median = runs.swap_remove(RUNS / 2);
     median.runs = all;
     Ok(median)
+}
+
+/// One more run with the kernel timing every BPF program: the mean cost per
+/// run of each program named in `names` while the traffic ran (the timing
+/// adds two clock reads per run, so the rates of this run are not kept).
+pub fn program_costs(
+    at: &Between,
+    frame: &[u8],
+    packets: u32,
+    flows: u32,
+    names: &[&str],
+) -> Result<BTreeMap<String, f64>> {
+    let timing = progstats::start_timing()?;
+    let before = progstats::costs(names)?;
+    measure_once(at, frame, packets, flows)?;
+    let after = progstats::costs(names)?;
+    drop(timing);
+    Ok(names
+        .iter()
+        .filter_map(|n| {
+            after[*n]
+                .ns_per_run_since(&before[*n])
+                .map(|ns| (n.to_string(), ns))
+        })
+        .collect())
+}
+
+/// Seconds all CPUs together spent not idle since boot (/proc/stat: user,
+/// nice, system, irq, softirq, steal; in USER_HZ ticks of 10 ms).
+pub fn busy_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    anyhow::ensure!(ticks.len() >= 8, "short /proc/stat cpu line: {line}");
+    // user nice system idle iowait irq softirq steal
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
+    Ok(busy as f64 / 100.0)
 }

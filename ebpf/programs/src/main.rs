@@ -59,7 +59,9 @@ pub fn cl_port(ctx: TcContext) -> i32 {
                 NEXT_ND => proxy::nd(&ctx, &d.port, d.ifindex),
                 NEXT_TOO_BIG_V4 => icmp::too_big(&ctx, d.ifindex, &d.port, true),
                 NEXT_TOO_BIG_V6 => icmp::too_big(&ctx, d.ifindex, &d.port, false),
-                NEXT_ENCAP => vxlan::encap(&ctx, d.port.vni, d.peer.vtep),
+                NEXT_ENCAP => {
+                    vxlan::encap(&ctx, d.port.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed))
+                }
                 NEXT_LOCAL => forward::deliver(&d.peer, ctx.len(), true) as Packed,
                 _ => d.next.arg as i32 as Packed,
             }

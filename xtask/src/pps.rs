@@ -106,17 +106,7 @@ pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Res
     let frame = frame.to_vec();
     let start = Instant::now();
     let cpu_before = busy_cpu_seconds()?;
-    let pin = std::env::var("CL_GEN_CPU")
-        .ok()
-        .and_then(|c| c.parse::<usize>().ok());
     let (traffic, _) = crate::lab::in_netns(&from, move || {
-        if let Some(cpu) = pin {
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
-        }
         let eth0 = netdev::ifindex("eth0").context("the sender's eth0")?;
         let took = traffic.send(eth0, &frame, packets, flows)?;
         Ok((traffic, took))

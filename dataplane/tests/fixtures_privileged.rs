@@ -73,12 +73,12 @@ fn privileged_port_fixtures() {
             u16::from_be_bytes([out[34], out[35]])
         };
         assert_eq!(
-            outer_sport(&dp, 1000),
+            outer_sport(dp, 1000),
             udp.source_port(),
             "same flow, same port"
         );
         let ports: std::collections::BTreeSet<u16> =
-            (0..256).map(|i| outer_sport(&dp, 20000 + i)).collect();
+            (0..256).map(|i| outer_sport(dp, 20000 + i)).collect();
         assert!(ports.iter().all(|p| *p >= 49152), "{ports:?}");
         assert!(
             ports.len() >= 200,

@@ -221,8 +221,10 @@ fn bench() -> Result<()> {
         (lab::Wire::Offload, UplinkHook::Tc),
     ] {
         let mut lab = Lab::two_hosts_on(hook, wire)?;
+        lab.uplink_forwarding(true)?;
         lab.apply()?;
         let b = lab::KernelBaseline::on(wire)?;
+        b.uplink_forwarding(true)?;
         let (mut tcp_c, mut tcp_k, mut rr_c, mut rr_k) = (vec![], vec![], vec![], vec![]);
         for _ in 0..3 {
             tcp_c.push(lab::iperf3(
@@ -330,6 +332,7 @@ fn lab_pps(name: &str, hook: Option<UplinkHook>) -> Result<Vec<xtask::pps::PpsRu
     let (from, to, port, src, dst) = match hook {
         Some(h) => {
             let mut l = Lab::two_hosts(h)?;
+            l.uplink_forwarding(true)?;
             l.apply()?;
             let (a1, a2) = (l.vm("a1").clone(), l.vm("a2").clone());
             let port = (l.ns("hv1"), a1.port_if.clone());
@@ -338,6 +341,7 @@ fn lab_pps(name: &str, hook: Option<UplinkHook>) -> Result<Vec<xtask::pps::PpsRu
         }
         None => {
             let b = lab::KernelBaseline::new()?;
+            b.uplink_forwarding(true)?;
             let r = (
                 b.vm1.clone(),
                 b.vm2.clone(),
@@ -414,21 +418,25 @@ fn results_markdown(r: &serde_json::Value) -> String {
         r["date"].as_str().unwrap_or("?"),
         r["cpus"]
     );
-    md.push_str("| path, VM to VM across hosts | frame | flows | Mpps (median) | vs kernel | runs |\n|---|---|---|---|---|---|\n");
+    md.push_str(
+        "| path, VM to VM across hosts | frame | flows | Mpps (median) | vs kernel | Mpps per busy core | vs kernel | Cloison programs, ns per packet | runs |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
     let runs = r["pps"].as_array().cloned().unwrap_or_default();
     let kernel = |bytes: &serde_json::Value, flows: &serde_json::Value| {
-        runs.iter()
-            .find(|k| {
-                k["setup"] == "kernel-vxlan-bridge-nftables"
-                    && &k["frame_bytes"] == bytes
-                    && &k["flows"] == flows
-            })
-            .and_then(|k| k["mpps"].as_f64())
+        runs.iter().find(|k| {
+            k["setup"] == "kernel-vxlan-bridge-nftables"
+                && &k["frame_bytes"] == bytes
+                && &k["flows"] == flows
+        })
     };
     for run in &runs {
         let mpps = run["mpps"].as_f64().unwrap_or(0.0);
-        let ratio = kernel(&run["frame_bytes"], &run["flows"])
-            .map_or("-".into(), |k| format!("{:.2}x", mpps / k));
+        let per_core = run["mpps_per_core"].as_f64().unwrap_or(0.0);
+        let k = kernel(&run["frame_bytes"], &run["flows"]);
+        let ratio = |field: &str, v: f64| {
+            k.and_then(|k| k[field].as_f64())
+                .map_or("-".into(), |k| format!("{:.2}x", v / k))
+        };
         let all: Vec<String> = run["runs"]
             .as_array()
             .into_iter()
@@ -436,13 +444,26 @@ fn results_markdown(r: &serde_json::Value) -> String {
             .filter_map(|v| v.as_f64())
             .map(|v| format!("{v:.3}"))
             .collect();
+        let programs: Vec<String> = run["program_ns"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, ns)| Some(format!("{name} {:.0}", ns.as_f64()?)))
+            .collect();
         md.push_str(&format!(
-            "| {} | {} B | {} | {:.3} | {} | {} |\n",
+            "| {} | {} B | {} | {:.3} | {} | {:.3} | {} | {} | {} |\n",
             run["setup"].as_str().unwrap_or("?"),
             run["frame_bytes"],
             run["flows"],
             mpps,
-            ratio,
+            ratio("mpps", mpps),
+            per_core,
+            ratio("mpps_per_core", per_core),
+            if programs.is_empty() {
+                "-".to_string()
+            } else {
+                programs.join(" + ")
+            },
             all.join(" ")
         ));
     }
@@ -780,12 +801,28 @@ fn hold_lab(args: &[String]) -> Result<()> {
             }
         }
     }
+    // SIGINT/SIGTERM end the wait, so the lab is torn down (blocked here,
+    // before any thread exists, so every thread leaves them to the wait).
+    let signals = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
     let mut lab = Lab::two_hosts_on(hook, wire)?;
     lab.apply()?;
     println!(
-        "lab {} up for {secs} s (namespaces {}-*, {hook:?} uplink, {wire:?} wire)",
+        "lab {} up for {secs} s (namespaces {}-*, {hook:?} uplink, {wire:?} wire); Ctrl-C or SIGTERM ends it",
         lab.tag, lab.tag
     );
-    std::thread::sleep(std::time::Duration::from_secs(secs));
+    let wait = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: 0,
+    };
+    unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &wait) };
+    println!("lab {}: tearing down", lab.tag);
     Ok(())
 }

@@ -1229,6 +1229,10 @@ pub fn iperf3(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> R
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .with_context(|| format!("iperf3 JSON without end.sum_received: {}", v["error"]))?;
+    anyhow::ensure!(
+        bps > 0.0,
+        "iperf3 carried nothing from {client_ns} to {server_ip}"
+    );
     Ok(bps / 1e9)
 }
 

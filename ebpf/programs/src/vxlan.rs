@@ -6,9 +6,10 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        TC_ACT_REDIRECT,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -93,7 +94,13 @@ fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i3
     fib.l4_protocol = IPPROTO_UDP;
     fib.dport = VXLAN_PORT.to_be();
     fib.ifindex = cfg.uplink_ifindex;
-    fib.__bindgen_anon_1.tot_len = outer_ip_len as u16;
+    // The helper checks tot_len against the uplink's MTU. A GSO packet is
+    // judged by its segments (checked against the network MTU before
+    // this stage): with tot_len 0 the helper checks the skb itself, GSO
+    // aware. Without this, every TSO burst of a VM was refused as soon as
+    // the uplink forwarded (and the helper got that far).
+    let gso = unsafe { (*skb).gso_size } != 0;
+    fib.__bindgen_anon_1.tot_len = if gso { 0 } else { outer_ip_len as u16 };
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.vtep);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep);
     let rc = unsafe {
@@ -113,6 +120,8 @@ fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i3
             fib.ifindex = cfg.uplink_ifindex;
             false
         }
+        // The network's MTU plus the encapsulation exceeds the uplink's.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::MtuExceeded),
         _ => return Err(DropReason::UnderlayUnreachable),
     };
     // Tenant traffic leaves only through the uplink, whatever the routes say.

@@ -145,3 +145,53 @@ fn l4(c: &Cursor, p: &mut Parsed) -> Result<(), DropReason> {
     }
     Ok(())
 }
+
+/// How many bytes of a frame (starting `base` bytes into the packet) to make
+/// linear before parsing: `PULL_LEN` (capped at the packet), except for a
+/// GSO packet, whose headers only are pulled (read with
+/// `bpf_skb_load_bytes`, wherever they lie). Its payload stays in its pages:
+/// pulling part of it into the head would copy it there and keep the
+/// receiving VM's TCP from coalescing the segments (measured: 1 coalesced
+/// segment in 3 s of iperf3 instead of ~20,000).
+#[inline(never)]
+pub fn pull_len(ctx: &aya_ebpf::programs::TcContext, base: u32, pull_len: u32) -> u32 {
+    let len = ctx.len();
+    let all = base + pull_len;
+    let plain = if len < all { len } else { all };
+    if unsafe { (*ctx.skb.skb).gso_size } == 0 {
+        return plain;
+    }
+    let proto = match ctx.load::<[u8; 2]>(base as usize + 12) {
+        Ok(p) => be16(p),
+        Err(_) => return plain,
+    };
+    let (l4, l4_proto) = match proto {
+        ETH_P_IP => {
+            let (Ok(vihl), Ok(p)) = (
+                ctx.load::<u8>(base as usize + ETH_LEN),
+                ctx.load::<u8>(base as usize + ETH_LEN + 9),
+            ) else {
+                return plain;
+            };
+            (base + ETH_LEN as u32 + ((vihl & 0x0f) as u32) * 4, p)
+        }
+        ETH_P_IPV6 => match ctx.load::<u8>(base as usize + ETH_LEN + 6) {
+            Ok(p) => (base + ETH_LEN as u32 + 40, p),
+            Err(_) => return plain,
+        },
+        _ => return plain,
+    };
+    let l4_len = match l4_proto {
+        IPPROTO_TCP => match ctx.load::<u8>(l4 as usize + 12) {
+            Ok(doff) => ((doff >> 4) as u32) * 4,
+            Err(_) => return plain,
+        },
+        _ => 8,
+    };
+    let end = l4 + l4_len;
+    if end < plain {
+        end
+    } else {
+        plain
+    }
+}

@@ -150,9 +150,16 @@ fn check(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), DropReason> {
                 e.epoch = epoch;
             }
             let (state, flags) = ct_advance(e.state, e.flags, tcp, p.tcp_flags, reply);
-            e.state = state;
-            e.flags = flags;
-            e.last_seen_ns = now;
+            // Written only when they change (the clock is coarse: once a
+            // tick): both directions of a flow, often on two CPUs, share
+            // this cache line.
+            if e.state != state || e.flags != flags {
+                e.state = state;
+                e.flags = flags;
+            }
+            if e.last_seen_ns != now {
+                e.last_seen_ns = now;
+            }
             remember_first_fragment(zone, p, now);
             return Ok(());
         }

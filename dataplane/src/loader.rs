@@ -105,6 +105,8 @@ pub struct RunResult {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Opened by [`Dataplane::open_maps`]: no program loaded, none swapped.
+    maps_only: bool,
     ct_limits: ConntrackLimits,
     /// Entries of the conntrack table (as created; a restart keeps the size).
     ct_capacity: u32,
@@ -191,11 +193,47 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             pin_dir,
+            maps_only: false,
             ct_limits: ConntrackLimits::default(),
             ct_capacity: entries,
         };
         dp.swap_pinned_links()?;
         Ok(dp)
+    }
+
+    /// Opens `host`'s pinned maps only, to read them (stats, conntrack) or
+    /// age conntrack: no program is loaded and the running ones are left
+    /// alone (an `open` swaps this binary's programs in behind the links,
+    /// which an operator's `stats` must never do). Fails if nothing is
+    /// pinned for `host`.
+    pub fn open_maps(host: &str, pin_root: &Path) -> Result<Self, Error> {
+        ensure_bpffs()?;
+        let pin_dir = host_dir(pin_root, host)?;
+        let pinned_ct = pin_dir.join(M::CONNTRACK);
+        if !pinned_ct.exists() {
+            return Err(Error::Invalid(format!(
+                "no dataplane pinned for host {host} under {}",
+                pin_root.display()
+            )));
+        }
+        let entries = aya::maps::MapData::from_pin(&pinned_ct)
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries())
+            .map_err(|e| Error::kernel("read the pinned conntrack table")(e.into()))?;
+        // Loading the object creates (or here, reuses) its maps; programs
+        // are only loaded into the kernel by `Program::load`, not called.
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .map_max_entries(M::CONNTRACK, entries)
+            .load(BPF_OBJECT)
+            .map_err(|e| Error::kernel("open the pinned maps")(e.into()))?;
+        Ok(Dataplane {
+            ebpf,
+            pin_dir,
+            maps_only: true,
+            ct_limits: ConntrackLimits::default(),
+            ct_capacity: entries,
+        })
     }
 
     /// Entries of this host's conntrack table.
@@ -267,6 +305,11 @@ impl Dataplane {
         uplink: &str,
         hook: UplinkHook,
     ) -> Result<ApplyReport, Error> {
+        if self.maps_only {
+            return Err(Error::Invalid(
+                "this dataplane was opened for its maps only (open_maps): apply needs open".into(),
+            ));
+        }
         let uplink_ifindex = netdev::ifindex(uplink)
             .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
         let previous: BTreeMap<u32, PortInfo> = read_hash(&self.ebpf, M::PORTS)?;

@@ -436,3 +436,37 @@ fn privileged_apply_writes_only_the_difference() {
         expect_drop(dp, pa1, &local, DropReason::UnknownUnicast);
     });
 }
+
+#[test]
+fn privileged_open_maps_reads_without_touching_programs() {
+    with_dataplane(|dp, pa1, _| {
+        let f = udp4(A1, A3, [10, 0, 0, 1], [10, 0, 0, 3], 1000, 2000, b"local");
+        dp.test_run_port(pa1, &f, 0).unwrap();
+        let (host, root) = (
+            dp.pin_dir()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string(),
+            dp.pin_dir().parent().unwrap().to_path_buf(),
+        );
+        let mut view = cloison_dataplane::Dataplane::open_maps(&host, &root).expect("open_maps");
+        // The same maps: what the programs counted and tracked is there.
+        assert_eq!(view.stats().unwrap(), dp.stats().unwrap());
+        assert_eq!(view.conntrack().unwrap(), dp.conntrack().unwrap());
+        assert!(
+            !view.conntrack().unwrap().is_empty(),
+            "the local flow is tracked"
+        );
+        // It programs nothing.
+        let err = view
+            .apply(&snapshot(), "hv1", "up0", UplinkHook::Xdp)
+            .expect_err("apply through a maps-only view");
+        assert!(err.to_string().contains("maps only"), "{err}");
+        // A host with nothing pinned is an error, not a fresh set of maps.
+        let none = cloison_dataplane::Dataplane::open_maps("clfx-nothing-here", &root);
+        assert!(none.is_err());
+        assert!(!root.join("clfx-nothing-here").exists());
+    });
+}

@@ -462,13 +462,10 @@ impl Lab {
     pub fn conntrack_entries(&self, host: &str) -> Result<usize> {
         let (pin, root) = (self.pin_name(host), self.pin_root.clone());
         in_netns(&self.ns(host), move || {
-            Ok(Dataplane::open(&pin, &root)?.conntrack()?.len())
+            Ok(Dataplane::open_maps(&pin, &root)?.conntrack()?.len())
         })
     }
 
-    /// Programs every host's dataplane with the lab snapshot.
-    /// Programs every host with the lab's state: through the agents' API
-    /// once they run, else straight through `dataplane`.
     /// Turns IPv4 forwarding on or off on every host's uplink (the
     /// hosts' default is off). With it on, the encap stage's
     /// `bpf_fib_lookup` resolves the next hop and redirects straight to it;
@@ -482,6 +479,8 @@ impl Lab {
         Ok(())
     }
 
+    /// Programs every host with the lab's state: through the agents' API
+    /// once they run, else straight through `dataplane`.
     pub fn apply(&mut self) -> Result<()> {
         if self.agents_started() {
             return self.apply_via_agents();
@@ -504,7 +503,7 @@ impl Lab {
     pub fn stats(&self, host: &str) -> Result<Stats> {
         let (pin, root) = (self.pin_name(host), self.pin_root.clone());
         in_netns(&self.ns(host), move || {
-            Ok(Dataplane::open(&pin, &root)?.stats()?)
+            Ok(Dataplane::open_maps(&pin, &root)?.stats()?)
         })
     }
 

@@ -595,7 +595,14 @@ fn privileged_agents_restart_without_losing_a_packet() {
         "the stream still runs"
     );
     // The stream's connection survived: its conntrack entries were kept.
+    // Reading the counters leaves the agent's programs running.
+    let running = uplink_program_id(&lab, "hv1");
     let d1 = lab.drops("hv1").unwrap();
+    assert_eq!(
+        uplink_program_id(&lab, "hv1"),
+        running,
+        "reading stats swapped no program"
+    );
     assert!(
         !d1.contains_key(&DropReason::CtTcpNotSyn),
         "no flow forgotten: {d1:?}"

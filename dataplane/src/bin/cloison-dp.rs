@@ -68,7 +68,7 @@ fn run() -> anyhow::Result<()> {
             );
         }
         "stats" => {
-            let dp = Dataplane::open(&host, &pin_root)?;
+            let dp = Dataplane::open_maps(&host, &pin_root)?;
             let s = dp.stats()?;
             println!(
                 "{:<10} {:>10} {:>12} {:>10} {:>12} {:>8}",
@@ -92,7 +92,7 @@ fn run() -> anyhow::Result<()> {
             }
         }
         "conntrack" => {
-            let dp = Dataplane::open(&host, &pin_root)?;
+            let dp = Dataplane::open_maps(&host, &pin_root)?;
             let now = cloison_dataplane::loader::monotonic_ns();
             println!(
                 "{:<8} {:<5} {:<40} {:<40} {:<6} {:>8} {:>6}",
@@ -119,7 +119,7 @@ fn run() -> anyhow::Result<()> {
             }
         }
         "ct-gc" => {
-            let mut dp = Dataplane::open(&host, &pin_root)?;
+            let mut dp = Dataplane::open_maps(&host, &pin_root)?;
             println!("{host}: {} idle flows removed", dp.conntrack_gc()?);
         }
         "purge" => Dataplane::purge(&host, &pin_root)?,

@@ -142,6 +142,19 @@ pub fn ensure_bpffs() -> Result<(), Error> {
     Ok(())
 }
 
+/// Entries of the conntrack table pinned in `pin_dir`, if there is one (a
+/// pinned table keeps the size it was created with).
+fn pinned_ct_entries(pin_dir: &Path) -> Result<Option<u32>, Error> {
+    let pinned = pin_dir.join(M::CONNTRACK);
+    if !pinned.exists() {
+        return Ok(None);
+    }
+    aya::maps::MapData::from_pin(&pinned)
+        .and_then(|m| m.info())
+        .map(|i| Some(i.max_entries()))
+        .map_err(|e| Error::kernel("read the pinned conntrack table")(e.into()))
+}
+
 fn host_dir(pin_root: &Path, host: &str) -> Result<PathBuf, Error> {
     if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(Error::Invalid(format!("host name {host:?}")));
@@ -163,15 +176,7 @@ impl Dataplane {
         let pin_dir = host_dir(pin_root, host)?;
         fs::create_dir_all(link_dir(&pin_dir))
             .map_err(Error::io(format!("create {}", pin_dir.display())))?;
-        let pinned_ct = pin_dir.join(M::CONNTRACK);
-        let entries = if pinned_ct.exists() {
-            aya::maps::MapData::from_pin(&pinned_ct)
-                .and_then(|m| m.info())
-                .map(|i| i.max_entries())
-                .map_err(|e| Error::kernel("read the pinned conntrack table")(e.into()))?
-        } else {
-            entries
-        };
+        let entries = pinned_ct_entries(&pin_dir)?.unwrap_or(entries);
         if entries < 1024 {
             return Err(Error::Invalid(format!(
                 "a conntrack table of {entries} entries is too small"
@@ -209,17 +214,12 @@ impl Dataplane {
     pub fn open_maps(host: &str, pin_root: &Path) -> Result<Self, Error> {
         ensure_bpffs()?;
         let pin_dir = host_dir(pin_root, host)?;
-        let pinned_ct = pin_dir.join(M::CONNTRACK);
-        if !pinned_ct.exists() {
-            return Err(Error::Invalid(format!(
+        let entries = pinned_ct_entries(&pin_dir)?.ok_or_else(|| {
+            Error::Invalid(format!(
                 "no dataplane pinned for host {host} under {}",
                 pin_root.display()
-            )));
-        }
-        let entries = aya::maps::MapData::from_pin(&pinned_ct)
-            .and_then(|m| m.info())
-            .map(|i| i.max_entries())
-            .map_err(|e| Error::kernel("read the pinned conntrack table")(e.into()))?;
+            ))
+        })?;
         // Loading the object creates (or here, reuses) its maps; programs
         // are only loaded into the kernel by `Program::load`, not called.
         let ebpf = EbpfLoader::new()

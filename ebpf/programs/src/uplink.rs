@@ -75,12 +75,16 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
         return Err(DropReason::VxlanBadFlags);
     }
     let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);
-    if NETWORKS.get_ptr(&vni).is_none() {
-        return Err(DropReason::VxlanUnknownVni);
-    }
     let vtep = VtepKey { vni, addr: ip.src };
     if VTEPS.get_ptr(&vtep).is_none() {
-        return Err(DropReason::VxlanUnknownVtep);
+        // A (VNI, VTEP) entry exists only with its network (the loader
+        // writes networks first and deletes them last): one lookup on the
+        // accepted path, a second only to name what is unknown.
+        return Err(if NETWORKS.get_ptr(&vni).is_none() {
+            DropReason::VxlanUnknownVni
+        } else {
+            DropReason::VxlanUnknownVtep
+        });
     }
     let inner: *mut EthHdr = c.at(VXLAN_ENCAP_LEN).ok_or(DropReason::VxlanTruncated)?;
     let inner = unsafe { &*inner };

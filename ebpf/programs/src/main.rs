@@ -91,7 +91,9 @@ pub fn cl_uplink_xdp(ctx: XdpContext) -> u32 {
         Ok(Some(d)) => {
             if d.port.flags & PORT_F_SECURITY != 0 {
                 let inner = Cursor::new(ctx.data() + VXLAN_ENCAP_LEN, ctx.data_end());
-                if let Err(reason) = unpack(policy::to_port(&inner, inner.len(), d.port.ifindex)) {
+                if let Err(reason) =
+                    unpack(policy::to_port(&inner, inner.len(), d.port.ifindex, d.vni))
+                {
                     count_drop(reason, d.port.slot);
                     return xdp_action::XDP_DROP;
                 }
@@ -125,7 +127,9 @@ pub fn cl_uplink_tc(ctx: TcContext) -> i32 {
             if d.port.flags & PORT_F_SECURITY != 0 {
                 let inner = Cursor::new(c.data + VXLAN_ENCAP_LEN, c.end);
                 let inner_len = len as usize - VXLAN_ENCAP_LEN;
-                if let Err(reason) = unpack(policy::to_port(&inner, inner_len, d.port.ifindex)) {
+                if let Err(reason) =
+                    unpack(policy::to_port(&inner, inner_len, d.port.ifindex, d.vni))
+                {
                     count_drop(reason, d.port.slot);
                     return TC_ACT_SHOT;
                 }

@@ -24,9 +24,8 @@ pub struct Ends {
     zone: u32,
     /// The sending port if it is local and has port security, else null.
     sender: *const PortInfo,
-    /// The receiving port if it is local and has port security, else null;
-    /// looked up only when rules are checked (`receiver_ifindex`).
-    receiver: *const PortInfo,
+    /// The receiving port's ifindex if it is local and has port security,
+    /// else 0; its entry is looked up only when rules are checked.
     receiver_ifindex: u32,
 }
 
@@ -45,7 +44,6 @@ pub fn from_port(ctx: &TcContext, d: &Decision) -> Packed {
         } else {
             core::ptr::null()
         },
-        receiver: core::ptr::null(),
         receiver_ifindex: if local_peer { d.peer.ifindex } else { 0 },
     };
     let c = Cursor::new(ctx.data(), ctx.data_end());
@@ -54,7 +52,6 @@ pub fn from_port(ctx: &TcContext, d: &Decision) -> Packed {
 
 pub struct Scratch {
     parsed: Parsed,
-    receiver: PortInfo,
     key: CtKey,
 }
 
@@ -66,21 +63,17 @@ fn scratch() -> Result<&'static mut Scratch, DropReason> {
     }
 }
 
-/// The uplink's check of a decapsulated frame for local port `ifindex`;
-/// `c` starts at the inner Ethernet header, `pkt_len` counts from there.
+/// The uplink's check of a decapsulated frame of network `vni` for local
+/// port `ifindex`, which has port security (its forwarding entry says so);
+/// `c` starts at the inner Ethernet header, `pkt_len` counts from there. The
+/// port's entry is looked up only if rules are checked (a new flow, or one
+/// to check again), not for an established flow.
 #[inline(never)]
-pub fn to_port(c: &Cursor, pkt_len: usize, ifindex: u32) -> Packed {
+pub fn to_port(c: &Cursor, pkt_len: usize, ifindex: u32, vni: u32) -> Packed {
     let sc = match scratch() {
         Ok(s) => s,
         Err(e) => return pack(Err(e)),
     };
-    match PORTS.get_ptr(&ifindex) {
-        Some(info) => unsafe { copy(&mut sc.receiver, info) },
-        None => return pack(Err(DropReason::UnknownPort)),
-    };
-    if sc.receiver.flags & PORT_F_SECURITY == 0 {
-        return 0;
-    }
     if let Err(e) = parse::frame(c, pkt_len, &mut sc.parsed) {
         return pack(Err(e));
     }
@@ -89,9 +82,8 @@ pub fn to_port(c: &Cursor, pkt_len: usize, ifindex: u32) -> Packed {
         return pack(Err(DropReason::UnsupportedEthertype));
     }
     let ends = Ends {
-        zone: sc.receiver.vni,
+        zone: vni,
         sender: core::ptr::null(),
-        receiver: &sc.receiver,
         receiver_ifindex: ifindex,
     };
     enforce(c, &sc.parsed, &ends)
@@ -107,14 +99,13 @@ fn enforce(c: &Cursor, p: &Parsed, ends: &Ends) -> Packed {
 #[inline(always)]
 fn resolve(ends: &Ends) -> Result<(Option<&PortInfo>, Option<&PortInfo>), DropReason> {
     let s = unsafe { ends.sender.as_ref() };
-    let mut r = unsafe { ends.receiver.as_ref() };
-    if r.is_none() && ends.receiver_ifindex != 0 {
-        let info = PORTS
-            .get_ptr(&ends.receiver_ifindex)
-            .ok_or(DropReason::UnknownPort)?;
-        r = Some(unsafe { &*info });
+    if ends.receiver_ifindex == 0 {
+        return Ok((s, None));
     }
-    Ok((s, r))
+    let info = PORTS
+        .get_ptr(&ends.receiver_ifindex)
+        .ok_or(DropReason::UnknownPort)?;
+    Ok((s, Some(unsafe { &*info })))
 }
 
 #[inline(always)]

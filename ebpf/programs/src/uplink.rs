@@ -14,6 +14,7 @@ use crate::{
 /// A decapsulated frame's destination.
 pub struct Delivery {
     pub port: ForwardEntry,
+    pub vni: u32,
     pub inner_proto: u16,
 }
 
@@ -98,6 +99,7 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
     }
     Ok(Some(Delivery {
         port,
+        vni,
         inner_proto: be16(inner.proto),
     }))
 }

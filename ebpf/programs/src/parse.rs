@@ -186,7 +186,10 @@ pub fn pull_len(ctx: &aya_ebpf::programs::TcContext, base: u32, pull_len: u32) -
             Ok(doff) => ((doff >> 4) as u32) * 4,
             Err(_) => return plain,
         },
-        _ => 8,
+        IPPROTO_UDP => 8,
+        // An extension header or another protocol: the whole first part, as
+        // for any frame.
+        _ => return plain,
     };
     let end = l4 + l4_len;
     if end < plain {

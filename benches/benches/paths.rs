@@ -7,17 +7,12 @@
 use std::time::Duration;
 
 use cloison_benches::{kernel_time::*, *};
-use cloison_dataplane::{netdev, testbed::Testbed, Dataplane, UplinkHook};
+use cloison_dataplane::{loader::verdict::*, netdev, testbed::Testbed, Dataplane, UplinkHook};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const IP_A1: [u8; 4] = [10, 0, 0, 1];
 const IP_A2: [u8; 4] = [10, 0, 0, 2];
 const IP_A3: [u8; 4] = [10, 0, 0, 3];
-
-const TC_SHOT: u32 = 2;
-const TC_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_REDIRECT: u32 = 4;
 
 fn paths(c: &mut Criterion) {
     if !has_root("paths") {
@@ -52,10 +47,14 @@ fn paths(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("path");
     g.bench_function("port_to_local_port", |b| {
-        repeated(b, |n| dp.test_run_port_repeat(pa1, &local, n), TC_REDIRECT)
+        repeated(
+            b,
+            |n| dp.test_run_port_repeat(pa1, &local, n),
+            TC_ACT_REDIRECT,
+        )
     });
     g.bench_function("port_to_remote_encap", |b| {
-        single(b, || dp.test_run_port(pa1, &remote, 0), TC_REDIRECT)
+        single(b, || dp.test_run_port(pa1, &remote, 0), TC_ACT_REDIRECT)
     });
     g.bench_function("uplink_xdp_decap_to_port", |b| {
         single(
@@ -68,12 +67,12 @@ fn paths(c: &mut Criterion) {
         single(
             b,
             || dp.test_run_uplink(UplinkHook::Tc, up0, &decap),
-            TC_REDIRECT,
+            TC_ACT_REDIRECT,
         )
     });
     let arp = arp_request(IP_A3);
     g.bench_function("arp_proxy_answer", |b| {
-        single(b, || dp.test_run_port(pa1, &arp, 0), TC_REDIRECT)
+        single(b, || dp.test_run_port(pa1, &arp, 0), TC_ACT_REDIRECT)
     });
     let host_traffic = udp(
         ([2, 0xaa, 0, 0, 0, 2], [192, 0, 2, 2]),
@@ -91,11 +90,19 @@ fn paths(c: &mut Criterion) {
     // Drop paths (counted, nothing rewritten).
     let spoofed = udp((A1, [10, 0, 0, 66]), (A3, IP_A3), 40000, 64);
     g.bench_function("drop_spoofed_ip", |b| {
-        repeated(b, |n| dp.test_run_port_repeat(pa1, &spoofed, n), TC_SHOT)
+        repeated(
+            b,
+            |n| dp.test_run_port_repeat(pa1, &spoofed, n),
+            TC_ACT_SHOT,
+        )
     });
     let unknown = udp((A1, IP_A1), ([2, 0, 0, 0, 0, 0x77], IP_A3), 40000, 64);
     g.bench_function("drop_unknown_unicast", |b| {
-        repeated(b, |n| dp.test_run_port_repeat(pa1, &unknown, n), TC_SHOT)
+        repeated(
+            b,
+            |n| dp.test_run_port_repeat(pa1, &unknown, n),
+            TC_ACT_SHOT,
+        )
     });
     let mut intruder = decap.clone();
     intruder[26..30].copy_from_slice(&[192, 0, 2, 66]); // outer source: no such VTEP

@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use cloison_benches::{kernel_time::*, *};
-use cloison_dataplane::{netdev, snapshot::MacAddr, testbed::Testbed, UplinkHook};
+use cloison_dataplane::{
+    loader::verdict::*, netdev, snapshot::MacAddr, testbed::Testbed, UplinkHook,
+};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
-const TC_REDIRECT: u32 = 7;
 const CT_ENTRIES: u32 = 1_600_000;
 
 fn scaling(c: &mut Criterion) {
@@ -41,7 +42,11 @@ fn scaling(c: &mut Criterion) {
         dp.apply(&s, "hv1", uplink, UplinkHook::Xdp).expect("apply");
         dp.test_run_port(pa1, &flow, 0).expect("establish");
         g.bench_with_input(BenchmarkId::new("ports", ports), &ports, |b, _| {
-            repeated(b, |n| dp.test_run_port_repeat(pa1, &flow, n), TC_REDIRECT)
+            repeated(
+                b,
+                |n| dp.test_run_port_repeat(pa1, &flow, n),
+                TC_ACT_REDIRECT,
+            )
         });
     }
     let mut s = base.clone();
@@ -69,7 +74,11 @@ fn scaling(c: &mut Criterion) {
         dp.test_run_port(pa1, &flow, 0).expect("establish");
         let entries = dp.conntrack().expect("conntrack").len();
         g.bench_with_input(BenchmarkId::new("flows", flows), &flows, |b, _| {
-            repeated(b, |n| dp.test_run_port_repeat(pa1, &flow, n), TC_REDIRECT)
+            repeated(
+                b,
+                |n| dp.test_run_port_repeat(pa1, &flow, n),
+                TC_ACT_REDIRECT,
+            )
         });
         eprintln!("scale/flows/{flows}: {entries} conntrack entries");
     }

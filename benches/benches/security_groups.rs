@@ -12,10 +12,8 @@
 use std::time::Duration;
 
 use cloison_benches::{kernel_time::*, *};
-use cloison_dataplane::{netdev, testbed::Testbed, Dataplane, UplinkHook};
+use cloison_dataplane::{loader::verdict::*, netdev, testbed::Testbed, Dataplane, UplinkHook};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-
-const TC_ACT_REDIRECT: u32 = 7;
 
 fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
     let mut snap = sg_snapshot(rules);

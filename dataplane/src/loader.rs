@@ -93,6 +93,17 @@ pub struct Stats {
     pub port_drops: BTreeMap<u32, BTreeMap<DropReason, u64>>,
 }
 
+/// The verdicts a test run returns ([`RunResult::verdict`]): the kernel's
+/// `TC_ACT_*` and `xdp_action` values.
+pub mod verdict {
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_SHOT: u32 = 2;
+    pub const TC_ACT_REDIRECT: u32 = 7;
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+    pub const XDP_REDIRECT: u32 = 4;
+}
+
 /// Result of one BPF_PROG_TEST_RUN.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunResult {

@@ -15,12 +15,7 @@ use cloison_dataplane::{
 };
 use etherparse::PacketBuilder;
 
-pub const TC_ACT_SHOT: u32 = 2;
-pub const TC_ACT_REDIRECT: u32 = 7;
-pub const TC_ACT_OK: u32 = 0;
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
-pub const XDP_REDIRECT: u32 = 4;
+pub use cloison_dataplane::loader::verdict::*;
 
 pub const A1: [u8; 6] = [2, 0, 0, 0, 0, 1];
 pub const A2: [u8; 6] = [2, 0, 0, 0, 0, 2];

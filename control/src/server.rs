@@ -86,23 +86,12 @@ impl Agent {
         let mut next = inner.desired.clone();
         next.put(kind, name, record.clone());
         next.check()?;
-        inner
-            .store
-            .commit(
-                Change {
-                    kind,
-                    name,
-                    record: Some(&record),
-                },
-                generation,
-            )
-            .map_err(ApiError::internal)?;
-        inner.desired = next;
-        inner.generation = generation;
-        let _ = self.reconcile.send(Event::Desired(
-            generation,
-            Arc::new(inner.desired.snapshot()),
-        ));
+        let change = Change {
+            kind,
+            name,
+            record: Some(&record),
+        };
+        self.commit(&mut inner, change, generation, |d| *d = next)?;
         Ok((existed.is_none(), record.to_json()))
     }
 
@@ -115,18 +104,30 @@ impl Agent {
             return Err(Refusal::Conflict(why).into());
         }
         let generation = inner.generation + 1;
+        let change = Change {
+            kind,
+            name,
+            record: None,
+        };
+        self.commit(&mut inner, change, generation, |d| {
+            d.remove(kind, name);
+        })
+    }
+
+    /// A checked write: durable in the store first, then the desired state
+    /// (`update`) and generation, then the reconciler is told.
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        change: Change,
+        generation: u64,
+        update: impl FnOnce(&mut Desired),
+    ) -> Result<(), ApiError> {
         inner
             .store
-            .commit(
-                Change {
-                    kind,
-                    name,
-                    record: None,
-                },
-                generation,
-            )
+            .commit(change, generation)
             .map_err(ApiError::internal)?;
-        inner.desired.remove(kind, name);
+        update(&mut inner.desired);
         inner.generation = generation;
         let _ = self.reconcile.send(Event::Desired(
             generation,

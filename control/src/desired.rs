@@ -9,7 +9,7 @@ use std::{
 };
 
 use cloison_dataplane::{
-    snapshot::{MAX_MTU, MIN_MTU},
+    snapshot::{RulesError, MAX_MTU, MIN_MTU},
     Host, Network, Port, Remote, SecurityGroup, Snapshot,
 };
 use serde::{de::DeserializeOwned, Serialize};
@@ -265,28 +265,10 @@ impl Desired {
             .collect();
         for g in &s.security_groups {
             check_name("tenant", &g.tenant)?;
-            for (i, r) in g.rules.iter().enumerate() {
-                r.check().map_err(|e| {
-                    Refusal::Invalid(format!("security group {} rule {i}: {e}", g.name))
-                })?;
-                if let Some(Remote::Group(other)) = &r.remote {
-                    match groups.get(other.as_str()) {
-                        Some(o) if o.tenant == g.tenant => {}
-                        Some(_) => {
-                            return conflict(format!(
-                            "security group {} rule {i}: group {other} belongs to another tenant",
-                            g.name
-                        ))
-                        }
-                        None => {
-                            return conflict(format!(
-                                "security group {} rule {i}: no security group {other}",
-                                g.name
-                            ))
-                        }
-                    }
-                }
-            }
+            g.check_rules(&groups).map_err(|e| match e {
+                RulesError::Invalid(m) => Refusal::Invalid(m),
+                RulesError::Reference(m) => Refusal::Conflict(m),
+            })?;
         }
         let nets: BTreeMap<&str, &Network> =
             s.networks.iter().map(|n| (n.name.as_str(), n)).collect();

@@ -329,6 +329,53 @@ pub struct SecurityGroup {
     pub rules: Vec<Rule>,
 }
 
+/// Why a group's rules cannot be used: a malformed rule (`Invalid`), or a
+/// remote group that does not exist or is another tenant's (`Reference`; the
+/// API answers 400 for the first, 409 for the second).
+#[derive(Debug, PartialEq, Eq)]
+pub enum RulesError {
+    Invalid(String),
+    Reference(String),
+}
+
+impl RulesError {
+    pub fn message(self) -> String {
+        match self {
+            RulesError::Invalid(m) | RulesError::Reference(m) => m,
+        }
+    }
+}
+
+impl SecurityGroup {
+    /// Checks every rule, and that each remote group is one of `groups` of
+    /// this group's tenant.
+    pub fn check_rules(&self, groups: &BTreeMap<&str, &SecurityGroup>) -> Result<(), RulesError> {
+        for (i, r) in self.rules.iter().enumerate() {
+            let at = || format!("security group {} rule {i}", self.name);
+            r.check()
+                .map_err(|e| RulesError::Invalid(format!("{}: {e}", at())))?;
+            if let Some(Remote::Group(other)) = &r.remote {
+                match groups.get(other.as_str()) {
+                    Some(o) if o.tenant == self.tenant => {}
+                    Some(_) => {
+                        return Err(RulesError::Reference(format!(
+                            "{}: group {other} belongs to another tenant",
+                            at()
+                        )))
+                    }
+                    None => {
+                        return Err(RulesError::Reference(format!(
+                            "{}: unknown group {other}",
+                            at()
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     #[serde(default)]
@@ -387,28 +434,8 @@ impl Snapshot {
             }
         }
         for g in &self.security_groups {
-            for (i, r) in g.rules.iter().enumerate() {
-                r.check().map_err(|e| {
-                    Error::Invalid(format!("security group {} rule {i}: {e}", g.name))
-                })?;
-                if let Some(Remote::Group(other)) = &r.remote {
-                    match groups.get(other.as_str()) {
-                        Some(o) if o.tenant == g.tenant => {}
-                        Some(_) => {
-                            return invalid(format!(
-                            "security group {} rule {i}: group {other} belongs to another tenant",
-                            g.name
-                        ))
-                        }
-                        None => {
-                            return invalid(format!(
-                                "security group {} rule {i}: unknown group {other}",
-                                g.name
-                            ))
-                        }
-                    }
-                }
-            }
+            g.check_rules(&groups)
+                .map_err(|e| Error::Invalid(e.message()))?;
         }
         let mut names = BTreeSet::new();
         let mut macs = BTreeSet::new();

@@ -314,18 +314,8 @@ impl Desired {
                     p.name, p.mac, net.name
                 ));
             }
-            for g in &p.security_groups {
-                match groups.get(g.as_str()) {
-                    Some(sg) if sg.tenant == net.tenant => {}
-                    Some(_) => {
-                        return conflict(format!(
-                            "port {}: security group {g} belongs to another tenant than network {}",
-                            p.name, net.name
-                        ))
-                    }
-                    None => return conflict(format!("port {}: no security group {g}", p.name)),
-                }
-            }
+            p.check_groups(&net.tenant, &net.name, &groups)
+                .map_err(Refusal::Conflict)?;
             if !p.port_security && !p.security_groups.is_empty() {
                 return invalid(format!(
                     "port {}: security groups need port_security",

@@ -144,6 +144,29 @@ pub struct Port {
     pub port_security: bool,
 }
 
+impl Port {
+    /// Each of the port's groups is one of `groups`, of its network's
+    /// `tenant` (the API answers 409 otherwise).
+    pub fn check_groups(
+        &self,
+        tenant: &str,
+        network: &str,
+        groups: &BTreeMap<&str, &SecurityGroup>,
+    ) -> Result<(), String> {
+        for g in &self.security_groups {
+            match groups.get(g.as_str()) {
+                Some(sg) if sg.tenant == tenant => {}
+                Some(_) => return Err(format!(
+                    "port {}: security group {g} belongs to another tenant than network {network}",
+                    self.name
+                )),
+                None => return Err(format!("port {}: unknown group {g}", self.name)),
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
@@ -450,18 +473,8 @@ impl Snapshot {
             if !hosts.contains(p.host.as_str()) {
                 return invalid(format!("port {}: unknown host {}", p.name, p.host));
             }
-            for g in &p.security_groups {
-                match groups.get(g.as_str()) {
-                    Some(sg) if sg.tenant == net.tenant => {}
-                    Some(_) => {
-                        return invalid(format!(
-                            "port {}: group {g} belongs to another tenant",
-                            p.name
-                        ))
-                    }
-                    None => return invalid(format!("port {}: unknown group {g}", p.name)),
-                }
-            }
+            p.check_groups(&net.tenant, &net.name, &groups)
+                .map_err(Error::Invalid)?;
             if !p.mac.is_unicast() {
                 return invalid(format!("port {}: MAC {} is not unicast", p.name, p.mac));
             }

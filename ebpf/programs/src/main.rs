@@ -116,10 +116,7 @@ pub fn cl_uplink_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn cl_uplink_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let want = parse::pull_len(&ctx, VXLAN_ENCAP_LEN as u32, PULL_LEN);
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        let _ = ctx.pull_data(want);
-    }
+    parse::pull_headers(&ctx, VXLAN_ENCAP_LEN as u32);
     let c = Cursor::new(ctx.data(), ctx.data_end());
     match uplink::classify(&c) {
         Ok(None) => TC_ACT_OK,

@@ -146,6 +146,16 @@ fn l4(c: &Cursor, p: &mut Parsed) -> Result<(), DropReason> {
     Ok(())
 }
 
+/// Makes the headers of the frame starting `base` bytes into the packet
+/// linear, when they are not already (the helper costs).
+#[inline(always)]
+pub fn pull_headers(ctx: &aya_ebpf::programs::TcContext, base: u32) {
+    let want = pull_len(ctx, base);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+}
+
 /// How many bytes of a frame (starting `base` bytes into the packet) to make
 /// linear before parsing: `PULL_LEN` (capped at the packet), except for a
 /// GSO packet, whose headers only are pulled (read with
@@ -154,9 +164,9 @@ fn l4(c: &Cursor, p: &mut Parsed) -> Result<(), DropReason> {
 /// receiving VM's TCP from coalescing the segments (measured: 1 coalesced
 /// segment in 3 s of iperf3 instead of ~20,000).
 #[inline(never)]
-pub fn pull_len(ctx: &aya_ebpf::programs::TcContext, base: u32, pull_len: u32) -> u32 {
+fn pull_len(ctx: &aya_ebpf::programs::TcContext, base: u32) -> u32 {
     let len = ctx.len();
-    let all = base + pull_len;
+    let all = base + crate::port::PULL_LEN;
     let plain = if len < all { len } else { all };
     if unsafe { (*ctx.skb.skb).gso_size } == 0 {
         return plain;

@@ -91,11 +91,7 @@ fn stage(ctx: &TcContext, d: &mut Decision) -> Result<Next, DropReason> {
     let port = &d.port;
     let len = ctx.len();
     count_from_vm(port.slot, len);
-    let want = parse::pull_len(ctx, 0, PULL_LEN);
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        // Only when the headers are not linear already: the helper costs.
-        let _ = ctx.pull_data(want);
-    }
+    parse::pull_headers(ctx, 0);
 
     let c = Cursor::new(ctx.data(), ctx.data_end());
     parse::frame(&c, len as usize, &mut d.parsed)?;

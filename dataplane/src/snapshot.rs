@@ -156,10 +156,12 @@ impl Port {
         for g in &self.security_groups {
             match groups.get(g.as_str()) {
                 Some(sg) if sg.tenant == tenant => {}
-                Some(_) => return Err(format!(
+                Some(_) => {
+                    return Err(format!(
                     "port {}: security group {g} belongs to another tenant than network {network}",
                     self.name
-                )),
+                ))
+                }
                 None => return Err(format!("port {}: unknown group {g}", self.name)),
             }
         }

@@ -1,5 +1,5 @@
 //! The desired state as the API holds it: every object by kind and name,
-//! with the generation of its last write, and the checks of ../shared/API.md
+//! with the generation of its last write, and the checks of docs/api.md
 //! that decide whether a change may be made (400: the object itself is bad;
 //! 409: it conflicts with what exists). A change is checked on a copy of the
 //! whole state; a rejected one leaves the state untouched.

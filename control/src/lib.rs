@@ -1,5 +1,5 @@
 //! The per-host agent, `cloisond`, and its CLI, `cloisonctl`: the northbound
-//! API of ../shared/API.md over a durable embedded store, and a reconciler
+//! API of docs/api.md over a durable embedded store, and a reconciler
 //! that hands the dataplane complete snapshots. No aya here: the kernel side
 //! is `cloison-dataplane`.
 

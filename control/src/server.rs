@@ -1,4 +1,4 @@
-//! The northbound REST API of ../shared/API.md, served by axum on a unix
+//! The northbound REST API of docs/api.md, served by axum on a unix
 //! socket (mode 0600) and optionally on TCP with a bearer token.
 use std::{
     collections::BTreeMap,
@@ -11,7 +11,7 @@ use axum::{
     http::{header, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, MethodRouter},
     Router,
 };
 use cloison_abi::DropReason;
@@ -175,22 +175,7 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-fn kind_of(path: &str) -> Result<Kind, ApiError> {
-    Kind::from_path(path).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no collection {path}"),
-        )
-    })
-}
-
-async fn put_object(
-    State(agent): State<Arc<Agent>>,
-    Path((kind, name)): Path<(String, String)>,
-    req: Request,
-) -> ApiResult {
-    let kind = kind_of(&kind)?;
+async fn put_object(agent: Arc<Agent>, kind: Kind, name: String, req: Request) -> ApiResult {
     let body = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
         .await
         .map_err(|_| {
@@ -213,11 +198,7 @@ async fn put_object(
     Ok((status, axum::Json(obj)).into_response())
 }
 
-async fn get_object(
-    State(agent): State<Arc<Agent>>,
-    Path((kind, name)): Path<(String, String)>,
-) -> ApiResult {
-    let kind = kind_of(&kind)?;
+async fn get_object(agent: Arc<Agent>, kind: Kind, name: String) -> ApiResult {
     let inner = agent.inner();
     let rec = inner
         .desired
@@ -226,18 +207,13 @@ async fn get_object(
     Ok(axum::Json(rec.to_json()).into_response())
 }
 
-async fn list_objects(State(agent): State<Arc<Agent>>, Path(kind): Path<String>) -> ApiResult {
-    let kind = kind_of(&kind)?;
+async fn list_objects(agent: Arc<Agent>, kind: Kind) -> ApiResult {
     let inner = agent.inner();
     let all: Vec<Value> = inner.desired.list(kind).map(Record::to_json).collect();
     Ok(axum::Json(all).into_response())
 }
 
-async fn delete_object(
-    State(agent): State<Arc<Agent>>,
-    Path((kind, name)): Path<(String, String)>,
-) -> ApiResult {
-    let kind = kind_of(&kind)?;
+async fn delete_object(agent: Arc<Agent>, kind: Kind, name: String) -> ApiResult {
     let a = agent.clone();
     tokio::task::spawn_blocking(move || a.delete(kind, &name))
         .await
@@ -254,6 +230,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> ApiResult {
         "applied_generation": s.applied_generation.load(Ordering::SeqCst),
         "programs": *s.programs.lock().expect("status"),
         "pending_ports": *s.pending_ports.lock().expect("status"),
+        "store": "embedded",
     }))
     .into_response())
 }
@@ -419,20 +396,188 @@ async fn bearer(State(token): State<Arc<String>>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
+/// The API as an OpenAPI 3 document (hand-written: it is the contract,
+/// docs/api.md in machine form; a test holds it and the routes together).
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+/// A route: its path (as OpenAPI writes it) and methods, beside the handlers.
+pub struct Route {
+    pub path: String,
+    pub methods: &'static [&'static str],
+    handler: MethodRouter<Arc<Agent>>,
+}
+
+fn route(
+    path: impl Into<String>,
+    methods: &'static [&'static str],
+    handler: MethodRouter<Arc<Agent>>,
+) -> Route {
+    Route {
+        path: path.into(),
+        methods,
+        handler,
+    }
+}
+
+/// Every route the server has.
+pub fn routes() -> Vec<Route> {
+    let mut out = vec![
+        route("/v1/status", &["get"], get(status)),
+        route("/v1/openapi.json", &["get"], get(openapi)),
+        route("/metrics", &["get"], get(metrics)),
+        route("/v1/ports/{name}/stats", &["get"], get(port_stats)),
+    ];
+    for kind in Kind::ALL {
+        let list = move |State(a): State<Arc<Agent>>| list_objects(a, kind);
+        let one = move |State(a): State<Arc<Agent>>, Path(n): Path<String>| get_object(a, kind, n);
+        let put = move |State(a): State<Arc<Agent>>, Path(n): Path<String>, req: Request| {
+            put_object(a, kind, n, req)
+        };
+        let del =
+            move |State(a): State<Arc<Agent>>, Path(n): Path<String>| delete_object(a, kind, n);
+        out.push(route(format!("/v1/{}", kind.path()), &["get"], get(list)));
+        out.push(route(
+            format!("/v1/{}/{{name}}", kind.path()),
+            &["get", "put", "delete"],
+            get(one).put(put).delete(del),
+        ));
+    }
+    out
+}
+
 pub fn router(agent: Arc<Agent>, token: Option<Arc<String>>) -> Router {
-    let r = Router::new()
-        .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/v1/ports/{name}/stats", get(port_stats))
-        .route("/v1/{kind}", get(list_objects))
-        .route(
-            "/v1/{kind}/{name}",
-            get(get_object).put(put_object).delete(delete_object),
-        )
+    let r = routes()
+        .into_iter()
+        .fold(Router::new(), |r, rt| r.route(&rt.path, rt.handler))
         .fallback(not_found)
         .with_state(agent);
     match token {
         Some(t) => r.layer(middleware::from_fn_with_state(t, bearer)),
         None => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn agent(dir: &std::path::Path) -> Arc<Agent> {
+        let store = Store::open(dir).expect("store");
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        Agent::new(
+            "hv1".into(),
+            store,
+            tx,
+            Arc::new(Status::default()),
+            Arc::new(Mutex::new(None)),
+        )
+        .expect("agent")
+    }
+
+    fn doc() -> openapiv3::OpenAPI {
+        serde_json::from_str(OPENAPI_JSON).expect("openapi.json is an OpenAPI 3 document")
+    }
+
+    fn operation<'a>(
+        item: &'a openapiv3::PathItem,
+        method: &str,
+    ) -> Option<&'a openapiv3::Operation> {
+        match method {
+            "get" => item.get.as_ref(),
+            "put" => item.put.as_ref(),
+            "post" => item.post.as_ref(),
+            "delete" => item.delete.as_ref(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_route_of_the_server_is_documented() {
+        let doc = doc();
+        for r in routes() {
+            let item = match doc.paths.paths.get(&r.path) {
+                Some(openapiv3::ReferenceOr::Item(i)) => i,
+                _ => panic!("{} is served but not in openapi.json", r.path),
+            };
+            for m in r.methods {
+                assert!(
+                    operation(item, m).is_some(),
+                    "{} {} is served but not in openapi.json",
+                    m.to_uppercase(),
+                    r.path
+                );
+            }
+        }
+    }
+
+    /// Every documented operation answers, with one of the statuses the
+    /// document gives it (the fallback's 404 "no such endpoint" is not one:
+    /// its body says so and is checked).
+    #[tokio::test]
+    async fn every_documented_route_answers_as_documented() {
+        let dir = std::env::temp_dir().join(format!("cloison-openapi-{}", std::process::id()));
+        let app = router(agent(&dir), None);
+        let doc = doc();
+        let mut n = 0;
+        for (path, item) in &doc.paths.paths {
+            let openapiv3::ReferenceOr::Item(item) = item else {
+                panic!("{path}: references are not used");
+            };
+            for method in ["get", "put", "post", "delete"] {
+                let Some(op) = operation(item, method) else {
+                    continue;
+                };
+                let uri = path.replace("{name}", "x-1");
+                let body = if method == "put" { "{}" } else { "" };
+                let req = axum::http::Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&uri)
+                    .body(Body::from(body))
+                    .expect("request");
+                let resp = app.clone().oneshot(req).await.expect("answer");
+                let status = resp.status().as_u16().to_string();
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .expect("body");
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !text.contains("no such endpoint"),
+                    "{method} {uri}: not routed: {text}"
+                );
+                assert!(
+                    op.responses
+                        .responses
+                        .contains_key(&openapiv3::StatusCode::Code(status.parse().unwrap())),
+                    "{method} {uri} answered {status}, which openapi.json does not list: {text}"
+                );
+                n += 1;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(n >= 19, "only {n} operations documented");
+    }
+
+    #[tokio::test]
+    async fn openapi_json_is_served() {
+        let dir = std::env::temp_dir().join(format!("cloison-openapi-s-{}", std::process::id()));
+        let app = router(agent(&dir), None);
+        let req = axum::http::Request::get("/v1/openapi.json")
+            .body(Body::empty())
+            .expect("request");
+        let resp = app.oneshot(req).await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let served: openapiv3::OpenAPI = serde_json::from_slice(&bytes).expect("OpenAPI 3");
+        assert_eq!(served, doc());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

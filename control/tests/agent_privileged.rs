@@ -1,6 +1,6 @@
 //! The agent as an outside caller sees it: a real `cloisond` process in a
 //! test-bed namespace of its own (uplink, port veths, real dataplane), driven
-//! only through its socket, per ../shared/API.md. Needs root.
+//! only through its socket, per docs/api.md. Needs root.
 use std::{
     os::unix::process::CommandExt,
     path::PathBuf,

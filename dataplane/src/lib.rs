@@ -6,6 +6,7 @@
 //! test oracle for the BPF programs.
 
 mod batch;
+pub mod bpffs;
 pub mod loader;
 pub mod model;
 pub mod netdev;

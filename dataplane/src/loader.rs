@@ -26,7 +26,7 @@ use aya::{
 use cloison_abi::{map_names as M, program_names as P, *};
 
 use crate::{
-    batch, netdev,
+    batch, bpffs, netdev,
     snapshot::Snapshot,
     tables::{self, Compiled, ConntrackLimits, Tables},
     Error,
@@ -40,7 +40,9 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/cloison";
 /// Where the uplink stage runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum UplinkHook {
-    /// XDP in driver mode where the driver has it, else TC.
+    /// XDP in driver mode on a NIC whose frames XDP sees whole (see
+    /// [`netdev::DriverInfo::xdp_sees_wire_frames`]) and whose driver takes
+    /// it; TC on every other uplink (veth, tun, bridge, bond, ...).
     #[default]
     Auto,
     Xdp,
@@ -127,32 +129,6 @@ fn link_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
 
-/// Mounts bpffs on /sys/fs/bpf where a fresh machine lacks it.
-pub fn ensure_bpffs() -> Result<(), Error> {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let path = std::ffi::CString::new("/sys/fs/bpf").expect("static path");
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    let bpf = std::ffi::CString::new("bpf").expect("static");
-    let rc = unsafe {
-        libc::mount(
-            bpf.as_ptr(),
-            path.as_ptr(),
-            bpf.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(Error::io("mount bpffs on /sys/fs/bpf")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
-}
-
 /// Entries of the conntrack table pinned in `pin_dir`, if there is one (a
 /// pinned table keeps the size it was created with).
 fn pinned_ct_entries(pin_dir: &Path) -> Result<Option<u32>, Error> {
@@ -183,7 +159,7 @@ impl Dataplane {
     /// [`Self::open`], creating the conntrack table with `entries` entries
     /// if it does not exist yet (a pinned table keeps the size it has).
     pub fn open_with_conntrack(host: &str, pin_root: &Path, entries: u32) -> Result<Self, Error> {
-        ensure_bpffs()?;
+        bpffs::prepare(pin_root)?;
         let pin_dir = host_dir(pin_root, host)?;
         fs::create_dir_all(link_dir(&pin_dir))
             .map_err(Error::io(format!("create {}", pin_dir.display())))?;
@@ -223,7 +199,7 @@ impl Dataplane {
     /// which an operator's `stats` must never do). Fails if nothing is
     /// pinned for `host`.
     pub fn open_maps(host: &str, pin_root: &Path) -> Result<Self, Error> {
-        ensure_bpffs()?;
+        bpffs::prepare(pin_root)?;
         let pin_dir = host_dir(pin_root, host)?;
         let entries = pinned_ct_entries(&pin_dir)?.ok_or_else(|| {
             Error::Invalid(format!(
@@ -479,7 +455,7 @@ impl Dataplane {
         let want_xdp = match hook {
             UplinkHook::Xdp => true,
             UplinkHook::Tc => false,
-            UplinkHook::Auto => xdp_pin.exists() || !tc_pin.exists(),
+            UplinkHook::Auto => netdev::driver_info(uplink).is_ok_and(|d| d.xdp_sees_wire_frames()),
         };
         if want_xdp {
             if !xdp_pin.exists() {
@@ -511,6 +487,11 @@ impl Dataplane {
             Ok("xdp")
         } else {
             if !tc_pin.exists() {
+                if hook == UplinkHook::Auto {
+                    warn(&format!(
+                        "{uplink} is not a NIC (XDP could not carry the GSO frames a software device may hand it): the uplink runs in TC"
+                    ));
+                }
                 let prog: &mut SchedClassifier = program(&mut self.ebpf, P::UPLINK_TC)?;
                 let id = prog
                     .attach_with_options(

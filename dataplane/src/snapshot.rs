@@ -1,5 +1,5 @@
 //! The desired state `dataplane` is asked to make true: hosts, networks and
-//! ports, in the shape of the northbound API (../shared/API.md). A snapshot is
+//! ports, in the shape of the northbound API (docs/api.md). A snapshot is
 //! complete; applying it makes the kernel's maps equal to what it implies.
 use std::{
     collections::{BTreeMap, BTreeSet},

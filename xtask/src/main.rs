@@ -1,40 +1,34 @@
-//! `cargo xtask setup | test | demo | lab [SECS]`
+//! `cargo xtask setup | test | demo | bench | plot | lab [ARGS]`
 //!
-//! `setup` installs what a fresh machine lacks (idempotently); `test` and
-//! `demo` run it first, so each is the one command a new machine needs.
-use std::process::{Command, ExitCode};
+//! `setup` installs what a fresh machine lacks (idempotently, a line per
+//! step); `test`, `demo` and `bench` run it first, so each is the one
+//! command a new machine needs. This crate builds on the plain stable
+//! toolchain: what needs the BPF object (the lab, demo, benches) is the
+//! `cloison-lab` crate, built and run here after setup.
+use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use cloison_abi::DropReason;
-use cloison_dataplane::UplinkHook;
-use xtask::lab::{self, Lab};
+use anyhow::Result;
 
-const DEBIAN_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "iproute2",
-    "bpftool",
-    "iperf3",
-    "tcpdump",
-    "iputils-ping",
-    "netcat-openbsd",
-    "ethtool",
-    "nftables",
-    "fonts-dejavu-core",
-];
+mod setup;
+mod shell;
+
+use shell::{cargo, run, run_quiet, step};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
-        Some("setup") => setup(),
-        Some("test") => setup().and_then(|()| test()),
-        Some("bench") => setup().and_then(|()| bench()),
-        Some("plot") => plot_results(),
-        Some("demo") => setup().and_then(|()| demo()),
-        Some("lab") => hold_lab(&args[1..]),
+        Some("setup") => setup::setup(),
+        Some("test") => setup::setup().and_then(|()| test()),
+        Some("demo") => setup::setup().and_then(|()| lab(&["demo"])),
+        Some("bench") => setup::setup().and_then(|()| lab(&["bench"])),
+        Some("plot") => lab(&["plot"]),
+        Some("lab") => setup::setup().and_then(|()| {
+            let mut a = vec!["lab"];
+            a.extend(args[1..].iter().map(String::as_str));
+            lab(&a)
+        }),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | bench | plot | demo | lab [SECS] [xdp|tc] [nic|offload]"
+            "usage: cargo xtask setup | test | demo | bench | plot | lab [SECS] [xdp|tc] [nic|offload]"
         )),
     };
     match res {
@@ -46,104 +40,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn step(msg: &str) {
-    println!("==> {msg}");
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed with {status}");
-    }
-    Ok(())
-}
-
-fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
-}
-
-fn setup() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
-    if missing.is_empty() {
-        step("Debian packages: all present");
-    } else {
-        step(&format!(
-            "Debian packages: installing {}",
-            missing.join(" ")
-        ));
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-    let has_src = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
-        .unwrap_or(false);
-    if has_src {
-        step("nightly rust-src: present");
-    } else {
-        step("nightly rust-src: installing (the BPF crate builds core with -Z build-std)");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-    let has_linker = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if has_linker {
-        step("bpf-linker: present");
-    } else {
-        step("bpf-linker: installing against Debian's LLVM 22 (about 70 s)");
-        run(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
-    }
-    cloison_dataplane::loader::ensure_bpffs().context("bpffs")?;
-    step("bpffs: mounted on /sys/fs/bpf");
-    Ok(())
-}
-
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+/// Builds the agent binaries and the lab, then runs `cloison-lab ARGS`.
+fn lab(args: &[&str]) -> Result<()> {
+    step("build: the BPF object, cloisond, cloisonctl, cloison-lab");
+    run_quiet(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "cloison-control",
+        "-p",
+        "cloison-lab",
+        "--bins",
+    ]))?;
+    run(cargo()
+        .args(["run", "--quiet", "-p", "cloison-lab", "--"])
+        .args(args))
 }
 
 fn test() -> Result<()> {
     step("cargo fmt --check");
-    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run_quiet(cargo().args(["fmt", "--all", "--check"]))?;
     step("cargo clippy -- -D warnings");
-    run(cargo().args([
+    run_quiet(cargo().args([
         "clippy",
+        "--quiet",
         "--workspace",
         "--exclude",
         "cloison-ebpf",
@@ -152,677 +72,23 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step("cargo test (unit, test-run fixtures, lab); privileged tests need root");
-    // The lab tests share the machine's network tools; run them one at a time.
-    run(cargo().args([
-        "test",
+    step("build: the tests (BPF object included)");
+    let tests = [
         "--workspace",
         "--exclude",
         "cloison-ebpf",
         "--lib",
         "--bins",
         "--tests",
-        "--",
-        "--test-threads",
-        "1",
-    ]))?;
+    ];
+    run_quiet(cargo().args(["test", "--quiet", "--no-run"]).args(tests))?;
+    step("cargo test (unit, test-run fixtures, agents, lab); privileged tests need root");
+    // The lab tests share the machine's network tools; run them one at a time.
+    run(cargo()
+        .args(["test", "--quiet"])
+        .args(tests)
+        .args(["--", "--test-threads", "1"]))?;
     step("benches, smoke run (each benchmark once, in test mode)");
-    run(cargo().args(["test", "-p", "cloison-benches", "--benches"]))?;
-    Ok(())
-}
-
-/// Everything measured, side by side with the kernel baseline built in the
-/// same run: the criterion benches, packets per second through the lab, TCP
-/// throughput. Results in benches/results/latest.{json,md}.
-fn bench() -> Result<()> {
-    step("criterion: per-packet costs in BPF_PROG_TEST_RUN, control plane (cargo bench -p cloison-benches)");
-    // Only this run's estimates go into the results.
-    let _ = std::fs::remove_dir_all("target/criterion");
-    run(cargo().args(["bench", "-p", "cloison-benches"]))?;
-    let criterion = criterion_estimates()?;
-
-    step("lab: packets per second, VM to VM across two hosts (live-frames generator, XDP sink)");
-    let mut runs = Vec::new();
-    let setups: [(&str, Option<UplinkHook>); 3] = [
-        ("cloison-xdp-uplink", Some(UplinkHook::Xdp)),
-        ("cloison-tc-uplink", Some(UplinkHook::Tc)),
-        ("kernel-vxlan-bridge-nftables", None),
-    ];
-    for (name, hook) in setups {
-        runs.extend(lab_pps(name, hook)?);
-    }
-    for r in &runs {
-        println!(
-            "  {:<30} {:>5} B {:>5} flows  {:>8.3} Mpps  ({} of {} delivered)",
-            r.setup, r.frame_bytes, r.flows, r.mpps, r.delivered, r.sent
-        );
-    }
-
-    step("lab: iperf3 TCP and UDP request/response between VMs on two hosts, both labs up, 3 alternating rounds");
-    // Both labs stay up and take turns, so background work of the kernel
-    // (maps of earlier steps being freed) weighs on both alike; the median
-    // round is reported. Two underlays: one that checksums and segments as
-    // a NIC's wire does (Cloison's uplink in XDP), one that keeps GSO end to
-    // end as a virtual fabric does (Cloison's uplink in TC: XDP cannot carry
-    // GSO frames or partial checksums).
-    let a2: std::net::Ipv4Addr = "10.0.0.2".parse()?;
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let median_rr = |v: &mut Vec<lab::Latency>| {
-        v.sort_by(|a, b| a.p50_us.total_cmp(&b.p50_us));
-        v[v.len() / 2].clone()
-    };
-    let mut tcp = Vec::new();
-    let mut rr = None;
-    for (wire, hook) in [
-        (lab::Wire::Nic, UplinkHook::Xdp),
-        (lab::Wire::Offload, UplinkHook::Tc),
-    ] {
-        let mut lab = Lab::two_hosts_on(hook, wire)?;
-        lab.uplink_forwarding(true)?;
-        lab.apply()?;
-        let b = lab::KernelBaseline::on(wire)?;
-        b.uplink_forwarding(true)?;
-        let (mut tcp_c, mut tcp_k, mut rr_c, mut rr_k) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..3 {
-            tcp_c.push(lab::iperf3(
-                &lab.vm("a2").ns,
-                &lab.vm("a1").ns,
-                "10.0.0.2",
-                3,
-            )?);
-            tcp_k.push(lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3)?);
-            if wire == lab::Wire::Nic {
-                rr_c.push(lab::udp_rr(&lab.vm("a1").ns, &lab.vm("a2").ns, a2, 3000)?);
-                rr_k.push(lab::udp_rr(&b.vm1, &b.vm2, a2, 3000)?);
-            }
-        }
-        let drops: u64 = ["hv1", "hv2"]
-            .iter()
-            .map(|h| {
-                lab.drops(h)
-                    .map(|d| d.get(&DropReason::CtTcpNotSyn).copied().unwrap_or(0))
-            })
-            .sum::<Result<u64>>()?;
-        drop(b);
-        lab.cleanup();
-        println!(
-            "  iperf3 rounds, {wire:?} wire: Cloison ({hook:?} uplink) {tcp_c:.2?} Gbit/s, kernel {tcp_k:.2?} Gbit/s; {drops} segments dropped by conntrack"
-        );
-        tcp.push(serde_json::json!({
-            "wire": format!("{wire:?}").to_lowercase(),
-            "cloison_uplink": format!("{hook:?}").to_lowercase(),
-            "cloison": median(&mut tcp_c),
-            "kernel": median(&mut tcp_k),
-            "cloison_rounds": tcp_c,
-            "kernel_rounds": tcp_k,
-        }));
-        if wire == lab::Wire::Nic {
-            rr = Some((median_rr(&mut rr_c), median_rr(&mut rr_k)));
-        }
-    }
-    let (rr_cloison, rr_kernel) = rr.context("no request/response rounds")?;
-    println!(
-        "  request/response: Cloison p50 {:.1} us p99 {:.1} us ({:.0}/s), kernel p50 {:.1} us p99 {:.1} us ({:.0}/s)",
-        rr_cloison.p50_us, rr_cloison.p99_us, rr_cloison.per_second, rr_kernel.p50_us, rr_kernel.p99_us, rr_kernel.per_second
-    );
-
-    step("kernel memory of the maps (bpftool), per port, rule and flow");
-    let memory = xtask::memory::measure()?;
-    println!(
-        "  {:.1} MiB in all maps; +{:.0} B per remote port, +{:.0} B per rule, {:.0} B per flow",
-        memory.total_bytes as f64 / (1 << 20) as f64,
-        memory.bytes_per_remote_port,
-        memory.bytes_per_rule,
-        memory.bytes_per_flow
-    );
-
-    let date = String::from_utf8(
-        Command::new("date")
-            .arg("-u")
-            .arg("+%Y-%m-%d %H:%M UTC")
-            .output()?
-            .stdout,
-    )?;
-    let results = serde_json::json!({
-        "date": date.trim(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "criterion_ns": criterion,
-        "pps": runs,
-        "iperf3_gbit_s": tcp,
-        "udp_request_response": {"cloison": rr_cloison, "kernel": rr_kernel},
-        "memory": memory,
-    });
-    let dir = std::path::Path::new("benches/results");
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join("latest.json"),
-        serde_json::to_vec_pretty(&results)?,
-    )?;
-    xtask::plot::pps(&results, &dir.join("pps.png"))?;
-    xtask::plot::scaling(&results, &dir.join("scaling.png"))?;
-    let md = results_markdown(&results);
-    std::fs::write(dir.join("latest.md"), &md)?;
-    println!("{md}");
-    step("written: benches/results/latest.json, latest.md, pps.png, scaling.png");
-    Ok(())
-}
-
-/// The plots again from benches/results/latest.json.
-fn plot_results() -> Result<()> {
-    let dir = std::path::Path::new("benches/results");
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("latest.json"))?)?;
-    xtask::plot::pps(&results, &dir.join("pps.png"))?;
-    xtask::plot::scaling(&results, &dir.join("scaling.png"))?;
-    step("written: benches/results/pps.png, scaling.png");
-    Ok(())
-}
-
-/// One lab (Cloison with `hook`, or the kernel baseline) measured for 64-
-/// and 1464-byte frames (the largest a 1450-MTU network carries), 1 and
-/// 1,000 flows.
-fn lab_pps(name: &str, hook: Option<UplinkHook>) -> Result<Vec<xtask::pps::PpsRun>> {
-    use cloison_dataplane::snapshot::MacAddr;
-    let mut out = Vec::new();
-    let mut lab = None;
-    let mut base = None;
-    let (from, to, port, src, dst) = match hook {
-        Some(h) => {
-            let mut l = Lab::two_hosts(h)?;
-            l.uplink_forwarding(true)?;
-            l.apply()?;
-            let (a1, a2) = (l.vm("a1").clone(), l.vm("a2").clone());
-            let port = (l.ns("hv1"), a1.port_if.clone());
-            lab = Some(l);
-            (a1.ns, a2.ns, port, (a1.mac, a1.ip), (a2.mac, a2.ip))
-        }
-        None => {
-            let b = lab::KernelBaseline::new()?;
-            b.uplink_forwarding(true)?;
-            let r = (
-                b.vm1.clone(),
-                b.vm2.clone(),
-                (b.hv1.clone(), "tap0".to_string()),
-                (MacAddr([2, 0, 0, 0, 0, 1]), "10.0.0.1".parse()?),
-                (MacAddr([2, 0, 0, 0, 0, 2]), "10.0.0.2".parse()?),
-            );
-            base = Some(b);
-            r
-        }
-    };
-    for bytes in [60usize, 1464] {
-        for flows in [1u32, 1000] {
-            let frame = xtask::pps::udp_frame(src, dst, bytes);
-            let packets = if bytes < 100 { 2_000_000 } else { 500_000 };
-            let at = xtask::pps::Between {
-                setup: name,
-                from_ns: &from,
-                to_ns: &to,
-                sender_port: (&port.0, &port.1),
-            };
-            let mut r = xtask::pps::measure(&at, &frame, packets, flows)?;
-            if hook.is_some() {
-                r.program_ns = xtask::pps::program_costs(
-                    &at,
-                    &frame,
-                    packets,
-                    flows,
-                    &["cl_port", "cl_uplink_xdp", "cl_uplink_tc"],
-                )?;
-            }
-            out.push(r);
-        }
-    }
-    drop(lab);
-    drop(base);
-    Ok(out)
-}
-
-/// Mean ns per benchmark, from criterion's own files.
-fn criterion_estimates() -> Result<std::collections::BTreeMap<String, f64>> {
-    let mut out = std::collections::BTreeMap::new();
-    let root = std::path::Path::new("target/criterion");
-    for group in std::fs::read_dir(root).context("target/criterion")? {
-        let group = group?.path();
-        let mut stack = vec![group.clone()];
-        while let Some(dir) = stack.pop() {
-            let est = dir.join("new/estimates.json");
-            if est.is_file() {
-                let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&est)?)?;
-                let name = dir.strip_prefix(root)?.display().to_string();
-                if let Some(ns) = v["mean"]["point_estimate"].as_f64() {
-                    out.insert(name, ns);
-                }
-                continue;
-            }
-            for e in std::fs::read_dir(&dir)? {
-                let p = e?.path();
-                if p.is_dir()
-                    && p.file_name()
-                        .is_some_and(|n| n != "report" && n != "new" && n != "base")
-                {
-                    stack.push(p);
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn results_markdown(r: &serde_json::Value) -> String {
-    let mut md = format!(
-        "Measured {} on {} CPUs (`cargo xtask bench`).\n\n",
-        r["date"].as_str().unwrap_or("?"),
-        r["cpus"]
-    );
-    md.push_str(
-        "| path, VM to VM across hosts | frame | flows | Mpps (median) | vs kernel | Mpps per busy core | vs kernel | Cloison programs, ns per packet | runs |\n|---|---|---|---|---|---|---|---|---|\n",
-    );
-    let runs = r["pps"].as_array().cloned().unwrap_or_default();
-    let kernel = |bytes: &serde_json::Value, flows: &serde_json::Value| {
-        runs.iter().find(|k| {
-            k["setup"] == "kernel-vxlan-bridge-nftables"
-                && &k["frame_bytes"] == bytes
-                && &k["flows"] == flows
-        })
-    };
-    for run in &runs {
-        let mpps = run["mpps"].as_f64().unwrap_or(0.0);
-        let per_core = run["mpps_per_core"].as_f64().unwrap_or(0.0);
-        let k = kernel(&run["frame_bytes"], &run["flows"]);
-        let ratio = |field: &str, v: f64| {
-            k.and_then(|k| k[field].as_f64())
-                .map_or("-".into(), |k| format!("{:.2}x", v / k))
-        };
-        let all: Vec<String> = run["runs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_f64())
-            .map(|v| format!("{v:.3}"))
-            .collect();
-        let programs: Vec<String> = run["program_ns"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(name, ns)| Some(format!("{name} {:.0}", ns.as_f64()?)))
-            .collect();
-        md.push_str(&format!(
-            "| {} | {} B | {} | {:.3} | {} | {:.3} | {} | {} | {} |\n",
-            run["setup"].as_str().unwrap_or("?"),
-            run["frame_bytes"],
-            run["flows"],
-            mpps,
-            ratio("mpps", mpps),
-            per_core,
-            ratio("mpps_per_core", per_core),
-            if programs.is_empty() {
-                "-".to_string()
-            } else {
-                programs.join(" + ")
-            },
-            all.join(" ")
-        ));
-    }
-    md.push_str(
-        "\n| iperf3, one TCP stream | underlay | Cloison uplink | Cloison Gbit/s | kernel Gbit/s | vs kernel | rounds (Cloison / kernel) |\n|---|---|---|---|---|---|---|\n",
-    );
-    let wire_name = |w: &str| match w {
-        "nic" => "NIC-like wire (full checksums, MTU frames)",
-        "offload" => "GSO end to end (veth fabric)",
-        _ => "?",
-    };
-    let rounds = |v: &serde_json::Value| -> String {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_f64())
-                    .map(|x| format!("{x:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default()
-    };
-    for t in r["iperf3_gbit_s"].as_array().into_iter().flatten() {
-        let c = t["cloison"].as_f64().unwrap_or(0.0);
-        let k = t["kernel"].as_f64().unwrap_or(1.0);
-        md.push_str(&format!(
-            "| VM to VM across hosts | {} | {} | {c:.2} | {k:.2} | {:.2}x | {} / {} |\n",
-            wire_name(t["wire"].as_str().unwrap_or("")),
-            t["cloison_uplink"].as_str().unwrap_or("?"),
-            c / k,
-            rounds(&t["cloison_rounds"]),
-            rounds(&t["kernel_rounds"]),
-        ));
-    }
-    let (rc, rk) = (
-        &r["udp_request_response"]["cloison"],
-        &r["udp_request_response"]["kernel"],
-    );
-    md.push_str(&format!(
-        "\n| UDP request/response, one at a time | p50 | p99 | per second |\n|---|---|---|---|\n\
-         | Cloison | {:.1} us | {:.1} us | {:.0} |\n| kernel VXLAN + bridge + nftables | {:.1} us | {:.1} us | {:.0} |\n",
-        rc["p50_us"].as_f64().unwrap_or(0.0),
-        rc["p99_us"].as_f64().unwrap_or(0.0),
-        rc["per_second"].as_f64().unwrap_or(0.0),
-        rk["p50_us"].as_f64().unwrap_or(0.0),
-        rk["p99_us"].as_f64().unwrap_or(0.0),
-        rk["per_second"].as_f64().unwrap_or(0.0)
-    ));
-    let m = &r["memory"];
-    md.push_str(&format!(
-        "\nKernel memory: {:.1} MiB in all maps (hash maps preallocated); a remote port adds {:.0} B \
-         beyond that, a rule {:.0} B, a flow takes {:.0} B of the conntrack table.\n\n\
-         | map | type | entries | bytes | per entry |\n|---|---|---|---|---|\n",
-        m["total_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-        m["bytes_per_remote_port"].as_f64().unwrap_or(0.0),
-        m["bytes_per_rule"].as_f64().unwrap_or(0.0),
-        m["bytes_per_flow"].as_f64().unwrap_or(0.0)
-    ));
-    for x in m["maps"].as_array().into_iter().flatten() {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} |\n",
-            x["name"].as_str().unwrap_or("?"),
-            x["kind"].as_str().unwrap_or("?"),
-            x["max_entries"],
-            x["bytes"],
-            x["bytes_per_entry"].as_f64().unwrap_or(0.0)
-        ));
-    }
-    md.push_str("\n| criterion benchmark | mean |\n|---|---|\n");
-    for (name, ns) in r["criterion_ns"].as_object().into_iter().flatten() {
-        let ns = ns.as_f64().unwrap_or(0.0);
-        let shown = if ns >= 1e6 {
-            format!("{:.1} ms", ns / 1e6)
-        } else {
-            format!("{ns:.0} ns")
-        };
-        md.push_str(&format!("| {name} | {shown} |\n"));
-    }
-    md
-}
-
-fn print_drops(title: &str, drops: &std::collections::BTreeMap<DropReason, u64>) {
-    println!("  {title}:");
-    if drops.is_empty() {
-        println!("    (none)");
-    }
-    for (r, n) in drops {
-        println!("    {:<28} {n}", r.name());
-    }
-}
-
-fn demo() -> Result<()> {
-    step("building cloisond and cloisonctl (BPF object, loader, agent)");
-    run(cargo().args(["build", "-p", "cloison-control", "--bins"]))?;
-    step("lab: 2 hypervisors on one underlay switch; tenants a and b both use 10.0.0.0/24 and MACs 02:00:00:00:00:0x");
-    let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
-    lab.add_kernel_vtep()?;
-    lab.start_agents()?;
-    step("the IaaS side: every object to each host's cloisond, with cloisonctl apply -f");
-    let file = std::env::temp_dir().join(format!("{}-objects.json", lab.tag));
-    std::fs::write(&file, serde_json::to_vec_pretty(&lab.objects_file()?)?)?;
-    let cloisonctl = lab::cloisond_path()?.with_file_name("cloisonctl");
-    for a in &lab.agents {
-        let endpoint = format!("unix:{}", a.socket.display());
-        let out = Command::new(&cloisonctl)
-            .args(["--endpoint", &endpoint, "apply", "-f"])
-            .arg(&file)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "cloisonctl apply on {}: {}",
-                a.host,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        println!(
-            "  {}: {} objects applied",
-            a.host,
-            String::from_utf8_lossy(&out.stdout).lines().count()
-        );
-        lab.wait_agent(&a.host)?;
-    }
-    let _ = std::fs::remove_file(&file);
-    let hv1 = format!("unix:{}", lab.agents[0].socket.display());
-    for args in [vec!["list", "ports"], vec!["status"]] {
-        println!("  $ cloisonctl {}", args.join(" "));
-        let out = Command::new(&cloisonctl)
-            .args(["--endpoint", &hv1])
-            .args(&args)
-            .output()?;
-        for l in String::from_utf8_lossy(&out.stdout).lines() {
-            println!("    {l}");
-        }
-    }
-    println!(
-        "  namespaces {}-*, pins under {}/hv*",
-        lab.tag,
-        lab.pin_root.display()
-    );
-    for v in &lab.vms {
-        println!(
-            "  VM {:<3} tenant {} on {}  {}  {}  {}",
-            v.name, v.tenant, v.host, v.mac, v.ip, v.ip6
-        );
-    }
-    println!("  kernel VXLAN peer (hv3, Linux vxlan device): tenant a, 10.0.0.9");
-
-    step("traffic within each tenant");
-    let checks = [
-        ("a1", "10.0.0.2", "tenant a, hv1 -> hv2 (VXLAN)"),
-        ("a1", "10.0.0.3", "tenant a, on hv1 (redirect)"),
-        ("a2", "fd00:1::1", "tenant a, IPv6 hv2 -> hv1"),
-        (
-            "b1",
-            "10.0.0.2",
-            "tenant b, hv1 -> hv2 (same IPs, other VNI)",
-        ),
-        ("a1", "10.0.0.9", "tenant a -> kernel VXLAN peer"),
-    ];
-    for (from, to, what) in checks {
-        let ok = lab.ping(from, to, 3);
-        println!(
-            "  ping {from} -> {to:<10} {:<4} {what}",
-            if ok { "ok" } else { "FAIL" }
-        );
-    }
-    let msg = b"hello from tenant a";
-    let tcp = lab::tcp_echo(&lab, "a1", "a2", msg)
-        .map(|g| g == msg)
-        .unwrap_or(false);
-    println!("  TCP a1 -> a2 echo: {}", if tcp { "ok" } else { "FAIL" });
-
-    step("isolation: tenant b captures while tenant a talks");
-    let cap = lab::Capture::start(&lab.vm("b2").ns)?;
-    let marker = b"cloison-demo-tenant-a-secret";
-    let _ = lab::tcp_echo(&lab, "a1", "a2", marker);
-    let frames = cap.finish()?;
-    let leaked = frames.iter().filter(|f| lab::contains(f, marker)).count();
-    println!(
-        "  b2 captured {} frames, {} carrying tenant a's data",
-        frames.len(),
-        leaked
-    );
-    let crossed = lab.ping("b1", "10.0.0.9", 1);
-    println!(
-        "  b1 -> 10.0.0.9 (tenant a's kernel peer): {}",
-        if crossed {
-            "REACHED (bug)"
-        } else {
-            "unreachable, as it must be"
-        }
-    );
-
-    step("security groups: a1 in web (TCP 8080-8081 from group client), a2 in client, a3 in plain");
-    lab.web_and_client();
-    lab.apply()?;
-    let wait = std::time::Duration::from_secs(1);
-    let a1: std::net::IpAddr = lab.vm("a1").ip.into();
-    let tcp_to_a1 = |from: &str, port| {
-        lab::tcp_echo_to(&lab, from, "a1", a1, port, b"sg", wait).is_ok_and(|g| g == b"sg")
-    };
-    let sg_checks = [
-        (
-            "a2 -> a1 tcp 8080 (a2 in client, across hosts)",
-            tcp_to_a1("a2", 8080),
-            true,
-        ),
-        (
-            "a3 -> a1 tcp 8080 (a3 not in client, same host)",
-            tcp_to_a1("a3", 8080),
-            false,
-        ),
-        ("a2 -> a1 tcp 9090 (no rule)", tcp_to_a1("a2", 9090), false),
-        (
-            "a2 -> a1 ping (icmp from anywhere)",
-            lab.ping("a2", "10.0.0.1", 2),
-            true,
-        ),
-        (
-            "a1 -> a2 ping (client takes nothing in)",
-            lab.ping("a1", "10.0.0.2", 2),
-            false,
-        ),
-    ];
-    let mut sg_wrong = 0;
-    for (what, got, want) in sg_checks {
-        sg_wrong += (got != want) as u32;
-        println!(
-            "  {:<8} {what}{}",
-            if got { "passes" } else { "refused" },
-            if got == want { "" } else { "   <- WRONG" }
-        );
-    }
-    let stream = lab::TcpStreamProbe::start(&lab, "a2", "a1", 8081)?;
-    let before = stream.progress(std::time::Duration::from_secs(1));
-    lab.set_groups(&[("a2", "plain")]);
-    lab.apply()?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let after = stream.progress(std::time::Duration::from_secs(1));
-    drop(stream);
-    println!(
-        "  revoke: a2 leaves client while streaming to a1:8081: {before} B/s before, {after} B/s after"
-    );
-    sg_wrong += (before == 0 || after != 0) as u32;
-    lab.set_groups(&[
-        ("a1", "a-default"),
-        ("a2", "a-default"),
-        ("a3", "a-default"),
-    ]);
-    lab.apply()?;
-
-    step("hitless: hv1's agent killed with SIGKILL and restarted under a 250 pps ping a1 -> a2");
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.vm("a1").ns,
-            "ping",
-            "-q",
-            "-i",
-            "0.004",
-            "-c",
-            "500",
-            "-W",
-            "1",
-            "10.0.0.2",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    lab.kill_agent("hv1");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    lab.restart_agent("hv1")?;
-    lab.wait_agent("hv1")?;
-    let out = ping.wait_with_output()?;
-    let summary = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("no ping summary")
-        .to_string();
-    println!("  {summary}");
-    let hitless = summary.contains(" 0% packet loss");
-
-    step("throughput: iperf3 TCP between VMs on two hosts, 3 s each");
-    let cloison = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3);
-    let base = lab::KernelBaseline::new().and_then(|b| lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3));
-    match (&cloison, &base) {
-        (Ok(c), Ok(b)) => println!(
-            "  Cloison {c:.2} Gbit/s, kernel VXLAN+bridge {b:.2} Gbit/s, ratio {:.2}",
-            c / b
-        ),
-        _ => println!("  Cloison {cloison:?}, kernel baseline {base:?}"),
-    }
-
-    step("counters");
-    for host in ["hv1", "hv2"] {
-        let s = lab.stats(host)?;
-        println!("  {host} ports (ifindex: VM tx pkts/bytes, rx pkts/bytes, drops):");
-        for (i, p) in &s.ports {
-            println!(
-                "    {i:<4} {:>6}/{:<9} {:>6}/{:<9} {}",
-                p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.drops
-            );
-        }
-        print_drops(&format!("{host} drops by reason"), &s.drops);
-    }
-    step("cleaning up");
-    lab.cleanup();
-    if leaked > 0 || crossed {
-        bail!("isolation broken");
-    }
-    if sg_wrong > 0 {
-        bail!("{sg_wrong} security-group checks gave the wrong answer");
-    }
-    if !hitless {
-        bail!("packets were lost while an agent restarted");
-    }
-    Ok(())
-}
-
-/// Holds a two-host lab up for inspection: `lab [SECS] [xdp|tc] [nic|offload]`
-/// (uplink hook, and what the underlay hands the uplinks; see `lab::Wire`).
-fn hold_lab(args: &[String]) -> Result<()> {
-    let (mut secs, mut hook, mut wire) = (600, UplinkHook::Auto, lab::Wire::Nic);
-    for a in args {
-        match a.as_str() {
-            "xdp" => hook = UplinkHook::Xdp,
-            "tc" => hook = UplinkHook::Tc,
-            "nic" => wire = lab::Wire::Nic,
-            "offload" => wire = lab::Wire::Offload,
-            n => {
-                secs = n
-                    .parse()
-                    .with_context(|| format!("lab: unknown argument {n}"))?
-            }
-        }
-    }
-    // SIGINT/SIGTERM end the wait, so the lab is torn down (blocked here,
-    // before any thread exists, so every thread leaves them to the wait).
-    let signals = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    let mut lab = Lab::two_hosts_on(hook, wire)?;
-    lab.apply()?;
-    println!(
-        "lab {} up for {secs} s (namespaces {}-*, {hook:?} uplink, {wire:?} wire); Ctrl-C or SIGTERM ends it",
-        lab.tag, lab.tag
-    );
-    let wait = libc::timespec {
-        tv_sec: secs as libc::time_t,
-        tv_nsec: 0,
-    };
-    unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &wait) };
-    println!("lab {}: tearing down", lab.tag);
+    run_quiet(cargo().args(["test", "--quiet", "-p", "cloison-benches", "--benches"]))?;
     Ok(())
 }

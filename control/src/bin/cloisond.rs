@@ -1,4 +1,4 @@
-//! `cloisond`: the agent every hypervisor runs (../shared/API.md).
+//! `cloisond`: the agent every hypervisor runs (docs/api.md, docs/operations.md).
 use std::{
     future::IntoFuture,
     os::unix::fs::PermissionsExt,
@@ -93,6 +93,9 @@ fn run(args: Args) -> Result<()> {
         other => bail!("--store {other}: expected embedded or etcd"),
     }
     let uplink = args.uplink.clone().context("--uplink is required")?;
+    // Before anything is served: pins that die with this process would stop
+    // all traffic the moment it does.
+    cloison_dataplane::bpffs::prepare(&args.pin_root)?;
     if args.listen.is_empty() {
         bail!("at least one --listen unix:PATH or tcp:ADDR is required");
     }

@@ -8,7 +8,7 @@ use std::{
 
 use cloison_abi::DropReason;
 use cloison_dataplane::UplinkHook;
-use xtask::lab::*;
+use cloison_lab::lab::*;
 
 /// The two-host lab, not yet programmed (tests add to it first).
 fn lab() -> Lab {
@@ -616,10 +616,10 @@ fn privileged_pps_generator_reaches_the_other_host() {
     let mut lab = lab();
     lab.apply().expect("apply");
     let (a1, a2) = (lab.vm("a1").clone(), lab.vm("a2").clone());
-    let frame = xtask::pps::udp_frame((a1.mac, a1.ip), (a2.mac, a2.ip), 60);
+    let frame = cloison_lab::pps::udp_frame((a1.mac, a1.ip), (a2.mac, a2.ip), 60);
     let hv1 = lab.ns("hv1");
-    let r = xtask::pps::measure(
-        &xtask::pps::Between {
+    let r = cloison_lab::pps::measure(
+        &cloison_lab::pps::Between {
             setup: "cloison",
             from_ns: &a1.ns,
             to_ns: &a2.ns,
@@ -635,7 +635,7 @@ fn privileged_pps_generator_reaches_the_other_host() {
     assert!(rr.p50_us > 0.0 && rr.p99_us >= rr.p50_us, "{rr:?}");
     lab.cleanup();
     let b = KernelBaseline::new().expect("baseline");
-    let frame = xtask::pps::udp_frame(
+    let frame = cloison_lab::pps::udp_frame(
         (
             cloison_dataplane::snapshot::MacAddr([2, 0, 0, 0, 0, 1]),
             "10.0.0.1".parse().unwrap(),
@@ -646,8 +646,8 @@ fn privileged_pps_generator_reaches_the_other_host() {
         ),
         60,
     );
-    let k = xtask::pps::measure(
-        &xtask::pps::Between {
+    let k = cloison_lab::pps::measure(
+        &cloison_lab::pps::Between {
             setup: "kernel",
             from_ns: &b.vm1,
             to_ns: &b.vm2,
@@ -670,7 +670,7 @@ fn privileged_pps_generator_reaches_the_other_host() {
 
 #[test]
 fn privileged_map_memory_is_measured() {
-    let m = xtask::memory::measure().expect("memory");
+    let m = cloison_lab::memory::measure().expect("memory");
     println!(
         "maps {} B; per remote port {:.0} B, per rule {:.0} B, per flow {:.0} B",
         m.total_bytes, m.bytes_per_remote_port, m.bytes_per_rule, m.bytes_per_flow

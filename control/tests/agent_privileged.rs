@@ -541,3 +541,50 @@ fn privileged_cloisonctl_sigterm_and_purge() {
     assert!(!pins.exists(), "purged");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ip netns exec` gives the agent a mount namespace of its own, where
+/// /sys is remounted: a bpffs it mounted there would vanish with it, and
+/// every port with it. It refuses to start, and says how to run it instead.
+#[test]
+fn privileged_refuses_pins_that_would_die_with_it() {
+    let name = format!("clpin{:x}", std::process::id() & 0xffff);
+    let _bed = testbed(&name);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = RemoveOnDrop(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("agent.sock");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &name, env!("CARGO_BIN_EXE_cloisond")])
+        .args(["--name", &name, "--uplink", "up0"])
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ip netns exec cloisond");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cloisond started under `ip netns exec`, where its pins die with it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("would not outlive this process") && err.contains("nsenter --net"),
+        "{err}"
+    );
+    assert!(!socket.exists(), "nothing was served");
+    let pins = PathBuf::from(cloison_dataplane::loader::DEFAULT_PIN_ROOT).join(&name);
+    assert!(!pins.exists(), "nothing was pinned on the host's bpffs");
+}

@@ -653,22 +653,19 @@ impl Lab {
         let socket = dir.join(format!("{host}.sock"));
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new(cloisond_path()?);
-        cmd.args([
-            "--name",
-            host,
-            "--uplink",
-            UPLINK,
-            "--uplink-hook",
-            self.hook.name(),
-        ])
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()))
-        .arg("--state-dir")
-        .arg(dir.join(format!("{host}-state")))
-        .arg("--pin-root")
-        .arg(&self.pin_root)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null());
+        cmd.args(["--name", host, "--uplink", UPLINK]);
+        if self.hook != UplinkHook::Auto {
+            // Auto is the default: the agents run with default flags.
+            cmd.args(["--uplink-hook", self.hook.name()]);
+        }
+        cmd.arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.join(format!("{host}-state")))
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
         let ns = self.ns(host);
         // In the host's network namespace, and ours for mounts (bpffs).
         unsafe {

@@ -10,10 +10,12 @@ use cloison_abi::DropReason;
 use cloison_dataplane::UplinkHook;
 use cloison_lab::lab::*;
 
-/// The two-host lab, not yet programmed (tests add to it first).
+/// The two-host lab, not yet programmed (tests add to it first): XDP on
+/// the uplinks, over a wire that suits it (`--uplink-hook auto` picks TC on
+/// a veth uplink: see the default-flags test).
 fn lab() -> Lab {
     need_root();
-    Lab::two_hosts(UplinkHook::Auto).expect("lab")
+    Lab::two_hosts(UplinkHook::Xdp).expect("lab")
 }
 
 fn need_root() {
@@ -263,7 +265,7 @@ fn privileged_iperf3_tcp_with_default_offloads_beside_kernel_baseline() {
     // the other (the kernel resolves it after the program).
     need_root();
     for (hook, wire, forwarding) in [
-        (UplinkHook::Auto, Wire::Nic, false),
+        (UplinkHook::Xdp, Wire::Nic, false),
         (UplinkHook::Tc, Wire::Offload, true),
     ] {
         let mut lab = Lab::two_hosts_on(hook, wire).expect("lab");
@@ -607,6 +609,33 @@ fn privileged_agents_restart_without_losing_a_packet() {
         !d1.contains_key(&DropReason::CtTcpNotSyn),
         "no flow forgotten: {d1:?}"
     );
+}
+
+/// Agents with default flags on an underlay that hands the uplinks GSO
+/// packets with partial checksums (a veth fabric whose switch ports have GRO
+/// on): `--uplink-hook auto` must pick a hook that carries them. XDP there
+/// passed ping and failed every TCP and UDP connection across hosts.
+#[test]
+fn privileged_default_flags_carry_tcp_and_udp_on_a_gso_underlay() {
+    need_root();
+    let mut lab = Lab::two_hosts_on(UplinkHook::Auto, Wire::Offload).expect("lab");
+    lab.start_agents().expect("agents");
+    lab.apply().expect("state through the agents' API");
+    for host in ["hv1", "hv2"] {
+        let links = lab.pin_root.join(host).join("links");
+        assert!(
+            links.join("uplink-tc").exists() && !links.join("uplink-xdp").exists(),
+            "{host}: auto picked XDP on a veth uplink"
+        );
+    }
+    assert!(lab.ping("a1", "10.0.0.2", 2), "ping across hosts");
+    let big = vec![0x5au8; 60_000];
+    let got = tcp_echo(&lab, "a1", "a2", &big).expect("TCP across hosts");
+    assert!(got == big, "TCP echo of 60 kB: {} bytes back", got.len());
+    let got = udp_echo(&lab, "a2", "a1", b"udp across hosts").expect("UDP across hosts");
+    assert_eq!(got, b"udp across hosts");
+    let gbit = iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 1).expect("iperf3");
+    assert!(gbit > 0.1, "a bulk TCP stream: {gbit} Gbit/s");
 }
 
 /// The pps bench's generator and sink still work, for Cloison and the

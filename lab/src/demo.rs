@@ -1,0 +1,400 @@
+//! `cargo xtask demo`: two hypervisors and a kernel VXLAN peer, each host run
+//! by its own cloisond, the state sent as an IaaS would (cloisonctl apply -f);
+//! then traffic, isolation between tenants with the same addresses, security
+//! groups (a revoke cutting a live stream), an agent killed under a ping,
+//! throughput beside the kernel, the counters by port, and a summary.
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use cloison_dataplane::UplinkHook;
+use serde_json::Value;
+
+use crate::lab::{self, Lab};
+
+fn step(msg: &str) {
+    println!("==> {msg}");
+}
+
+/// What the demo showed: a line each, with its numbers and whether it is
+/// what it must be.
+#[derive(Default)]
+struct Summary(Vec<(&'static str, String, bool)>);
+
+impl Summary {
+    fn add(&mut self, what: &'static str, numbers: String, ok: bool) {
+        self.0.push((what, numbers, ok));
+    }
+
+    fn print(&self) {
+        for (what, numbers, ok) in &self.0 {
+            println!(
+                "  {:<4} {what:<34} {numbers}",
+                if *ok { "ok" } else { "FAIL" }
+            );
+        }
+    }
+
+    fn failed(&self) -> Vec<&'static str> {
+        self.0.iter().filter(|l| !l.2).map(|l| l.0).collect()
+    }
+}
+
+pub fn run() -> Result<()> {
+    step("lab: 2 hypervisors on one underlay switch; tenants a and b both use 10.0.0.0/24 and MACs 02:00:00:00:00:0x");
+    let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
+    lab.add_kernel_vtep()?;
+    lab.start_agents()?;
+    let mut summary = Summary::default();
+    iaas_applies(&lab)?;
+    traffic(&lab, &mut summary);
+    isolation(&lab, &mut summary)?;
+    security_groups(&mut lab, &mut summary)?;
+    hitless_restart(&mut lab, &mut summary)?;
+    throughput(&lab, &mut summary);
+    counters(&lab)?;
+    step("cleaning up");
+    lab.cleanup();
+    step("summary");
+    summary.print();
+    let failed = summary.failed();
+    if !failed.is_empty() {
+        bail!("the demo showed something wrong: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn cloisonctl(lab: &Lab, host: &str, args: &[&str]) -> Result<std::process::Output> {
+    let a = lab
+        .agents
+        .iter()
+        .find(|a| a.host == host)
+        .context("an agent for this host")?;
+    let bin = lab::cloisond_path()?.with_file_name("cloisonctl");
+    Command::new(&bin)
+        .arg("--endpoint")
+        .arg(format!("unix:{}", a.socket.display()))
+        .args(args)
+        .output()
+        .with_context(|| format!("run {}", bin.display()))
+}
+
+fn iaas_applies(lab: &Lab) -> Result<()> {
+    step("the IaaS side: every object to each host's cloisond, with cloisonctl apply -f");
+    let file = std::env::temp_dir().join(format!("{}-objects.json", lab.tag));
+    std::fs::write(&file, serde_json::to_vec_pretty(&lab.objects_file()?)?)?;
+    let path = file.display().to_string();
+    for host in lab.hosts.clone() {
+        let out = cloisonctl(lab, &host, &["apply", "-f", &path])?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&file);
+            bail!(
+                "cloisonctl apply on {host}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        println!(
+            "  {host}: {} objects applied",
+            String::from_utf8_lossy(&out.stdout).lines().count()
+        );
+        lab.wait_agent(&host)?;
+    }
+    let _ = std::fs::remove_file(&file);
+    for args in [vec!["list", "ports"], vec!["status"]] {
+        println!("  $ cloisonctl {}", args.join(" "));
+        let out = cloisonctl(lab, "hv1", &args)?;
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("    {l}");
+        }
+    }
+    println!(
+        "  namespaces {}-*, pins under {}/hv*",
+        lab.tag,
+        lab.pin_root.display()
+    );
+    for v in &lab.vms {
+        println!(
+            "  VM {:<3} tenant {} on {}  {}  {}  {}",
+            v.name, v.tenant, v.host, v.mac, v.ip, v.ip6
+        );
+    }
+    println!("  kernel VXLAN peer (hv3, Linux vxlan device): tenant a, 10.0.0.9");
+    Ok(())
+}
+
+fn traffic(lab: &Lab, summary: &mut Summary) {
+    step("traffic within each tenant");
+    let checks = [
+        ("a1", "10.0.0.2", "tenant a, hv1 -> hv2 (VXLAN)"),
+        ("a1", "10.0.0.3", "tenant a, on hv1 (redirect)"),
+        ("a2", "fd00:1::1", "tenant a, IPv6 hv2 -> hv1"),
+        (
+            "b1",
+            "10.0.0.2",
+            "tenant b, hv1 -> hv2 (same IPs, other VNI)",
+        ),
+        ("a1", "10.0.0.9", "tenant a -> kernel VXLAN peer"),
+    ];
+    let mut ok = 0;
+    for (from, to, what) in checks {
+        let reached = lab.ping(from, to, 3);
+        ok += reached as usize;
+        println!(
+            "  ping {from} -> {to:<10} {:<4} {what}",
+            if reached { "ok" } else { "FAIL" }
+        );
+    }
+    let msg = b"hello from tenant a";
+    let tcp = lab::tcp_echo(lab, "a1", "a2", msg).is_ok_and(|g| g == msg);
+    println!("  TCP a1 -> a2 echo: {}", if tcp { "ok" } else { "FAIL" });
+    summary.add(
+        "traffic within tenants",
+        format!(
+            "{ok}/{} pings answered (v4, v6, local, across hosts, kernel peer); TCP echo {}",
+            checks.len(),
+            if tcp { "ok" } else { "failed" }
+        ),
+        ok == checks.len() && tcp,
+    );
+}
+
+fn isolation(lab: &Lab, summary: &mut Summary) -> Result<()> {
+    step("isolation: tenant b captures while tenant a talks");
+    let cap = lab::Capture::start(&lab.vm("b2").ns)?;
+    let marker = b"cloison-demo-tenant-a-secret";
+    let _ = lab::tcp_echo(lab, "a1", "a2", marker);
+    let frames = cap.finish()?;
+    let leaked = frames.iter().filter(|f| lab::contains(f, marker)).count();
+    println!(
+        "  b2 captured {} frames, {leaked} carrying tenant a's data",
+        frames.len()
+    );
+    let crossed = lab.ping("b1", "10.0.0.9", 1);
+    println!(
+        "  b1 -> 10.0.0.9 (tenant a's kernel peer): {}",
+        if crossed {
+            "REACHED (bug)"
+        } else {
+            "unreachable, as it must be"
+        }
+    );
+    summary.add(
+        "isolation between tenants",
+        format!(
+            "{leaked} of {} frames b2 captured carried a's data; b1 -> a's peer {}",
+            frames.len(),
+            if crossed { "REACHED" } else { "unreachable" }
+        ),
+        leaked == 0 && !crossed,
+    );
+    Ok(())
+}
+
+fn security_groups(lab: &mut Lab, summary: &mut Summary) -> Result<()> {
+    step("security groups: a1 in web (TCP 8080-8081 from group client), a2 in client, a3 in plain");
+    lab.web_and_client();
+    lab.apply()?;
+    let wait = Duration::from_secs(1);
+    let a1: std::net::IpAddr = lab.vm("a1").ip.into();
+    let tcp_to_a1 = |from: &str, port| {
+        lab::tcp_echo_to(lab, from, "a1", a1, port, b"sg", wait).is_ok_and(|g| g == b"sg")
+    };
+    let checks = [
+        (
+            "a2 -> a1 tcp 8080 (a2 in client, across hosts)",
+            tcp_to_a1("a2", 8080),
+            true,
+        ),
+        (
+            "a3 -> a1 tcp 8080 (a3 not in client, same host)",
+            tcp_to_a1("a3", 8080),
+            false,
+        ),
+        ("a2 -> a1 tcp 9090 (no rule)", tcp_to_a1("a2", 9090), false),
+        (
+            "a2 -> a1 ping (icmp from anywhere)",
+            lab.ping("a2", "10.0.0.1", 2),
+            true,
+        ),
+        (
+            "a1 -> a2 ping (client takes nothing in)",
+            lab.ping("a1", "10.0.0.2", 2),
+            false,
+        ),
+    ];
+    let mut right = 0;
+    for (what, got, want) in checks {
+        right += (got == want) as usize;
+        println!(
+            "  {:<8} {what}{}",
+            if got { "passes" } else { "refused" },
+            if got == want { "" } else { "   <- WRONG" }
+        );
+    }
+    summary.add(
+        "security groups",
+        format!("{right}/{} verdicts as the rules say", checks.len()),
+        right == checks.len(),
+    );
+    let stream = lab::TcpStreamProbe::start(lab, "a2", "a1", 8081)?;
+    let before = stream.progress(Duration::from_secs(1));
+    lab.set_groups(&[("a2", "plain")]);
+    lab.apply()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let after = stream.progress(Duration::from_secs(1));
+    drop(stream);
+    println!(
+        "  revoke: a2 leaves client while streaming to a1:8081: {before} B/s before, {after} B/s after"
+    );
+    summary.add(
+        "strict revoke of a live stream",
+        format!("{before} B/s before a2 left the group, {after} B/s after"),
+        before > 0 && after == 0,
+    );
+    lab.set_groups(&[
+        ("a1", "a-default"),
+        ("a2", "a-default"),
+        ("a3", "a-default"),
+    ]);
+    lab.apply()
+}
+
+fn hitless_restart(lab: &mut Lab, summary: &mut Summary) -> Result<()> {
+    step("hitless: hv1's agent killed with SIGKILL and restarted under a 250 pps ping a1 -> a2");
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &lab.vm("a1").ns])
+        .args([
+            "ping", "-q", "-i", "0.004", "-c", "500", "-W", "1", "10.0.0.2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    lab.kill_agent("hv1");
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    lab.restart_agent("hv1")?;
+    lab.wait_agent("hv1")?;
+    let back = killed.elapsed();
+    let out = ping.wait_with_output()?;
+    let summary_line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("no ping summary")
+        .to_string();
+    println!("  {summary_line}");
+    summary.add(
+        "agent SIGKILL + restart",
+        format!(
+            "{summary_line} (agent back and converged {} ms after the kill)",
+            back.as_millis()
+        ),
+        summary_line.contains(" 0% packet loss"),
+    );
+    Ok(())
+}
+
+fn throughput(lab: &Lab, summary: &mut Summary) {
+    step("throughput: iperf3 TCP between VMs on two hosts, 3 s each");
+    let cloison = lab::iperf3(&lab.vm("a2").ns, &lab.vm("a1").ns, "10.0.0.2", 3);
+    let base = lab::KernelBaseline::new().and_then(|b| lab::iperf3(&b.vm2, &b.vm1, "10.0.0.2", 3));
+    match (&cloison, &base) {
+        (Ok(c), Ok(b)) => {
+            println!(
+                "  Cloison {c:.2} Gbit/s, kernel VXLAN+bridge {b:.2} Gbit/s, ratio {:.2}",
+                c / b
+            );
+            summary.add(
+                "TCP throughput, one stream",
+                format!(
+                    "Cloison {c:.2} Gbit/s, kernel VXLAN + bridge + nftables {b:.2} Gbit/s ({:.2}x)",
+                    c / b
+                ),
+                *c > 0.0,
+            );
+        }
+        _ => {
+            println!("  Cloison {cloison:?}, kernel baseline {base:?}");
+            summary.add(
+                "TCP throughput, one stream",
+                format!("Cloison {cloison:?}, kernel {base:?}"),
+                false,
+            );
+        }
+    }
+}
+
+/// Each port's counters from its agent (`GET /v1/ports/{name}/stats`), by
+/// name, tenant and network, and each host's drops by reason.
+fn counters(lab: &Lab) -> Result<()> {
+    step("counters, from each host's agent (cloisonctl stats PORT, /metrics)");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "  {:<5} {:<4} {:<8} {:<6} {:>10} {:>12} {:>10} {:>12} {:>6}  drops by reason",
+        "port", "host", "tenant", "net", "from VM", "bytes", "to VM", "bytes", "drops"
+    );
+    let mut tenants: std::collections::BTreeMap<String, [u64; 3]> = Default::default();
+    for p in &lab.snapshot.ports {
+        if !lab.hosts.contains(&p.host) {
+            continue; // the kernel peer has no agent
+        }
+        let net = lab
+            .snapshot
+            .networks
+            .iter()
+            .find(|n| n.name == p.network)
+            .context("the port's network")?;
+        let s: Value = rt
+            .block_on(
+                lab.agent_client(&p.host)
+                    .get(&format!("/v1/ports/{}/stats", p.name)),
+            )?
+            .json()?;
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let reasons: Vec<String> = s["drops_by_reason"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(r, c)| format!("{r} {c}"))
+            .collect();
+        println!(
+            "  {:<5} {:<4} {:<8} {:<6} {:>10} {:>12} {:>10} {:>12} {:>6}  {}",
+            p.name,
+            p.host,
+            net.tenant,
+            net.name,
+            n(&s["from_vm"]["packets"]),
+            n(&s["from_vm"]["bytes"]),
+            n(&s["to_vm"]["packets"]),
+            n(&s["to_vm"]["bytes"]),
+            n(&s["drops"]),
+            reasons.join(", ")
+        );
+        let t = tenants.entry(net.tenant.clone()).or_default();
+        t[0] += n(&s["from_vm"]["packets"]);
+        t[1] += n(&s["to_vm"]["packets"]);
+        t[2] += n(&s["drops"]);
+    }
+    for (t, [tx, rx, drops]) in &tenants {
+        println!("  tenant {t}: {tx} packets from its VMs, {rx} to them, {drops} dropped");
+    }
+    for host in &lab.hosts {
+        let drops = lab.drops(host)?;
+        let all: Vec<String> = drops
+            .iter()
+            .map(|(r, n)| format!("{} {n}", r.name()))
+            .collect();
+        println!(
+            "  {host} drops by reason: {}",
+            if all.is_empty() {
+                "(none)".to_string()
+            } else {
+                all.join(", ")
+            }
+        );
+    }
+    Ok(())
+}

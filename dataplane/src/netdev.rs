@@ -97,11 +97,11 @@ impl DriverInfo {
     /// across hosts failed with XDP and passed with TC.
     pub fn xdp_sees_wire_frames(&self) -> bool {
         let b = self.bus_info.trim();
-        !(b.is_empty() || b == "N/A" || b == "tap")
-            && !matches!(
-                self.driver.as_str(),
-                "veth" | "tun" | "bridge" | "bonding" | "vxlan"
-            )
+        let software = matches!(
+            self.driver.as_str(),
+            "veth" | "tun" | "bridge" | "bonding" | "vxlan"
+        );
+        !(b.is_empty() || b == "N/A" || b == "tap" || software)
     }
 }
 

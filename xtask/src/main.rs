@@ -5,7 +5,7 @@
 //! command a new machine needs. This crate builds on the plain stable
 //! toolchain: what needs the BPF object (the lab, demo, benches) is the
 //! `cloison-lab` crate, built and run here after setup.
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 
 use anyhow::Result;
 
@@ -72,6 +72,26 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    let toolchain = cloison_toolchain::bpf_toolchain();
+    step(&format!(
+        "cargo clippy -- -D warnings, the BPF crate ({toolchain}, bpfel-unknown-none)"
+    ));
+    run_quiet(
+        Command::new("rustup")
+            .args(["run", &toolchain, "cargo", "clippy", "--quiet"])
+            .args([
+                "-p",
+                "cloison-ebpf",
+                "--bins",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["-Z", "build-std=core", "--target-dir", "target/bpf-clippy"])
+            .args(["--", "-D", "warnings"])
+            .env_remove("CARGO")
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+    )?;
     step("build: the tests (BPF object included)");
     let tests = [
         "--workspace",

@@ -1,14 +1,26 @@
 //! Connection tracking: one entry per flow in an LRU map keyed by the
 //! network (zone) and the flow's two ends in canonical order, aged by
-//! timestamps, charged to a port and its tenant within their quotas.
+//! timestamps, charged to a port and its tenant within their quotas; IPv4
+//! fragments by their first fragment; ICMP errors by the flow they quote.
+//! Whether a new flow may start is the policy stage's to say; the pipeline
+//! calls the two in turn.
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use cloison_abi::*;
 
 use crate::{
-    hdr::copy16,
-    maps::{CONNTRACK, CT_USE},
+    hdr::*,
+    maps::{scratch, CONNTRACK, CT_USE, FRAGMENTS},
+    parse::{Parsed, L3},
 };
+
+/// The clock entries are stamped with. Coarse (a tick of resolution) is
+/// plenty for timeouts of seconds, and cheaper.
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
 
 /// Writes the canonical key of a packet's flow into `k`; true if the packet
 /// comes from end b of it.
@@ -129,4 +141,145 @@ pub fn create(
     add_use(owner.slot, 1);
     add_use(MAX_PORTS + owner.tenant, 1);
     Ok(())
+}
+
+/// The live entry of `key`, if any; an expired one is removed (and its
+/// charge given back) on the way.
+#[inline(always)]
+pub fn live(key: &CtKey, now: u64) -> Option<&'static mut CtEntry> {
+    let e = unsafe { &mut *CONNTRACK.get_ptr_mut(key)? };
+    if !expired(e, now) {
+        return Some(e);
+    }
+    remove(key, e);
+    None
+}
+
+/// Moves an established entry on with this packet (`reply`: from the
+/// flow's responder).
+#[inline(always)]
+pub fn advance(e: &mut CtEntry, p: &Parsed, reply: bool, now: u64) {
+    let (state, flags) = ct_advance(e.state, e.flags, p.proto == IPPROTO_TCP, p.tcp_flags, reply);
+    // Written only when they change (the clock is coarse: once a tick):
+    // both directions of a flow, often on two CPUs, share this cache line.
+    if e.state != state || e.flags != flags {
+        e.state = state;
+        e.flags = flags;
+    }
+    if e.last_seen_ns != now {
+        e.last_seen_ns = now;
+    }
+}
+
+#[inline(always)]
+pub fn is_icmp_error(p: &Parsed) -> bool {
+    match (p.l3, p.proto) {
+        (L3::Ipv4, IPPROTO_ICMP) => matches!(p.icmp_type, 3 | 11 | 12),
+        (L3::Ipv6, IPPROTO_ICMPV6) => matches!(p.icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// An ICMP error passes only if the packet it quotes belongs to a tracked
+/// flow. A call of its own (its own stack frame).
+#[inline(never)]
+pub fn related(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Packed {
+    pack(related_stage(c, p, zone, now).map(|_| 0))
+}
+
+#[inline(always)]
+fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), DropReason> {
+    let unrelated = DropReason::IcmpErrorUnrelated;
+    // Parsed may live in map memory, whose values the verifier does not
+    // track: bound the offset before it moves a packet pointer.
+    if p.l4_off > ETH_LEN + 60 {
+        return Err(unrelated);
+    }
+    let off = p.l4_off + 8;
+    let k = &mut scratch()?.key;
+    let (proto, l4) = if p.l3 == L3::Ipv4 {
+        let ip: *mut Ipv4Hdr = c.at(off).ok_or(unrelated)?;
+        let ip = unsafe { &*ip };
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return Err(unrelated);
+        }
+        (ip.proto, off + ihl)
+    } else {
+        let ip: *mut Ipv6Hdr = c.at(off).ok_or(unrelated)?;
+        (unsafe { (*ip).next_header }, off + 40)
+    };
+    let (mut sport, mut dport) = (0u16, 0u16);
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports: *mut [u8; 4] = c.at(l4).ok_or(unrelated)?;
+            let ports = unsafe { &*ports };
+            sport = be16([ports[0], ports[1]]);
+            dport = be16([ports[2], ports[3]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let i: *mut IcmpHdr = c.at(l4).ok_or(unrelated)?;
+            let i = unsafe { &*i };
+            let id = be16([i.rest[0], i.rest[1]]);
+            match i.ty {
+                ICMP_ECHO_REQUEST | ICMPV6_ECHO_REQUEST => sport = id,
+                ICMP_ECHO_REPLY | ICMPV6_ECHO_REPLY => dport = id,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    // The quoted packet's own ends, put in canonical order like any key.
+    if p.l3 == L3::Ipv4 {
+        let ip: *mut Ipv4Hdr = c.at(off).ok_or(unrelated)?;
+        let ip = unsafe { &*ip };
+        let (src, dst) = (v4_mapped(ip.src), v4_mapped(ip.dst));
+        key(k, zone, proto, &src, (sport, dport), &dst);
+    } else {
+        let ip: *mut Ipv6Hdr = c.at(off).ok_or(unrelated)?;
+        let ip = unsafe { &*ip };
+        key(k, zone, proto, &ip.src, (sport, dport), &ip.dst);
+    }
+    match CONNTRACK.get_ptr(k) {
+        Some(e) if !expired(unsafe { &*e }, now) => Ok(()),
+        _ => Err(unrelated),
+    }
+}
+
+#[inline(always)]
+fn frag_key(zone: u32, p: &Parsed) -> FragKey {
+    FragKey {
+        zone,
+        src: [p.src[12], p.src[13], p.src[14], p.src[15]],
+        dst: [p.dst[12], p.dst[13], p.dst[14], p.dst[15]],
+        id: p.ip_id,
+        proto: p.proto,
+        _pad: 0,
+    }
+}
+
+/// An allowed first fragment: its later fragments will pass.
+#[inline(never)]
+pub fn remember_first_fragment(zone: u32, p: &Parsed, now: u64) {
+    if p.first_fragment {
+        let _ = FRAGMENTS.insert(&frag_key(zone, p), &now, 0);
+    }
+}
+
+/// A later fragment gets its first fragment's verdict.
+#[inline(always)]
+pub fn fragment_seen(zone: u32, p: &Parsed, now: u64) -> Result<(), DropReason> {
+    if fragment_seen_call(zone, p, now) != 0 {
+        Ok(())
+    } else {
+        Err(DropReason::FragmentUnknown)
+    }
+}
+
+#[inline(never)]
+fn fragment_seen_call(zone: u32, p: &Parsed, now: u64) -> u32 {
+    match FRAGMENTS.get_ptr(&frag_key(zone, p)) {
+        Some(t) => !idle_longer_than(unsafe { *t }, now, FRAG_TIMEOUT_NS) as u32,
+        None => 0,
+    }
 }

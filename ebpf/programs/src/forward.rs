@@ -1,42 +1,22 @@
 //! Forwarding by (VNI, destination MAC): a local port gets the frame by
 //! redirect, a remote one inside VXLAN. Oversized packets for a remote port
 //! get an ICMP error back instead of a silent drop.
-use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::generated::{bpf_redirect, bpf_redirect_peer},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use cloison_abi::*;
 
 use crate::{
+    decision::*,
     hdr::*,
-    maps::{count_to_vm, FORWARD},
+    maps::{count_to_vm, forward},
+    packet::redirect_tc,
     parse::{Parsed, L3},
-    port::*,
 };
 
+/// Delivers a frame from a port's TC hook into a local port's VM.
 #[inline(always)]
-pub fn lookup(vni: u32, mac: [u8; 6]) -> Option<ForwardEntry> {
-    let key = ForwardKey {
-        vni,
-        mac,
-        _pad: [0; 2],
-    };
-    FORWARD.get_ptr(&key).map(|f| unsafe { *f })
-}
-
-/// Delivers a frame into a local port's VM.
-#[inline(always)]
-pub fn deliver(fwd: &ForwardEntry, bytes: u32, from_ingress: bool) -> i32 {
+pub fn deliver(fwd: &ForwardEntry, bytes: u32) -> i32 {
     count_to_vm(fwd.slot, bytes);
-    unsafe {
-        if from_ingress && fwd.flags & PORT_F_VETH != 0 {
-            bpf_redirect_peer(fwd.ifindex, 0);
-        } else {
-            bpf_redirect(fwd.ifindex, 0);
-        }
-    }
-    TC_ACT_REDIRECT
+    redirect_tc(fwd, true)
 }
 
 pub fn from_port(
@@ -56,7 +36,7 @@ pub fn from_port(
             DropReason::Multicast
         });
     }
-    let fwd = lookup(port.vni, dst).ok_or(DropReason::UnknownUnicast)?;
+    let fwd = forward(port.vni, dst).ok_or(DropReason::UnknownUnicast)?;
     *peer = fwd;
     if fwd.kind == FWD_LOCAL {
         if fwd.ifindex == ifindex {

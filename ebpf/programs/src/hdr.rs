@@ -118,11 +118,6 @@ impl Cursor {
         }
         Some(start as *mut T)
     }
-
-    #[inline(always)]
-    pub fn len(&self) -> usize {
-        self.end - self.data
-    }
 }
 
 // The BPF backend (as bpf-linker drives it: memcpy expanded in order)
@@ -135,8 +130,8 @@ impl Cursor {
 /// (all-zero must be a valid `T`).
 #[inline(always)]
 pub unsafe fn zero<T>(p: *mut T) {
-    const { assert!(core::mem::align_of::<T>() >= 4 && size_of::<T>() % 4 == 0) };
-    if core::mem::align_of::<T>() >= 8 && size_of::<T>() % 8 == 0 {
+    const { assert!(core::mem::align_of::<T>() >= 4 && size_of::<T>().is_multiple_of(4)) };
+    if core::mem::align_of::<T>() >= 8 && size_of::<T>().is_multiple_of(8) {
         let w = p as *mut u64;
         let mut i = 0;
         while i < size_of::<T>() / 8 {
@@ -204,6 +199,14 @@ pub fn csum_words<const N: usize>(bytes: &[u8; N], mut sum: u32) -> u32 {
         i += 2;
     }
     sum
+}
+
+/// `::ffff:a.b.c.d`, built in two registers (an array literal would be a
+/// memset call).
+#[inline(always)]
+pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    let lo = ((0xffffu64 << 32) | u32::from_be_bytes(a) as u64).to_be();
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, lo]) }
 }
 
 #[inline(always)]

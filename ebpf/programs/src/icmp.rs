@@ -34,13 +34,8 @@ struct V6Error {
     icmp: IcmpHdr,
 }
 
-#[inline(never)]
-pub fn too_big(ctx: &TcContext, ifindex: u32, port: &PortInfo, v4: bool) -> Packed {
-    pack(too_big_stage(ctx, ifindex, port, v4))
-}
-
 #[inline(always)]
-fn too_big_stage(
+pub fn too_big(
     ctx: &TcContext,
     ifindex: u32,
     port: &PortInfo,
@@ -56,10 +51,7 @@ fn too_big_stage(
             // No DF: the VM did not ask for path MTU discovery; nothing to tell it.
             return Err(DropReason::MtuExceeded);
         }
-        (
-            crate::maps::v4_mapped(ip.src),
-            crate::maps::v4_mapped(ip.dst),
-        )
+        (v4_mapped(ip.src), v4_mapped(ip.dst))
     } else {
         let ip: *mut Ipv6Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv6)?;
         let ip = unsafe { &*ip };

@@ -1,10 +1,14 @@
-//! Every map of the dataplane. Typed in `cloison-abi`, written only by the
-//! `dataplane` crate; pinned by name so an agent restart reuses them.
+//! Every map of the dataplane, and the lookups and counters over them.
+//! Typed in `cloison-abi`, written only by the `dataplane` crate; pinned by
+//! name so an agent restart reuses them. Knows no stage: only the ABI and the
+//! shared decision types.
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use cloison_abi::*;
+
+use crate::decision::Scratch;
 
 #[map(name = "CL_PORTS")]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(MAX_PORTS, 0);
@@ -58,11 +62,10 @@ pub static FRAGMENTS: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENT
 pub static PORT_DROPS: LruPerCpuHashMap<PortDropKey, u64> =
     LruPerCpuHashMap::pinned(MAX_PORT_DROPS, 0);
 
-/// Per-CPU working memory of the policy stage: what would not fit in the
-/// 512-byte BPF stack along the longest call chain. Programs on one CPU run
-/// in softirq context one at a time, so one slot per CPU is never shared.
+/// Per-CPU working memory (see [`Scratch`]). Programs on one CPU run in
+/// softirq context one at a time, so one slot per CPU is never shared.
 #[map]
-pub static SCRATCH: PerCpuArray<crate::policy::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot value meaning "no port known yet" (drops not attributed to a port).
 pub const NO_SLOT: u32 = u32::MAX;
@@ -109,14 +112,6 @@ pub fn count_to_vm(slot: u32, bytes: u32) {
     }
 }
 
-/// `::ffff:a.b.c.d`, built in two registers (an array literal would be a
-/// memset call).
-#[inline(always)]
-pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    let lo = ((0xffffu64 << 32) | u32::from_be_bytes(a) as u64).to_be();
-    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, lo]) }
-}
-
 /// Which MAC may send from `addr` on port `ifindex` (anti-spoofing).
 #[inline(always)]
 pub fn allowed_mac(ifindex: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
@@ -128,4 +123,30 @@ pub fn allowed_mac(ifindex: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
         },
     );
     ADDR_ALLOW.get(&key).map(|a| a.mac)
+}
+
+#[inline(always)]
+pub fn scratch() -> Result<&'static mut Scratch, DropReason> {
+    match SCRATCH.get_ptr_mut(0) {
+        Some(s) => Ok(unsafe { &mut *s }),
+        None => Err(DropReason::NoConfig),
+    }
+}
+
+/// Where frames to `mac` in network `vni` go.
+#[inline(always)]
+pub fn forward(vni: u32, mac: [u8; 6]) -> Option<ForwardEntry> {
+    let key = ForwardKey {
+        vni,
+        mac,
+        _pad: [0; 2],
+    };
+    FORWARD.get_ptr(&key).map(|f| unsafe { *f })
+}
+
+/// The MAC of `addr` in network `vni` (ARP and ND answers).
+#[inline(always)]
+pub fn neighbour(vni: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
+    let key = NeighbourKey { vni, addr };
+    NEIGHBOURS.get_ptr(&key).map(|n| unsafe { (*n).mac })
 }

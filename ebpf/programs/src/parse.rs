@@ -75,8 +75,8 @@ pub fn frame(c: &Cursor, pkt_len: usize, p: &mut Parsed) -> Result<(), DropReaso
             p.l3 = L3::Ipv4;
             p.l4_off = ETH_LEN + ihl_bytes;
             p.proto = ip.proto;
-            p.src = crate::maps::v4_mapped(ip.src);
-            p.dst = crate::maps::v4_mapped(ip.dst);
+            p.src = v4_mapped(ip.src);
+            p.dst = v4_mapped(ip.dst);
             p.later_fragment = frag & 0x1fff != 0;
             p.first_fragment = frag & 0x3fff == 0x2000;
             p.ip_id = ip.id;
@@ -144,67 +144,4 @@ fn l4(c: &Cursor, p: &mut Parsed) -> Result<(), DropReason> {
         _ => {}
     }
     Ok(())
-}
-
-/// Makes the headers of the frame starting `base` bytes into the packet
-/// linear, when they are not already (the helper costs).
-#[inline(always)]
-pub fn pull_headers(ctx: &aya_ebpf::programs::TcContext, base: u32) {
-    let want = pull_len(ctx, base);
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        let _ = ctx.pull_data(want);
-    }
-}
-
-/// How many bytes of a frame (starting `base` bytes into the packet) to make
-/// linear before parsing: `PULL_LEN` (capped at the packet), except for a
-/// GSO packet, whose headers only are pulled (read with
-/// `bpf_skb_load_bytes`, wherever they lie). Its payload stays in its pages:
-/// pulling part of it into the head would copy it there and keep the
-/// receiving VM's TCP from coalescing the segments (measured: 1 coalesced
-/// segment in 3 s of iperf3 instead of ~20,000).
-#[inline(never)]
-fn pull_len(ctx: &aya_ebpf::programs::TcContext, base: u32) -> u32 {
-    let len = ctx.len();
-    let all = base + crate::port::PULL_LEN;
-    let plain = if len < all { len } else { all };
-    if unsafe { (*ctx.skb.skb).gso_size } == 0 {
-        return plain;
-    }
-    let proto = match ctx.load::<[u8; 2]>(base as usize + 12) {
-        Ok(p) => be16(p),
-        Err(_) => return plain,
-    };
-    let (l4, l4_proto) = match proto {
-        ETH_P_IP => {
-            let (Ok(vihl), Ok(p)) = (
-                ctx.load::<u8>(base as usize + ETH_LEN),
-                ctx.load::<u8>(base as usize + ETH_LEN + 9),
-            ) else {
-                return plain;
-            };
-            (base + ETH_LEN as u32 + ((vihl & 0x0f) as u32) * 4, p)
-        }
-        ETH_P_IPV6 => match ctx.load::<u8>(base as usize + ETH_LEN + 6) {
-            Ok(p) => (base + ETH_LEN as u32 + 40, p),
-            Err(_) => return plain,
-        },
-        _ => return plain,
-    };
-    let l4_len = match l4_proto {
-        IPPROTO_TCP => match ctx.load::<u8>(l4 as usize + 12) {
-            Ok(doff) => ((doff >> 4) as u32) * 4,
-            Err(_) => return plain,
-        },
-        IPPROTO_UDP => 8,
-        // An extension header or another protocol: the whole first part, as
-        // for any frame.
-        _ => return plain,
-    };
-    let end = l4 + l4_len;
-    if end < plain {
-        end
-    } else {
-        plain
-    }
 }

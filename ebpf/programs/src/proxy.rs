@@ -2,19 +2,12 @@
 //! the controller knows in the port's network are answered here, back to the
 //! asking port. Nothing is flooded.
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::generated::bpf_redirect, programs::TcContext};
-use cloison_abi::{DropReason, NeighbourKey, PortInfo};
+use cloison_abi::{DropReason, PortInfo};
 
 use crate::{
     hdr::*,
-    maps::{count_to_vm, v4_mapped, NEIGHBOURS},
-    spoof,
+    maps::{count_to_vm, neighbour},
 };
-
-#[inline(always)]
-fn neighbour(vni: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
-    let key = NeighbourKey { vni, addr };
-    NEIGHBOURS.get_ptr(&key).map(|n| unsafe { (*n).mac })
-}
 
 #[inline(always)]
 fn redirect_back(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, DropReason> {
@@ -23,21 +16,14 @@ fn redirect_back(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, 
     Ok(TC_ACT_REDIRECT)
 }
 
-#[inline(never)]
-pub fn arp(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Packed {
-    pack(arp_stage(ctx, ifindex, port))
-}
-
+/// Answers an ARP request (its sender fields already checked by the
+/// anti-spoofing stage where the port has port security).
 #[inline(always)]
-fn arp_stage(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, DropReason> {
+pub fn arp(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, DropReason> {
     let c = &Cursor::new(ctx.data(), ctx.data_end());
-    let secure = port.flags & cloison_abi::PORT_F_SECURITY != 0;
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let arp: *mut ArpHdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedArp)?;
     let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
-    if secure {
-        spoof::check_arp(eth, arp, ifindex, port)?;
-    }
     match be16(arp.op) {
         1 => {}
         2 => return Err(DropReason::ArpReplyFromVm),
@@ -83,13 +69,9 @@ struct NaFrame {
     opt_mac: [u8; 6],
 }
 
-#[inline(never)]
-pub fn nd(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Packed {
-    pack(nd_stage(ctx, port, ifindex))
-}
-
+/// Answers a neighbour solicitation.
 #[inline(always)]
-fn nd_stage(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Result<i32, DropReason> {
+pub fn nd(ctx: &TcContext, port: &PortInfo, ifindex: u32) -> Result<i32, DropReason> {
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let ip: *mut Ipv6Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv6)?;

@@ -7,7 +7,7 @@ use crate::{hdr::*, maps::allowed_mac, parse::*};
 
 #[inline(always)]
 pub fn check_ip(eth: &EthHdr, ifindex: u32, port: &PortInfo, p: &Parsed) -> Result<(), DropReason> {
-    let unspecified = is_zero16(&p.src) || eq16(&p.src, &crate::maps::v4_mapped([0; 4]));
+    let unspecified = is_zero16(&p.src) || eq16(&p.src, &v4_mapped([0; 4]));
     if unspecified {
         // Address-less packets a VM must be able to send before it has an
         // address: DHCPv4 discovery, and IPv6 DAD / MLD.
@@ -42,12 +42,10 @@ pub fn check_ip(eth: &EthHdr, ifindex: u32, port: &PortInfo, p: &Parsed) -> Resu
 /// ARP sender fields: the sender MAC is the frame's source, and the sender
 /// address is one of the port's (0.0.0.0 for an ARP probe from its own MAC).
 #[inline(always)]
-pub fn check_arp(
-    eth: &EthHdr,
-    arp: &ArpHdr,
-    ifindex: u32,
-    port: &PortInfo,
-) -> Result<(), DropReason> {
+pub fn check_arp(c: &Cursor, ifindex: u32, port: &PortInfo) -> Result<(), DropReason> {
+    let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
+    let arp: *mut ArpHdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedArp)?;
+    let (eth, arp) = unsafe { (&*eth, &*arp) };
     if !mac_eq(&arp.sha, &eth.src) {
         return Err(DropReason::SpoofedArp);
     }
@@ -57,7 +55,7 @@ pub fn check_arp(
         }
         return Ok(());
     }
-    match allowed_mac(ifindex, crate::maps::v4_mapped(arp.spa)) {
+    match allowed_mac(ifindex, v4_mapped(arp.spa)) {
         Some(mac) if mac_eq(&mac, &arp.sha) => Ok(()),
         _ => Err(DropReason::SpoofedArp),
     }

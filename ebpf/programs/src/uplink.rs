@@ -2,21 +2,14 @@
 //! passes untouched; VXLAN is accepted only from a VTEP that has the network,
 //! with valid flags, for a local port of that network, from a MAC that lives
 //! behind the sending VTEP. Everything else aimed at our VXLAN port is dropped
-//! with its reason. The entry points do the decapsulation their hook allows.
+//! with its reason. The pipeline decapsulates as its hook allows.
 use cloison_abi::*;
 
 use crate::{
-    forward,
+    decision::Delivery,
     hdr::*,
-    maps::{CONFIG, NETWORKS, VTEPS},
+    maps::{forward, CONFIG, NETWORKS, VTEPS},
 };
-
-/// A decapsulated frame's destination.
-pub struct Delivery {
-    pub port: ForwardEntry,
-    pub vni: u32,
-    pub inner_proto: u16,
-}
 
 /// `Ok(None)`: not for the overlay, hand to the host stack.
 #[inline(always)]
@@ -89,11 +82,11 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
     }
     let inner: *mut EthHdr = c.at(VXLAN_ENCAP_LEN).ok_or(DropReason::VxlanTruncated)?;
     let inner = unsafe { &*inner };
-    let port = match forward::lookup(vni, inner.dst) {
+    let port = match forward(vni, inner.dst) {
         Some(f) if f.kind == FWD_LOCAL => f,
         _ => return Err(DropReason::VxlanUnknownDestination),
     };
-    match forward::lookup(vni, inner.src) {
+    match forward(vni, inner.src) {
         Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, &ip.src) => {}
         _ => return Err(DropReason::VxlanSpoofedSource),
     }

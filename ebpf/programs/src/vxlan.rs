@@ -72,13 +72,8 @@ pub fn flow_hash(p: &Parsed) -> u32 {
     h ^ (h >> 16)
 }
 
-#[inline(never)]
-pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Packed {
-    pack(encap_stage(ctx, vni, vtep, hash))
-}
-
 #[inline(always)]
-fn encap_stage(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32, DropReason> {
+pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32, DropReason> {
     let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let skb = ctx.skb.skb;
     let inner_len = ctx.len();

@@ -1,0 +1,283 @@
+//! The one place that calls the stages, in order. Stages never call each
+//! other: each takes what earlier ones decided (`decision`) and returns
+//! `Result<_, DropReason>`; here an `Err(reason)` becomes a counted drop.
+//!
+//! VM egress (TC on the port): port → parse → anti-spoofing → local answers
+//! (ARP, ND) → forwarding → the stateful check (conntrack, then the rules for
+//! what conntrack does not know) → encap, local delivery, or an ICMP error.
+//! Underlay ingress (XDP or TC on the uplink, one code over [`Packet`]):
+//! uplink checks → the receiver's stateful check → decap → delivery.
+//!
+//! Functions marked `inline(never)` are BPF calls of their own: each gets its
+//! own stack frame, so that no call chain reaches the 512-byte BPF stack, and
+//! returns one register ([`Packed`]).
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use cloison_abi::*;
+
+use crate::{
+    conntrack,
+    decision::*,
+    forward,
+    hdr::*,
+    icmp,
+    maps::{count_drop, count_to_vm, scratch, CONFIG, NO_SLOT, PORTS},
+    packet::{pull_headers, Packet},
+    parse::{self, Parsed, L3},
+    policy, port, proxy, spoof, uplink, vxlan,
+};
+
+/// Everything a VM sends, from the TC hook on its port.
+#[inline(always)]
+pub fn from_vm(ctx: &TcContext) -> i32 {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let d = Decision::init(&mut slot);
+    let first = first_stages(ctx, d);
+    let res = if first < 0 {
+        first
+    } else {
+        let sg = match d.next.kind {
+            NEXT_LOCAL | NEXT_ENCAP | NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 => {
+                from_port_checked(ctx, d)
+            }
+            _ => 0,
+        };
+        if sg < 0 {
+            sg
+        } else {
+            match d.next.kind {
+                NEXT_ARP => arp(ctx, d.ifindex, &d.port),
+                NEXT_ND => pack(proxy::nd(ctx, &d.port, d.ifindex)),
+                NEXT_TOO_BIG_V4 => too_big(ctx, d.ifindex, &d.port, true),
+                NEXT_TOO_BIG_V6 => too_big(ctx, d.ifindex, &d.port, false),
+                NEXT_ENCAP => encap(ctx, d.port.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed)),
+                NEXT_LOCAL => forward::deliver(&d.peer, ctx.len()) as Packed,
+                _ => d.next.arg as i32 as Packed,
+            }
+        }
+    };
+    match unpack(res) {
+        Ok(action) => action,
+        Err(reason) => {
+            // A local receiver's ingress rules refused it: its counter.
+            let slot = if reason == DropReason::SgIngressDenied && d.next.kind == NEXT_LOCAL {
+                d.peer.slot
+            } else {
+                d.port.slot
+            };
+            count_drop(reason, slot);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Port, parse, anti-spoofing, local answers and forwarding: fills `d`.
+#[inline(never)]
+fn first_stages(ctx: &TcContext, d: &mut Decision) -> Packed {
+    match first_stages_in_order(ctx, d) {
+        Ok(n) => {
+            d.next = n;
+            0
+        }
+        Err(e) => pack(Err(e)),
+    }
+}
+
+#[inline(always)]
+fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, DropReason> {
+    port::identify(ctx, d)?;
+    let len = ctx.len();
+    pull_headers(ctx, 0);
+    let c = Cursor::new(ctx.data(), ctx.data_end());
+    parse::frame(&c, len as usize, &mut d.parsed)?;
+    let (port, p) = (&d.port, &d.parsed);
+    if p.l3 == L3::Arp {
+        return Ok(Next::of(NEXT_ARP, 0));
+    }
+    if port.flags & PORT_F_SECURITY != 0 {
+        let (eth, _) = parse::ethernet(&c)?;
+        spoof::check_ip(eth, d.ifindex, port, p)?;
+    }
+    if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 {
+        match p.icmp_type {
+            135 => return Ok(Next::of(NEXT_ND, 0)),
+            133 => return Err(DropReason::RouterSolicitation),
+            _ => {}
+        }
+    }
+    forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer)
+}
+
+/// ARP: the sender fields checked (with port security), then answered.
+#[inline(never)]
+fn arp(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Packed {
+    if port.flags & PORT_F_SECURITY != 0 {
+        let c = Cursor::new(ctx.data(), ctx.data_end());
+        if let Err(e) = spoof::check_arp(&c, ifindex, port) {
+            return pack(Err(e));
+        }
+    }
+    pack(proxy::arp(ctx, ifindex, port))
+}
+
+#[inline(never)]
+fn too_big(ctx: &TcContext, ifindex: u32, port: &PortInfo, v4: bool) -> Packed {
+    pack(icmp::too_big(ctx, ifindex, port, v4))
+}
+
+#[inline(never)]
+fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Packed {
+    pack(vxlan::encap(ctx, vni, vtep, hash))
+}
+
+/// The stateful check of a frame from a port, once forwarding chose where it
+/// goes: the sender's egress rules (if it has port security) and a local
+/// receiver's ingress rules (if it has).
+#[inline(never)]
+fn from_port_checked(ctx: &TcContext, d: &Decision) -> Packed {
+    let local_peer = d.next.kind == NEXT_LOCAL && d.peer.flags & PORT_F_SECURITY != 0;
+    let sender_secure = d.port.flags & PORT_F_SECURITY != 0;
+    if !sender_secure && !local_peer {
+        return 0;
+    }
+    let ends = Ends {
+        zone: d.port.vni,
+        sender: if sender_secure {
+            &d.port
+        } else {
+            core::ptr::null()
+        },
+        receiver_ifindex: if local_peer { d.peer.ifindex } else { 0 },
+    };
+    let c = Cursor::new(ctx.data(), ctx.data_end());
+    stateful(&c, &d.parsed, &ends)
+}
+
+/// The stateful check of a decapsulated frame of network `vni` for local
+/// port `ifindex`, which has port security (its forwarding entry says so);
+/// `c` starts at the inner Ethernet header, `pkt_len` counts from there. The
+/// port's entry is looked up only if rules are checked (a new flow, or one
+/// to check again), not for an established flow.
+#[inline(never)]
+fn to_port_checked(c: &Cursor, pkt_len: usize, ifindex: u32, vni: u32) -> Packed {
+    let sc = match scratch() {
+        Ok(s) => s,
+        Err(e) => return pack(Err(e)),
+    };
+    if let Err(e) = parse::frame(c, pkt_len, &mut sc.parsed) {
+        return pack(Err(e));
+    }
+    if sc.parsed.l3 == L3::Arp {
+        // ARP is answered on every host by the proxy; none crosses the overlay.
+        return pack(Err(DropReason::UnsupportedEthertype));
+    }
+    let ends = Ends {
+        zone: vni,
+        sender: core::ptr::null(),
+        receiver_ifindex: ifindex,
+    };
+    stateful(c, &sc.parsed, &ends)
+}
+
+#[inline(never)]
+fn stateful(c: &Cursor, p: &Parsed, ends: &Ends) -> Packed {
+    pack(conntrack_then_policy(c, p, ends).map(|_| 0))
+}
+
+/// The secured ends' ports, for checking rules and charging a new entry
+/// (to the sender if secured, else the receiver).
+#[inline(always)]
+fn secured_ends(ends: &Ends) -> Result<(Option<&PortInfo>, Option<&PortInfo>), DropReason> {
+    let s = unsafe { ends.sender.as_ref() };
+    if ends.receiver_ifindex == 0 {
+        return Ok((s, None));
+    }
+    let info = PORTS
+        .get_ptr(&ends.receiver_ifindex)
+        .ok_or(DropReason::UnknownPort)?;
+    Ok((s, Some(unsafe { &*info })))
+}
+
+/// Conntrack first; the rules only for a new flow, or for an established
+/// one when they changed since it was last checked.
+#[inline(always)]
+fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), DropReason> {
+    let zone = ends.zone;
+    if policy::exempt(p) {
+        return Ok(());
+    }
+    let now = conntrack::now();
+    if p.later_fragment {
+        return conntrack::fragment_seen(zone, p, now);
+    }
+    if conntrack::is_icmp_error(p) {
+        return unpack(conntrack::related(c, p, zone, now)).map(|_| ());
+    }
+    let epoch = CONFIG.get(0).ok_or(DropReason::NoConfig)?.policy_epoch;
+    let key = &mut scratch()?.key;
+    let from_b = conntrack::key(key, zone, p.proto, &p.src, (p.sport, p.dport), &p.dst);
+    if let Some(e) = conntrack::live(key, now) {
+        let reply = from_b != (e.flags & CT_F_ORIG_B != 0);
+        if e.epoch != epoch {
+            let (s, r) = secured_ends(ends)?;
+            if policy::rules_allow(p, s, r, reply).is_err() {
+                conntrack::remove(key, e);
+                return Err(DropReason::SgRevoked);
+            }
+            e.epoch = epoch;
+        }
+        conntrack::advance(e, p, reply, now);
+        conntrack::remember_first_fragment(zone, p, now);
+        return Ok(());
+    }
+    let tcp = p.proto == IPPROTO_TCP;
+    if tcp && !tcp_opens(p.tcp_flags) {
+        return Err(DropReason::CtTcpNotSyn);
+    }
+    let (s, r) = secured_ends(ends)?;
+    policy::rules_allow(p, s, r, false)?;
+    let owner = match s {
+        Some(s) => s,
+        None => r.ok_or(DropReason::UnknownPort)?,
+    };
+    let state = if tcp {
+        ct_state::TCP_SYN_SENT
+    } else {
+        ct_state::ONE_WAY
+    };
+    conntrack::create(key, owner, state, from_b, epoch, now)?;
+    conntrack::remember_first_fragment(zone, p, now);
+    Ok(())
+}
+
+/// Everything that reaches the uplink from the underlay, in either hook.
+#[inline(always)]
+pub fn from_underlay<P: Packet>(pkt: &P) -> P::Verdict {
+    let len = pkt.len();
+    pkt.pull_headers(VXLAN_ENCAP_LEN as u32);
+    let c = pkt.cursor();
+    match uplink::classify(&c) {
+        Ok(None) => P::PASS,
+        Ok(Some(d)) => {
+            if d.port.flags & PORT_F_SECURITY != 0 {
+                let inner = Cursor::new(c.data + VXLAN_ENCAP_LEN, c.end);
+                let inner_len = len as usize - VXLAN_ENCAP_LEN;
+                if let Err(reason) =
+                    unpack(to_port_checked(&inner, inner_len, d.port.ifindex, d.vni))
+                {
+                    count_drop(reason, d.port.slot);
+                    return P::DROP;
+                }
+            }
+            if let Err(reason) = pkt.decap(d.inner_proto) {
+                count_drop(reason, d.port.slot);
+                return P::DROP;
+            }
+            count_to_vm(d.port.slot, len - VXLAN_ENCAP_LEN as u32);
+            pkt.redirect_to(&d.port)
+        }
+        Err(reason) => {
+            count_drop(reason, NO_SLOT);
+            P::DROP
+        }
+    }
+}

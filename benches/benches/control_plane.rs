@@ -74,6 +74,11 @@ fn control_plane(c: &mut Criterion) {
         hosts: full.hosts.clone(),
         ..Snapshot::default()
     };
+    // Validated once, outside what is measured.
+    let (vfull, vempty) = (
+        full.validated().expect("valid"),
+        empty.validated().expect("valid"),
+    );
     let tag = format!("clcp{:x}", std::process::id() & 0xffff);
     let bed = Testbed::new(&tag, &full, "hv1").expect("test bed (needs root)");
     let mut dp: Dataplane = bed.enter().expect("open");
@@ -85,11 +90,11 @@ fn control_plane(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                dp.apply(&empty, "hv1", uplink, UplinkHook::Xdp)
+                dp.apply(&vempty, "hv1", uplink, UplinkHook::Xdp)
                     .expect("empty");
                 let t = Instant::now();
                 let r = dp
-                    .apply(&full, "hv1", uplink, UplinkHook::Xdp)
+                    .apply(&vfull, "hv1", uplink, UplinkHook::Xdp)
                     .expect("full");
                 let took = t.elapsed();
                 rate.push(r.map_updates as f64 / took.as_secs_f64());
@@ -101,7 +106,7 @@ fn control_plane(c: &mut Criterion) {
     if let Some(r) = rate.last() {
         println!("control_plane: {r:.0} map entries per second from empty (20 port attachments included)");
     }
-    dp.apply(&full, "hv1", uplink, UplinkHook::Xdp)
+    dp.apply(&vfull, "hv1", uplink, UplinkHook::Xdp)
         .expect("full");
     let mut more = full.clone();
     let mut extra = more.ports[1].clone();
@@ -109,15 +114,16 @@ fn control_plane(c: &mut Criterion) {
     extra.mac = MacAddr([2, 0xee, 0, 0, 0, 1]);
     extra.ips = vec!["10.0.250.1".parse().expect("address")];
     more.ports.push(extra);
+    let vmore = more.validated().expect("valid");
     g.bench_function("apply_one_more_port_of_10k", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let t = Instant::now();
-                dp.apply(&more, "hv1", uplink, UplinkHook::Xdp)
+                dp.apply(&vmore, "hv1", uplink, UplinkHook::Xdp)
                     .expect("one more");
                 total += t.elapsed();
-                dp.apply(&full, "hv1", uplink, UplinkHook::Xdp)
+                dp.apply(&vfull, "hv1", uplink, UplinkHook::Xdp)
                     .expect("back");
             }
             total
@@ -133,7 +139,8 @@ fn control_plane(c: &mut Criterion) {
             p.ips = vec![std::net::IpAddr::from([10, 0, o[2] + 100, o[3]])];
         }
     }
-    dp.apply(&full, "hv1", uplink, UplinkHook::Xdp)
+    let vmoved = moved.validated().expect("valid");
+    dp.apply(&vfull, "hv1", uplink, UplinkHook::Xdp)
         .expect("full");
     let mut entries = Vec::new();
     let mut flip = false;
@@ -145,7 +152,7 @@ fn control_plane(c: &mut Criterion) {
                 let t = Instant::now();
                 let r = dp
                     .apply(
-                        if flip { &moved } else { &full },
+                        if flip { &vmoved } else { &vfull },
                         "hv1",
                         uplink,
                         UplinkHook::Xdp,

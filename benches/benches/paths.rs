@@ -23,7 +23,7 @@ fn paths(c: &mut Criterion) {
     let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
     let mut dp: Dataplane = bed.enter().expect("open");
     dp.apply(
-        &snap,
+        &snap.validated().expect("valid"),
         "hv1",
         cloison_dataplane::testbed::UPLINK,
         UplinkHook::Xdp,

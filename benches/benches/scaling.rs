@@ -39,7 +39,13 @@ fn scaling(c: &mut Criterion) {
             s.ports.push(p);
         }
         s.networks[0].subnets = vec!["10.0.0.0/8".parse().expect("subnet")];
-        dp.apply(&s, "hv1", uplink, UplinkHook::Xdp).expect("apply");
+        dp.apply(
+            &s.validated().expect("valid"),
+            "hv1",
+            uplink,
+            UplinkHook::Xdp,
+        )
+        .expect("apply");
         dp.test_run_port(pa1, &flow, 0).expect("establish");
         g.bench_with_input(BenchmarkId::new("ports", ports), &ports, |b, _| {
             repeated(
@@ -51,7 +57,13 @@ fn scaling(c: &mut Criterion) {
     }
     let mut s = base.clone();
     s.networks[0].subnets = vec!["10.0.0.0/8".parse().expect("subnet")];
-    dp.apply(&s, "hv1", uplink, UplinkHook::Xdp).expect("apply");
+    dp.apply(
+        &s.validated().expect("valid"),
+        "hv1",
+        uplink,
+        UplinkHook::Xdp,
+    )
+    .expect("apply");
     let mut tracked = 0u32;
     for flows in [1u32, 1_000, 10_000, 100_000, 1_000_000] {
         // Other flows of a1, each a distinct source port and address of a3's.

@@ -27,7 +27,7 @@ fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
     let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
     let mut dp = bed.enter().expect("open");
     dp.apply(
-        &snap,
+        &snap.validated().expect("valid"),
         "hv1",
         cloison_dataplane::testbed::UPLINK,
         UplinkHook::Xdp,

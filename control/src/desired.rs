@@ -1,15 +1,14 @@
 //! The desired state as the API holds it: every object by kind and name,
-//! with the generation of its last write, and the checks of docs/api.md
-//! that decide whether a change may be made (400: the object itself is bad;
-//! 409: it conflicts with what exists). A change is checked on a copy of the
-//! whole state; a rejected one leaves the state untouched.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-};
+//! typed (parsed once, from the request body or the store), with the
+//! generation of its last write, and the state as the validator saw it. A
+//! change makes a new state, checked whole by the one validator
+//! (`cloison_dataplane::validate`); a refused one leaves the state as it
+//! was. States are immutable values shared behind `Arc`s: readers keep the
+//! one they got while a writer makes the next.
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use cloison_dataplane::{
-    snapshot::{RulesError, MAX_MTU, MIN_MTU},
+    validate::{self, Class, Valid, Violation},
     Host, Network, Port, Remote, SecurityGroup, Snapshot,
 };
 use serde::{de::DeserializeOwned, Serialize};
@@ -85,6 +84,9 @@ pub enum Refusal {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// It does not fit what a host can hold.
+    #[error("{0}")]
+    Capacity(String),
 }
 
 impl Refusal {
@@ -92,7 +94,7 @@ impl Refusal {
         match self {
             Refusal::Invalid(_) => 400,
             Refusal::NotFound(_) => 404,
-            Refusal::Conflict(_) => 409,
+            Refusal::Conflict(_) | Refusal::Capacity(_) => 409,
         }
     }
 
@@ -101,6 +103,18 @@ impl Refusal {
             Refusal::Invalid(_) => "invalid",
             Refusal::NotFound(_) => "not_found",
             Refusal::Conflict(_) => "conflict",
+            Refusal::Capacity(_) => "capacity",
+        }
+    }
+}
+
+/// The validator's classes, as the API answers them.
+impl From<Violation> for Refusal {
+    fn from(v: Violation) -> Self {
+        match v.class {
+            Class::Invalid => Refusal::Invalid(v.message),
+            Class::Conflict => Refusal::Conflict(v.message),
+            Class::Capacity => Refusal::Capacity(v.message),
         }
     }
 }
@@ -109,21 +123,48 @@ fn invalid<T>(m: String) -> Result<T, Refusal> {
     Err(Refusal::Invalid(m))
 }
 
-fn conflict<T>(m: String) -> Result<T, Refusal> {
-    Err(Refusal::Conflict(m))
+/// An API object, typed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Host(Host),
+    Network(Network),
+    SecurityGroup(SecurityGroup),
+    Port(Port),
 }
 
-/// One stored object: its JSON (with `name`) and the generation of its last write.
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Host(_) => Kind::Host,
+            Object::Network(_) => Kind::Network,
+            Object::SecurityGroup(_) => Kind::SecurityGroup,
+            Object::Port(_) => Kind::Port,
+        }
+    }
+
+    /// Its fields and `name`, as the API shows it.
+    pub fn fields_json(&self) -> Value {
+        let v = match self {
+            Object::Host(o) => serde_json::to_value(o),
+            Object::Network(o) => serde_json::to_value(o),
+            Object::SecurityGroup(o) => serde_json::to_value(o),
+            Object::Port(o) => serde_json::to_value(o),
+        };
+        v.expect("API objects serialize")
+    }
+}
+
+/// One stored object and the generation of its last write.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
     pub generation: u64,
-    pub object: Value,
+    pub object: Object,
 }
 
 impl Record {
     /// The object as the API returns it: its fields, `name` and `generation`.
     pub fn to_json(&self) -> Value {
-        let mut v = self.object.clone();
+        let mut v = self.object.fields_json();
         if let Value::Object(m) = &mut v {
             m.insert("generation".into(), self.generation.into());
         }
@@ -131,24 +172,10 @@ impl Record {
     }
 }
 
-/// API.md: names are 1-63 characters of `[a-z0-9-]`.
-pub fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
-    let ok = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok {
-        return invalid(format!(
-            "{what} name {name:?} is not 1-63 characters of [a-z0-9-]"
-        ));
-    }
-    Ok(())
-}
-
-/// Parses a request body for `kind` named `name` into its stored JSON (the
-/// fields, defaults filled, and `name`). 400 for anything malformed.
-pub fn parse_body(kind: Kind, name: &str, body: &[u8]) -> Result<Value, Refusal> {
-    check_name(kind.noun(), name)?;
+/// A JSON body for `kind` named `name` as a typed object (defaults filled).
+/// 400 for anything malformed; the object's checks are the validator's.
+pub fn parse_body(kind: Kind, name: &str, body: &[u8]) -> Result<Object, Refusal> {
+    validate::check_name(kind.noun(), name)?;
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| Refusal::Invalid(format!("malformed JSON: {e}")))?;
     let Value::Object(mut m) = v else {
@@ -166,201 +193,166 @@ pub fn parse_body(kind: Kind, name: &str, body: &[u8]) -> Result<Value, Refusal>
         }
     }
     m.insert("name".into(), name.into());
-    let v = Value::Object(m);
-    // Typed round trip: types, defaults and the field checks of each type.
-    fn typed<T: DeserializeOwned + Serialize>(v: Value, kind: Kind) -> Result<Value, Refusal> {
-        let t: T =
-            serde_json::from_value(v).map_err(|e| Refusal::Invalid(format!("{kind}: {e}")))?;
-        Ok(serde_json::to_value(t).expect("serializable"))
+    typed(kind, Value::Object(m))
+}
+
+fn typed(kind: Kind, v: Value) -> Result<Object, Refusal> {
+    fn of<T: DeserializeOwned + Serialize>(v: Value, kind: Kind) -> Result<T, Refusal> {
+        serde_json::from_value(v).map_err(|e| Refusal::Invalid(format!("{kind}: {e}")))
     }
-    match kind {
-        Kind::Host => typed::<Host>(v, kind),
-        Kind::Network => typed::<Network>(v, kind),
-        Kind::SecurityGroup => typed::<SecurityGroup>(v, kind),
-        Kind::Port => typed::<Port>(v, kind),
+    Ok(match kind {
+        Kind::Host => Object::Host(of(v, kind)?),
+        Kind::Network => Object::Network(of(v, kind)?),
+        Kind::SecurityGroup => Object::SecurityGroup(of(v, kind)?),
+        Kind::Port => Object::Port(of(v, kind)?),
+    })
+}
+
+/// A stored object's JSON (what [`Record::to_json`] wrote) as a record.
+pub fn stored_record(kind: Kind, bytes: &[u8]) -> Result<Record, String> {
+    let mut v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let generation = v
+        .get("generation")
+        .and_then(Value::as_u64)
+        .ok_or("a stored object without a generation")?;
+    if let Value::Object(m) = &mut v {
+        m.remove("generation");
+    }
+    let object = typed(kind, v).map_err(|e| e.to_string())?;
+    Ok(Record { generation, object })
+}
+
+type Objects = BTreeMap<Kind, BTreeMap<String, Arc<Record>>>;
+
+/// Every object, the generation of the last write, and what the validator
+/// made of the whole.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub generation: u64,
+    objects: Objects,
+    /// `Err` only for a state loaded from the store that the validator of
+    /// this version refuses (written by an older one): served, not applied,
+    /// until it is mended through the API.
+    pub valid: Result<Valid, Violation>,
+}
+
+impl Default for Desired {
+    fn default() -> Self {
+        Desired {
+            generation: 0,
+            objects: Objects::new(),
+            valid: Ok(Valid::default()),
+        }
     }
 }
 
-/// Every object, by kind and name.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Desired {
-    pub objects: BTreeMap<Kind, BTreeMap<String, Record>>,
+fn snapshot_of(objects: &Objects) -> Snapshot {
+    let mut s = Snapshot::default();
+    for rec in objects.values().flat_map(|m| m.values()) {
+        match &rec.object {
+            Object::Host(o) => s.hosts.push(o.clone()),
+            Object::Network(o) => s.networks.push(o.clone()),
+            Object::SecurityGroup(o) => s.security_groups.push(o.clone()),
+            Object::Port(o) => s.ports.push(o.clone()),
+        }
+    }
+    s
 }
 
 impl Desired {
+    /// The state of stored records (at `generation`), validated.
+    pub fn loaded(records: Vec<(String, Record)>, generation: u64) -> Desired {
+        let mut objects = Objects::new();
+        for (name, rec) in records {
+            objects
+                .entry(rec.object.kind())
+                .or_default()
+                .insert(name, Arc::new(rec));
+        }
+        let valid = validate::validate(snapshot_of(&objects));
+        Desired {
+            generation,
+            objects,
+            valid,
+        }
+    }
+
     pub fn get(&self, kind: Kind, name: &str) -> Option<&Record> {
-        self.objects.get(&kind).and_then(|m| m.get(name))
+        self.objects
+            .get(&kind)
+            .and_then(|m| m.get(name))
+            .map(|r| &**r)
     }
 
     pub fn list(&self, kind: Kind) -> impl Iterator<Item = &Record> {
-        self.objects.get(&kind).into_iter().flat_map(|m| m.values())
-    }
-
-    pub fn put(&mut self, kind: Kind, name: &str, rec: Record) {
         self.objects
-            .entry(kind)
-            .or_default()
-            .insert(name.to_string(), rec);
+            .get(&kind)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .map(|r| &**r)
     }
 
-    pub fn remove(&mut self, kind: Kind, name: &str) -> Option<Record> {
-        self.objects.get_mut(&kind).and_then(|m| m.remove(name))
-    }
-
-    fn typed<T: DeserializeOwned>(&self, kind: Kind) -> Vec<T> {
-        self.list(kind)
-            .map(|r| serde_json::from_value(r.object.clone()).expect("stored objects are valid"))
-            .collect()
-    }
-
-    /// The whole desired state as the dataplane takes it.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            hosts: self.typed(Kind::Host),
-            networks: self.typed(Kind::Network),
-            security_groups: self.typed(Kind::SecurityGroup),
-            ports: self.typed(Kind::Port),
-        }
-    }
-
-    /// The API's checks over the whole state (each write runs them on the
-    /// state it would make).
-    pub fn check(&self) -> Result<(), Refusal> {
-        let s = self.snapshot();
-        let mut underlay = BTreeMap::new();
-        for h in &s.hosts {
-            if let Some(other) = underlay.insert(h.underlay_ip, &h.name) {
-                return conflict(format!(
-                    "host {}: underlay IP {} is already host {other}'s",
-                    h.name, h.underlay_ip
-                ));
+    /// The state with `kind`/`name` set to `object` (or removed, `None`) as
+    /// written at the next generation, if the validator accepts it.
+    pub fn with(&self, kind: Kind, name: &str, object: Option<Object>) -> Result<Desired, Refusal> {
+        let generation = self.generation + 1;
+        let mut objects = self.objects.clone();
+        match object {
+            Some(object) => {
+                objects
+                    .entry(kind)
+                    .or_default()
+                    .insert(name.to_string(), Arc::new(Record { generation, object }));
             }
-        }
-        let mut vnis = BTreeMap::new();
-        for n in &s.networks {
-            check_name("tenant", &n.tenant)?;
-            if n.vni == 0 || n.vni > 0xff_ffff {
-                return invalid(format!(
-                    "network {}: VNI {} is not 1-16777215",
-                    n.name, n.vni
-                ));
-            }
-            if !(MIN_MTU..=MAX_MTU).contains(&n.mtu) {
-                return invalid(format!(
-                    "network {}: MTU {} is not {MIN_MTU}-{MAX_MTU}",
-                    n.name, n.mtu
-                ));
-            }
-            if let Some(other) = vnis.insert(n.vni, &n.name) {
-                return conflict(format!(
-                    "network {}: VNI {} is already network {other}'s",
-                    n.name, n.vni
-                ));
-            }
-        }
-        let groups: BTreeMap<&str, &SecurityGroup> = s
-            .security_groups
-            .iter()
-            .map(|g| (g.name.as_str(), g))
-            .collect();
-        for g in &s.security_groups {
-            check_name("tenant", &g.tenant)?;
-            g.check_rules(&groups).map_err(|e| match e {
-                RulesError::Invalid(m) => Refusal::Invalid(m),
-                RulesError::Reference(m) => Refusal::Conflict(m),
-            })?;
-        }
-        let nets: BTreeMap<&str, &Network> =
-            s.networks.iter().map(|n| (n.name.as_str(), n)).collect();
-        let hosts: BTreeSet<&str> = s.hosts.iter().map(|h| h.name.as_str()).collect();
-        let mut macs = BTreeMap::new();
-        let mut ips = BTreeMap::new();
-        for p in &s.ports {
-            if p.interface.is_empty()
-                || p.interface.len() > 15
-                || p.interface.contains(['/', ' ', '\0'])
-            {
-                return invalid(format!(
-                    "port {}: {:?} is not an interface name",
-                    p.name, p.interface
-                ));
-            }
-            if !p.mac.is_unicast() {
-                return invalid(format!("port {}: MAC {} is not unicast", p.name, p.mac));
-            }
-            let Some(net) = nets.get(p.network.as_str()) else {
-                return conflict(format!("port {}: no network {}", p.name, p.network));
-            };
-            if !hosts.contains(p.host.as_str()) {
-                return conflict(format!("port {}: no host {}", p.name, p.host));
-            }
-            for ip in &p.ips {
-                if !net.subnets.iter().any(|sn| sn.contains(ip)) {
-                    return invalid(format!(
-                        "port {}: {ip} is outside the subnets of {}",
-                        p.name, net.name
-                    ));
-                }
-                if let Some(other) = ips.insert((net.vni, *ip), &p.name) {
-                    return conflict(format!(
-                        "port {}: {ip} is already port {other}'s in {}",
-                        p.name, net.name
-                    ));
+            None => {
+                if let Some(m) = objects.get_mut(&kind) {
+                    m.remove(name);
                 }
             }
-            if let Some(other) = macs.insert((net.vni, p.mac), &p.name) {
-                return conflict(format!(
-                    "port {}: MAC {} is already port {other}'s in {}",
-                    p.name, p.mac, net.name
-                ));
-            }
-            p.check_groups(&net.tenant, &net.name, &groups)
-                .map_err(Refusal::Conflict)?;
-            if !p.port_security && !p.security_groups.is_empty() {
-                return invalid(format!(
-                    "port {}: security groups need port_security",
-                    p.name
-                ));
-            }
         }
-        // The dataplane's own checks, last (a state they refuse must never be stored).
-        s.validate().map_err(|e| Refusal::Conflict(e.to_string()))
+        let valid = validate::validate(snapshot_of(&objects))?;
+        Ok(Desired {
+            generation,
+            objects,
+            valid: Ok(valid),
+        })
     }
 
     /// Why `kind`/`name` may not be deleted: something still uses it.
     pub fn in_use(&self, kind: Kind, name: &str) -> Option<String> {
-        let s = self.snapshot();
+        let ports = || {
+            self.list(Kind::Port).filter_map(|r| match &r.object {
+                Object::Port(p) => Some(p),
+                _ => None,
+            })
+        };
         let users: Vec<&str> = match kind {
-            Kind::Host => s
-                .ports
-                .iter()
+            Kind::Host => ports()
                 .filter(|p| p.host == name)
                 .map(|p| p.name.as_str())
                 .collect(),
-            Kind::Network => s
-                .ports
-                .iter()
+            Kind::Network => ports()
                 .filter(|p| p.network == name)
                 .map(|p| p.name.as_str())
                 .collect(),
             Kind::SecurityGroup => {
-                let mut u: Vec<&str> = s
-                    .ports
-                    .iter()
+                let mut u: Vec<&str> = ports()
                     .filter(|p| p.security_groups.iter().any(|g| g == name))
                     .map(|p| p.name.as_str())
                     .collect();
-                u.extend(
-                    s.security_groups
-                        .iter()
-                        .filter(|g| {
-                            g.name != name
+                u.extend(self.list(Kind::SecurityGroup).filter_map(|r| {
+                    match &r.object {
+                        Object::SecurityGroup(g)
+                            if g.name != name
                                 && g.rules
                                     .iter()
-                                    .any(|r| r.remote == Some(Remote::Group(name.to_string())))
-                        })
-                        .map(|g| g.name.as_str()),
-                );
+                                    .any(|r| r.remote == Some(Remote::Group(name.to_string()))) =>
+                        {
+                            Some(g.name.as_str())
+                        }
+                        _ => None,
+                    }
+                }));
                 u
             }
             Kind::Port => vec![],
@@ -374,18 +366,8 @@ mod tests {
     use super::*;
 
     fn put(d: &mut Desired, kind: Kind, name: &str, body: &str) -> Result<(), Refusal> {
-        let v = parse_body(kind, name, body.as_bytes())?;
-        let mut next = d.clone();
-        next.put(
-            kind,
-            name,
-            Record {
-                generation: 1,
-                object: v,
-            },
-        );
-        next.check()?;
-        *d = next;
+        let o = parse_body(kind, name, body.as_bytes())?;
+        *d = d.with(kind, name, Some(o))?;
         Ok(())
     }
 
@@ -489,7 +471,8 @@ mod tests {
             "n",
             br#"{"tenant": "a", "vni": 7, "generation": 3}"#,
         )
-        .unwrap();
+        .unwrap()
+        .fields_json();
         assert_eq!(ok["mtu"], 1450, "defaults filled");
         assert_eq!(ok["name"], "n");
     }

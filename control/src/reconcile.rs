@@ -1,27 +1,28 @@
-//! The reconciler: one thread that owns the host's dataplane and makes the
-//! kernel match the latest desired snapshot. Writes arrive faster than
-//! applies: it takes the newest snapshot waiting and applies only that (one
-//! diff for any number of writes). It applies again while ports are pending
-//! (their interface may have appeared), after a failure, and ages conntrack.
+//! The reconciler: one thread, the only owner of the host's dataplane
+//! writer, that makes the kernel match the latest desired state. It watches
+//! the desired state (a `watch` channel of immutable states: it always takes
+//! the newest one, so any number of writes cost one apply) and publishes what
+//! it applied on another; nobody waits on it. It applies again while ports
+//! are pending (their interface may have appeared), after a failure, and
+//! ages conntrack.
 use std::{
     path::PathBuf,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use cloison_dataplane::{Dataplane, Snapshot, UplinkHook};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use cloison_dataplane::{Dataplane, UplinkHook};
+use tokio::sync::{mpsc, watch};
 
-/// What `GET /v1/status` reports of the kernel side.
-#[derive(Default)]
-pub struct Status {
-    pub applied_generation: AtomicU64,
+use crate::desired::Desired;
+
+/// What the kernel holds, as `GET /v1/status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub generation: u64,
     /// "attached", or why not.
-    pub programs: Mutex<String>,
-    pub pending_ports: Mutex<Vec<String>>,
+    pub programs: String,
+    pub pending_ports: Vec<String>,
 }
 
 pub struct Config {
@@ -38,49 +39,73 @@ pub struct Config {
 const RETRY: Duration = Duration::from_secs(5);
 const CONNTRACK_GC: Duration = Duration::from_secs(30);
 
-/// What wakes the reconciler.
-pub enum Event {
-    /// A new desired state and its generation.
-    Desired(u64, Arc<Snapshot>),
-    /// An interface appeared, changed or went (netlink): pending ports may
-    /// attach, gone ones detach.
-    Links,
+/// Starts the reconciler on a thread of its own. `links` says an interface
+/// appeared, changed or went.
+pub fn spawn(
+    cfg: Config,
+    desired: watch::Receiver<Arc<Desired>>,
+    applied: watch::Sender<Applied>,
+    links: mpsc::UnboundedReceiver<()>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("reconcile".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("the reconciler's runtime");
+            rt.block_on(run(cfg, desired, applied, links));
+        })?;
+    Ok(())
 }
 
-pub fn run(
+async fn run(
     cfg: Config,
-    dataplane: Arc<Mutex<Option<Dataplane>>>,
-    status: Arc<Status>,
-    events: Receiver<Event>,
+    mut desired: watch::Receiver<Arc<Desired>>,
+    applied: watch::Sender<Applied>,
+    mut links: mpsc::UnboundedReceiver<()>,
 ) {
-    let mut latest: Option<(u64, Arc<Snapshot>)> = None;
-    let mut dirty = false;
+    let mut dataplane: Option<Dataplane> = None;
     let mut last_gc = Instant::now();
+    // The state at start is new to this process: apply it.
+    let mut dirty = true;
     loop {
-        let mut links = false;
-        match events.recv_timeout(RETRY) {
-            Ok(first) => {
-                for e in std::iter::once(first).chain(events.try_iter()) {
-                    match e {
-                        Event::Desired(g, s) => {
-                            latest = Some((g, s));
-                            dirty = true;
-                        }
-                        Event::Links => links = true,
+        let mut link_event = false;
+        if !dirty {
+            tokio::select! {
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return; // the API is gone
                     }
+                    dirty = true;
                 }
+                event = links.recv() => {
+                    if event.is_none() {
+                        return;
+                    }
+                    link_event = true;
+                }
+                _ = tokio::time::sleep(RETRY) => link_event = true,
             }
-            Err(RecvTimeoutError::Timeout) => links = true,
-            Err(RecvTimeoutError::Disconnected) => return,
         }
-        if let Some((generation, snap)) = &latest {
-            if dirty || links {
-                dirty = !apply(&cfg, &dataplane, &status, *generation, snap);
+        while links.try_recv().is_ok() {
+            link_event = true;
+        }
+        let state = desired.borrow_and_update().clone();
+        if dirty || link_event {
+            dirty = !apply(&cfg, &mut dataplane, &applied, &state);
+            if dirty {
+                // Failed: try again after a while (or on the next change).
+                tokio::select! {
+                    _ = desired.changed() => {}
+                    _ = links.recv() => {}
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
             }
         }
         if last_gc.elapsed() >= CONNTRACK_GC {
             last_gc = Instant::now();
-            if let Some(dp) = dataplane.lock().expect("dataplane").as_mut() {
+            if let Some(dp) = dataplane.as_mut() {
                 match dp.conntrack_gc() {
                     Ok(n) if n > 0 => tracing::debug!(removed = n, "conntrack aged"),
                     Ok(_) => {}
@@ -91,40 +116,60 @@ pub fn run(
     }
 }
 
-/// One apply; true when the kernel now holds `generation`.
+fn set_programs(applied: &watch::Sender<Applied>, programs: String) {
+    applied.send_if_modified(|a| {
+        let changed = a.programs != programs;
+        a.programs = programs;
+        changed
+    });
+}
+
+/// One apply; true when the kernel now holds the state (or there is nothing
+/// it could do with it yet).
 fn apply(
     cfg: &Config,
-    dataplane: &Mutex<Option<Dataplane>>,
-    status: &Status,
-    generation: u64,
-    snap: &Snapshot,
+    slot: &mut Option<Dataplane>,
+    applied: &watch::Sender<Applied>,
+    state: &Desired,
 ) -> bool {
-    let mut slot = dataplane.lock().expect("dataplane");
+    let valid = match &state.valid {
+        Ok(v) => v,
+        Err(v) => {
+            set_programs(
+                applied,
+                format!("waiting: the stored state is refused by this version's checks: {v}"),
+            );
+            return true; // nothing to do until it is mended through the API
+        }
+    };
     if slot.is_none() {
         match Dataplane::open_with_conntrack(&cfg.host, &cfg.pin_root, cfg.conntrack_entries) {
             Ok(dp) => *slot = Some(dp),
             Err(e) => {
-                *status.programs.lock().expect("status") = format!("not loaded: {e}");
+                set_programs(applied, format!("not loaded: {e}"));
                 tracing::error!(error = %e, "load the dataplane");
                 return false;
             }
         }
     }
     let dp = slot.as_mut().expect("just loaded");
-    if !snap.hosts.iter().any(|h| h.name == cfg.host) {
-        *status.programs.lock().expect("status") =
-            format!("waiting: no host object named {}", cfg.host);
+    if !valid.hosts.iter().any(|h| h.name == cfg.host) {
+        set_programs(
+            applied,
+            format!("waiting: no host object named {}", cfg.host),
+        );
         return true; // nothing to do until the host object exists
     }
     let started = Instant::now();
-    match dp.apply(snap, &cfg.host, &cfg.uplink, cfg.hook) {
+    let generation = state.generation;
+    match dp.apply(valid, &cfg.host, &cfg.uplink, cfg.hook) {
         Ok(r) => {
-            status
-                .applied_generation
-                .store(generation, Ordering::SeqCst);
-            *status.programs.lock().expect("status") = "attached".into();
-            let newly_pending = *status.pending_ports.lock().expect("status") != r.pending;
-            *status.pending_ports.lock().expect("status") = r.pending.clone();
+            let newly_pending = applied.borrow().pending_ports != r.pending;
+            applied.send_replace(Applied {
+                generation,
+                programs: "attached".into(),
+                pending_ports: r.pending.clone(),
+            });
             if r.map_updates > 0 || newly_pending || !r.ports_attached.is_empty() {
                 tracing::info!(
                     generation,
@@ -139,17 +184,17 @@ fn apply(
             true
         }
         Err(e) => {
-            *status.programs.lock().expect("status") = format!("apply failed: {e}");
+            set_programs(applied, format!("apply failed: {e}"));
             tracing::error!(generation, error = %e, "apply");
             false
         }
     }
 }
 
-/// Sends [`Event::Links`] whenever the kernel reports a link added, changed
-/// or removed in this network namespace (an rtnetlink RTMGRP_LINK socket;
-/// the message itself is not parsed: the reconciler diffs anyway).
-pub fn watch_links(events: Sender<Event>) -> std::io::Result<()> {
+/// Signals `events` whenever the kernel reports a link added, changed or
+/// removed in this network namespace (an rtnetlink RTMGRP_LINK socket; the
+/// message itself is not parsed: the reconciler diffs anyway).
+pub fn watch_links(events: mpsc::UnboundedSender<()>) -> std::io::Result<()> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: plain socket calls on a zeroed sockaddr_nl; the fd is owned below.
     let fd = unsafe {
@@ -198,7 +243,7 @@ pub fn watch_links(events: Sender<Event>) -> std::io::Result<()> {
                         return;
                     }
                 }
-                if events.send(Event::Links).is_err() {
+                if events.send(()).is_err() {
                     return;
                 }
             }

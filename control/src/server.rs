@@ -3,7 +3,8 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    sync::{atomic::Ordering, Arc, Mutex},
+    path::PathBuf,
+    sync::{Arc, Mutex},
 };
 
 use axum::{
@@ -16,30 +17,67 @@ use axum::{
 };
 use cloison_abi::DropReason;
 use cloison_dataplane::{netdev, Dataplane, Network, Port};
-use crossbeam_channel::Sender;
 use serde_json::{json, Value};
+use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::{
-    desired::{parse_body, Desired, Kind, Record, Refusal},
-    reconcile::{Event, Status},
+    desired::{parse_body, Desired, Kind, Object, Refusal},
+    reconcile::Applied,
     store::{Change, Store},
 };
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// The API's side of an agent. The desired state is an immutable value on
+/// a watch channel: readers (GET, status, stats, metrics) take the latest
+/// one and never wait; writers take turns on the store (the lock), make
+/// the next state, commit it durably, then publish it, which wakes the
+/// reconciler. Stats and metrics read the kernel through a read-only handle
+/// of their own, never the reconciler's writer.
 pub struct Agent {
     pub host: String,
-    state: Mutex<Inner>,
-    reconcile: Sender<Event>,
-    pub status: Arc<Status>,
-    pub dataplane: Arc<Mutex<Option<Dataplane>>>,
+    store: Arc<tokio::sync::Mutex<Box<dyn Store>>>,
+    store_name: String,
+    desired: watch::Sender<Arc<Desired>>,
+    applied: watch::Receiver<Applied>,
+    reader: Reader,
 }
 
-struct Inner {
-    desired: Desired,
-    generation: u64,
-    store: Store,
+/// What the reconciler takes: the desired states, and where to say what it
+/// applied.
+pub struct ReconcilerSide {
+    pub desired: watch::Receiver<Arc<Desired>>,
+    pub applied: watch::Sender<Applied>,
+}
+
+/// A read-only view of this host's pinned maps, opened on first use (the
+/// reconciler creates them).
+struct Reader {
+    host: String,
+    pin_root: PathBuf,
+    handle: Mutex<Option<Dataplane>>,
+}
+
+impl Reader {
+    fn stats(&self) -> Result<cloison_dataplane::Stats, ApiError> {
+        let mut h = self.handle.lock().expect("reader");
+        if h.is_none() {
+            *h = Some(
+                Dataplane::open_maps(&self.host, &self.pin_root).map_err(|e| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        format!("the dataplane is not loaded: {e}"),
+                    )
+                })?,
+            );
+        }
+        h.as_ref()
+            .expect("opened")
+            .stats()
+            .map_err(ApiError::internal)
+    }
 }
 
 impl Agent {
@@ -47,93 +85,108 @@ impl Agent {
     /// at once (a restart converges to it).
     pub fn new(
         host: String,
-        store: Store,
-        reconcile: Sender<Event>,
-        status: Arc<Status>,
-        dataplane: Arc<Mutex<Option<Dataplane>>>,
-    ) -> Result<Arc<Agent>, crate::store::StoreError> {
-        let (desired, generation) = store.load()?;
-        let _ = reconcile.send(Event::Desired(generation, Arc::new(desired.snapshot())));
-        Ok(Arc::new(Agent {
+        store: Box<dyn Store>,
+        pin_root: PathBuf,
+    ) -> Result<(Arc<Agent>, ReconcilerSide), crate::store::StoreError> {
+        let desired = store.load()?;
+        if let Err(v) = &desired.valid {
+            tracing::error!(error = %v, "the stored state is refused by this version's checks: fix it through the API");
+        }
+        let (desired_tx, desired_rx) = watch::channel(Arc::new(desired));
+        let (applied_tx, applied_rx) = watch::channel(Applied::default());
+        let agent = Arc::new(Agent {
+            reader: Reader {
+                host: host.clone(),
+                pin_root,
+                handle: Mutex::new(None),
+            },
             host,
-            state: Mutex::new(Inner {
-                desired,
-                generation,
-                store,
-            }),
-            reconcile,
-            status,
-            dataplane,
-        }))
+            store_name: store.describe(),
+            store: Arc::new(tokio::sync::Mutex::new(store)),
+            desired: desired_tx,
+            applied: applied_rx,
+        });
+        Ok((
+            agent,
+            ReconcilerSide {
+                desired: desired_rx,
+                applied: applied_tx,
+            },
+        ))
     }
 
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.state.lock().expect("agent state")
+    /// The latest desired state.
+    pub fn desired(&self) -> Arc<Desired> {
+        self.desired.borrow().clone()
     }
 
-    /// PUT: (created, the object as returned).
-    fn put(&self, kind: Kind, name: &str, body: &[u8]) -> Result<(bool, Value), ApiError> {
-        let object = parse_body(kind, name, body)?;
-        let mut inner = self.inner();
-        let existed = inner.desired.get(kind, name).cloned();
-        if let Some(old) = &existed {
+    /// PUT, with the store's lock held: (created, the object as returned).
+    fn put(
+        &self,
+        store: &mut OwnedMutexGuard<Box<dyn Store>>,
+        kind: Kind,
+        name: &str,
+        object: Object,
+    ) -> Result<(bool, Value), ApiError> {
+        let current = self.desired();
+        let existed = current.get(kind, name);
+        if let Some(old) = existed {
             if old.object == object {
                 return Ok((false, old.to_json())); // idempotent: nothing changes
             }
         }
-        let generation = inner.generation + 1;
-        let record = Record { generation, object };
-        let mut next = inner.desired.clone();
-        next.put(kind, name, record.clone());
-        next.check()?;
-        let change = Change {
-            kind,
-            name,
-            record: Some(&record),
-        };
-        self.commit(&mut inner, change, generation, |d| *d = next)?;
-        Ok((existed.is_none(), record.to_json()))
+        let created = existed.is_none();
+        let next = current.with(kind, name, Some(object))?;
+        let record = next.get(kind, name).expect("just written");
+        let answer = record.to_json();
+        self.commit(
+            store,
+            next.generation,
+            Change {
+                kind,
+                name,
+                record: Some(record),
+            },
+        )?;
+        self.desired.send_replace(Arc::new(next));
+        Ok((created, answer))
     }
 
-    fn delete(&self, kind: Kind, name: &str) -> Result<(), ApiError> {
-        let mut inner = self.inner();
-        if inner.desired.get(kind, name).is_none() {
+    fn delete(
+        &self,
+        store: &mut OwnedMutexGuard<Box<dyn Store>>,
+        kind: Kind,
+        name: &str,
+    ) -> Result<(), ApiError> {
+        let current = self.desired();
+        if current.get(kind, name).is_none() {
             return Err(Refusal::NotFound(format!("no {kind} {name}")).into());
         }
-        if let Some(why) = inner.desired.in_use(kind, name) {
+        if let Some(why) = current.in_use(kind, name) {
             return Err(Refusal::Conflict(why).into());
         }
-        let generation = inner.generation + 1;
-        let change = Change {
-            kind,
-            name,
-            record: None,
-        };
-        self.commit(&mut inner, change, generation, |d| {
-            d.remove(kind, name);
-        })
+        let next = current.with(kind, name, None)?;
+        self.commit(
+            store,
+            next.generation,
+            Change {
+                kind,
+                name,
+                record: None,
+            },
+        )?;
+        self.desired.send_replace(Arc::new(next));
+        Ok(())
     }
 
-    /// A checked write: durable in the store first, then the desired state
-    /// (`update`) and generation, then the reconciler is told.
+    /// Durable in the store first; the new state is published only after.
     fn commit(
         &self,
-        inner: &mut Inner,
-        change: Change,
+        store: &mut OwnedMutexGuard<Box<dyn Store>>,
         generation: u64,
-        update: impl FnOnce(&mut Desired),
+        change: Change<'_>,
     ) -> Result<(), ApiError> {
-        inner
-            .store
-            .commit(change, generation)
-            .map_err(ApiError::internal)?;
-        update(&mut inner.desired);
-        inner.generation = generation;
-        let _ = self.reconcile.send(Event::Desired(
-            generation,
-            Arc::new(inner.desired.snapshot()),
-        ));
-        Ok(())
+        store.commit(change, generation).map_err(ApiError::internal)
     }
 }
 
@@ -185,11 +238,15 @@ async fn put_object(agent: Arc<Agent>, kind: Kind, name: String, req: Request) -
                 format!("a body is at most {MAX_BODY_BYTES} bytes"),
             )
         })?;
+    let object = parse_body(kind, &name, &body)?;
+    let mut store = agent.store.clone().lock_owned().await;
     let a = agent.clone();
-    // The store commits durably (fsync): off the async workers.
-    let (created, obj) = tokio::task::spawn_blocking(move || a.put(kind, &name, &body))
-        .await
-        .map_err(ApiError::internal)??;
+    // Validating the whole state and committing durably (fsync): off the
+    // async workers.
+    let (created, obj) =
+        tokio::task::spawn_blocking(move || a.put(&mut store, kind, &name, object))
+            .await
+            .map_err(ApiError::internal)??;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -199,50 +256,57 @@ async fn put_object(agent: Arc<Agent>, kind: Kind, name: String, req: Request) -
 }
 
 async fn get_object(agent: Arc<Agent>, kind: Kind, name: String) -> ApiResult {
-    let inner = agent.inner();
-    let rec = inner
-        .desired
+    let desired = agent.desired();
+    let rec = desired
         .get(kind, &name)
         .ok_or_else(|| Refusal::NotFound(format!("no {kind} {name}")))?;
     Ok(axum::Json(rec.to_json()).into_response())
 }
 
 async fn list_objects(agent: Arc<Agent>, kind: Kind) -> ApiResult {
-    let inner = agent.inner();
-    let all: Vec<Value> = inner.desired.list(kind).map(Record::to_json).collect();
+    let desired = agent.desired();
+    let all: Vec<Value> = desired.list(kind).map(|r| r.to_json()).collect();
     Ok(axum::Json(all).into_response())
 }
 
 async fn delete_object(agent: Arc<Agent>, kind: Kind, name: String) -> ApiResult {
+    let mut store = agent.store.clone().lock_owned().await;
     let a = agent.clone();
-    tokio::task::spawn_blocking(move || a.delete(kind, &name))
+    tokio::task::spawn_blocking(move || a.delete(&mut store, kind, &name))
         .await
         .map_err(ApiError::internal)??;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn status(State(agent): State<Arc<Agent>>) -> ApiResult {
-    let desired = agent.inner().generation;
-    let s = &agent.status;
+    let desired = agent.desired().generation;
+    let applied = agent.applied.borrow().clone();
     Ok(axum::Json(json!({
         "host": agent.host,
         "desired_generation": desired,
-        "applied_generation": s.applied_generation.load(Ordering::SeqCst),
-        "programs": *s.programs.lock().expect("status"),
-        "pending_ports": *s.pending_ports.lock().expect("status"),
-        "store": "embedded",
+        "applied_generation": applied.generation,
+        "programs": applied.programs,
+        "pending_ports": applied.pending_ports,
+        "store": agent.store_name,
     }))
     .into_response())
 }
 
 /// This host's ports with an interface: (port, network, ifindex).
-fn local_ports(agent: &Agent) -> Vec<(Port, Network, u32)> {
-    let snap = agent.inner().desired.snapshot();
-    let nets: BTreeMap<&str, &Network> =
-        snap.networks.iter().map(|n| (n.name.as_str(), n)).collect();
-    snap.ports
-        .iter()
-        .filter(|p| p.host == agent.host)
+fn local_ports(agent: &Agent, desired: &Desired) -> Vec<(Port, Network, u32)> {
+    let nets: BTreeMap<&str, &Network> = desired
+        .list(Kind::Network)
+        .filter_map(|r| match &r.object {
+            Object::Network(n) => Some((n.name.as_str(), n)),
+            _ => None,
+        })
+        .collect();
+    desired
+        .list(Kind::Port)
+        .filter_map(|r| match &r.object {
+            Object::Port(p) if p.host == agent.host => Some(p),
+            _ => None,
+        })
         .filter_map(|p| {
             let net = nets.get(p.network.as_str())?;
             Some((p.clone(), (*net).clone(), netdev::ifindex(&p.interface)?))
@@ -250,25 +314,16 @@ fn local_ports(agent: &Agent) -> Vec<(Port, Network, u32)> {
         .collect()
 }
 
-fn dataplane_stats(agent: &Agent) -> Result<cloison_dataplane::Stats, ApiError> {
-    let dp = agent.dataplane.lock().expect("dataplane");
-    let dp = dp.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the dataplane is not loaded",
-        )
-    })?;
-    dp.stats().map_err(ApiError::internal)
-}
-
 async fn port_stats(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
     let a = agent.clone();
     tokio::task::spawn_blocking(move || {
-        if a.inner().desired.get(Kind::Port, &name).is_none() {
+        let desired = a.desired();
+        if desired.get(Kind::Port, &name).is_none() {
             return Err(Refusal::NotFound(format!("no port {name}")).into());
         }
-        let Some((_, _, ifindex)) = local_ports(&a).into_iter().find(|(p, _, _)| p.name == name)
+        let Some((_, _, ifindex)) = local_ports(&a, &desired)
+            .into_iter()
+            .find(|(p, _, _)| p.name == name)
         else {
             return Err(Refusal::Conflict(format!(
                 "port {name} is not attached on host {}",
@@ -276,7 +331,7 @@ async fn port_stats(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -
             ))
             .into());
         };
-        let stats = dataplane_stats(&a)?;
+        let stats = a.reader.stats()?;
         let p = stats.ports.get(&ifindex).copied().unwrap_or_default();
         let drops: BTreeMap<&str, u64> = stats
             .port_drops
@@ -301,17 +356,17 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
     let a = agent.clone();
     tokio::task::spawn_blocking(move || {
         let mut out = String::new();
-        let s = &a.status;
+        let desired = a.desired();
         let host = &a.host;
         let _ = writeln!(out, "# TYPE cloison_desired_generation gauge");
-        let _ = writeln!(out, "cloison_desired_generation{{host=\"{host}\"}} {}", a.inner().generation);
+        let _ = writeln!(out, "cloison_desired_generation{{host=\"{host}\"}} {}", desired.generation);
         let _ = writeln!(out, "# TYPE cloison_applied_generation gauge");
         let _ = writeln!(
             out,
             "cloison_applied_generation{{host=\"{host}\"}} {}",
-            s.applied_generation.load(Ordering::SeqCst)
+            a.applied.borrow().generation
         );
-        let Ok(stats) = dataplane_stats(&a) else {
+        let Ok(stats) = a.reader.stats() else {
             return Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response());
         };
         let _ = writeln!(out, "# TYPE cloison_drops_total counter");
@@ -327,7 +382,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
             ("cloison_port_to_vm_bytes_total", 3),
             ("cloison_port_drops_total", 4),
         ];
-        let ports = local_ports(&a);
+        let ports = local_ports(&a, &desired);
         for (metric, i) in series {
             let _ = writeln!(out, "# TYPE {metric} counter");
             for (p, net, ifindex) in &ports {
@@ -469,16 +524,11 @@ mod tests {
     use super::*;
 
     fn agent(dir: &std::path::Path) -> Arc<Agent> {
-        let store = Store::open(dir).expect("store");
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        Agent::new(
-            "hv1".into(),
-            store,
-            tx,
-            Arc::new(Status::default()),
-            Arc::new(Mutex::new(None)),
-        )
-        .expect("agent")
+        let store = crate::store::Redb::open(dir).expect("store");
+        let pins = dir.join("no-pins-here");
+        Agent::new("hv1".into(), Box::new(store), pins)
+            .expect("agent")
+            .0
     }
 
     fn doc() -> openapiv3::OpenAPI {

@@ -10,24 +10,30 @@ pub mod bpffs;
 pub mod loader;
 pub mod model;
 pub mod netdev;
+pub mod plan;
 pub mod policy;
 pub mod progstats;
 pub mod snapshot;
 pub mod tables;
 pub mod testbed;
 pub mod traffic;
+pub mod validate;
 
 pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
 pub use snapshot::{
     AddressPair, Direction, Ethertype, Host, MacAddr, Network, Port, PortRange, Protocol, Remote,
     Rule, SecurityGroup, Snapshot,
 };
+pub use validate::{validate, Valid, Violation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The desired state is inconsistent; nothing was changed.
-    #[error("invalid desired state: {0}")]
+    /// A request the dataplane cannot carry out (nothing was changed).
+    #[error("{0}")]
     Invalid(String),
+    /// The desired state breaks a rule of the validator; nothing was changed.
+    #[error("invalid desired state: {0}")]
+    Violation(#[from] Violation),
     #[error("{what}: {source}")]
     Kernel {
         what: String,

@@ -23,17 +23,23 @@ use aya::{
     util::nr_cpus,
     Ebpf, EbpfLoader, Pod,
 };
-use cloison_abi::{map_names as M, program_names as P, *};
+use cloison_abi::{map_names as M, maps, program_names as P, MapDef, *};
 
 use crate::{
     batch, bpffs, netdev,
-    snapshot::Snapshot,
+    plan::{self, Current, Diffs, Step, Table},
     tables::{self, Compiled, ConntrackLimits, Tables},
+    validate::Valid,
     Error,
 };
 
 /// The BPF object built by build.rs from ebpf/programs.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloison"));
+
+/// The embedded BPF object (for the layout checks).
+pub fn bpf_object() -> &'static [u8] {
+    BPF_OBJECT
+}
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/cloison";
 
@@ -118,8 +124,10 @@ pub struct RunResult {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    /// Opened by [`Dataplane::open_maps`]: no program loaded, none swapped.
-    maps_only: bool,
+    access: Access,
+    /// The writer's lock on the pin directory (see [`lock_pins`]), held
+    /// while this handle lives; `None` for a read-only one.
+    _lock: Option<fs::File>,
     ct_limits: ConntrackLimits,
     /// Entries of the conntrack table (as created; a restart keeps the size).
     ct_capacity: u32,
@@ -127,6 +135,41 @@ pub struct Dataplane {
 
 fn link_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
+}
+
+/// What a [`Dataplane`] handle may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Programs loaded, maps written: the one writer of a host.
+    Programs,
+    /// Maps only, written (conntrack ageing), with the writer's lock.
+    Maps,
+    /// Maps only, read.
+    ReadOnly,
+}
+
+/// The writer's lock of a host's pins: an exclusive `flock` on its pin
+/// directory, so that a second writer (another agent, `cloison-dp apply`
+/// or `ct-gc` beside a running agent) is refused instead of racing it. The
+/// kernel drops it when the holder exits, however it exits.
+fn lock_pins(pin_dir: &Path, host: &str) -> Result<fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    fs::create_dir_all(pin_dir).map_err(Error::io(format!("create {}", pin_dir.display())))?;
+    let dir = fs::File::open(pin_dir).map_err(Error::io(format!("open {}", pin_dir.display())))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Invalid(format!(
+                "another process is writing the dataplane of host {host} ({} is locked: \
+                 its cloisond, or a cloison-dp apply/ct-gc): stop it first; stats and \
+                 conntrack listings read without the lock",
+                pin_dir.display()
+            )));
+        }
+        return Err(Error::io(format!("lock {}", pin_dir.display()))(err));
+    }
+    Ok(dir)
 }
 
 /// Entries of the conntrack table pinned in `pin_dir`, if there is one (a
@@ -163,6 +206,7 @@ impl Dataplane {
         let pin_dir = host_dir(pin_root, host)?;
         fs::create_dir_all(link_dir(&pin_dir))
             .map_err(Error::io(format!("create {}", pin_dir.display())))?;
+        let lock = lock_pins(&pin_dir, host)?;
         let entries = pinned_ct_entries(&pin_dir)?.unwrap_or(entries);
         if entries < 1024 {
             return Err(Error::Invalid(format!(
@@ -185,7 +229,8 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             pin_dir,
-            maps_only: false,
+            access: Access::Programs,
+            _lock: Some(lock),
             ct_limits: ConntrackLimits::default(),
             ct_capacity: entries,
         };
@@ -193,11 +238,11 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Opens `host`'s pinned maps only, to read them (stats, conntrack) or
-    /// age conntrack: no program is loaded and the running ones are left
-    /// alone (an `open` swaps this binary's programs in behind the links,
-    /// which an operator's `stats` must never do). Fails if nothing is
-    /// pinned for `host`.
+    /// Opens `host`'s pinned maps only, to read them (stats, conntrack,
+    /// tables): no program is loaded and the running ones are left alone (an
+    /// `open` swaps this binary's programs in behind the links, which an
+    /// operator's `stats` must never do), no lock is taken and nothing can
+    /// be written through it. Fails if nothing is pinned for `host`.
     pub fn open_maps(host: &str, pin_root: &Path) -> Result<Self, Error> {
         bpffs::prepare(pin_root)?;
         let pin_dir = host_dir(pin_root, host)?;
@@ -217,10 +262,35 @@ impl Dataplane {
         Ok(Dataplane {
             ebpf,
             pin_dir,
-            maps_only: true,
+            access: Access::ReadOnly,
+            _lock: None,
             ct_limits: ConntrackLimits::default(),
             ct_capacity: entries,
         })
+    }
+
+    /// [`Self::open_maps`] for the maps' writer, without programs: takes the
+    /// writer's lock (refused while an agent runs for `host`), and may age
+    /// and flush conntrack, but not apply.
+    pub fn open_maps_to_write(host: &str, pin_root: &Path) -> Result<Self, Error> {
+        let lock = lock_pins(&host_dir(pin_root, host)?, host)?;
+        let mut dp = Self::open_maps(host, pin_root)?;
+        dp.access = Access::Maps;
+        dp._lock = Some(lock);
+        Ok(dp)
+    }
+
+    /// Refuses `what` on a handle that may not do it.
+    fn writable(&self, what: &str) -> Result<(), Error> {
+        match (self.access, what) {
+            (Access::Programs, _) | (Access::Maps, "conntrack") => Ok(()),
+            (Access::Maps, _) => Err(Error::Invalid(format!(
+                "{what}: this dataplane was opened for its maps only (open_maps_to_write): {what} needs open"
+            ))),
+            (Access::ReadOnly, _) => Err(Error::Invalid(format!(
+                "{what}: this dataplane was opened to read its maps only (open_maps)"
+            ))),
+        }
     }
 
     /// Entries of this host's conntrack table.
@@ -283,169 +353,150 @@ impl Dataplane {
     }
 
     /// Makes the maps and attachments of this host equal to what `snap`
-    /// implies. Order never opens a hole: tables before the ports that use
-    /// them, attachments after their port entry; removals the other way.
+    /// implies: what the kernel holds is read once, [`plan::plan`] orders the
+    /// changes (never opening a hole), and they are carried out in order.
     pub fn apply(
         &mut self,
-        snap: &Snapshot,
+        snap: &Valid,
         host: &str,
         uplink: &str,
         hook: UplinkHook,
     ) -> Result<ApplyReport, Error> {
-        if self.maps_only {
-            return Err(Error::Invalid(
-                "this dataplane was opened for its maps only (open_maps): apply needs open".into(),
-            ));
-        }
+        self.writable("apply")?;
         let uplink_ifindex = netdev::ifindex(uplink)
             .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
-        let previous: BTreeMap<u32, PortInfo> = read_hash(&self.ebpf, M::PORTS)?;
+        let current = self.current()?;
         let compiled: Compiled = tables::compile(
             snap,
             host,
             uplink_ifindex,
             netdev::resolve,
-            &previous,
+            &current.tables.ports,
             self.ct_limits,
             self.ct_capacity,
         )?;
-        let t = &compiled.tables;
+        let plan = plan::plan(&current, &compiled);
         let mut report = ApplyReport {
             pending: compiled.pending.clone(),
+            map_updates: plan.map_updates(),
             ..Default::default()
         };
+        for step in &plan.steps {
+            self.execute(step, &plan.diffs, uplink, hook, &mut report)?;
+        }
+        Ok(report)
+    }
 
-        // Counters of a slot that changes hands start from zero.
-        let fresh: Vec<u32> = compiled
-            .local_ports
-            .iter()
-            .filter(|p| previous.get(&p.ifindex).map(|i| i.slot) != Some(p.slot))
-            .map(|p| p.slot)
-            .collect();
-        if !fresh.is_empty() {
-            let mut stats: PerCpuArray<&mut MapData, PortStats> =
-                map_mut(&mut self.ebpf, M::PORT_STATS)?;
-            let cpus = nr_cpus().map_err(|(_, e)| Error::io("count CPUs")(e))?;
-            for &slot in &fresh {
-                let zero = PerCpuValues::try_from(vec![PortStats::default(); cpus])
-                    .map_err(Error::io("per-CPU values"))?;
-                stats
-                    .set(slot, zero, 0)
-                    .map_err(|e| Error::kernel("reset port counters")(e.into()))?;
-            }
-            let mut drops: PerCpuHashMap<&mut MapData, PortDropKey, u64> =
-                map_mut(&mut self.ebpf, M::PORT_DROPS)?;
-            let stale: Vec<PortDropKey> = drops
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| fresh.contains(&k.slot))
-                .collect();
-            for k in &stale {
-                let _ = drops.remove(k);
+    /// What the kernel holds for this host now.
+    pub fn current(&self) -> Result<Current, Error> {
+        let e = &self.ebpf;
+        let cfg: Array<&MapData, HostConfig> = typed_ref::<_, maps::Config>(e)?;
+        let mut port_links = BTreeSet::new();
+        for (name, _) in self.pinned_links()? {
+            if let Some(i) = name.strip_prefix("port-").and_then(|s| s.parse().ok()) {
+                port_links.insert(i);
             }
         }
-
-        let e = &mut self.ebpf;
-        let mut n = 0;
-        let old_config: Option<HostConfig> = {
-            let cfg: Array<&MapData, HostConfig> = map_ref(e, M::CONFIG)?;
-            cfg.get(&0, 0).ok()
-        };
-        let epoch = old_config.map_or(0, |c| c.policy_epoch);
-        n += write_config(
-            e,
-            old_config,
-            HostConfig {
-                policy_epoch: epoch,
-                ..t.config
+        Ok(Current {
+            config: cfg.get(&0, 0).ok(),
+            tables: Tables {
+                config: HostConfig::default(),
+                ports: read_hash::<maps::Ports>(e)?,
+                addr_allow: read_lpm::<maps::AntiSpoof>(e)?,
+                forward: read_hash::<maps::Forward>(e)?,
+                neighbours: read_hash::<maps::Neighbours>(e)?,
+                networks: read_hash::<maps::Networks>(e)?,
+                vteps: read_hash::<maps::Vteps>(e)?,
+                sg: crate::policy::SgTables {
+                    addrs: read_lpm::<maps::SgAddrs>(e)?,
+                    rules: read_lpm::<maps::SgRules>(e)?,
+                },
             },
-        )?;
-        // Every table's diff against what its map holds now (read once).
-        let sg_addrs = diff_lpm(e, M::SG_ADDRS, &t.sg.addrs)?;
-        let sg_rules = diff_lpm(e, M::SG_RULES, &t.sg.rules)?;
-        let networks = diff_hash(e, M::NETWORKS, &t.networks)?;
-        let vteps = diff_hash(e, M::VTEPS, &t.vteps)?;
-        let neighbours = diff_hash(e, M::NEIGHBOURS, &t.neighbours)?;
-        let forward = diff_hash(e, M::FORWARD, &t.forward)?;
-        let addr_allow = diff_lpm(e, M::ADDR_ALLOW, &t.addr_allow)?;
-        let ports = diff(&previous, &t.ports);
-        // Security-group tables first (allow before the ports that use them).
-        let mut sg_changes = write_lpm(e, M::SG_ADDRS, &sg_addrs)?;
-        sg_changes += write_lpm(e, M::SG_RULES, &sg_rules)?;
-        sg_changes += previous
-            .iter()
-            .filter(|(k, v)| t.ports.get(k).is_some_and(|p| p.policy != v.policy))
-            .count();
-        n += write_hash(e, M::NETWORKS, &networks)?;
-        n += write_hash(e, M::VTEPS, &vteps)?;
-        n += write_hash(e, M::NEIGHBOURS, &neighbours)?;
-        n += write_hash(e, M::FORWARD, &forward)?;
-        n += write_lpm(e, M::ADDR_ALLOW, &addr_allow)?;
-        n += write_hash(e, M::PORTS, &ports)?;
+            port_links,
+        })
+    }
 
-        // Attachments: new ports after their entries, stale ones before theirs go.
-        let wanted: BTreeSet<u32> = compiled.local_ports.iter().map(|p| p.ifindex).collect();
-        let links = self.pinned_links()?;
-        for (name, path) in &links {
-            if let Some(ifindex) = name
-                .strip_prefix("port-")
-                .and_then(|s| s.parse::<u32>().ok())
-            {
-                if !wanted.contains(&ifindex) {
-                    fs::remove_file(path)
-                        .map_err(Error::io(format!("unpin {}", path.display())))?;
-                    report.ports_detached.push(ifindex);
+    /// Carries out one step of a plan.
+    fn execute(
+        &mut self,
+        step: &Step,
+        d: &Diffs,
+        uplink: &str,
+        hook: UplinkHook,
+        report: &mut ApplyReport,
+    ) -> Result<(), Error> {
+        let e = &mut self.ebpf;
+        match step {
+            Step::ResetCounters(slots) => {
+                let mut stats: PerCpuArray<&mut MapData, PortStats> =
+                    typed_mut::<_, maps::PortCounters>(e)?;
+                let cpus = nr_cpus().map_err(|(_, e)| Error::io("count CPUs")(e))?;
+                for &slot in slots {
+                    let zero = PerCpuValues::try_from(vec![PortStats::default(); cpus])
+                        .map_err(Error::io("per-CPU values"))?;
+                    stats
+                        .set(slot, zero, 0)
+                        .map_err(|e| Error::kernel("reset port counters")(e.into()))?;
+                }
+                let mut drops: PerCpuHashMap<&mut MapData, PortDropKey, u64> =
+                    typed_mut::<_, maps::PortDrops>(e)?;
+                let stale: Vec<PortDropKey> = drops
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| slots.contains(&k.slot))
+                    .collect();
+                for k in &stale {
+                    let _ = drops.remove(k);
                 }
             }
-        }
-        for p in &compiled.local_ports {
-            let path = link_dir(&self.pin_dir).join(format!("port-{}", p.ifindex));
-            if path.exists() {
-                continue;
+            Step::Config(c) => {
+                let mut cfg: Array<&mut MapData, HostConfig> = typed_mut::<_, maps::Config>(e)?;
+                cfg.set(0, *c, 0)
+                    .map_err(|err| Error::kernel("write config")(err.into()))?;
             }
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, P::PORT)?;
-            let id = prog
-                .attach_with_options(
-                    &p.interface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|err| {
-                    Error::kernel(format!("attach to port {}", p.interface))(err.into())
-                })?;
-            pin_tc_link(prog, id, &path)?;
-            report.ports_attached.push(p.name.clone());
+            Step::Write(t) => match t {
+                Table::SgAddrs => write_lpm::<maps::SgAddrs>(e, &d.sg_addrs.changed)?,
+                Table::SgRules => write_lpm::<maps::SgRules>(e, &d.sg_rules.changed)?,
+                Table::Networks => write_hash::<maps::Networks>(e, &d.networks.changed)?,
+                Table::Vteps => write_hash::<maps::Vteps>(e, &d.vteps.changed)?,
+                Table::Neighbours => write_hash::<maps::Neighbours>(e, &d.neighbours.changed)?,
+                Table::Forward => write_hash::<maps::Forward>(e, &d.forward.changed)?,
+                Table::AddrAllow => write_lpm::<maps::AntiSpoof>(e, &d.addr_allow.changed)?,
+                Table::Ports => write_hash::<maps::Ports>(e, &d.ports.changed)?,
+            },
+            Step::Delete(t) => match t {
+                Table::SgAddrs => delete_lpm::<maps::SgAddrs>(e, &d.sg_addrs.stale)?,
+                Table::SgRules => delete_lpm::<maps::SgRules>(e, &d.sg_rules.stale)?,
+                Table::Networks => delete_hash::<maps::Networks>(e, &d.networks.stale)?,
+                Table::Vteps => delete_hash::<maps::Vteps>(e, &d.vteps.stale)?,
+                Table::Neighbours => delete_hash::<maps::Neighbours>(e, &d.neighbours.stale)?,
+                Table::Forward => delete_hash::<maps::Forward>(e, &d.forward.stale)?,
+                Table::AddrAllow => delete_lpm::<maps::AntiSpoof>(e, &d.addr_allow.stale)?,
+                Table::Ports => delete_hash::<maps::Ports>(e, &d.ports.stale)?,
+            },
+            Step::Detach(ifindex) => {
+                let path = link_dir(&self.pin_dir).join(format!("port-{ifindex}"));
+                fs::remove_file(&path).map_err(Error::io(format!("unpin {}", path.display())))?;
+                report.ports_detached.push(*ifindex);
+            }
+            Step::Attach(p) => {
+                let path = link_dir(&self.pin_dir).join(format!("port-{}", p.ifindex));
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, P::PORT)?;
+                let id = prog
+                    .attach_with_options(
+                        &p.interface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|err| {
+                        Error::kernel(format!("attach to port {}", p.interface))(err.into())
+                    })?;
+                pin_tc_link(prog, id, &path)?;
+                report.ports_attached.push(p.name.clone());
+            }
+            Step::Uplink => report.uplink_hook = Some(self.attach_uplink(uplink, hook)?),
         }
-        report.uplink_hook = Some(self.attach_uplink(uplink, hook)?);
-
-        let e = &mut self.ebpf;
-        n += delete_hash(e, M::PORTS, &ports)?;
-        n += delete_lpm(e, M::ADDR_ALLOW, &addr_allow)?;
-        n += delete_hash(e, M::FORWARD, &forward)?;
-        n += delete_hash(e, M::NEIGHBOURS, &neighbours)?;
-        n += delete_hash(e, M::VTEPS, &vteps)?;
-        n += delete_hash(e, M::NETWORKS, &networks)?;
-        sg_changes += delete_lpm(e, M::SG_RULES, &sg_rules)?;
-        sg_changes += delete_lpm(e, M::SG_ADDRS, &sg_addrs)?;
-        if sg_changes > 0 {
-            // Last: every flow is checked again against the tables as they
-            // are now, and cut if they no longer allow it.
-            let now = HostConfig {
-                policy_epoch: epoch.wrapping_add(1),
-                ..t.config
-            };
-            n += write_config(
-                e,
-                Some(HostConfig {
-                    policy_epoch: epoch,
-                    ..t.config
-                }),
-                now,
-            )?;
-        }
-        n += sg_changes;
-        report.map_updates = n;
-        Ok(report)
+        Ok(())
     }
 
     fn attach_uplink(&mut self, uplink: &str, hook: UplinkHook) -> Result<&'static str, Error> {
@@ -558,20 +609,13 @@ impl Dataplane {
 
     /// The tables the kernel holds now (for tests and `cloison-dp show`).
     pub fn tables(&self) -> Result<Tables, Error> {
-        let mut t = Tables::default();
-        let cfg: Array<&MapData, HostConfig> = map_ref(&self.ebpf, M::CONFIG)?;
-        t.config = cfg
-            .get(&0, 0)
-            .map_err(|e| Error::kernel("read config")(e.into()))?;
-        t.ports = read_hash(&self.ebpf, M::PORTS)?;
-        t.forward = read_hash(&self.ebpf, M::FORWARD)?;
-        t.neighbours = read_hash(&self.ebpf, M::NEIGHBOURS)?;
-        t.networks = read_hash(&self.ebpf, M::NETWORKS)?;
-        t.vteps = read_hash(&self.ebpf, M::VTEPS)?;
-        t.addr_allow = read_lpm(&self.ebpf, M::ADDR_ALLOW)?;
-        t.sg.addrs = read_lpm(&self.ebpf, M::SG_ADDRS)?;
-        t.sg.rules = read_lpm(&self.ebpf, M::SG_RULES)?;
-        Ok(t)
+        let c = self.current()?;
+        Ok(Tables {
+            config: c
+                .config
+                .ok_or_else(|| Error::Invalid("no host config written yet".into()))?,
+            ..c.tables
+        })
     }
 
     /// Every conntrack entry (live or not yet aged out).
@@ -590,6 +634,7 @@ impl Dataplane {
 
     /// Forgets every tracked flow (their next packets are new flows again).
     pub fn conntrack_flush(&mut self) -> Result<usize, Error> {
+        self.writable("conntrack")?;
         let keys: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
         {
             let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
@@ -607,6 +652,7 @@ impl Dataplane {
     /// LRU may have evicted entries behind the counters' back). The agent
     /// runs this periodically. Returns how many entries were deleted.
     pub fn conntrack_gc(&mut self) -> Result<usize, Error> {
+        self.writable("conntrack")?;
         let now = monotonic_ns();
         let mut live: BTreeMap<u32, i64> = BTreeMap::new();
         let mut expired = Vec::new();
@@ -819,62 +865,6 @@ where
     T::try_from(m).map_err(|e| Error::kernel(format!("map {name}"))(e.into()))
 }
 
-fn read_hash<K: Pod + Ord, V: Pod>(ebpf: &Ebpf, name: &str) -> Result<BTreeMap<K, V>, Error> {
-    batch::read(ebpf, name)
-}
-
-/// What changes a map from `have` to `want`: entries to write (new or
-/// different) and keys to delete. Each map is read once per apply and its
-/// diff used for both phases (writes before the attachments, deletes
-/// after): reading a hash map walks every bucket of its capacity, and
-/// reading twice was half the time of a large apply.
-struct Diff<K, V> {
-    changed: Vec<(K, V)>,
-    stale: Vec<K>,
-}
-
-fn diff<K: Ord + Copy, V: PartialEq + Copy>(
-    have: &BTreeMap<K, V>,
-    want: &BTreeMap<K, V>,
-) -> Diff<K, V> {
-    Diff {
-        changed: want
-            .iter()
-            .filter(|(k, v)| have.get(k) != Some(v))
-            .map(|(k, v)| (*k, *v))
-            .collect(),
-        stale: have
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect(),
-    }
-}
-
-fn diff_hash<K: Pod + Ord, V: Pod + PartialEq>(
-    ebpf: &Ebpf,
-    name: &str,
-    want: &BTreeMap<K, V>,
-) -> Result<Diff<K, V>, Error> {
-    Ok(diff(&batch::read(ebpf, name)?, want))
-}
-
-/// Writes a diff's new and changed entries, in batches; returns how many.
-fn write_hash<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, d: &Diff<K, V>) -> Result<usize, Error> {
-    batch::update(ebpf, name, &d.changed)?;
-    Ok(d.changed.len())
-}
-
-/// Deletes a diff's stale keys, in batches; returns how many.
-fn delete_hash<K: Pod, V: Pod>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    d: &Diff<K, V>,
-) -> Result<usize, Error> {
-    batch::delete(ebpf, name, &d.stale)?;
-    Ok(d.stale.len())
-}
-
 /// The clock the programs stamp conntrack entries with
 /// (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_ns() -> u64 {
@@ -887,56 +877,90 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn write_config(ebpf: &mut Ebpf, old: Option<HostConfig>, new: HostConfig) -> Result<usize, Error> {
-    if old == Some(new) {
-        return Ok(0);
-    }
-    let mut cfg: Array<&mut MapData, HostConfig> = map_mut(ebpf, M::CONFIG)?;
-    cfg.set(0, new, 0)
-        .map_err(|err| Error::kernel("write config")(err.into()))?;
-    Ok(1)
+/// A map of the object, typed by its definition in `cloison_abi::maps`.
+fn typed_ref<'a, T, M: MapDef>(ebpf: &'a Ebpf) -> Result<T, Error>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    map_ref(ebpf, M::NAME)
 }
 
-fn read_lpm<K: Pod + Ord, V: Pod>(ebpf: &Ebpf, name: &str) -> Result<BTreeMap<(u32, K), V>, Error> {
-    let m: LpmTrie<&MapData, K, V> = map_ref(ebpf, name)?;
+fn typed_mut<'a, T, M: MapDef>(ebpf: &'a mut Ebpf) -> Result<T, Error>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    map_mut(ebpf, M::NAME)
+}
+
+fn read_hash<M: MapDef>(ebpf: &Ebpf) -> Result<BTreeMap<M::Key, M::Value>, Error>
+where
+    M::Key: Pod + Ord,
+    M::Value: Pod,
+{
+    batch::read(ebpf, M::NAME)
+}
+
+/// Writes entries in batches.
+fn write_hash<M: MapDef>(ebpf: &mut Ebpf, entries: &[(M::Key, M::Value)]) -> Result<(), Error>
+where
+    M::Key: Pod,
+    M::Value: Pod,
+{
+    batch::update(ebpf, M::NAME, entries)
+}
+
+/// Deletes keys in batches.
+fn delete_hash<M: MapDef>(ebpf: &mut Ebpf, keys: &[M::Key]) -> Result<(), Error>
+where
+    M::Key: Pod,
+{
+    batch::delete(ebpf, M::NAME, keys)
+}
+
+/// An LPM trie's entries by exact key (prefix length, data) as read: a
+/// lookup is a longest-prefix match and could answer from a shorter entry.
+/// An LPM trie's contents: (prefix length, key) → value.
+type Lpm<K, V> = BTreeMap<(u32, K), V>;
+
+fn read_lpm<M: MapDef>(ebpf: &Ebpf) -> Result<Lpm<M::Key, M::Value>, Error>
+where
+    M::Key: Pod + Ord,
+    M::Value: Pod,
+{
+    let m: LpmTrie<&MapData, M::Key, M::Value> = map_ref(ebpf, M::NAME)?;
     Ok(m.iter()
         .filter_map(Result::ok)
         .map(|(k, v)| ((k.prefix_len(), k.data()), v))
         .collect())
 }
 
-/// An LPM trie's diff, compared by exact key as read (a lookup is a
-/// longest-prefix match and could answer from a shorter entry).
-fn diff_lpm<K: Pod + Ord, V: Pod + PartialEq>(
-    ebpf: &Ebpf,
-    name: &str,
-    want: &BTreeMap<(u32, K), V>,
-) -> Result<Diff<(u32, K), V>, Error> {
-    Ok(diff(&read_lpm(ebpf, name)?, want))
-}
+type LpmEntry<K, V> = ((u32, K), V);
 
-fn write_lpm<K: Pod, V: Pod>(
+fn write_lpm<M: MapDef>(
     ebpf: &mut Ebpf,
-    name: &str,
-    d: &Diff<(u32, K), V>,
-) -> Result<usize, Error> {
-    let mut m: LpmTrie<&mut MapData, K, V> = map_mut(ebpf, name)?;
-    for &((bits, k), v) in &d.changed {
+    entries: &[LpmEntry<M::Key, M::Value>],
+) -> Result<(), Error>
+where
+    M::Key: Pod,
+    M::Value: Pod,
+{
+    let mut m: LpmTrie<&mut MapData, M::Key, M::Value> = map_mut(ebpf, M::NAME)?;
+    for &((bits, k), v) in entries {
         m.insert(&LpmKey::new(bits, k), v, 0)
-            .map_err(|e| Error::kernel(format!("update {name}"))(e.into()))?;
+            .map_err(|e| Error::kernel(format!("update {}", M::NAME))(e.into()))?;
     }
-    Ok(d.changed.len())
+    Ok(())
 }
 
-fn delete_lpm<K: Pod, V: Pod>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    d: &Diff<(u32, K), V>,
-) -> Result<usize, Error> {
-    let mut m: LpmTrie<&mut MapData, K, V> = map_mut(ebpf, name)?;
-    for &(bits, k) in &d.stale {
+fn delete_lpm<M: MapDef>(ebpf: &mut Ebpf, keys: &[(u32, M::Key)]) -> Result<(), Error>
+where
+    M::Key: Pod,
+    M::Value: Pod,
+{
+    let mut m: LpmTrie<&mut MapData, M::Key, M::Value> = map_mut(ebpf, M::NAME)?;
+    for &(bits, k) in keys {
         m.remove(&LpmKey::new(bits, k))
-            .map_err(|e| Error::kernel(format!("delete from {name}"))(e.into()))?;
+            .map_err(|e| Error::kernel(format!("delete from {}", M::NAME))(e.into()))?;
     }
-    Ok(d.stale.len())
+    Ok(())
 }

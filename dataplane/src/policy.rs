@@ -18,7 +18,7 @@ use std::{
 use cloison_abi::*;
 use ipnet::IpNet;
 
-use crate::{snapshot::*, Error};
+use crate::snapshot::*;
 
 /// The policy of each local port with port security: its sorted group names.
 pub type PolicySet = Vec<String>;
@@ -94,98 +94,124 @@ fn direction_code(d: Direction) -> u8 {
     }
 }
 
+/// A port's policy: its groups, sorted, each once.
+pub fn policy_set(p: &Port) -> PolicySet {
+    let set: BTreeSet<&String> = p.security_groups.iter().collect();
+    set.into_iter().cloned().collect()
+}
+
 /// Compiles `policies` (id → group names) against the snapshot's groups.
-pub fn compile(snap: &Snapshot, policies: &BTreeMap<u32, PolicySet>) -> Result<SgTables, Error> {
-    let groups: BTreeMap<&str, &SecurityGroup> = snap
-        .security_groups
-        .iter()
-        .map(|g| (g.name.as_str(), g))
-        .collect();
-    let members = group_members(snap);
-    let none = BTreeSet::new();
-    let mut out = SgTables::default();
-    for (&policy, set) in policies {
-        for dir in [Direction::Ingress, Direction::Egress] {
-            let d = direction_code(dir);
-            let rules: BTreeSet<&Rule> = set
+/// The snapshot is valid, and its host's tables fit (see validate.rs).
+pub fn compile(snap: &Snapshot, policies: &BTreeMap<u32, PolicySet>) -> SgTables {
+    Compiler::new(snap).compile(policies)
+}
+
+/// The snapshot's groups and the addresses of their members, found once for
+/// any number of policies.
+pub struct Compiler<'a> {
+    groups: BTreeMap<&'a str, &'a SecurityGroup>,
+    members: BTreeMap<&'a str, BTreeSet<IpNet>>,
+}
+
+impl<'a> Compiler<'a> {
+    pub fn new(snap: &'a Snapshot) -> Self {
+        Compiler {
+            groups: snap
+                .security_groups
                 .iter()
-                .filter_map(|g| groups.get(g.as_str()))
-                .flat_map(|g| g.rules.iter())
-                .filter(|r| r.direction == dir)
-                .collect();
-            let rules: Vec<&Rule> = rules.into_iter().collect();
-            // Remote prefix → the rules naming it.
-            let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
-            for (i, r) in rules.iter().enumerate() {
-                let any = match r.ethertype {
-                    Ethertype::IPv4 => "0.0.0.0/0".parse().expect("literal"),
-                    Ethertype::IPv6 => "::/0".parse().expect("literal"),
-                };
-                let remotes: Vec<IpNet> = match &r.remote {
-                    None => vec![any],
-                    Some(Remote::Cidr(c)) => vec![c.trunc()],
-                    Some(Remote::Group(g)) => members
-                        .get(g.as_str())
-                        .unwrap_or(&none)
-                        .iter()
-                        .filter(|n| family(n) == family(&any))
-                        .copied()
-                        .collect(),
-                };
-                for n in remotes {
-                    by_prefix.entry(n).or_default().push(i);
-                }
-            }
-            let mut classes: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
-            for prefix in by_prefix.keys() {
-                let mut class = BTreeSet::new();
-                for bits in 0..=prefix.prefix_len() {
-                    let ancestor = IpNet::new(prefix.addr(), bits)
-                        .expect("shorter than the prefix")
-                        .trunc();
-                    if let Some(rs) = by_prefix.get(&ancestor) {
-                        class.extend(rs.iter().copied());
+                .map(|g| (g.name.as_str(), g))
+                .collect(),
+            members: group_members(snap),
+        }
+    }
+
+    /// Entries (addresses, rules) one policy of `set` compiles to.
+    pub fn size(&self, set: &PolicySet) -> (usize, usize) {
+        let t = self.compile(&BTreeMap::from([(1, set.clone())]));
+        (t.addrs.len(), t.rules.len())
+    }
+
+    pub fn compile(&self, policies: &BTreeMap<u32, PolicySet>) -> SgTables {
+        let (groups, members) = (&self.groups, &self.members);
+        let none = BTreeSet::new();
+        let mut out = SgTables::default();
+        for (&policy, set) in policies {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let d = direction_code(dir);
+                let rules: BTreeSet<&Rule> = set
+                    .iter()
+                    .filter_map(|g| groups.get(g.as_str()))
+                    .flat_map(|g| g.rules.iter())
+                    .filter(|r| r.direction == dir)
+                    .collect();
+                let rules: Vec<&Rule> = rules.into_iter().collect();
+                // Remote prefix → the rules naming it.
+                let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+                for (i, r) in rules.iter().enumerate() {
+                    let any = match r.ethertype {
+                        Ethertype::IPv4 => "0.0.0.0/0".parse().expect("literal"),
+                        Ethertype::IPv6 => "::/0".parse().expect("literal"),
+                    };
+                    let remotes: Vec<IpNet> = match &r.remote {
+                        None => vec![any],
+                        Some(Remote::Cidr(c)) => vec![c.trunc()],
+                        Some(Remote::Group(g)) => members
+                            .get(g.as_str())
+                            .unwrap_or(&none)
+                            .iter()
+                            .filter(|n| family(n) == family(&any))
+                            .copied()
+                            .collect(),
+                    };
+                    for n in remotes {
+                        by_prefix.entry(n).or_default().push(i);
                     }
                 }
-                let next = classes.len() as u32;
-                let id = *classes.entry(class.into_iter().collect()).or_insert(next);
-                out.addrs.insert(addr_key(policy, d, *prefix), id);
-            }
-            for (class, &id) in &classes {
-                for &i in class {
-                    let r = rules[i];
-                    let key = |proto: u8, port: u16| SgRuleKey {
-                        policy: policy.to_be_bytes(),
-                        class: id.to_be_bytes(),
-                        direction: d,
-                        proto,
-                        port: port.to_be_bytes(),
-                    };
-                    match (r.protocol.number(r.ethertype), r.ports) {
-                        (None, _) => {
-                            out.rules.insert((SG_RULE_FIXED_BITS, key(0, 0)), 1);
+                let mut classes: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
+                for prefix in by_prefix.keys() {
+                    let mut class = BTreeSet::new();
+                    for bits in 0..=prefix.prefix_len() {
+                        let ancestor = IpNet::new(prefix.addr(), bits)
+                            .expect("shorter than the prefix")
+                            .trunc();
+                        if let Some(rs) = by_prefix.get(&ancestor) {
+                            class.extend(rs.iter().copied());
                         }
-                        (Some(p), None) => {
-                            out.rules.insert((SG_RULE_FIXED_BITS + 8, key(p, 0)), 1);
-                        }
-                        (Some(p), Some(range)) => {
-                            for (v, bits) in port_prefixes(range.first, range.last) {
-                                out.rules
-                                    .insert((SG_RULE_FIXED_BITS + 8 + bits, key(p, v)), 1);
+                    }
+                    let next = classes.len() as u32;
+                    let id = *classes.entry(class.into_iter().collect()).or_insert(next);
+                    out.addrs.insert(addr_key(policy, d, *prefix), id);
+                }
+                for (class, &id) in &classes {
+                    for &i in class {
+                        let r = rules[i];
+                        let key = |proto: u8, port: u16| SgRuleKey {
+                            policy: policy.to_be_bytes(),
+                            class: id.to_be_bytes(),
+                            direction: d,
+                            proto,
+                            port: port.to_be_bytes(),
+                        };
+                        match (r.protocol.number(r.ethertype), r.ports) {
+                            (None, _) => {
+                                out.rules.insert((SG_RULE_FIXED_BITS, key(0, 0)), 1);
+                            }
+                            (Some(p), None) => {
+                                out.rules.insert((SG_RULE_FIXED_BITS + 8, key(p, 0)), 1);
+                            }
+                            (Some(p), Some(range)) => {
+                                for (v, bits) in port_prefixes(range.first, range.last) {
+                                    out.rules
+                                        .insert((SG_RULE_FIXED_BITS + 8 + bits, key(p, v)), 1);
+                                }
                             }
                         }
                     }
                 }
             }
-            if out.addrs.len() > MAX_SG_ADDRS as usize || out.rules.len() > MAX_SG_RULES as usize {
-                return Err(Error::Invalid(format!(
-                    "security groups {set:?} compile to more than the {MAX_SG_ADDRS} address \
-                     and {MAX_SG_RULES} rule entries a host holds"
-                )));
-            }
         }
+        out
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -340,11 +366,11 @@ mod tests {
                      "ips": ["10.0.1.7"], "security_groups": ["g1"],
                      "allowed_address_pairs": [{"ip": "10.0.2.0/26"}]}]
             })).unwrap();
-            snap.validate().unwrap();
+            let snap = crate::validate::validate(snap).unwrap();
             let sets: Vec<PolicySet> = vec![vec!["g0".into()], vec!["g1".into()], vec!["g0".into(), "g1".into()]];
             let policies: BTreeMap<u32, PolicySet> =
                 sets.iter().cloned().enumerate().map(|(i, s)| (i as u32 + 1, s)).collect();
-            let t = compile(&snap, &policies).unwrap();
+            let t = compile(&snap, &policies);
             for (ingress, c, d, proto, port) in probes {
                 let remote = IpAddr::from([10, 0, c, d]);
                 let proto = [0u8, 6, 17, 1][proto as usize];

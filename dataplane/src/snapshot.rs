@@ -2,7 +2,7 @@
 //! ports, in the shape of the northbound API (docs/api.md). A snapshot is
 //! complete; applying it makes the kernel's maps equal to what it implies.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr},
     str::FromStr,
@@ -413,100 +413,9 @@ pub struct Snapshot {
     pub ports: Vec<Port>,
 }
 
-/// Smallest network MTU: room for an ICMP error's quote (see icmp.rs) and
-/// what IPv4 hosts must accept.
-pub const MIN_MTU: u32 = 576;
-/// Largest: a 9000-byte jumbo underlay minus the VXLAN overhead.
-pub const MAX_MTU: u32 = 8950;
-
 impl Snapshot {
-    /// Checks everything the dataplane relies on. The northbound API checks
-    /// more (tenants, names); this is the last line before the kernel.
-    pub fn validate(&self) -> Result<(), Error> {
-        let invalid = |m: String| Err(Error::Invalid(m));
-        let mut hosts = BTreeSet::new();
-        for h in &self.hosts {
-            if !hosts.insert(h.name.as_str()) {
-                return invalid(format!("host {} given twice", h.name));
-            }
-        }
-        let mut vnis = BTreeSet::new();
-        let mut nets = BTreeMap::new();
-        for n in &self.networks {
-            if n.vni == 0 || n.vni > 0xff_ffff {
-                return invalid(format!(
-                    "network {}: VNI {} outside 1-16777215",
-                    n.name, n.vni
-                ));
-            }
-            if !vnis.insert(n.vni) {
-                return invalid(format!("network {}: VNI {} already used", n.name, n.vni));
-            }
-            if !(MIN_MTU..=MAX_MTU).contains(&n.mtu) {
-                return invalid(format!(
-                    "network {}: MTU {} outside {MIN_MTU}-{MAX_MTU}",
-                    n.name, n.mtu
-                ));
-            }
-            if nets.insert(n.name.as_str(), n).is_some() {
-                return invalid(format!("network {} given twice", n.name));
-            }
-        }
-        let mut groups = BTreeMap::new();
-        for g in &self.security_groups {
-            if groups.insert(g.name.as_str(), g).is_some() {
-                return invalid(format!("security group {} given twice", g.name));
-            }
-        }
-        for g in &self.security_groups {
-            g.check_rules(&groups)
-                .map_err(|e| Error::Invalid(e.message()))?;
-        }
-        let mut names = BTreeSet::new();
-        let mut macs = BTreeSet::new();
-        let mut ips = BTreeSet::new();
-        for p in &self.ports {
-            if !names.insert(p.name.as_str()) {
-                return invalid(format!("port {} given twice", p.name));
-            }
-            let Some(net) = nets.get(p.network.as_str()) else {
-                return invalid(format!("port {}: unknown network {}", p.name, p.network));
-            };
-            if !hosts.contains(p.host.as_str()) {
-                return invalid(format!("port {}: unknown host {}", p.name, p.host));
-            }
-            p.check_groups(&net.tenant, &net.name, &groups)
-                .map_err(Error::Invalid)?;
-            if !p.mac.is_unicast() {
-                return invalid(format!("port {}: MAC {} is not unicast", p.name, p.mac));
-            }
-            if !macs.insert((net.vni, p.mac)) {
-                return invalid(format!(
-                    "port {}: MAC {} already used in {}",
-                    p.name, p.mac, net.name
-                ));
-            }
-            for ip in &p.ips {
-                if !net.subnets.iter().any(|s| s.contains(ip)) {
-                    return invalid(format!(
-                        "port {}: {ip} is outside the subnets of {}",
-                        p.name, net.name
-                    ));
-                }
-                if !ips.insert((net.vni, *ip)) {
-                    return invalid(format!(
-                        "port {}: {ip} already used in {}",
-                        p.name, net.name
-                    ));
-                }
-            }
-            if p.interface.is_empty() || p.interface.len() > 15 {
-                return invalid(format!(
-                    "port {}: bad interface name {:?}",
-                    p.name, p.interface
-                ));
-            }
-        }
-        Ok(())
+    /// [`crate::validate::validate`] of a copy of this snapshot.
+    pub fn validated(&self) -> Result<crate::validate::Valid, crate::validate::Violation> {
+        crate::validate::validate(self.clone())
     }
 }

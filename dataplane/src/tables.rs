@@ -1,6 +1,7 @@
-//! Compiles a [`Snapshot`] into the exact contents of every map for one host.
-//! Pure: the same snapshot and interfaces always give the same tables, which
-//! the loader then diffs against what the kernel holds.
+//! Compiles a [`Valid`] snapshot into the exact contents of every map for
+//! one host. Pure: the same snapshot and interfaces always give the same
+//! tables, which the plan then diffs against what the kernel holds. Nothing
+//! is checked here: the validator has (what fits a host included).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -9,7 +10,7 @@ use std::{
 use cloison_abi::*;
 use ipnet::IpNet;
 
-use crate::{policy::PolicySet, snapshot::*, Error};
+use crate::{policy::PolicySet, snapshot::*, validate::Valid, Error};
 
 /// A port's interface as found on this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +107,7 @@ pub fn port_share(tenant_quota: u32, tenant_ports: u32) -> u32 {
 }
 
 pub fn compile(
-    snap: &Snapshot,
+    snap: &Valid,
     host: &str,
     uplink_ifindex: u32,
     resolve: impl Fn(&str) -> Option<Iface>,
@@ -114,7 +115,6 @@ pub fn compile(
     limits: ConntrackLimits,
     ct_capacity: u32,
 ) -> Result<Compiled, Error> {
-    snap.validate()?;
     let me = snap
         .hosts
         .iter()
@@ -158,11 +158,6 @@ pub fn compile(
         while used_slots.contains(&next) {
             next += 1;
         }
-        if next >= MAX_PORTS {
-            return Err(Error::Invalid(format!(
-                "more than {MAX_PORTS} ports on host {host}"
-            )));
-        }
         used_slots.insert(next);
         local.insert(&p.name, (iface, next));
     }
@@ -187,11 +182,6 @@ pub fn compile(
             .entry(nets[p.network.as_str()].tenant.as_str())
             .or_default() += 1;
     }
-    if tenant_ports.len() > MAX_TENANTS as usize {
-        return Err(Error::Invalid(format!(
-            "more than {MAX_TENANTS} tenants on host {host}"
-        )));
-    }
     let usable = ct_usable(ct_capacity);
     let tenant_quota = (usable / (tenant_ports.len() as u32).max(1)).min(limits.per_tenant);
     let tenant_index: BTreeMap<&str, u32> = tenant_ports
@@ -205,8 +195,7 @@ pub fn compile(
     let mut sets: BTreeMap<&str, PolicySet> = BTreeMap::new();
     for p in snap.ports.iter().filter(|p| p.port_security) {
         if local.contains_key(p.name.as_str()) {
-            let set: BTreeSet<String> = p.security_groups.iter().cloned().collect();
-            sets.insert(&p.name, set.into_iter().collect());
+            sets.insert(&p.name, crate::policy::policy_set(p));
         }
     }
     let mut policies: BTreeMap<u32, PolicySet> = BTreeMap::new();
@@ -231,7 +220,7 @@ pub fn compile(
         policies.insert(next_policy, set.clone());
         policy_of.insert(set.clone(), next_policy);
     }
-    t.sg = crate::policy::compile(snap, &policies)?;
+    t.sg = crate::policy::compile(snap, &policies);
 
     for p in &snap.ports {
         if !active.contains(p.network.as_str()) {
@@ -335,12 +324,6 @@ pub fn compile(
             }
         } else {
             let vtep = host_ip[p.host.as_str()];
-            if vtep == me.underlay_ip.octets() {
-                return Err(Error::Invalid(format!(
-                    "host {} has the same underlay IP as {host}",
-                    p.host
-                )));
-            }
             t.forward.insert(
                 fkey,
                 ForwardEntry {
@@ -380,7 +363,8 @@ mod tests {
         prev: &BTreeMap<u32, PortInfo>,
         limits: ConntrackLimits,
     ) -> Result<Compiled, Error> {
-        compile(s, "hv1", 2, resolve, prev, limits, MAX_CONNTRACK)
+        let valid = crate::validate::validate(s.clone()).expect("a valid snapshot");
+        compile(&valid, "hv1", 2, resolve, prev, limits, MAX_CONNTRACK)
     }
 
     fn resolve(name: &str) -> Option<Iface> {
@@ -444,79 +428,6 @@ mod tests {
         s.ports.retain(|p| p.host != "hv1");
         let c = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
         assert!(c.tables.networks.is_empty() && c.tables.forward.is_empty());
-    }
-
-    #[test]
-    fn rejects_inconsistent_snapshots() {
-        let bad = |f: &dyn Fn(&mut Snapshot)| {
-            let mut s = snap();
-            f(&mut s);
-            compiled(&s, &BTreeMap::new(), ConntrackLimits::default())
-                .unwrap_err()
-                .to_string()
-        };
-        assert!(bad(&|s| s.networks[0].vni = 0).contains("VNI"));
-        assert!(bad(&|s| s.networks[0].mtu = 100).contains("MTU"));
-        assert!(bad(&|s| s.ports[1].mac = s.ports[0].mac).contains("already used"));
-        assert!(
-            bad(&|s| s.ports[1].ips = vec!["10.0.0.1".parse().unwrap()]).contains("already used")
-        );
-        assert!(
-            bad(&|s| s.ports[0].ips = vec!["192.168.0.1".parse().unwrap()]).contains("outside")
-        );
-        assert!(bad(&|s| s.ports[0].network = "nope".into()).contains("unknown network"));
-        assert!(bad(&|s| s.hosts[1].underlay_ip = s.hosts[0].underlay_ip).contains("same underlay"));
-        assert!(
-            bad(&|s| s.ports[0].mac = "01:00:00:00:00:01".parse().unwrap()).contains("unicast")
-        );
-    }
-
-    #[test]
-    fn rejects_bad_security_groups() {
-        let bad = |groups: serde_json::Value, port_groups: &[&str]| {
-            let mut s = snap();
-            s.security_groups = serde_json::from_value(groups).unwrap();
-            s.ports[0].security_groups = port_groups.iter().map(|g| g.to_string()).collect();
-            compiled(&s, &BTreeMap::new(), ConntrackLimits::default())
-                .unwrap_err()
-                .to_string()
-        };
-        let rule =
-            |r: serde_json::Value| serde_json::json!([{"name": "g", "tenant": "t", "rules": [r]}]);
-        assert!(bad(
-            rule(serde_json::json!({"direction": "ingress", "protocol": "icmp", "ports": "22"})),
-            &[]
-        )
-        .contains("tcp or udp"));
-        assert!(bad(
-            rule(serde_json::json!({"direction": "ingress", "protocol": "icmpv6"})),
-            &[]
-        )
-        .contains("IPv6"));
-        assert!(bad(
-            rule(serde_json::json!({"direction": "egress", "remote": {"cidr": "fd00::/8"}})),
-            &[]
-        )
-        .contains("not an IPv4 network"));
-        assert!(bad(
-            rule(serde_json::json!({"direction": "egress", "remote": {"group": "nope"}})),
-            &[]
-        )
-        .contains("unknown group"));
-        let other = serde_json::json!([{"name": "g", "tenant": "t", "rules": []},
-                                       {"name": "x", "tenant": "other", "rules": []}]);
-        assert!(bad(other.clone(), &["x"]).contains("another tenant"));
-        assert!(bad(other, &["y"]).contains("unknown group"));
-        for text in [
-            r#"{"direction": "ingress", "protocol": "sctp"}"#,
-            r#"{"direction": "ingress", "protocol": 256}"#,
-            r#"{"direction": "ingress", "protocol": "tcp", "ports": "90-80"}"#,
-            r#"{"direction": "ingress", "protocol": "tcp", "ports": "0"}"#,
-            r#"{"direction": "sideways"}"#,
-            r#"{"direction": "ingress", "remote": {"cidr": "10.0.0.0/8", "group": "g"}}"#,
-        ] {
-            assert!(serde_json::from_str::<Rule>(text).is_err(), "{text}");
-        }
     }
 
     #[test]

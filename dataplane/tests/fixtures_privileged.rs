@@ -394,7 +394,7 @@ fn privileged_apply_writes_only_the_difference() {
     with_dataplane(|dp, pa1, _| {
         let snap = snapshot();
         let again = dp
-            .apply(&snap, "hv1", "up0", UplinkHook::Xdp)
+            .apply(&snap.validated().unwrap(), "hv1", "up0", UplinkHook::Xdp)
             .expect("apply");
         assert_eq!(again.map_updates, 0, "the same snapshot changes nothing");
         assert!(again.ports_attached.is_empty() && again.ports_detached.is_empty());
@@ -406,7 +406,12 @@ fn privileged_apply_writes_only_the_difference() {
             mac: None,
         }];
         let r = dp
-            .apply(&with_pair, "hv1", "up0", UplinkHook::Xdp)
+            .apply(
+                &with_pair.validated().unwrap(),
+                "hv1",
+                "up0",
+                UplinkHook::Xdp,
+            )
             .expect("apply");
         assert_eq!(r.map_updates, 1);
         let key = cloison_dataplane::tables::addr_key(pa1, "10.0.0.128/25".parse().unwrap());
@@ -417,7 +422,7 @@ fn privileged_apply_writes_only_the_difference() {
             TC_ACT_REDIRECT
         );
         let r = dp
-            .apply(&snap, "hv1", "up0", UplinkHook::Xdp)
+            .apply(&snap.validated().unwrap(), "hv1", "up0", UplinkHook::Xdp)
             .expect("apply");
         assert_eq!(r.map_updates, 1);
         assert!(!dp.tables().unwrap().addr_allow.contains_key(&key));
@@ -427,7 +432,12 @@ fn privileged_apply_writes_only_the_difference() {
         let mut without_a3 = snap.clone();
         without_a3.ports.retain(|p| p.name != "a3");
         let r = dp
-            .apply(&without_a3, "hv1", "up0", UplinkHook::Xdp)
+            .apply(
+                &without_a3.validated().unwrap(),
+                "hv1",
+                "up0",
+                UplinkHook::Xdp,
+            )
             .expect("apply");
         assert_eq!(r.ports_detached.len(), 1);
         let t = dp.tables().unwrap();
@@ -461,12 +471,50 @@ fn privileged_open_maps_reads_without_touching_programs() {
         );
         // It programs nothing.
         let err = view
-            .apply(&snapshot(), "hv1", "up0", UplinkHook::Xdp)
+            .apply(
+                &snapshot().validated().unwrap(),
+                "hv1",
+                "up0",
+                UplinkHook::Xdp,
+            )
             .expect_err("apply through a maps-only view");
-        assert!(err.to_string().contains("maps only"), "{err}");
+        assert!(err.to_string().contains("to read its maps only"), "{err}");
         // A host with nothing pinned is an error, not a fresh set of maps.
         let none = cloison_dataplane::Dataplane::open_maps("clfx-nothing-here", &root);
         assert!(none.is_err());
         assert!(!root.join("clfx-nothing-here").exists());
+    });
+}
+
+/// One writer per host: a second `open` (another agent, `cloison-dp apply`
+/// or `ct-gc` beside a running one) is refused, readers are not.
+#[test]
+fn privileged_a_second_writer_of_the_same_pins_is_refused() {
+    with_dataplane(|dp, _, _| {
+        let host = dp
+            .pin_dir()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let root = dp.pin_dir().parent().unwrap().to_path_buf();
+        let err = cloison_dataplane::Dataplane::open(&host, &root)
+            .err()
+            .expect("a second writer is refused");
+        assert!(
+            err.to_string()
+                .contains("another process is writing the dataplane"),
+            "{err}"
+        );
+        let err = cloison_dataplane::Dataplane::open_maps_to_write(&host, &root)
+            .err()
+            .expect("a conntrack writer is refused too");
+        assert!(
+            err.to_string().contains("another process is writing"),
+            "{err}"
+        );
+        let reader = cloison_dataplane::Dataplane::open_maps(&host, &root).expect("a reader");
+        assert_eq!(reader.stats().unwrap(), dp.stats().unwrap());
     });
 }

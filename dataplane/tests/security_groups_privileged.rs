@@ -490,7 +490,7 @@ fn privileged_security_group_fixtures() {
                 .unwrap(),
         );
         let epoch = dp.tables().unwrap().config.policy_epoch;
-        dp.apply(&revoked, "hv1", "up0", UplinkHook::Xdp)
+        dp.apply(&revoked.validated().unwrap(), "hv1", "up0", UplinkHook::Xdp)
             .expect("apply");
         assert_eq!(dp.tables().unwrap().config.policy_epoch, epoch + 1);
         model.set_policy(&revoked, netdev::ifindex);
@@ -535,7 +535,7 @@ fn privileged_conntrack_quotas() {
             per_tenant: 4,
         });
         let snap = sg_snapshot();
-        dp.apply(&snap, "hv1", "up0", UplinkHook::Xdp)
+        dp.apply(&snap.validated().unwrap(), "hv1", "up0", UplinkHook::Xdp)
             .expect("apply");
         let tables = dp.tables().expect("tables");
         let model = Model::new(&tables, &snap, netdev::ifindex);
@@ -670,7 +670,7 @@ fn privileged_bpf_and_model_agree_on_random_rules_and_flows() {
                     p.security_groups = vec![if p.name == "a3" { "g3" } else { "g1" }.into()];
                 }
                 dp.borrow_mut()
-                    .apply(&snap, "hv1", "up0", UplinkHook::Xdp)
+                    .apply(&snap.validated().unwrap(), "hv1", "up0", UplinkHook::Xdp)
                     .expect("apply");
                 model.borrow_mut().set_policy(&snap, netdev::ifindex);
                 // (name, MAC, address, where its frames enter)

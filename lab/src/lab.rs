@@ -485,12 +485,13 @@ impl Lab {
         if self.agents_started() {
             return self.apply_via_agents();
         }
+        let valid = self.snapshot.validated()?;
         for host in self.hosts.clone() {
             let pin = self.pin_name(&host);
             if !self.pins.contains(&pin) {
                 self.pins.push(pin.clone());
             }
-            let (snap, root, hook) = (self.snapshot.clone(), self.pin_root.clone(), self.hook);
+            let (snap, root, hook) = (valid.clone(), self.pin_root.clone(), self.hook);
             in_netns(&self.ns(&host), move || {
                 let mut dp = Dataplane::open(&pin, &root)?;
                 dp.apply(&snap, &host, UPLINK, hook)?;

@@ -114,7 +114,7 @@ pub fn measure() -> Result<Memory> {
         s.spawn(move || -> Result<Memory> {
             let mut dp = bed.enter()?;
             let uplink = cloison_dataplane::testbed::UPLINK;
-            dp.apply(&snap2, "hv1", uplink, UplinkHook::Xdp)?;
+            dp.apply(&snap2.validated()?, "hv1", uplink, UplinkHook::Xdp)?;
             let pin = dp.pin_dir().to_path_buf();
             let before = maps(&pin)?;
 
@@ -128,9 +128,9 @@ pub fn measure() -> Result<Memory> {
                 p.ips = vec![std::net::IpAddr::from([10, 1, (i >> 8) as u8, i as u8])];
                 ports.ports.push(p);
             }
-            dp.apply(&ports, "hv1", uplink, UplinkHook::Xdp)?;
+            dp.apply(&ports.validated()?, "hv1", uplink, UplinkHook::Xdp)?;
             let with_ports = maps(&pin)?;
-            dp.apply(&snap2, "hv1", uplink, UplinkHook::Xdp)?;
+            dp.apply(&snap2.validated()?, "hv1", uplink, UplinkHook::Xdp)?;
 
             let mut rules = snap2.clone();
             rules.security_groups[0]
@@ -145,7 +145,7 @@ pub fn measure() -> Result<Memory> {
                     ))
                     .expect("rule")
                 }));
-            dp.apply(&rules, "hv1", uplink, UplinkHook::Xdp)?;
+            dp.apply(&rules.validated()?, "hv1", uplink, UplinkHook::Xdp)?;
             let with_rules = maps(&pin)?;
 
             let ct = before

@@ -1,18 +1,13 @@
 //! `cloisond`: the agent every hypervisor runs (docs/api.md, docs/operations.md).
-use std::{
-    future::IntoFuture,
-    os::unix::fs::PermissionsExt,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{future::IntoFuture, os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cloison_control::{
     client::Endpoint,
-    reconcile::{self, Status},
+    reconcile,
     server::{router, Agent},
-    store::Store,
+    store::Redb,
 };
 use cloison_dataplane::{loader::DEFAULT_PIN_ROOT, Dataplane, UplinkHook};
 
@@ -115,12 +110,9 @@ fn run(args: Args) -> Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("/var/lib/cloison").join(&args.name));
-    let store = Store::open(&state_dir)
+    let store = Redb::open(&state_dir)
         .with_context(|| format!("open the store in {}", state_dir.display()))?;
-
-    let status = Arc::new(Status::default());
-    let dataplane: Arc<Mutex<Option<Dataplane>>> = Arc::new(Mutex::new(None));
-    let (tx, rx) = crossbeam_channel::unbounded();
+    let (agent, side) = Agent::new(args.name.clone(), Box::new(store), args.pin_root.clone())?;
     let cfg = reconcile::Config {
         host: args.name.clone(),
         uplink,
@@ -128,14 +120,9 @@ fn run(args: Args) -> Result<()> {
         pin_root: args.pin_root.clone(),
         conntrack_entries: args.conntrack_entries,
     };
-    {
-        let (dp, st) = (dataplane.clone(), status.clone());
-        std::thread::Builder::new()
-            .name("reconcile".into())
-            .spawn(move || reconcile::run(cfg, dp, st, rx))?;
-    }
-    reconcile::watch_links(tx.clone()).context("watch link events (netlink)")?;
-    let agent = Agent::new(args.name.clone(), store, tx, status, dataplane)?;
+    let (links_tx, links_rx) = tokio::sync::mpsc::unbounded_channel();
+    reconcile::watch_links(links_tx).context("watch link events (netlink)")?;
+    reconcile::spawn(cfg, side.desired, side.applied, links_rx)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

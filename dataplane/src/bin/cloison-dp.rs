@@ -57,7 +57,10 @@ fn run() -> anyhow::Result<()> {
             let snap: Snapshot = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let mut dp = Dataplane::open(&host, &pin_root)?;
-            let r = dp.apply(&snap, &host, &uplink, hook)?;
+            let valid = snap
+                .validated()
+                .map_err(|v| anyhow::anyhow!("{}: {v}", path.display()))?;
+            let r = dp.apply(&valid, &host, &uplink, hook)?;
             println!(
                 "{host}: {} map updates, uplink hook {}, attached {:?}, detached {:?}, pending {:?}",
                 r.map_updates,
@@ -119,7 +122,7 @@ fn run() -> anyhow::Result<()> {
             }
         }
         "ct-gc" => {
-            let mut dp = Dataplane::open_maps(&host, &pin_root)?;
+            let mut dp = Dataplane::open_maps_to_write(&host, &pin_root)?;
             println!("{host}: {} idle flows removed", dp.conntrack_gc()?);
         }
         "purge" => Dataplane::purge(&host, &pin_root)?,

@@ -105,8 +105,13 @@ pub fn with_snapshot(snap: Snapshot, f: impl FnOnce(&mut Dataplane, u32, u32) + 
         scope
             .spawn(|| {
                 let mut dp = bed.enter().expect("open");
-                dp.apply(&snap, "hv1", UPLINK, UplinkHook::Xdp)
-                    .expect("apply");
+                dp.apply(
+                    &snap.validated().expect("valid"),
+                    "hv1",
+                    UPLINK,
+                    UplinkHook::Xdp,
+                )
+                .expect("apply");
                 let pa1 = netdev::ifindex("pa1").expect("pa1");
                 let up0 = netdev::ifindex(UPLINK).expect("up0");
                 f(&mut dp, pa1, up0);

@@ -39,23 +39,122 @@ pub const MAX_FRAGMENTS: u32 = 16384;
 pub const MAX_SG_ADDRS: u32 = 262144;
 pub const MAX_SG_RULES: u32 = 1048576;
 
-/// Map names, at most 15 characters (the kernel's limit).
-pub mod map_names {
-    pub const PORTS: &str = "CL_PORTS";
-    pub const ADDR_ALLOW: &str = "CL_ADDR_ALLOW";
-    pub const FORWARD: &str = "CL_FWD";
-    pub const NEIGHBOURS: &str = "CL_NEIGH";
-    pub const NETWORKS: &str = "CL_NETWORKS";
-    pub const VTEPS: &str = "CL_VTEPS";
-    pub const CONFIG: &str = "CL_CONFIG";
-    pub const DROPS: &str = "CL_DROPS";
-    pub const PORT_STATS: &str = "CL_PORT_STATS";
-    pub const SG_ADDRS: &str = "CL_SG_ADDRS";
-    pub const SG_RULES: &str = "CL_SG_RULES";
-    pub const CONNTRACK: &str = "CL_CONNTRACK";
-    pub const CT_USE: &str = "CL_CT_USE";
-    pub const FRAGMENTS: &str = "CL_FRAGS";
-    pub const PORT_DROPS: &str = "CL_PORT_DROPS";
+/// How a map is stored in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    LruPerCpuHash,
+    LpmTrie,
+    Array,
+    PerCpuArray,
+}
+
+impl MapKind {
+    /// The kernel's `bpf_map_type` number.
+    pub const fn kernel_type(self) -> u32 {
+        match self {
+            MapKind::Hash => 1,
+            MapKind::Array => 2,
+            MapKind::PerCpuArray => 6,
+            MapKind::LruHash => 9,
+            MapKind::LruPerCpuHash => 10,
+            MapKind::LpmTrie => 11,
+        }
+    }
+}
+
+/// One map of the dataplane: its pinned name, kind, key and value types and
+/// capacity. Userspace opens maps through these definitions; the BPF object
+/// declares each map under the same name (a test compares the two).
+pub trait MapDef {
+    const NAME: &'static str;
+    const KIND: MapKind;
+    const MAX_ENTRIES: u32;
+    type Key: Copy + 'static;
+    type Value: Copy + 'static;
+}
+
+/// A map's definition as data (for checks over all of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub name: &'static str,
+    pub kind: MapKind,
+    /// Bytes of a key as the kernel sees it (an LPM key has its prefix
+    /// length in front).
+    pub key_size: usize,
+    pub value_size: usize,
+    pub max_entries: u32,
+}
+
+const fn info<M: MapDef>() -> MapInfo {
+    let lpm = matches!(M::KIND, MapKind::LpmTrie);
+    MapInfo {
+        name: M::NAME,
+        kind: M::KIND,
+        key_size: size_of::<M::Key>() + if lpm { 4 } else { 0 },
+        value_size: size_of::<M::Value>(),
+        max_entries: M::MAX_ENTRIES,
+    }
+}
+
+macro_rules! map_table {
+    ($($(#[$doc:meta])* $ty:ident / $konst:ident = $name:literal, $kind:ident, $k:ty => $v:ty, $max:expr;)*) => {
+        /// Every map of the dataplane, one type each.
+        pub mod maps {
+            use super::*;
+            $(
+                $(#[$doc])*
+                pub struct $ty;
+                impl MapDef for $ty {
+                    const NAME: &'static str = $name;
+                    const KIND: MapKind = MapKind::$kind;
+                    const MAX_ENTRIES: u32 = $max;
+                    type Key = $k;
+                    type Value = $v;
+                }
+            )*
+            pub const ALL: &[MapInfo] = &[$(info::<$ty>(),)*];
+        }
+        /// Map names, at most 15 characters (the kernel's limit).
+        pub mod map_names {
+            use super::*;
+            $(pub const $konst: &str = <maps::$ty as MapDef>::NAME;)*
+        }
+    };
+}
+
+map_table! {
+    /// Local ports by the ifindex of their host-side interface.
+    Ports / PORTS = "CL_PORTS", Hash, u32 => PortInfo, MAX_PORTS;
+    /// Anti-spoofing: (port, source prefix) → the MAC that may send from it.
+    AntiSpoof / ADDR_ALLOW = "CL_ADDR_ALLOW", LpmTrie, AddrKey => AddrAllow, MAX_ADDR_ALLOW;
+    /// (VNI, MAC) → a local port or a remote VTEP.
+    Forward / FORWARD = "CL_FWD", Hash, ForwardKey => ForwardEntry, MAX_FORWARD;
+    /// (VNI, IP) → MAC, for ARP and ND answers.
+    Neighbours / NEIGHBOURS = "CL_NEIGH", Hash, NeighbourKey => NeighbourEntry, MAX_NEIGHBOURS;
+    /// Networks with a port on this host, by VNI.
+    Networks / NETWORKS = "CL_NETWORKS", Hash, u32 => NetworkInfo, MAX_NETWORKS;
+    /// (VNI, VTEP) pairs that may send VXLAN to this host.
+    Vteps / VTEPS = "CL_VTEPS", Hash, VtepKey => u32, MAX_VTEPS;
+    /// The host's own settings, one entry.
+    Config / CONFIG = "CL_CONFIG", Array, u32 => HostConfig, 1;
+    /// Drops by reason (per CPU).
+    Drops / DROPS = "CL_DROPS", PerCpuArray, u32 => u64, DropReason::COUNT;
+    /// Per-port counters by slot (per CPU).
+    PortCounters / PORT_STATS = "CL_PORT_STATS", PerCpuArray, u32 => PortStats, MAX_PORTS;
+    /// Security groups: (policy, direction, remote address) → class.
+    SgAddrs / SG_ADDRS = "CL_SG_ADDRS", LpmTrie, SgAddrKey => u32, MAX_SG_ADDRS;
+    /// Security groups: (policy, class, direction, protocol, port) → allow.
+    SgRules / SG_RULES = "CL_SG_RULES", LpmTrie, SgRuleKey => u32, MAX_SG_RULES;
+    /// Tracked flows (the size is set when the table is created).
+    Conntrack / CONNTRACK = "CL_CONNTRACK", LruHash, CtKey => CtEntry, MAX_CONNTRACK;
+    /// Live conntrack entries charged to each port slot, then each tenant.
+    CtUse / CT_USE = "CL_CT_USE", Array, u32 => i64, MAX_PORTS + MAX_TENANTS;
+    /// First fragments allowed, and when they were seen.
+    Fragments / FRAGMENTS = "CL_FRAGS", LruHash, FragKey => u64, MAX_FRAGMENTS;
+    /// Drops by (port, reason), per CPU.
+    PortDrops / PORT_DROPS = "CL_PORT_DROPS", LruPerCpuHash, PortDropKey => u64, MAX_PORT_DROPS;
 }
 
 /// Program names (the entry point functions of `ebpf/programs`).

@@ -11,7 +11,7 @@ use cloison_abi::*;
 
 use crate::{
     hdr::*,
-    maps::{scratch, CONNTRACK, CT_USE, FRAGMENTS},
+    maps::{scratch, CL_CONNTRACK, CL_CT_USE, CL_FRAGS},
     parse::{Parsed, L3},
 };
 
@@ -80,7 +80,7 @@ pub fn expired(e: &CtEntry, now: u64) -> bool {
 
 #[inline(always)]
 fn add_use(index: u32, delta: i64) {
-    if let Some(c) = CT_USE.get_ptr_mut(index) {
+    if let Some(c) = CL_CT_USE.get_ptr_mut(index) {
         // An atomic add (BPF_ATOMIC | BPF_ADD): CPUs create and end flows at once.
         unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(c, delta) };
     }
@@ -88,7 +88,7 @@ fn add_use(index: u32, delta: i64) {
 
 #[inline(always)]
 fn in_use(index: u32) -> i64 {
-    match CT_USE.get(index) {
+    match CL_CT_USE.get(index) {
         Some(v) => *v,
         None => 0,
     }
@@ -105,7 +105,7 @@ pub fn release(e: &CtEntry) {
 #[inline(always)]
 pub fn remove(key: &CtKey, e: &CtEntry) {
     let owner = *e;
-    if CONNTRACK.remove(key).is_ok() {
+    if CL_CONNTRACK.remove(key).is_ok() {
         release(&owner);
     }
 }
@@ -135,7 +135,7 @@ pub fn create(
         flags: if from_b { CT_F_ORIG_B } else { 0 },
         _pad: [0; 2],
     };
-    CONNTRACK
+    CL_CONNTRACK
         .insert(key, &e, 0)
         .map_err(|_| DropReason::CtFull)?;
     add_use(owner.slot, 1);
@@ -147,7 +147,7 @@ pub fn create(
 /// charge given back) on the way.
 #[inline(always)]
 pub fn live(key: &CtKey, now: u64) -> Option<&'static mut CtEntry> {
-    let e = unsafe { &mut *CONNTRACK.get_ptr_mut(key)? };
+    let e = unsafe { &mut *CL_CONNTRACK.get_ptr_mut(key)? };
     if !expired(e, now) {
         return Some(e);
     }
@@ -240,7 +240,7 @@ fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), Drop
         let ip = unsafe { &*ip };
         key(k, zone, proto, &ip.src, (sport, dport), &ip.dst);
     }
-    match CONNTRACK.get_ptr(k) {
+    match CL_CONNTRACK.get_ptr(k) {
         Some(e) if !expired(unsafe { &*e }, now) => Ok(()),
         _ => Err(unrelated),
     }
@@ -262,7 +262,7 @@ fn frag_key(zone: u32, p: &Parsed) -> FragKey {
 #[inline(never)]
 pub fn remember_first_fragment(zone: u32, p: &Parsed, now: u64) {
     if p.first_fragment {
-        let _ = FRAGMENTS.insert(&frag_key(zone, p), &now, 0);
+        let _ = CL_FRAGS.insert(&frag_key(zone, p), &now, 0);
     }
 }
 
@@ -278,7 +278,7 @@ pub fn fragment_seen(zone: u32, p: &Parsed, now: u64) -> Result<(), DropReason> 
 
 #[inline(never)]
 fn fragment_seen_call(zone: u32, p: &Parsed, now: u64) -> u32 {
-    match FRAGMENTS.get_ptr(&frag_key(zone, p)) {
+    match CL_FRAGS.get_ptr(&frag_key(zone, p)) {
         Some(t) => !idle_longer_than(unsafe { *t }, now, FRAG_TIMEOUT_NS) as u32,
         None => 0,
     }

@@ -10,81 +10,84 @@ use cloison_abi::*;
 
 use crate::decision::Scratch;
 
-#[map(name = "CL_PORTS")]
-pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(MAX_PORTS, 0);
+// Each static's name is its map's name (`cloison_abi::maps`, where userspace
+// finds it); dataplane's layout test compares the object with that table.
 
-#[map(name = "CL_ADDR_ALLOW")]
-pub static ADDR_ALLOW: LpmTrie<AddrKey, AddrAllow> = LpmTrie::pinned(MAX_ADDR_ALLOW, 0);
+#[map]
+pub static CL_PORTS: HashMap<u32, PortInfo> = HashMap::pinned(MAX_PORTS, 0);
 
-#[map(name = "CL_FWD")]
-pub static FORWARD: HashMap<ForwardKey, ForwardEntry> = HashMap::pinned(MAX_FORWARD, 0);
+#[map]
+pub static CL_ADDR_ALLOW: LpmTrie<AddrKey, AddrAllow> = LpmTrie::pinned(MAX_ADDR_ALLOW, 0);
 
-#[map(name = "CL_NEIGH")]
-pub static NEIGHBOURS: HashMap<NeighbourKey, NeighbourEntry> = HashMap::pinned(MAX_NEIGHBOURS, 0);
+#[map]
+pub static CL_FWD: HashMap<ForwardKey, ForwardEntry> = HashMap::pinned(MAX_FORWARD, 0);
 
-#[map(name = "CL_NETWORKS")]
-pub static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(MAX_NETWORKS, 0);
+#[map]
+pub static CL_NEIGH: HashMap<NeighbourKey, NeighbourEntry> = HashMap::pinned(MAX_NEIGHBOURS, 0);
 
-#[map(name = "CL_VTEPS")]
-pub static VTEPS: HashMap<VtepKey, u32> = HashMap::pinned(MAX_VTEPS, 0);
+#[map]
+pub static CL_NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(MAX_NETWORKS, 0);
 
-#[map(name = "CL_CONFIG")]
-pub static CONFIG: Array<HostConfig> = Array::pinned(1, 0);
+#[map]
+pub static CL_VTEPS: HashMap<VtepKey, u32> = HashMap::pinned(MAX_VTEPS, 0);
 
-#[map(name = "CL_DROPS")]
-pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+#[map]
+pub static CL_CONFIG: Array<HostConfig> = Array::pinned(1, 0);
 
-#[map(name = "CL_PORT_STATS")]
-pub static PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_PORTS, 0);
+#[map]
+pub static CL_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
 
-#[map(name = "CL_SG_ADDRS")]
-pub static SG_ADDRS: LpmTrie<SgAddrKey, u32> = LpmTrie::pinned(MAX_SG_ADDRS, 0);
+#[map]
+pub static CL_PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_PORTS, 0);
 
-#[map(name = "CL_SG_RULES")]
-pub static SG_RULES: LpmTrie<SgRuleKey, u32> = LpmTrie::pinned(MAX_SG_RULES, 0);
+#[map]
+pub static CL_SG_ADDRS: LpmTrie<SgAddrKey, u32> = LpmTrie::pinned(MAX_SG_ADDRS, 0);
 
-#[map(name = "CL_CONNTRACK")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+#[map]
+pub static CL_SG_RULES: LpmTrie<SgRuleKey, u32> = LpmTrie::pinned(MAX_SG_RULES, 0);
+
+#[map]
+pub static CL_CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 
 /// Live conntrack entries charged to each port slot, then to each tenant
 /// (`MAX_PORTS + tenant`). Signed: a decrement racing the agent's recount may
 /// briefly go below zero, which must not read as a full quota.
-#[map(name = "CL_CT_USE")]
-pub static CT_USE: Array<i64> = Array::pinned(MAX_PORTS + MAX_TENANTS, 0);
+#[map]
+pub static CL_CT_USE: Array<i64> = Array::pinned(MAX_PORTS + MAX_TENANTS, 0);
 
 /// First fragments allowed, and when they were seen.
-#[map(name = "CL_FRAGS")]
-pub static FRAGMENTS: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+#[map]
+pub static CL_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
 
 /// Drops by (port, reason): per-CPU counters, created on a port's first
 /// drop for a reason.
-#[map(name = "CL_PORT_DROPS")]
-pub static PORT_DROPS: LruPerCpuHashMap<PortDropKey, u64> =
+#[map]
+pub static CL_PORT_DROPS: LruPerCpuHashMap<PortDropKey, u64> =
     LruPerCpuHashMap::pinned(MAX_PORT_DROPS, 0);
 
 /// Per-CPU working memory (see [`Scratch`]). Programs on one CPU run in
 /// softirq context one at a time, so one slot per CPU is never shared.
 #[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static CL_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot value meaning "no port known yet" (drops not attributed to a port).
 pub const NO_SLOT: u32 = u32::MAX;
 
 #[inline(always)]
 pub fn count_drop(reason: DropReason, slot: u32) {
-    if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
+    if let Some(c) = CL_DROPS.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
-    if let Some(s) = PORT_STATS.get_ptr_mut(slot) {
+    if let Some(s) = CL_PORT_STATS.get_ptr_mut(slot) {
         unsafe { (*s).drops += 1 };
         let key = PortDropKey {
             slot,
             reason: reason as u32,
         };
-        match PORT_DROPS.get_ptr_mut(&key) {
+        match CL_PORT_DROPS.get_ptr_mut(&key) {
             Some(c) => unsafe { *c += 1 },
             None => {
-                let _ = PORT_DROPS.insert(&key, &1, 0);
+                let _ = CL_PORT_DROPS.insert(&key, &1, 0);
             }
         }
     }
@@ -93,7 +96,7 @@ pub fn count_drop(reason: DropReason, slot: u32) {
 /// A frame the VM sent (seen at its port).
 #[inline(always)]
 pub fn count_from_vm(slot: u32, bytes: u32) {
-    if let Some(s) = PORT_STATS.get_ptr_mut(slot) {
+    if let Some(s) = CL_PORT_STATS.get_ptr_mut(slot) {
         unsafe {
             (*s).tx_packets += 1;
             (*s).tx_bytes += bytes as u64;
@@ -104,7 +107,7 @@ pub fn count_from_vm(slot: u32, bytes: u32) {
 /// A frame handed to the VM.
 #[inline(always)]
 pub fn count_to_vm(slot: u32, bytes: u32) {
-    if let Some(s) = PORT_STATS.get_ptr_mut(slot) {
+    if let Some(s) = CL_PORT_STATS.get_ptr_mut(slot) {
         unsafe {
             (*s).rx_packets += 1;
             (*s).rx_bytes += bytes as u64;
@@ -122,12 +125,12 @@ pub fn allowed_mac(ifindex: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
             addr,
         },
     );
-    ADDR_ALLOW.get(&key).map(|a| a.mac)
+    CL_ADDR_ALLOW.get(&key).map(|a| a.mac)
 }
 
 #[inline(always)]
 pub fn scratch() -> Result<&'static mut Scratch, DropReason> {
-    match SCRATCH.get_ptr_mut(0) {
+    match CL_SCRATCH.get_ptr_mut(0) {
         Some(s) => Ok(unsafe { &mut *s }),
         None => Err(DropReason::NoConfig),
     }
@@ -141,12 +144,12 @@ pub fn forward(vni: u32, mac: [u8; 6]) -> Option<ForwardEntry> {
         mac,
         _pad: [0; 2],
     };
-    FORWARD.get_ptr(&key).map(|f| unsafe { *f })
+    CL_FWD.get_ptr(&key).map(|f| unsafe { *f })
 }
 
 /// The MAC of `addr` in network `vni` (ARP and ND answers).
 #[inline(always)]
 pub fn neighbour(vni: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
     let key = NeighbourKey { vni, addr };
-    NEIGHBOURS.get_ptr(&key).map(|n| unsafe { (*n).mac })
+    CL_NEIGH.get_ptr(&key).map(|n| unsafe { (*n).mac })
 }

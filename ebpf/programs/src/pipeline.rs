@@ -20,7 +20,7 @@ use crate::{
     forward,
     hdr::*,
     icmp,
-    maps::{count_drop, count_to_vm, scratch, CONFIG, NO_SLOT, PORTS},
+    maps::{count_drop, count_to_vm, scratch, CL_CONFIG, CL_PORTS, NO_SLOT},
     packet::{pull_headers, Packet},
     parse::{self, Parsed, L3},
     policy, port, proxy, spoof, uplink, vxlan,
@@ -191,7 +191,7 @@ fn secured_ends(ends: &Ends) -> Result<(Option<&PortInfo>, Option<&PortInfo>), D
     if ends.receiver_ifindex == 0 {
         return Ok((s, None));
     }
-    let info = PORTS
+    let info = CL_PORTS
         .get_ptr(&ends.receiver_ifindex)
         .ok_or(DropReason::UnknownPort)?;
     Ok((s, Some(unsafe { &*info })))
@@ -212,7 +212,7 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
     if conntrack::is_icmp_error(p) {
         return unpack(conntrack::related(c, p, zone, now)).map(|_| ());
     }
-    let epoch = CONFIG.get(0).ok_or(DropReason::NoConfig)?.policy_epoch;
+    let epoch = CL_CONFIG.get(0).ok_or(DropReason::NoConfig)?.policy_epoch;
     let key = &mut scratch()?.key;
     let from_b = conntrack::key(key, zone, p.proto, &p.src, (p.sport, p.dport), &p.dst);
     if let Some(e) = conntrack::live(key, now) {

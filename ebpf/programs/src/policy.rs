@@ -10,7 +10,7 @@ use cloison_abi::*;
 
 use crate::{
     hdr::*,
-    maps::{SG_ADDRS, SG_RULES},
+    maps::{CL_SG_ADDRS, CL_SG_RULES},
     parse::{Parsed, L3},
 };
 
@@ -100,7 +100,7 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
             addr,
         },
     );
-    let class = match SG_ADDRS.get(&key) {
+    let class = match CL_SG_ADDRS.get(&key) {
         Some(c) => *c,
         None => return 0,
     };
@@ -114,5 +114,5 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
             port: port.to_be_bytes(),
         },
     );
-    SG_RULES.get(&key).is_some() as u32
+    CL_SG_RULES.get(&key).is_some() as u32
 }

@@ -6,13 +6,15 @@ use cloison_abi::DropReason;
 use crate::{
     decision::Decision,
     hdr::copy,
-    maps::{count_from_vm, PORTS},
+    maps::{count_from_vm, CL_PORTS},
 };
 
 #[inline(always)]
 pub fn identify(ctx: &TcContext, d: &mut Decision) -> Result<(), DropReason> {
     d.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let info = PORTS.get_ptr(&d.ifindex).ok_or(DropReason::UnknownPort)?;
+    let info = CL_PORTS
+        .get_ptr(&d.ifindex)
+        .ok_or(DropReason::UnknownPort)?;
     unsafe { copy(&mut d.port, info) };
     count_from_vm(d.port.slot, ctx.len());
     Ok(())

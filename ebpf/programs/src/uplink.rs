@@ -8,7 +8,7 @@ use cloison_abi::*;
 use crate::{
     decision::Delivery,
     hdr::*,
-    maps::{forward, CONFIG, NETWORKS, VTEPS},
+    maps::{forward, CL_CONFIG, CL_NETWORKS, CL_VTEPS},
 };
 
 /// `Ok(None)`: not for the overlay, hand to the host stack.
@@ -27,7 +27,7 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
     if ip.proto != IPPROTO_UDP || ip.vihl >> 4 != 4 {
         return Ok(None);
     }
-    let Some(cfg) = CONFIG.get(0) else {
+    let Some(cfg) = CL_CONFIG.get(0) else {
         return Ok(None);
     };
     if !ip4_eq(&ip.dst, &cfg.vtep) {
@@ -70,11 +70,11 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
     }
     let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);
     let vtep = VtepKey { vni, addr: ip.src };
-    if VTEPS.get_ptr(&vtep).is_none() {
+    if CL_VTEPS.get_ptr(&vtep).is_none() {
         // A (VNI, VTEP) entry exists only with its network (the loader
         // writes networks first and deletes them last): one lookup on the
         // accepted path, a second only to name what is unknown.
-        return Err(if NETWORKS.get_ptr(&vni).is_none() {
+        return Err(if CL_NETWORKS.get_ptr(&vni).is_none() {
             DropReason::VxlanUnknownVni
         } else {
             DropReason::VxlanUnknownVtep

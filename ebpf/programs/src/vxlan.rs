@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use cloison_abi::{DropReason, VXLAN_ENCAP_LEN, VXLAN_PORT};
 
-use crate::{hdr::*, maps::CONFIG, parse::Parsed};
+use crate::{hdr::*, maps::CL_CONFIG, parse::Parsed};
 
 const AF_INET: u8 = 2;
 /// Outer UDP source ports: the ephemeral range, chosen by the inner flow hash.
@@ -74,7 +74,7 @@ pub fn flow_hash(p: &Parsed) -> u32 {
 
 #[inline(always)]
 pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32, DropReason> {
-    let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
+    let cfg = CL_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let skb = ctx.skb.skb;
     let inner_len = ctx.len();
     let outer_ip_len = inner_len + (VXLAN_ENCAP_LEN - ETH_LEN) as u32;

@@ -1,0 +1,592 @@
+//! The one check of a desired state. API objects go in; a [`Valid`]
+//! snapshot comes out, which only this module can make and which nothing
+//! downstream checks again: the compiler and the map writer take it as it
+//! is. A violation says what is wrong and its [`Class`]; the API maps the
+//! class to its answer (400 or 409), `cloison-dp` prints the message.
+//!
+//! Besides the objects themselves and their references, it checks what
+//! every host can hold: a state it accepts compiles, on every host, into
+//! tables that fit the maps (`capacity`; a property test holds the two
+//! together).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    ops::Deref,
+    sync::Arc,
+};
+
+use cloison_abi::*;
+
+use crate::{policy, snapshot::*};
+
+/// What kind of wrong a violation is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// The object itself is malformed (a field out of range, a bad name).
+    Invalid,
+    /// It conflicts with other objects: a duplicate, a reference to a
+    /// missing object or to another tenant's.
+    Conflict,
+    /// It does not fit what a host's tables hold.
+    Capacity,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Violation {
+    pub class: Class,
+    pub message: String,
+}
+
+fn invalid<T>(message: String) -> Result<T, Violation> {
+    Err(Violation {
+        class: Class::Invalid,
+        message,
+    })
+}
+
+fn conflict<T>(message: String) -> Result<T, Violation> {
+    Err(Violation {
+        class: Class::Conflict,
+        message,
+    })
+}
+
+fn capacity<T>(message: String) -> Result<T, Violation> {
+    Err(Violation {
+        class: Class::Capacity,
+        message,
+    })
+}
+
+/// A snapshot that passed [`validate`]. Cheap to clone (shared).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Valid(Arc<Snapshot>);
+
+impl Deref for Valid {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
+impl Valid {
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
+/// Names of objects and tenants: 1-63 characters of `[a-z0-9-]`.
+pub fn check_name(what: &str, name: &str) -> Result<(), Violation> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        return invalid(format!(
+            "{what} name {name:?} is not 1-63 characters of [a-z0-9-]"
+        ));
+    }
+    Ok(())
+}
+
+/// Smallest network MTU: room for an ICMP error's quote (see icmp.rs) and
+/// what IPv4 hosts must accept.
+pub const MIN_MTU: u32 = 576;
+/// Largest: a 9000-byte jumbo underlay minus the VXLAN overhead.
+pub const MAX_MTU: u32 = 8950;
+
+/// Checks `snap` whole: every object, every reference, and every host's
+/// capacity. The first violation found is returned.
+pub fn validate(snap: Snapshot) -> Result<Valid, Violation> {
+    check_objects(&snap)?;
+    check_capacity(&snap)?;
+    Ok(Valid(Arc::new(snap)))
+}
+
+fn check_objects(s: &Snapshot) -> Result<(), Violation> {
+    let mut hosts = BTreeSet::new();
+    let mut underlay = BTreeMap::new();
+    for h in &s.hosts {
+        check_name("host", &h.name)?;
+        if !hosts.insert(h.name.as_str()) {
+            return conflict(format!("host {} given twice", h.name));
+        }
+        if let Some(other) = underlay.insert(h.underlay_ip, &h.name) {
+            return conflict(format!(
+                "host {}: underlay IP {} is already host {other}'s",
+                h.name, h.underlay_ip
+            ));
+        }
+    }
+    let mut vnis = BTreeMap::new();
+    let mut nets = BTreeMap::new();
+    for n in &s.networks {
+        check_name("network", &n.name)?;
+        check_name("tenant", &n.tenant)?;
+        if n.vni == 0 || n.vni > 0xff_ffff {
+            return invalid(format!(
+                "network {}: VNI {} is not 1-16777215",
+                n.name, n.vni
+            ));
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&n.mtu) {
+            return invalid(format!(
+                "network {}: MTU {} is not {MIN_MTU}-{MAX_MTU}",
+                n.name, n.mtu
+            ));
+        }
+        if let Some(other) = vnis.insert(n.vni, &n.name) {
+            return conflict(format!(
+                "network {}: VNI {} is already network {other}'s",
+                n.name, n.vni
+            ));
+        }
+        if nets.insert(n.name.as_str(), n).is_some() {
+            return conflict(format!("network {} given twice", n.name));
+        }
+    }
+    let mut groups = BTreeMap::new();
+    for g in &s.security_groups {
+        check_name("security group", &g.name)?;
+        check_name("tenant", &g.tenant)?;
+        if groups.insert(g.name.as_str(), g).is_some() {
+            return conflict(format!("security group {} given twice", g.name));
+        }
+    }
+    for g in &s.security_groups {
+        g.check_rules(&groups).map_err(|e| match e {
+            RulesError::Invalid(message) => Violation {
+                class: Class::Invalid,
+                message,
+            },
+            RulesError::Reference(message) => Violation {
+                class: Class::Conflict,
+                message,
+            },
+        })?;
+    }
+    let mut names = BTreeSet::new();
+    let mut macs = BTreeMap::new();
+    let mut ips = BTreeMap::new();
+    for p in &s.ports {
+        check_name("port", &p.name)?;
+        if !names.insert(p.name.as_str()) {
+            return conflict(format!("port {} given twice", p.name));
+        }
+        if p.interface.is_empty()
+            || p.interface.len() > 15
+            || p.interface.contains(['/', ' ', '\0'])
+        {
+            return invalid(format!(
+                "port {}: {:?} is not an interface name",
+                p.name, p.interface
+            ));
+        }
+        if !p.mac.is_unicast() {
+            return invalid(format!("port {}: MAC {} is not unicast", p.name, p.mac));
+        }
+        if !p.port_security && !p.security_groups.is_empty() {
+            return invalid(format!(
+                "port {}: security groups need port_security",
+                p.name
+            ));
+        }
+        let Some(net) = nets.get(p.network.as_str()) else {
+            return conflict(format!("port {}: no network {}", p.name, p.network));
+        };
+        if !hosts.contains(p.host.as_str()) {
+            return conflict(format!("port {}: no host {}", p.name, p.host));
+        }
+        for ip in &p.ips {
+            if !net.subnets.iter().any(|sn| sn.contains(ip)) {
+                return invalid(format!(
+                    "port {}: {ip} is outside the subnets of {}",
+                    p.name, net.name
+                ));
+            }
+            if let Some(other) = ips.insert((net.vni, *ip), &p.name) {
+                return conflict(format!(
+                    "port {}: {ip} is already port {other}'s in {}",
+                    p.name, net.name
+                ));
+            }
+        }
+        if let Some(other) = macs.insert((net.vni, p.mac), &p.name) {
+            return conflict(format!(
+                "port {}: MAC {} is already port {other}'s in {}",
+                p.name, p.mac, net.name
+            ));
+        }
+        p.check_groups(&net.tenant, &net.name, &groups)
+            .map_err(|message| Violation {
+                class: Class::Conflict,
+                message,
+            })?;
+    }
+    Ok(())
+}
+
+/// What a host's tables would hold: an upper bound of each map's entries
+/// (exact when every local port's interface exists; see the property test
+/// against the compiler).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostLoad {
+    pub ports: usize,
+    pub tenants: usize,
+    pub networks: usize,
+    pub forward: usize,
+    pub neighbours: usize,
+    pub vteps: usize,
+    pub addr_allow: usize,
+    pub sg_addrs: usize,
+    pub sg_rules: usize,
+}
+
+/// Neighbour entries a port brings: its IPs and its link-local address.
+fn neighbour_entries(p: &Port) -> usize {
+    let ll = IpAddr::V6(p.mac.link_local());
+    p.ips.len() + usize::from(!p.ips.contains(&ll))
+}
+
+/// Every host's load. Per network, counts once; per distinct set of groups,
+/// compiles once.
+pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
+    let tenant_of: BTreeMap<&str, (&str, u32)> = s
+        .networks
+        .iter()
+        .map(|n| (n.name.as_str(), (n.tenant.as_str(), n.vni)))
+        .collect();
+    #[derive(Default)]
+    struct Net<'a> {
+        ports: usize,
+        neighbours: usize,
+        hosts: BTreeSet<&'a str>,
+    }
+    let mut nets: BTreeMap<&str, Net> = BTreeMap::new();
+    for p in &s.ports {
+        let n = nets.entry(p.network.as_str()).or_default();
+        n.ports += 1;
+        n.neighbours += neighbour_entries(p);
+        n.hosts.insert(p.host.as_str());
+    }
+    let compiler = policy::Compiler::new(s);
+    let mut sg_size: BTreeMap<policy::PolicySet, (usize, usize)> = BTreeMap::new();
+    let mut out: BTreeMap<&str, HostLoad> = s
+        .hosts
+        .iter()
+        .map(|h| (h.name.as_str(), HostLoad::default()))
+        .collect();
+    let mut local: BTreeMap<&str, Vec<&Port>> = BTreeMap::new();
+    for p in &s.ports {
+        local.entry(p.host.as_str()).or_default().push(p);
+    }
+    for (host, ports) in local {
+        let Some(load) = out.get_mut(host) else {
+            continue;
+        };
+        let active: BTreeSet<&str> = ports.iter().map(|p| p.network.as_str()).collect();
+        let tenants: BTreeSet<&str> = active
+            .iter()
+            .filter_map(|n| tenant_of.get(n).map(|t| t.0))
+            .collect();
+        let sets: BTreeSet<policy::PolicySet> = ports
+            .iter()
+            .filter(|p| p.port_security)
+            .map(|p| policy::policy_set(p))
+            .collect();
+        load.ports = ports.len();
+        load.tenants = tenants.len();
+        load.networks = active.len();
+        for n in &active {
+            if let Some(net) = nets.get(n) {
+                load.forward += net.ports;
+                load.neighbours += net.neighbours;
+                load.vteps += net.hosts.iter().filter(|h| **h != host).count();
+            }
+        }
+        load.addr_allow = ports
+            .iter()
+            .filter(|p| p.port_security)
+            .map(|p| neighbour_entries(p) + p.allowed_address_pairs.len())
+            .sum();
+        for set in sets {
+            let (a, r) = *sg_size
+                .entry(set.clone())
+                .or_insert_with(|| compiler.size(&set));
+            load.sg_addrs += a;
+            load.sg_rules += r;
+        }
+    }
+    out
+}
+
+fn check_capacity(s: &Snapshot) -> Result<(), Violation> {
+    for (host, l) in host_loads(s) {
+        let limits: [(&str, usize, u32); 9] = [
+            ("ports", l.ports, MAX_PORTS),
+            ("tenants", l.tenants, MAX_TENANTS),
+            ("networks", l.networks, MAX_NETWORKS),
+            (
+                "forwarding entries (ports of its networks)",
+                l.forward,
+                MAX_FORWARD,
+            ),
+            (
+                "neighbour entries (addresses in its networks)",
+                l.neighbours,
+                MAX_NEIGHBOURS,
+            ),
+            ("(network, remote host) pairs", l.vteps, MAX_VTEPS),
+            (
+                "anti-spoofing entries (addresses of its ports)",
+                l.addr_allow,
+                MAX_ADDR_ALLOW,
+            ),
+            ("security-group address entries", l.sg_addrs, MAX_SG_ADDRS),
+            ("security-group rule entries", l.sg_rules, MAX_SG_RULES),
+        ];
+        for (what, n, max) in limits {
+            if n > max as usize {
+                return capacity(format!(
+                    "host {host} would hold {n} {what}, more than the {max} it has room for"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(json: &str) -> Snapshot {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const BASE: &str = r#"{"hosts":[{"name":"hv1","underlay_ip":"192.0.2.1"},{"name":"hv2","underlay_ip":"192.0.2.2"}],
+        "networks":[{"name":"n","tenant":"t","vni":7,"subnets":["10.0.0.0/24"]}],
+        "security_groups":[{"name":"g","tenant":"t","rules":[{"direction":"ingress","remote":{"group":"g"}}]}],
+        "ports":[{"name":"p1","network":"n","host":"hv1","interface":"tap1","mac":"02:00:00:00:00:01","ips":["10.0.0.1"],"security_groups":["g"]},
+                 {"name":"p2","network":"n","host":"hv2","interface":"tap2","mac":"02:00:00:00:00:02","ips":["10.0.0.2"]}]}"#;
+
+    fn class_of(s: Snapshot) -> Class {
+        validate(s).unwrap_err().class
+    }
+
+    #[test]
+    fn classes_of_violations() {
+        assert!(validate(snap(BASE)).is_ok());
+        let mut s = snap(BASE);
+        s.hosts[1].underlay_ip = s.hosts[0].underlay_ip;
+        assert_eq!(class_of(s), Class::Conflict, "duplicate underlay IP");
+        let mut s = snap(BASE);
+        s.ports[0].interface = "a/b".into();
+        assert_eq!(class_of(s), Class::Invalid, "interface name");
+        let mut s = snap(BASE);
+        s.networks[0].tenant = "Bad".into();
+        assert_eq!(class_of(s), Class::Invalid, "tenant name");
+        let mut s = snap(BASE);
+        s.ports[1].network = "nope".into();
+        assert_eq!(class_of(s), Class::Conflict, "missing network");
+        let mut s = snap(BASE);
+        s.ports[1].ips = vec!["10.0.0.1".parse().unwrap()];
+        assert_eq!(class_of(s), Class::Conflict, "IP in use");
+        let mut s = snap(BASE);
+        s.ports[1].port_security = false;
+        s.ports[1].security_groups = vec!["g".into()];
+        assert_eq!(class_of(s), Class::Invalid, "groups without port security");
+    }
+
+    #[test]
+    fn a_host_full_of_ports_is_refused() {
+        let mut s = snap(BASE);
+        let p = s.ports[1].clone();
+        s.networks[0].subnets = vec!["10.0.0.0/8".parse().unwrap()];
+        for i in 0..MAX_PORTS {
+            let mut q = p.clone();
+            q.name = format!("x{i}");
+            q.host = "hv1".into();
+            q.mac = MacAddr([2, 1, (i >> 16) as u8, (i >> 8) as u8, i as u8, 0]);
+            q.ips = vec![];
+            s.ports.push(q);
+        }
+        let v = validate(s).unwrap_err();
+        assert_eq!(v.class, Class::Capacity);
+        assert!(
+            v.message.contains("host hv1") && v.message.contains("ports"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn rejects_inconsistent_snapshots() {
+        let bad = |f: &dyn Fn(&mut Snapshot)| {
+            let mut s = snap(BASE);
+            f(&mut s);
+            validate(s).unwrap_err().to_string()
+        };
+        assert!(bad(&|s| s.networks[0].vni = 0).contains("VNI"));
+        assert!(bad(&|s| s.networks[0].mtu = 100).contains("MTU"));
+        assert!(bad(&|s| s.ports[1].mac = s.ports[0].mac).contains("already port"));
+        assert!(
+            bad(&|s| s.ports[1].ips = vec!["10.0.0.1".parse().unwrap()]).contains("already port")
+        );
+        assert!(
+            bad(&|s| s.ports[0].ips = vec!["192.168.0.1".parse().unwrap()]).contains("outside")
+        );
+        assert!(bad(&|s| s.ports[0].network = "nope".into()).contains("no network"));
+        assert!(bad(&|s| s.hosts[1].underlay_ip = s.hosts[0].underlay_ip).contains("already host"));
+        assert!(
+            bad(&|s| s.ports[0].mac = "01:00:00:00:00:01".parse().unwrap()).contains("unicast")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_security_groups() {
+        let bad = |groups: serde_json::Value, port_groups: &[&str]| {
+            let mut s = snap(BASE);
+            s.security_groups = serde_json::from_value(groups).unwrap();
+            s.ports[0].security_groups = port_groups.iter().map(|g| g.to_string()).collect();
+            s.ports[1].security_groups.clear();
+            validate(s).unwrap_err().to_string()
+        };
+        let rule =
+            |r: serde_json::Value| serde_json::json!([{"name": "g", "tenant": "t", "rules": [r]}]);
+        assert!(bad(
+            rule(serde_json::json!({"direction": "ingress", "protocol": "icmp", "ports": "22"})),
+            &[]
+        )
+        .contains("tcp or udp"));
+        assert!(bad(
+            rule(serde_json::json!({"direction": "ingress", "protocol": "icmpv6"})),
+            &[]
+        )
+        .contains("IPv6"));
+        assert!(bad(
+            rule(serde_json::json!({"direction": "egress", "remote": {"cidr": "fd00::/8"}})),
+            &[]
+        )
+        .contains("not an IPv4 network"));
+        assert!(bad(
+            rule(serde_json::json!({"direction": "egress", "remote": {"group": "nope"}})),
+            &[]
+        )
+        .contains("unknown group"));
+        let other = serde_json::json!([{"name": "g", "tenant": "t", "rules": []},
+                                       {"name": "x", "tenant": "other", "rules": []}]);
+        assert!(bad(other.clone(), &["x"]).contains("another tenant"));
+        assert!(bad(other, &["y"]).contains("unknown group"));
+        for text in [
+            r#"{"direction": "ingress", "protocol": "sctp"}"#,
+            r#"{"direction": "ingress", "protocol": 256}"#,
+            r#"{"direction": "ingress", "protocol": "tcp", "ports": "90-80"}"#,
+            r#"{"direction": "ingress", "protocol": "tcp", "ports": "0"}"#,
+            r#"{"direction": "sideways"}"#,
+            r#"{"direction": "ingress", "remote": {"cidr": "10.0.0.0/8", "group": "g"}}"#,
+        ] {
+            assert!(serde_json::from_str::<Rule>(text).is_err(), "{text}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    fn random_snapshot(
+        hosts: usize,
+        ports: &[(usize, usize, u8, bool, bool, usize)],
+        groups: &[(bool, usize, u16)],
+    ) -> Snapshot {
+        let mut s = Snapshot::default();
+        for h in 0..hosts {
+            s.hosts.push(Host {
+                name: format!("hv{h}"),
+                underlay_ip: std::net::Ipv4Addr::new(192, 0, 2, h as u8 + 1),
+            });
+        }
+        for n in 0..2 {
+            s.networks.push(
+                serde_json::from_value(serde_json::json!({"name": format!("n{n}"), "tenant": "t",
+                    "vni": n + 1, "subnets": ["10.0.0.0/16", "fd00::/64"]}))
+                .unwrap(),
+            );
+        }
+        for (g, (ingress_from_group, remote, port)) in groups.iter().enumerate() {
+            let rule = if *ingress_from_group {
+                serde_json::json!({"direction": "ingress", "protocol": "tcp",
+                    "ports": format!("{}-{}", port, port.saturating_add(40)),
+                    "remote": {"group": format!("g{}", remote % groups.len())}})
+            } else {
+                serde_json::json!({"direction": "egress", "ethertype": "IPv6"})
+            };
+            s.security_groups.push(
+                serde_json::from_value(serde_json::json!({"name": format!("g{g}"), "tenant": "t",
+                    "rules": [rule, {"direction": "ingress", "remote": {"cidr": format!("10.0.{g}.0/24")}}]}))
+                .unwrap(),
+            );
+        }
+        for (i, (host, net, ip, secure, pair, group)) in ports.iter().enumerate() {
+            let mut p: Port = serde_json::from_value(serde_json::json!({
+                "name": format!("p{i}"), "network": format!("n{}", net % 2),
+                "host": format!("hv{}", host % hosts), "interface": format!("tap{i}"),
+                "mac": format!("02:00:00:00:{:02x}:{:02x}", i, ip),
+                "ips": [format!("10.0.1.{ip}"), format!("fd00::{ip:x}")],
+                "port_security": secure}))
+            .unwrap();
+            if *pair {
+                p.allowed_address_pairs = vec![AddressPair {
+                    ip: format!("10.0.2.{}/31", ip & 0xfe).parse().unwrap(),
+                    mac: None,
+                }];
+            }
+            if *secure && !groups.is_empty() {
+                p.security_groups = vec![format!("g{}", group % groups.len())];
+            }
+            s.ports.push(p);
+        }
+        s
+    }
+
+    proptest! {
+        /// What the validator counts for a host bounds what the compiler
+        /// makes of it (every interface present): so a state it accepts
+        /// always fits every host's maps.
+        #[test]
+        fn what_the_validator_accepts_fits_every_host(
+            hosts in 1usize..4,
+            ports in proptest::collection::vec((0usize..4, 0usize..2, 1u8..40, any::<bool>(), any::<bool>(), 0usize..3), 0..14),
+            groups in proptest::collection::vec((any::<bool>(), 0usize..3, 1u16..2000), 0..3),
+        ) {
+            let s = random_snapshot(hosts, &ports, &groups);
+            let Ok(valid) = validate(s) else {
+                return Ok(()); // refused (a duplicate address): nothing to compile
+            };
+            let loads = host_loads(&valid);
+            for h in &valid.hosts {
+                let all = |name: &str| {
+                    let i: u32 = name.strip_prefix("tap")?.parse().ok()?;
+                    Some(crate::tables::Iface { ifindex: 10 + i, veth: true })
+                };
+                let c = crate::tables::compile(
+                    &valid, &h.name, 2, all, &BTreeMap::new(),
+                    crate::tables::ConntrackLimits::default(), MAX_CONNTRACK,
+                ).expect("a valid state compiles on every host");
+                let l = loads[h.name.as_str()];
+                let t = &c.tables;
+                prop_assert!(t.ports.len() <= l.ports && l.ports <= MAX_PORTS as usize);
+                prop_assert!(t.forward.len() <= l.forward && l.forward <= MAX_FORWARD as usize);
+                prop_assert!(t.neighbours.len() <= l.neighbours);
+                prop_assert!(t.networks.len() <= l.networks);
+                prop_assert!(t.vteps.len() <= l.vteps);
+                prop_assert!(t.addr_allow.len() <= l.addr_allow, "{} > {}", t.addr_allow.len(), l.addr_allow);
+                prop_assert_eq!(t.sg.addrs.len(), l.sg_addrs);
+                prop_assert_eq!(t.sg.rules.len(), l.sg_rules);
+                // Exact where nothing collides: every local port attached.
+                prop_assert_eq!(t.ports.len(), l.ports);
+                prop_assert_eq!(t.networks.len(), l.networks);
+                prop_assert_eq!(t.forward.len(), l.forward);
+                prop_assert_eq!(t.vteps.len(), l.vteps);
+            }
+        }
+    }
+}

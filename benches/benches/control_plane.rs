@@ -5,9 +5,8 @@
 use std::time::{Duration, Instant};
 
 use cloison_benches::has_root;
-use cloison_dataplane::{
-    snapshot::MacAddr, testbed::Testbed, Dataplane, Host, Network, Port, Snapshot, UplinkHook,
-};
+use cloison_dataplane::{snapshot::MacAddr, Dataplane, Host, Network, Port, Snapshot, UplinkHook};
+use cloison_testkit::testbed::Testbed;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const NETWORKS: u32 = 20;
@@ -82,7 +81,7 @@ fn control_plane(c: &mut Criterion) {
     let tag = format!("clcp{:x}", std::process::id() & 0xffff);
     let bed = Testbed::new(&tag, &full, "hv1").expect("test bed (needs root)");
     let mut dp: Dataplane = bed.enter().expect("open");
-    let uplink = cloison_dataplane::testbed::UPLINK;
+    let uplink = cloison_testkit::testbed::UPLINK;
     let mut g = c.benchmark_group("control_plane");
     g.sample_size(10);
     let mut rate = Vec::new();

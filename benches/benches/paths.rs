@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use cloison_benches::{kernel_time::*, *};
-use cloison_dataplane::{loader::verdict::*, netdev, testbed::Testbed, Dataplane, UplinkHook};
+use cloison_dataplane::{loader::verdict::*, netdev, Dataplane, UplinkHook};
+use cloison_testkit::testbed::Testbed;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const IP_A1: [u8; 4] = [10, 0, 0, 1];
@@ -25,7 +26,7 @@ fn paths(c: &mut Criterion) {
     dp.apply(
         &snap.validated().expect("valid"),
         "hv1",
-        cloison_dataplane::testbed::UPLINK,
+        cloison_testkit::testbed::UPLINK,
         UplinkHook::Xdp,
     )
     .expect("apply");

@@ -5,9 +5,8 @@
 use std::time::Duration;
 
 use cloison_benches::{kernel_time::*, *};
-use cloison_dataplane::{
-    loader::verdict::*, netdev, snapshot::MacAddr, testbed::Testbed, UplinkHook,
-};
+use cloison_dataplane::{loader::verdict::*, netdev, snapshot::MacAddr, UplinkHook};
+use cloison_testkit::testbed::Testbed;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 const CT_ENTRIES: u32 = 1_600_000;
@@ -20,7 +19,7 @@ fn scaling(c: &mut Criterion) {
     let tag = format!("clsc{:x}", std::process::id() & 0xffff);
     let bed = Testbed::new(&tag, &base, "hv1").expect("test bed (needs root)");
     let mut dp = bed.enter_with_conntrack(CT_ENTRIES).expect("open");
-    let uplink = cloison_dataplane::testbed::UPLINK;
+    let uplink = cloison_testkit::testbed::UPLINK;
     let pa1 = netdev::ifindex("pa1").expect("pa1");
     let flow = udp((A1, [10, 0, 0, 1]), (A3, [10, 0, 0, 3]), 40000, 64);
     let mut g = c.benchmark_group("scale");

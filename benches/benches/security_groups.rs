@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use cloison_benches::{kernel_time::*, *};
-use cloison_dataplane::{loader::verdict::*, netdev, testbed::Testbed, Dataplane, UplinkHook};
+use cloison_dataplane::{loader::verdict::*, netdev, Dataplane, UplinkHook};
+use cloison_testkit::testbed::Testbed;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
@@ -29,7 +30,7 @@ fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
     dp.apply(
         &snap.validated().expect("valid"),
         "hv1",
-        cloison_dataplane::testbed::UPLINK,
+        cloison_testkit::testbed::UPLINK,
         UplinkHook::Xdp,
     )
     .expect("apply");
@@ -56,7 +57,7 @@ fn security_groups(c: &mut Criterion) {
         });
         // The floor of a TC test run here: the uplink program handing a
         // frame that is not VXLAN (ARP) to the host after two checks.
-        let up0 = netdev::ifindex(cloison_dataplane::testbed::UPLINK).expect("uplink");
+        let up0 = netdev::ifindex(cloison_testkit::testbed::UPLINK).expect("uplink");
         let arp = {
             let mut f = vec![0xff; 6];
             f.extend(A1);

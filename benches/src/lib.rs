@@ -1,6 +1,6 @@
 //! What the benches share: the hosts, rule sets and frames they measure.
 use cloison_dataplane::{snapshot::MacAddr, Host, Network, Port, Rule, SecurityGroup, Snapshot};
-use etherparse::PacketBuilder;
+use cloison_testkit::wire::build;
 
 /// Criterion timings from the kernel's own clock (BPF_PROG_TEST_RUN's
 /// duration), not the system call around it.
@@ -127,18 +127,14 @@ pub fn sg_snapshot(rules: usize) -> Snapshot {
 
 /// A TCP segment a1 → a3:80 from `sport` with `flags`.
 pub fn tcp(sport: u16, flags: u8) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(A1, A3)
-        .ipv4([10, 0, 0, 1], [10, 0, 0, 3], 64)
-        .tcp(sport, 80, 1, 1000);
-    if flags & TCP_SYN != 0 {
-        b = b.syn();
-    }
-    if flags & TCP_ACK != 0 {
-        b = b.ack(1);
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, &[0u8; 64]).expect("frame");
-    v
+    build::v4(
+        A1,
+        A3,
+        [10, 0, 0, 1],
+        [10, 0, 0, 3],
+        build::tcp(sport, 80, flags, &[0u8; 64]),
+    )
+    .emit()
 }
 
 pub const A2: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -175,34 +171,31 @@ pub fn udp(
     sport: u16,
     payload: usize,
 ) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(src.0, dst.0)
-        .ipv4(src.1, dst.1, 64)
-        .udp(sport, 9);
-    let mut v = Vec::new();
-    b.write(&mut v, &vec![0u8; payload]).expect("frame");
-    v
+    build::v4(
+        src.0,
+        dst.0,
+        src.1,
+        dst.1,
+        build::udp(sport, 9, &vec![0u8; payload]),
+    )
+    .emit()
 }
 
 /// `inner` in VXLAN from hv2 (192.0.2.2) to hv1 (192.0.2.1), VNI 1001.
 pub fn vxlan(inner: &[u8]) -> Vec<u8> {
     let mut p = vec![0x08, 0, 0, 0, 0, 0x03, 0xe9, 0];
     p.extend(inner);
-    let b = PacketBuilder::ethernet2([2, 0xaa, 0, 0, 0, 2], [2, 0xbb, 0, 0, 0, 1])
-        .ipv4([192, 0, 2, 2], [192, 0, 2, 1], 64)
-        .udp(50000, 4789);
-    let mut v = Vec::new();
-    b.write(&mut v, &p).expect("frame");
-    v
+    build::v4(
+        [2, 0xaa, 0, 0, 0, 2],
+        [2, 0xbb, 0, 0, 0, 1],
+        [192, 0, 2, 2],
+        [192, 0, 2, 1],
+        build::udp(50000, 4789, &p),
+    )
+    .emit()
 }
 
 /// An ARP request from a1 for `tpa`.
 pub fn arp_request(tpa: [u8; 4]) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend(A1);
-    f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    f.extend(A1);
-    f.extend([10, 0, 0, 1]);
-    f.extend([0; 6]);
-    f.extend(tpa);
-    f
+    build::arp(1, A1, [10, 0, 0, 1], tpa).emit()
 }

@@ -9,7 +9,8 @@ use std::{
 };
 
 use cloison_control::client::{Answer, Client, Endpoint};
-use cloison_dataplane::{netdev, testbed::Testbed, Snapshot};
+use cloison_dataplane::{netdev, Snapshot};
+use cloison_testkit::testbed::Testbed;
 use serde_json::{json, Value};
 
 struct Agent {

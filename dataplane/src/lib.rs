@@ -15,7 +15,6 @@ pub mod policy;
 pub mod progstats;
 pub mod snapshot;
 pub mod tables;
-pub mod testbed;
 pub mod traffic;
 pub mod validate;
 

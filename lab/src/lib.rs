@@ -1,6 +1,7 @@
 //! The netns lab (hosts, VMs, an underlay switch, a kernel baseline) and
 //! what runs on it: `cloison-lab demo`, `bench`, `plot`, `lab`, which
 //! `cargo xtask` runs once `setup` has installed the BPF toolchain.
+pub mod bench;
 pub mod demo;
 pub mod lab;
 pub mod memory;

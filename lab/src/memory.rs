@@ -5,9 +5,9 @@ use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{Context, Result};
 use cloison_dataplane::{
-    snapshot::MacAddr, testbed::Testbed, Host, Network, Port, Rule, SecurityGroup, Snapshot,
-    UplinkHook,
+    snapshot::MacAddr, Host, Network, Port, Rule, SecurityGroup, Snapshot, UplinkHook,
 };
+use cloison_testkit::testbed::Testbed;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
@@ -113,7 +113,7 @@ pub fn measure() -> Result<Memory> {
     let result = std::thread::scope(|s| {
         s.spawn(move || -> Result<Memory> {
             let mut dp = bed.enter()?;
-            let uplink = cloison_dataplane::testbed::UPLINK;
+            let uplink = cloison_testkit::testbed::UPLINK;
             dp.apply(&snap2.validated()?, "hv1", uplink, UplinkHook::Xdp)?;
             let pin = dp.pin_dir().to_path_buf();
             let before = maps(&pin)?;

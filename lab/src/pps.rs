@@ -12,7 +12,6 @@ use std::{
 
 use anyhow::{Context, Result};
 use cloison_dataplane::{netdev, progstats, snapshot::MacAddr, traffic::Traffic};
-use etherparse::PacketBuilder;
 use serde::Serialize;
 
 use crate::lab::sh;
@@ -52,12 +51,10 @@ pub fn udp_frame(
     dst: (MacAddr, Ipv4Addr),
     frame_bytes: usize,
 ) -> Vec<u8> {
+    use cloison_testkit::wire::build;
     let payload = vec![0x5a; frame_bytes.saturating_sub(14 + 20 + 8)];
-    let b = PacketBuilder::ethernet2(src.0 .0, dst.0 .0)
-        .ipv4(src.1.octets(), dst.1.octets(), 64)
-        .udp(10000, 9);
-    let mut f = Vec::new();
-    b.write(&mut f, &payload).expect("frame");
+    let l4 = build::udp(10000, 9, &payload);
+    let mut f = build::v4(src.0 .0, dst.0 .0, src.1.octets(), dst.1.octets(), l4).emit();
     f[40] = 0; // UDP checksum: none
     f[41] = 0;
     f

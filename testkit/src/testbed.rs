@@ -5,7 +5,7 @@
 //! Everything it creates is removed on drop.
 use std::process::Command;
 
-use crate::{loader::DEFAULT_PIN_ROOT, netdev, Dataplane, Error, Snapshot};
+use cloison_dataplane::{loader::DEFAULT_PIN_ROOT, netdev, Dataplane, Error, Snapshot};
 
 /// The uplink's name inside the test bed.
 pub const UPLINK: &str = "up0";
@@ -21,7 +21,7 @@ fn ip(args: &[&str]) -> Result<(), Error> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(Error::io("run ip"))?;
+        .map_err(|e| Error::Invalid(format!("run ip: {e}")))?;
     if !out.status.success() {
         return Err(Error::Invalid(format!(
             "ip {args:?}: {}",
@@ -35,7 +35,7 @@ fn sysctl(ns: &str, setting: &str) -> Result<(), Error> {
     let ok = Command::new("ip")
         .args(["netns", "exec", ns, "sysctl", "-qw", setting])
         .status()
-        .map_err(Error::io("sysctl"))?;
+        .map_err(|e| Error::Invalid(format!("sysctl: {e}")))?;
     if !ok.success() {
         return Err(Error::Invalid(format!("sysctl {setting} failed in {ns}")));
     }
@@ -66,7 +66,7 @@ impl Testbed {
         // A hypervisor that routes: the FIB helper answers with the next
         // hop's MAC. (Hosts with forwarding off are covered by the lab.)
         sysctl(ns, "net.ipv4.conf.up0.forwarding=1")?;
-        let mac = crate::snapshot::MacAddr(NEXT_HOP_MAC).to_string();
+        let mac = cloison_dataplane::MacAddr(NEXT_HOP_MAC).to_string();
         ip(&[
             "-n",
             ns,
@@ -98,7 +98,8 @@ impl Testbed {
 
     /// [`Self::enter`] with a conntrack table of `entries`.
     pub fn enter_with_conntrack(&self, entries: u32) -> Result<Dataplane, Error> {
-        netdev::enter_netns(&self.ns).map_err(Error::io(format!("enter netns {}", self.ns)))?;
+        netdev::enter_netns(&self.ns)
+            .map_err(|e| Error::Invalid(format!("enter netns {}: {e}", self.ns)))?;
         Dataplane::open_with_conntrack(&self.pin, DEFAULT_PIN_ROOT.as_ref(), entries)
     }
 }

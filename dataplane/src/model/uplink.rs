@@ -1,0 +1,77 @@
+//! Underlay ingress: the host's own traffic to the host; VXLAN only from
+//! a VTEP that has the network, for a local port, from a MAC behind it.
+use cloison_abi::{
+    DropReason::{self, *},
+    *,
+};
+
+use super::{
+    parse::{be16, mac, parse},
+    Model, Verdict,
+};
+
+impl Model<'_> {
+    pub(super) fn uplink_inner(&self, f: &[u8]) -> Result<Verdict, DropReason> {
+        if f.len() < 34 || be16(f, 12) != 0x0800 || f[23] != 17 || f[14] >> 4 != 4 {
+            return Ok(Verdict::Host);
+        }
+        if f[30..34] != self.tables.config.vtep {
+            return Ok(Verdict::Host);
+        }
+        let frag = be16(f, 20);
+        if frag & 0x1fff != 0 {
+            return Ok(Verdict::Host);
+        }
+        if f[14] != 0x45 {
+            let ihl = (f[14] & 0x0f) as usize * 4;
+            if ihl < 20 || f.len() < 14 + ihl + 8 {
+                return Ok(Verdict::Host);
+            }
+            if be16(f, 14 + ihl + 2) == VXLAN_PORT {
+                return Err(MalformedIpv4);
+            }
+            return Ok(Verdict::Host);
+        }
+        if f.len() < 42 || be16(f, 36) != VXLAN_PORT {
+            return Ok(Verdict::Host);
+        }
+        if frag & 0x2000 != 0 {
+            return Err(VxlanFragmented);
+        }
+        if f.len() < 50 {
+            return Err(VxlanTruncated);
+        }
+        if f[42] != 0x08 || f[43..46] != [0; 3] || f[49] != 0 {
+            return Err(VxlanBadFlags);
+        }
+        let vni = u32::from_be_bytes([0, f[46], f[47], f[48]]);
+        if !self.tables.networks.contains_key(&vni) {
+            return Err(VxlanUnknownVni);
+        }
+        let src: [u8; 4] = f[26..30].try_into().expect("4 bytes");
+        if !self.tables.vteps.contains_key(&VtepKey { vni, addr: src }) {
+            return Err(VxlanUnknownVtep);
+        }
+        if f.len() < 64 {
+            return Err(VxlanTruncated);
+        }
+        let dst = match self.forward(vni, mac(f, 50)) {
+            Some(e) if e.kind == FWD_LOCAL => e,
+            _ => return Err(VxlanUnknownDestination),
+        };
+        match self.forward(vni, mac(f, 56)) {
+            Some(e) if e.kind == FWD_REMOTE && e.vtep == src => {}
+            _ => return Err(VxlanSpoofedSource),
+        }
+        if dst.flags & PORT_F_SECURITY != 0 {
+            let info = *self.tables.ports.get(&dst.ifindex).ok_or(UnknownPort)?;
+            let inner = &f[50..];
+            let p = parse(inner)?;
+            if p.l3 == 0x0806 {
+                return Err(UnsupportedEthertype);
+            }
+            self.enforce(inner, &p, None, Some((dst.ifindex, info)))?;
+        }
+        Ok(Verdict::ToPort(dst.ifindex))
+    }
+}

@@ -1,0 +1,488 @@
+//! The netns lab: hypervisor hosts, VMs and an underlay switch, each a
+//! network namespace this code creates (unique names) and removes on drop,
+//! also after a failure. Nothing touches the machine's own interfaces.
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command};
+
+use anyhow::Result;
+use cloison_abi::DropReason;
+use cloison_dataplane::{
+    loader::DEFAULT_PIN_ROOT, snapshot::MacAddr, Dataplane, Host, Network, Port, SecurityGroup,
+    Snapshot, Stats, UplinkHook,
+};
+
+mod agents;
+mod baseline;
+mod capture;
+mod topology;
+mod traffic;
+mod underlay;
+
+pub use agents::*;
+pub use baseline::*;
+pub use capture::*;
+use topology::*;
+pub use topology::{in_netns, sh, Wire};
+pub use traffic::*;
+pub use underlay::*;
+
+/// A VM: a namespace with `eth0` on a veth whose host side is the port.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub name: String,
+    pub ns: String,
+    pub host: String,
+    pub tenant: char,
+    pub port_if: String,
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
+    pub ip6: std::net::Ipv6Addr,
+}
+
+pub struct Lab {
+    pub tag: String,
+    /// Agents by host, once `start_agents` ran.
+    pub agents: Vec<AgentProc>,
+    pub hosts: Vec<String>,
+    pub vms: Vec<Vm>,
+    pub snapshot: Snapshot,
+    namespaces: Namespaces,
+    pins: Vec<String>,
+    pub pin_root: PathBuf,
+    pub hook: UplinkHook,
+    pub wire: Wire,
+}
+
+pub const UPLINK: &str = "up0";
+
+/// Neutron's default group, `{prefix}-default`: everything out, and in from
+/// the group's own members, over IPv4 and IPv6.
+pub fn default_group(tenant: &str, prefix: &str) -> SecurityGroup {
+    let name = format!("{prefix}-default");
+    let rules = ["IPv4", "IPv6"]
+        .iter()
+        .flat_map(|e| {
+            [
+                format!(r#"{{"direction": "egress", "ethertype": "{e}"}}"#),
+                format!(
+                    r#"{{"direction": "ingress", "ethertype": "{e}", "remote": {{"group": "{name}"}}}}"#
+                ),
+            ]
+        })
+        .map(|r| serde_json::from_str(&r).expect("rule literal"))
+        .collect();
+    SecurityGroup {
+        name,
+        tenant: tenant.into(),
+        rules,
+    }
+}
+
+pub fn underlay_ip(host: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, host as u8)
+}
+
+impl Lab {
+    fn tag() -> String {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("cl{:x}", (std::process::id() ^ t) & 0xffff)
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.tag)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<String> {
+        let ns = self.ns(name);
+        self.namespaces.add(&ns)?;
+        Ok(ns)
+    }
+
+    /// Two hosts on one underlay switch; tenants `a` and `b` with the same
+    /// subnet and the same MACs: a1, a3, b1 on hv1; a2, b2 on hv2.
+    pub fn two_hosts(hook: UplinkHook) -> Result<Lab> {
+        Self::two_hosts_on(hook, Wire::Nic)
+    }
+
+    /// `two_hosts` with the underlay handing the uplinks what `wire` says.
+    pub fn two_hosts_on(hook: UplinkHook, wire: Wire) -> Result<Lab> {
+        let mut lab = Lab {
+            tag: Self::tag(),
+            hosts: Vec::new(),
+            vms: Vec::new(),
+            snapshot: Snapshot::default(),
+            namespaces: Namespaces::default(),
+            pins: Vec::new(),
+            agents: Vec::new(),
+            pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
+            hook,
+            wire,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let ul = self.add_ns("ul")?;
+        switch(&ul)?;
+        for i in 1..=2 {
+            self.add_host(i)?;
+        }
+        for n in ["a", "b"] {
+            self.snapshot
+                .security_groups
+                .push(default_group(&format!("tenant-{n}"), n));
+            self.snapshot.networks.push(Network {
+                name: format!("{n}-net"),
+                tenant: format!("tenant-{n}"),
+                vni: if n == "a" { 1001 } else { 1002 },
+                subnets: vec!["10.0.0.0/24".parse()?, "fd00:1::/64".parse()?],
+                mtu: 1450,
+            });
+        }
+        for (name, host, idx) in [
+            ("a1", 1, 1u8),
+            ("a2", 2, 2),
+            ("a3", 1, 3),
+            ("b1", 1, 1),
+            ("b2", 2, 2),
+        ] {
+            self.add_vm(name, host, idx)?;
+        }
+        Ok(())
+    }
+
+    fn add_host(&mut self, i: usize) -> Result<()> {
+        let ul = self.ns("ul");
+        let hv = self.add_ns(&format!("hv{i}"))?;
+        let sw = format!("p{i}");
+        plug(&ul, &sw, &hv, underlay_ip(i), self.wire)?;
+        let name = format!("hv{i}");
+        self.snapshot.hosts.push(Host {
+            name: name.clone(),
+            underlay_ip: underlay_ip(i),
+        });
+        self.hosts.push(name);
+        Ok(())
+    }
+
+    fn add_vm(&mut self, name: &str, host: usize, idx: u8) -> Result<()> {
+        let tenant = name.chars().next().unwrap_or('a');
+        let hv = self.ns(&format!("hv{host}"));
+        let ns = self.add_ns(name)?;
+        let port_if = format!("t{name}");
+        let mac = MacAddr([0x02, 0, 0, 0, 0, idx]);
+        let ip = Ipv4Addr::new(10, 0, 0, idx);
+        let ip6: std::net::Ipv6Addr = format!("fd00:1::{idx}").parse()?;
+        sh(&[
+            "ip", "-n", &hv, "link", "add", &port_if, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        sh(&["ip", "-n", &hv, "link", "set", &port_if, "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &mac.to_string(),
+            "mtu",
+            "1450",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        // A VM's NIC reader runs NAPI (a tap's reader would): veth needs it
+        // to accept XDP-redirected frames.
+        sh(&[
+            "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "gro", "on",
+        ])?;
+        self.snapshot.ports.push(Port {
+            name: name.to_string(),
+            network: format!("{tenant}-net"),
+            host: format!("hv{host}"),
+            interface: port_if.clone(),
+            mac,
+            ips: vec![ip.into(), ip6.into()],
+            security_groups: vec![format!("{tenant}-default")],
+            allowed_address_pairs: vec![],
+            port_security: true,
+        });
+        self.vms.push(Vm {
+            name: name.to_string(),
+            ns,
+            host: format!("hv{host}"),
+            tenant,
+            port_if,
+            mac,
+            ip,
+            ip6,
+        });
+        Ok(())
+    }
+
+    pub fn vm(&self, name: &str) -> &Vm {
+        self.vms.iter().find(|v| v.name == name).expect("lab VM")
+    }
+
+    /// A host's pin directory name under `pin_root` (the agents pin under
+    /// the host's own name, in a directory of this lab).
+    fn pin_name(&self, host: &str) -> String {
+        if self.agents_started() {
+            host.to_string()
+        } else {
+            format!("{}-{host}", self.tag)
+        }
+    }
+
+    fn agents_started(&self) -> bool {
+        self.pin_root != std::path::Path::new(DEFAULT_PIN_ROOT)
+    }
+
+    /// Tenant a's groups for the security-group tests and demo: a1 serves
+    /// TCP 8080-8081 to the members of `client` (a2), UDP 5353 to 10.0.0.3
+    /// only, and ICMP to anyone; a3 is in `plain` (out only). Tenant b keeps
+    /// its default group.
+    pub fn web_and_client(&mut self) {
+        let sg = |s: &str| serde_json::from_str::<SecurityGroup>(s).expect("group literal");
+        let out = r#"{"direction": "egress"}, {"direction": "egress", "ethertype": "IPv6"}"#;
+        self.snapshot.security_groups.extend([
+            sg(&format!(
+                r#"{{"name": "web", "tenant": "tenant-a", "rules": [
+                {{"direction": "ingress", "protocol": "tcp", "ports": "8080-8081", "remote": {{"group": "client"}}}},
+                {{"direction": "ingress", "protocol": "udp", "ports": "5353", "remote": {{"cidr": "10.0.0.3/32"}}}},
+                {{"direction": "ingress", "protocol": "icmp"}}, {out}]}}"#
+            )),
+            sg(&format!(r#"{{"name": "client", "tenant": "tenant-a", "rules": [{out}]}}"#)),
+            sg(&format!(r#"{{"name": "plain", "tenant": "tenant-a", "rules": [{out}]}}"#)),
+        ]);
+        self.set_groups(&[("a1", "web"), ("a2", "client"), ("a3", "plain")]);
+    }
+
+    /// Puts each named port in exactly the one group given.
+    pub fn set_groups(&mut self, groups: &[(&str, &str)]) {
+        for (port, group) in groups {
+            let p = self
+                .snapshot
+                .ports
+                .iter_mut()
+                .find(|p| p.name == *port)
+                .expect("lab port");
+            p.security_groups = vec![group.to_string()];
+        }
+    }
+
+    /// Conntrack entries on `host` now.
+    pub fn conntrack_entries(&self, host: &str) -> Result<usize> {
+        let (pin, root) = (self.pin_name(host), self.pin_root.clone());
+        in_netns(&self.ns(host), move || {
+            Ok(Dataplane::open_maps(&pin, &root)?.conntrack()?.len())
+        })
+    }
+
+    /// Turns IPv4 forwarding on or off on every host's uplink (the
+    /// hosts' default is off). With it on, the encap stage's
+    /// `bpf_fib_lookup` resolves the next hop and redirects straight to it;
+    /// with it off the helper refuses and the kernel routes each packet
+    /// after the program (`bpf_redirect_neigh`): about 10% fewer packets per
+    /// second in the lab.
+    pub fn uplink_forwarding(&self, on: bool) -> Result<()> {
+        for host in &self.hosts {
+            set_uplink_forwarding(&self.ns(host), on)?;
+        }
+        Ok(())
+    }
+
+    /// Programs every host with the lab's state: through the agents' API
+    /// once they run, else straight through `dataplane`.
+    pub fn apply(&mut self) -> Result<()> {
+        if self.agents_started() {
+            return self.apply_via_agents();
+        }
+        let valid = self.snapshot.validated()?;
+        for host in self.hosts.clone() {
+            let pin = self.pin_name(&host);
+            if !self.pins.contains(&pin) {
+                self.pins.push(pin.clone());
+            }
+            let (snap, root, hook) = (valid.clone(), self.pin_root.clone(), self.hook);
+            in_netns(&self.ns(&host), move || {
+                let mut dp = Dataplane::open(&pin, &root)?;
+                dp.apply(&snap, &host, UPLINK, hook)?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self, host: &str) -> Result<Stats> {
+        let (pin, root) = (self.pin_name(host), self.pin_root.clone());
+        in_netns(&self.ns(host), move || {
+            Ok(Dataplane::open_maps(&pin, &root)?.stats()?)
+        })
+    }
+
+    pub fn drops(&self, host: &str) -> Result<BTreeMap<DropReason, u64>> {
+        Ok(self.stats(host)?.drops)
+    }
+
+    /// `ping` from one VM to an address; true when every echo was answered.
+    pub fn ping(&self, from: &str, to: &str, count: u32) -> bool {
+        let ns = &self.vm(from).ns;
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "ping",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                to,
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Adds a third host whose VTEP is the Linux kernel's own VXLAN device,
+    /// with a "VM" address on it, joined to tenant a's network.
+    pub fn add_kernel_vtep(&mut self) -> Result<()> {
+        let ul = self.ns("ul");
+        let kv = self.add_ns("kv")?;
+        plug(&ul, "p3", &kv, underlay_ip(3), self.wire)?;
+        sh(&[
+            "ip",
+            "-n",
+            &kv,
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            "1001",
+            "local",
+            "192.0.2.3",
+            "dstport",
+            "4789",
+            "nolearning",
+            "dev",
+            UPLINK,
+        ])?;
+        let mac = MacAddr([0x02, 0, 0, 0, 0, 9]);
+        sh(&[
+            "ip",
+            "-n",
+            &kv,
+            "link",
+            "set",
+            "vx0",
+            "address",
+            &mac.to_string(),
+            "mtu",
+            "1450",
+            "up",
+        ])?;
+        sh(&["ip", "-n", &kv, "addr", "add", "10.0.0.9/24", "dev", "vx0"])?;
+        // The kernel peer is told where tenant a's ports live, as a
+        // controller would program it (no flooding, no learning).
+        for v in self.vms.clone().iter().filter(|v| v.tenant == 'a') {
+            let host_idx: usize = v.host[2..].parse()?;
+            let dst = underlay_ip(host_idx).to_string();
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &kv,
+                "bridge",
+                "fdb",
+                "append",
+                &v.mac.to_string(),
+                "dev",
+                "vx0",
+                "dst",
+                &dst,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &kv,
+                "neigh",
+                "add",
+                &v.ip.to_string(),
+                "lladdr",
+                &v.mac.to_string(),
+                "dev",
+                "vx0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        self.snapshot.hosts.push(Host {
+            name: "hv3".into(),
+            underlay_ip: underlay_ip(3),
+        });
+        self.snapshot.ports.push(Port {
+            name: "kv".into(),
+            network: "a-net".into(),
+            host: "hv3".into(),
+            interface: "vx0".into(),
+            mac,
+            ips: vec!["10.0.0.9".parse()?],
+            security_groups: vec!["a-default".into()],
+            allowed_address_pairs: vec![],
+            port_security: true,
+        });
+        Ok(())
+    }
+
+    /// Removes every namespace and pin this lab made. Also run on drop.
+    pub fn cleanup(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(self.agent_dir());
+        for pin in self.pins.drain(..) {
+            let _ = Dataplane::purge(&pin, &self.pin_root);
+        }
+        if self.agents_started() {
+            for host in &self.hosts {
+                let _ = Dataplane::purge(host, &self.pin_root);
+            }
+            let _ = std::fs::remove_dir(&self.pin_root);
+        }
+        self.namespaces.delete_all();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}

@@ -1,0 +1,261 @@
+//! Packet fixtures as table rows: `{case, where it enters, input, expected
+//! verdict (where it goes, or why it is dropped), expected output}`, run in
+//! order (conntrack state carries from one row to the next) through the
+//! kernel's programs (BPF_PROG_TEST_RUN) and through the reference model by
+//! one runner. Both must give the row's verdict; the kernel's output frame
+//! must agree with it, and with the row's expected output.
+use cloison_abi::DropReason;
+use cloison_dataplane::{
+    loader::{verdict::*, RunResult},
+    model::{Model, Verdict},
+    netdev, Dataplane, UplinkHook,
+};
+
+use crate::wire::Frame;
+
+/// Where a row's frame enters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// The TC hook of a port, by its interface name: a frame from its VM.
+    Port(&'static str),
+    /// The uplink, in XDP or TC: a frame from the underlay.
+    Uplink(UplinkHook),
+}
+
+/// A check of an output frame (parsed, and its bytes).
+pub type OutputCheck = Box<dyn Fn(&Frame, &[u8]) -> Result<(), String>>;
+
+/// What must come out of a redirect.
+pub enum Out {
+    /// Whatever agrees with the verdict.
+    Any,
+    /// The input, byte for byte.
+    Unchanged,
+    /// Exactly these bytes.
+    Bytes(Vec<u8>),
+    /// The output parses, and this check of it passes.
+    Check(OutputCheck),
+}
+
+pub struct Case {
+    pub name: String,
+    pub at: At,
+    pub input: Vec<u8>,
+    /// A GSO frame of segments of this size (0: not GSO); ports only.
+    pub gso_size: u32,
+    pub expect: Verdict,
+    pub out: Out,
+}
+
+impl Case {
+    pub fn new(name: impl Into<String>, at: At, input: impl Into<Input>, expect: Verdict) -> Case {
+        Case {
+            name: name.into(),
+            at,
+            input: input.into().0,
+            gso_size: 0,
+            expect,
+            out: Out::Any,
+        }
+    }
+
+    pub fn out(mut self, out: Out) -> Case {
+        self.out = out;
+        self
+    }
+
+    pub fn gso(mut self, size: u32) -> Case {
+        self.gso_size = size;
+        self
+    }
+
+    /// The output must parse and pass `check`.
+    pub fn check(self, check: impl Fn(&Frame, &[u8]) -> Result<(), String> + 'static) -> Case {
+        self.out(Out::Check(Box::new(check)))
+    }
+}
+
+/// A row's input: a frame value or raw bytes (a malformed frame).
+pub struct Input(pub Vec<u8>);
+
+impl From<Frame> for Input {
+    fn from(f: Frame) -> Input {
+        Input(f.emit())
+    }
+}
+
+impl From<&Frame> for Input {
+    fn from(f: &Frame) -> Input {
+        Input(f.emit())
+    }
+}
+
+impl From<Vec<u8>> for Input {
+    fn from(b: Vec<u8>) -> Input {
+        Input(b)
+    }
+}
+
+/// The verdict "into the VM of the port on interface `name`".
+pub fn to_port(name: &str) -> Verdict {
+    Verdict::ToPort(netdev::ifindex(name).unwrap_or_else(|| panic!("no interface {name}")))
+}
+
+pub fn drop(r: DropReason) -> Verdict {
+    Verdict::Drop(r)
+}
+
+/// What the kernel did, as far as a test run shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    Redirect(Vec<u8>),
+    Pass,
+    Drop(DropReason),
+}
+
+/// The kernel's verdict on a test run; a drop's reason is the one counter
+/// that moved since `before`.
+pub fn seen(
+    dp: &Dataplane,
+    r: &RunResult,
+    before: &std::collections::BTreeMap<DropReason, u64>,
+    redirect: u32,
+    pass: u32,
+) -> Result<Seen, String> {
+    if r.verdict == redirect {
+        return Ok(Seen::Redirect(r.frame.clone()));
+    }
+    if r.verdict == pass {
+        return Ok(Seen::Pass);
+    }
+    let after = dp.stats().map_err(|e| e.to_string())?.drops;
+    let moved: Vec<DropReason> = after
+        .iter()
+        .filter(|(k, v)| before.get(k).copied().unwrap_or(0) < **v)
+        .map(|(k, _)| *k)
+        .collect();
+    match moved.as_slice() {
+        [one] => Ok(Seen::Drop(*one)),
+        _ => Err(format!(
+            "verdict {}, and not exactly one drop counter moved: {moved:?}",
+            r.verdict
+        )),
+    }
+}
+
+/// Whether `b` is VXLAN over IPv4 without options to `dst` (read as the
+/// programs do, by offset: a frame the checks let through need not be one
+/// the strict parser takes).
+fn is_vxlan_to(b: &[u8], dst: Option<[u8; 4]>) -> bool {
+    b.len() >= VXLAN_ENCAP_LEN
+        && b[12..14] == [0x08, 0x00]
+        && b[14] == 0x45
+        && b[23] == 17
+        && b[36..38] == 4789u16.to_be_bytes()
+        && dst.is_none_or(|d| b[30..34] == d)
+}
+
+const VXLAN_ENCAP_LEN: usize = 14 + 20 + 8 + 8;
+
+/// The frame inside a VXLAN frame (its bytes), if it is one.
+fn decapsulated(input: &[u8]) -> Option<Vec<u8>> {
+    is_vxlan_to(input, None).then(|| input[VXLAN_ENCAP_LEN..].to_vec())
+}
+
+/// Whether what the kernel did is what `v` says: the same verdict, and a
+/// redirect's output where `v` says it goes.
+pub fn agrees(seen: &Seen, v: Verdict, input: &[u8]) -> Result<(), String> {
+    match (seen, v) {
+        (Seen::Pass, Verdict::Host) => Ok(()),
+        (Seen::Drop(a), Verdict::Drop(b)) if *a == b => Ok(()),
+        (Seen::Redirect(out), Verdict::ToVtep(vtep)) => {
+            if is_vxlan_to(out, Some(vtep)) && out[VXLAN_ENCAP_LEN..] == *input {
+                Ok(())
+            } else {
+                Err(format!(
+                    "not the frame inside VXLAN to {vtep:?}: {out:02x?}"
+                ))
+            }
+        }
+        (Seen::Redirect(out), Verdict::Back) => {
+            if out.len() >= 12 && input.len() >= 12 && out[0..6] == input[6..12] {
+                Ok(())
+            } else {
+                Err("redirected, but not back to the sender's MAC".into())
+            }
+        }
+        (Seen::Redirect(out), Verdict::ToPort(_)) => {
+            // Delivered as sent, or as it was inside VXLAN.
+            let want = decapsulated(input).unwrap_or_else(|| input.to_vec());
+            if *out == want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "delivered to a port, but not the frame sent ({} bytes, {} expected)",
+                    out.len(),
+                    want.len()
+                ))
+            }
+        }
+        _ => Err(format!("the kernel did {seen:?}, not {v:?}")),
+    }
+}
+
+/// Runs one row through the kernel and the model.
+pub fn run_case(dp: &Dataplane, model: &Model, c: &Case) -> Result<(), String> {
+    let before = dp.stats().map_err(|e| e.to_string())?.drops;
+    let (kernel, modelled) = match c.at {
+        At::Port(iface) => {
+            let ifindex = netdev::ifindex(iface).ok_or(format!("no interface {iface}"))?;
+            let r = dp
+                .test_run_port(ifindex, &c.input, c.gso_size)
+                .map_err(|e| e.to_string())?;
+            (
+                seen(dp, &r, &before, TC_ACT_REDIRECT, u32::MAX)?,
+                model.port(ifindex, &c.input),
+            )
+        }
+        At::Uplink(hook) => {
+            let up0 = netdev::ifindex(crate::testbed::UPLINK).ok_or("no uplink")?;
+            let r = dp
+                .test_run_uplink(hook, up0, &c.input)
+                .map_err(|e| e.to_string())?;
+            let (redirect, pass) = if hook == UplinkHook::Tc {
+                (TC_ACT_REDIRECT, TC_ACT_OK)
+            } else {
+                (XDP_REDIRECT, XDP_PASS)
+            };
+            (
+                seen(dp, &r, &before, redirect, pass)?,
+                model.uplink(&c.input),
+            )
+        }
+    };
+    agrees(&kernel, c.expect, &c.input).map_err(|e| format!("kernel: {e}"))?;
+    if modelled != c.expect {
+        return Err(format!("model: {modelled:?}, expected {:?}", c.expect));
+    }
+    let Seen::Redirect(out) = &kernel else {
+        return Ok(());
+    };
+    match &c.out {
+        Out::Any => Ok(()),
+        Out::Unchanged if *out == c.input => Ok(()),
+        Out::Unchanged => Err("the output is not the input".into()),
+        Out::Bytes(b) if out == b => Ok(()),
+        Out::Bytes(_) => Err("the output is not the expected bytes".into()),
+        Out::Check(check) => {
+            let f = Frame::parse(out).map_err(|e| format!("the output does not parse: {e:?}"))?;
+            check(&f, out).map_err(|e| format!("output: {e}"))
+        }
+    }
+}
+
+/// Runs every row in order; fails on the first that does not hold.
+pub fn run(dp: &Dataplane, model: &Model, cases: &[Case]) {
+    for c in cases {
+        if let Err(e) = run_case(dp, model, c) {
+            panic!("fixture {:?} ({:?}): {e}", c.name, c.at);
+        }
+    }
+}

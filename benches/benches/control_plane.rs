@@ -41,7 +41,7 @@ fn fleet() -> Snapshot {
                 interface: if i == 0 {
                     format!("pn{n}")
                 } else {
-                    format!("t{i}")
+                    format!("t{n}-{i}")
                 },
                 mac: MacAddr([2, 0, (n >> 8) as u8, n as u8, (i >> 8) as u8, i as u8]),
                 ips: vec![std::net::IpAddr::from([
@@ -110,6 +110,7 @@ fn control_plane(c: &mut Criterion) {
     let mut more = full.clone();
     let mut extra = more.ports[1].clone();
     extra.name = "extra".into();
+    extra.interface = "extra".into();
     extra.mac = MacAddr([2, 0xee, 0, 0, 0, 1]);
     extra.ips = vec!["10.0.250.1".parse().expect("address")];
     more.ports.push(extra);

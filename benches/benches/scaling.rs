@@ -28,6 +28,7 @@ fn scaling(c: &mut Criterion) {
         for i in 0..ports {
             let mut p = s.ports[2].clone(); // a2, on hv2
             p.name = format!("r{i}");
+            p.interface = format!("r{i}");
             p.mac = MacAddr([2, 1, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
             p.ips = vec![std::net::IpAddr::from([
                 10,

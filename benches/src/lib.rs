@@ -83,14 +83,34 @@ pub fn sg_snapshot(rules: usize) -> Snapshot {
         )
         .expect("rule"),
     );
-    let port = |name: &str, iface: &str, mac: [u8; 6], ip: &str, group: &str| Port {
+    // A group holds at most MAX_RULES_PER_GROUP rules: the rules go into as
+    // many groups as that takes, and the port into all of them (its policy
+    // is their union, compiled alike).
+    let split = |name: &str, rules: Vec<Rule>| -> Vec<SecurityGroup> {
+        rules
+            .chunks(cloison_dataplane::validate::MAX_RULES_PER_GROUP)
+            .enumerate()
+            .map(|(i, chunk)| SecurityGroup {
+                name: if i == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name}-{i}")
+                },
+                tenant: "t".into(),
+                rules: chunk.to_vec(),
+            })
+            .collect()
+    };
+    let (client, web) = (split("client", client), split("web", web));
+    let names = |g: &[SecurityGroup]| g.iter().map(|g| g.name.clone()).collect::<Vec<_>>();
+    let port = |name: &str, iface: &str, mac: [u8; 6], ip: &str, groups: Vec<String>| Port {
         name: name.into(),
         network: "net".into(),
         host: "hv1".into(),
         interface: iface.into(),
         mac: MacAddr(mac),
         ips: vec![ip.parse().expect("address")],
-        security_groups: vec![group.into()],
+        security_groups: groups,
         allowed_address_pairs: vec![],
         port_security: true,
     };
@@ -106,22 +126,11 @@ pub fn sg_snapshot(rules: usize) -> Snapshot {
             subnets: vec!["10.0.0.0/24".parse().expect("subnet")],
             mtu: 1450,
         }],
-        security_groups: vec![
-            SecurityGroup {
-                name: "client".into(),
-                tenant: "t".into(),
-                rules: client,
-            },
-            SecurityGroup {
-                name: "web".into(),
-                tenant: "t".into(),
-                rules: web,
-            },
-        ],
         ports: vec![
-            port("a1", "pa1", A1, "10.0.0.1", "client"),
-            port("a3", "pa3", A3, "10.0.0.3", "web"),
+            port("a1", "pa1", A1, "10.0.0.1", names(&client)),
+            port("a3", "pa3", A3, "10.0.0.3", names(&web)),
         ],
+        security_groups: client.into_iter().chain(web).collect(),
     }
 }
 

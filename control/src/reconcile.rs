@@ -23,6 +23,9 @@ pub struct Applied {
     /// "attached", or why not.
     pub programs: String,
     pub pending_ports: Vec<String>,
+    /// Ports never attached (their interface is the uplink or a host
+    /// device), with why.
+    pub refused_ports: Vec<(String, String)>,
 }
 
 pub struct Config {
@@ -153,6 +156,22 @@ fn apply(
         }
     }
     let dp = slot.as_mut().expect("just loaded");
+    // First, and whatever the apply does next: every interface of this
+    // host's ports that exists gets the port program, which drops what it
+    // sends until its entry is written (fail closed).
+    let interfaces: Vec<&str> = valid
+        .ports
+        .iter()
+        .filter(|p| p.host == cfg.host)
+        .map(|p| p.interface.as_str())
+        .collect();
+    match dp.close(&interfaces, &cfg.uplink) {
+        Ok(closed) if !closed.is_empty() => {
+            tracing::info!(?closed, "interfaces closed until applied")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "close the ports' interfaces"),
+    }
     if !valid.hosts.iter().any(|h| h.name == cfg.host) {
         set_programs(
             applied,
@@ -165,10 +184,14 @@ fn apply(
     match dp.apply(valid, &cfg.host, &cfg.uplink, cfg.hook) {
         Ok(r) => {
             let newly_pending = applied.borrow().pending_ports != r.pending;
+            if !r.refused.is_empty() {
+                tracing::warn!(refused = ?r.refused, "ports not attached");
+            }
             applied.send_replace(Applied {
                 generation,
                 programs: "attached".into(),
                 pending_ports: r.pending.clone(),
+                refused_ports: r.refused.clone(),
             });
             if r.map_updates > 0 || newly_pending || !r.ports_attached.is_empty() {
                 tracing::info!(

@@ -287,6 +287,11 @@ async fn status(State(agent): State<Arc<Agent>>) -> ApiResult {
         "applied_generation": applied.generation,
         "programs": applied.programs,
         "pending_ports": applied.pending_ports,
+        "refused_ports": applied
+            .refused_ports
+            .iter()
+            .map(|(port, why)| json!({"port": port, "why": why}))
+            .collect::<Vec<_>>(),
         "store": agent.store_name,
     }))
     .into_response())

@@ -27,7 +27,7 @@ use cloison_abi::{map_names as M, maps, program_names as P, MapDef, *};
 
 use crate::{
     batch, bpffs, netdev,
-    plan::{self, Current, Diffs, Step, Table},
+    plan::{self, Current, Diffs, Purge, Step, Table},
     tables::{self, Compiled, ConntrackLimits, Tables},
     validate::Valid,
     Error,
@@ -88,7 +88,12 @@ pub struct ApplyReport {
     pub ports_attached: Vec<String>,
     pub ports_detached: Vec<u32>,
     pub pending: Vec<String>,
+    /// Ports never attached: their interface is the uplink or a host device.
+    pub refused: Vec<(String, String)>,
     pub uplink_hook: Option<&'static str>,
+    /// Conntrack and fragment entries deleted because what they belonged
+    /// to went or changed (and what was over a shrunk share).
+    pub purged: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -235,6 +240,13 @@ impl Dataplane {
             ct_capacity: entries,
         };
         dp.swap_pinned_links()?;
+        // Maps an earlier release pinned under names since retired.
+        for name in RETIRED_MAPS {
+            let pin = dp.pin_dir.join(name);
+            if pin.exists() {
+                fs::remove_file(&pin).map_err(Error::io(format!("unpin {}", pin.display())))?;
+            }
+        }
         Ok(dp)
     }
 
@@ -378,23 +390,71 @@ impl Dataplane {
         let plan = plan::plan(&current, &compiled);
         let mut report = ApplyReport {
             pending: compiled.pending.clone(),
+            refused: compiled.refused.clone(),
             map_updates: plan.map_updates(),
             ..Default::default()
         };
         for step in &plan.steps {
             self.execute(step, &plan.diffs, uplink, hook, &mut report)?;
         }
+        if !plan.purge.is_empty() {
+            report.purged = self.gc(&plan.purge)?;
+        }
         Ok(report)
+    }
+
+    /// Attaches the port program to `interface` and pins the link. Until the
+    /// port's entry is written, the program drops all the interface sends.
+    fn attach_port(&mut self, interface: &str, ifindex: u32) -> Result<(), Error> {
+        let path = link_dir(&self.pin_dir).join(format!("port-{ifindex}"));
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, P::PORT)?;
+        let id = prog
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|err| Error::kernel(format!("attach to port {interface}"))(err.into()))?;
+        pin_tc_link(prog, id, &path)
+    }
+
+    /// Closes the interfaces of `ports` (this host's, by interface name)
+    /// that exist and carry no program yet: the port program goes on at
+    /// once, and drops all they send until an apply writes their entries.
+    /// Cheap (no map is read): run before every apply, and as soon as an
+    /// interface appears, so that no interface of a port is ever open. The
+    /// uplink and host devices are never touched. Returns those closed.
+    pub fn close(&mut self, interfaces: &[&str], uplink: &str) -> Result<Vec<String>, Error> {
+        self.writable("close")?;
+        let linked: BTreeSet<u32> = self
+            .pinned_links()?
+            .iter()
+            .filter_map(|(n, _)| n.strip_prefix("port-")?.parse().ok())
+            .collect();
+        let uplink = netdev::ifindex(uplink);
+        let mut closed = Vec::new();
+        for name in interfaces {
+            let Some(iface) = netdev::resolve(name) else {
+                continue;
+            };
+            if iface.host_device || Some(iface.ifindex) == uplink || linked.contains(&iface.ifindex)
+            {
+                continue;
+            }
+            self.attach_port(name, iface.ifindex)?;
+            closed.push(name.to_string());
+        }
+        Ok(closed)
     }
 
     /// What the kernel holds for this host now.
     pub fn current(&self) -> Result<Current, Error> {
         let e = &self.ebpf;
         let cfg: Array<&MapData, HostConfig> = typed_ref::<_, maps::Config>(e)?;
-        let mut port_links = BTreeSet::new();
+        let mut port_links = BTreeMap::new();
         for (name, _) in self.pinned_links()? {
             if let Some(i) = name.strip_prefix("port-").and_then(|s| s.parse().ok()) {
-                port_links.insert(i);
+                port_links.insert(i, netdev::name_of(i).is_some());
             }
         }
         Ok(Current {
@@ -407,6 +467,7 @@ impl Dataplane {
                 neighbours: read_hash::<maps::Neighbours>(e)?,
                 networks: read_hash::<maps::Networks>(e)?,
                 vteps: read_hash::<maps::Vteps>(e)?,
+                remote_allow: read_lpm::<maps::RemoteAllow>(e)?,
                 sg: crate::policy::SgTables {
                     addrs: read_lpm::<maps::SgAddrs>(e)?,
                     rules: read_lpm::<maps::SgRules>(e)?,
@@ -462,6 +523,7 @@ impl Dataplane {
                 Table::Neighbours => write_hash::<maps::Neighbours>(e, &d.neighbours.changed)?,
                 Table::Forward => write_hash::<maps::Forward>(e, &d.forward.changed)?,
                 Table::AddrAllow => write_lpm::<maps::AntiSpoof>(e, &d.addr_allow.changed)?,
+                Table::RemoteAllow => write_lpm::<maps::RemoteAllow>(e, &d.remote_allow.changed)?,
                 Table::Ports => write_hash::<maps::Ports>(e, &d.ports.changed)?,
             },
             Step::Delete(t) => match t {
@@ -472,6 +534,7 @@ impl Dataplane {
                 Table::Neighbours => delete_hash::<maps::Neighbours>(e, &d.neighbours.stale)?,
                 Table::Forward => delete_hash::<maps::Forward>(e, &d.forward.stale)?,
                 Table::AddrAllow => delete_lpm::<maps::AntiSpoof>(e, &d.addr_allow.stale)?,
+                Table::RemoteAllow => delete_lpm::<maps::RemoteAllow>(e, &d.remote_allow.stale)?,
                 Table::Ports => delete_hash::<maps::Ports>(e, &d.ports.stale)?,
             },
             Step::Detach(ifindex) => {
@@ -480,18 +543,7 @@ impl Dataplane {
                 report.ports_detached.push(*ifindex);
             }
             Step::Attach(p) => {
-                let path = link_dir(&self.pin_dir).join(format!("port-{}", p.ifindex));
-                let prog: &mut SchedClassifier = program(&mut self.ebpf, P::PORT)?;
-                let id = prog
-                    .attach_with_options(
-                        &p.interface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(|err| {
-                        Error::kernel(format!("attach to port {}", p.interface))(err.into())
-                    })?;
-                pin_tc_link(prog, id, &path)?;
+                self.attach_port(&p.interface, p.ifindex)?;
                 report.ports_attached.push(p.name.clone());
             }
             Step::Uplink => report.uplink_hook = Some(self.attach_uplink(uplink, hook)?),
@@ -647,41 +699,96 @@ impl Dataplane {
         Ok(keys.len())
     }
 
-    /// Deletes the entries whose idle timeout has passed and sets every
-    /// quota counter to the number of live entries it is charged with (the
-    /// LRU may have evicted entries behind the counters' back). The agent
-    /// runs this periodically. Returns how many entries were deleted.
+    /// Deletes the entries whose idle timeout has passed, trims what is
+    /// over a share, and sets every quota counter to the number of live
+    /// entries it is charged with (the LRU may have evicted entries behind
+    /// the counters' back). The agent runs this periodically. Returns how
+    /// many entries were deleted.
     pub fn conntrack_gc(&mut self) -> Result<usize, Error> {
+        self.gc(&Purge {
+            trim: true,
+            ..Purge::default()
+        })
+    }
+
+    /// [`Self::conntrack_gc`], also deleting the flows and fragments that
+    /// `purge` names (what belonged to a removed or changed object).
+    fn gc(&mut self, purge: &Purge) -> Result<usize, Error> {
         self.writable("conntrack")?;
         let now = monotonic_ns();
-        let mut live: BTreeMap<u32, i64> = BTreeMap::new();
-        let mut expired = Vec::new();
+        let ports: BTreeMap<u32, PortInfo> = read_hash::<maps::Ports>(&self.ebpf)?;
+        let live_slots: BTreeMap<u32, &PortInfo> = ports.values().map(|p| (p.slot, p)).collect();
+        let mut gone = Vec::new();
+        // Live entries by owner (slot, then tenant), oldest first for trimming.
+        let mut live: Vec<(CtKey, CtEntry)> = Vec::new();
         for (k, e) in self.conntrack()? {
-            if ct_expired(e.state, e.last_seen_ns, now) {
-                expired.push(k);
+            let stale = ct_expired(e.state, e.last_seen_ns, now)
+                || purge.slots.contains(&e.owner_slot)
+                || !live_slots.contains_key(&e.owner_slot)
+                || purge.covers(k.zone, &k.addr_a)
+                || purge.covers(k.zone, &k.addr_b);
+            if stale {
+                gone.push(k);
             } else {
-                *live.entry(e.owner_slot).or_default() += 1;
-                *live.entry(MAX_PORTS + e.owner_tenant).or_default() += 1;
+                live.push((k, e));
             }
+        }
+        if purge.trim {
+            live.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_seen_ns));
+            let (mut by_slot, mut by_tenant) =
+                (BTreeMap::<u32, u32>::new(), BTreeMap::<u32, u32>::new());
+            live.retain(|(k, e)| {
+                let info = live_slots[&e.owner_slot];
+                let s = by_slot.entry(e.owner_slot).or_default();
+                let t = by_tenant.entry(e.owner_tenant).or_default();
+                if *s >= info.ct_port_quota || *t >= info.ct_tenant_quota {
+                    gone.push(*k);
+                    return false;
+                }
+                *s += 1;
+                *t += 1;
+                true
+            });
+        }
+        let mut counted: BTreeMap<u32, i64> = BTreeMap::new();
+        for (_, e) in &live {
+            *counted.entry(e.owner_slot).or_default() += 1;
+            *counted.entry(MAX_PORTS + e.owner_tenant).or_default() += 1;
         }
         {
             let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
-                map_mut(&mut self.ebpf, M::CONNTRACK)?;
-            for k in &expired {
+                typed_mut::<_, maps::Conntrack>(&mut self.ebpf)?;
+            for k in &gone {
                 // Gone already (LRU, or the program replaced it): fine.
                 let _ = m.remove(k);
             }
         }
-        let mut counters: Array<&mut MapData, i64> = map_mut(&mut self.ebpf, M::CT_USE)?;
-        for i in 0..MAX_PORTS + MAX_TENANTS {
-            let want = live.get(&i).copied().unwrap_or(0);
-            if counters.get(&i, 0).ok() != Some(want) {
-                counters
-                    .set(i, want, 0)
-                    .map_err(|e| Error::kernel("write CL_CT_USE")(e.into()))?;
+        set_counters::<maps::CtUse>(&mut self.ebpf, &counted, MAX_PORTS + MAX_TENANTS)?;
+
+        // Fragments: the same ages and purges, charged per tenant.
+        let frags: HashMap<&MapData, FragKey, FragEntry> =
+            typed_ref::<_, maps::Fragments>(&self.ebpf)?;
+        let mut frag_gone = Vec::new();
+        let mut frag_use: BTreeMap<u32, i64> = BTreeMap::new();
+        for (k, e) in frags.iter().filter_map(Result::ok) {
+            if idle_longer_than(e.seen_ns, now, FRAG_TIMEOUT_NS)
+                || purge.covers(k.zone, &k.src)
+                || purge.covers(k.zone, &k.dst)
+            {
+                frag_gone.push(k);
+            } else {
+                *frag_use.entry(e.tenant).or_default() += 1;
             }
         }
-        Ok(expired.len())
+        {
+            let mut m: HashMap<&mut MapData, FragKey, FragEntry> =
+                typed_mut::<_, maps::Fragments>(&mut self.ebpf)?;
+            for k in &frag_gone {
+                let _ = m.remove(k);
+            }
+        }
+        set_counters::<maps::FragUse>(&mut self.ebpf, &frag_use, MAX_TENANTS)?;
+        Ok(gone.len() + frag_gone.len())
     }
 
     /// Runs the port program on `frame` as if it arrived from the VM on
@@ -875,6 +982,25 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: a valid timespec to fill; the clock always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sets counters `0..n` of an array of counters to `want` (0 where absent),
+/// writing only those that differ.
+fn set_counters<M: MapDef<Key = u32, Value = i64>>(
+    ebpf: &mut Ebpf,
+    want: &BTreeMap<u32, i64>,
+    n: u32,
+) -> Result<(), Error> {
+    let mut counters: Array<&mut MapData, i64> = typed_mut::<_, M>(ebpf)?;
+    for i in 0..n {
+        let w = want.get(&i).copied().unwrap_or(0);
+        if counters.get(&i, 0).ok() != Some(w) {
+            counters
+                .set(i, w, 0)
+                .map_err(|e| Error::kernel(format!("write {}", M::NAME))(e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 /// A map of the object, typed by its definition in `cloison_abi::maps`.

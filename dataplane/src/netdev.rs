@@ -105,11 +105,28 @@ impl DriverInfo {
     }
 }
 
+/// The name of interface `ifindex`, if it exists (in this namespace).
+pub fn name_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
 /// Resolves a port interface in the current namespace.
 pub fn resolve(name: &str) -> Option<Iface> {
     let ifindex = ifindex(name)?;
-    let veth = driver(name).map(|d| d == "veth").unwrap_or(false);
-    Some(Iface { ifindex, veth })
+    let driver = driver(name).unwrap_or_default();
+    Some(Iface {
+        ifindex,
+        veth: driver == "veth",
+        // A VM's NIC on the host is a tap (driver "tun") or, in a lab, a
+        // veth: anything else is the host's own (a NIC, a bridge, a bond).
+        host_device: driver != "veth" && driver != "tun",
+    })
 }
 
 /// Moves the calling thread into the named network namespace

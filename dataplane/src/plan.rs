@@ -26,8 +26,9 @@ pub struct Current {
     pub config: Option<HostConfig>,
     /// Every table's contents (its `config` field unused: see `config`).
     pub tables: Tables,
-    /// Ports with a pinned attachment, by ifindex.
-    pub port_links: BTreeSet<u32>,
+    /// Ports with a pinned attachment, by ifindex, and whether that
+    /// interface still exists.
+    pub port_links: BTreeMap<u32, bool>,
 }
 
 /// What changes a map from `have` to `want`: entries to write (new or
@@ -73,6 +74,7 @@ pub enum Table {
     Networks,
     Vteps,
     Neighbours,
+    RemoteAllow,
     Forward,
     AddrAllow,
     Ports,
@@ -80,12 +82,13 @@ pub enum Table {
 
 impl Table {
     /// In the order they are written; deleted in the reverse one.
-    pub const WRITE_ORDER: [Table; 8] = [
+    pub const WRITE_ORDER: [Table; 9] = [
         Table::SgAddrs,
         Table::SgRules,
         Table::Networks,
         Table::Vteps,
         Table::Neighbours,
+        Table::RemoteAllow,
         Table::Forward,
         Table::AddrAllow,
         Table::Ports,
@@ -102,6 +105,7 @@ pub struct Diffs {
     pub neighbours: Diff<NeighbourKey, NeighbourEntry>,
     pub forward: Diff<ForwardKey, ForwardEntry>,
     pub addr_allow: Diff<(u32, AddrKey), AddrAllow>,
+    pub remote_allow: Diff<(u32, RemoteAddrKey), AddrAllow>,
     pub ports: Diff<u32, PortInfo>,
 }
 
@@ -119,6 +123,7 @@ impl Diffs {
             Table::Neighbours => s(&self.neighbours),
             Table::Forward => s(&self.forward),
             Table::AddrAllow => s(&self.addr_allow),
+            Table::RemoteAllow => s(&self.remote_allow),
             Table::Ports => s(&self.ports),
         }
     }
@@ -131,7 +136,9 @@ pub enum Step {
     Config(HostConfig),
     /// Write the table's new and changed entries.
     Write(Table),
-    /// Unpin (detach) the port program from this ifindex.
+    /// Unpin (detach) the port program from this ifindex: only once its
+    /// interface is gone. The interface of a deleted port that still exists
+    /// keeps the program, which drops all it sends (fail closed).
     Detach(u32),
     Attach(LocalPort),
     /// Attach the uplink program (as the writer's hook says) if it is not.
@@ -140,10 +147,92 @@ pub enum Step {
     Delete(Table),
 }
 
+/// An address range of a network: (zone, 16-byte address with IPv4
+/// IPv4-mapped, prefix length over those 128 bits).
+pub type ZonePrefix = (u32, [u8; 16], u32);
+
+/// Tracked state that belonged to what the plan removes or changes: it must
+/// not outlive it (a new port with the same (VNI, IP) would inherit its
+/// pinholes). The writer deletes it after the steps, and recounts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Purge {
+    /// Networks no longer on this host: every flow and fragment of their zone.
+    pub zones: BTreeSet<u32>,
+    /// Port slots whose port went or changed: the flows charged to them.
+    pub slots: BTreeSet<u32>,
+    /// Addresses that left a network or changed hands: flows and fragments
+    /// with an end in them.
+    pub ends: Vec<ZonePrefix>,
+    /// Some tenant's or port's conntrack share shrank: trim to the shares.
+    pub trim: bool,
+}
+
+impl Purge {
+    pub fn is_empty(&self) -> bool {
+        self.zones.is_empty() && self.slots.is_empty() && self.ends.is_empty() && !self.trim
+    }
+
+    /// Whether `addr` of zone `zone` is in a purged range.
+    pub fn covers(&self, zone: u32, addr: &[u8; 16]) -> bool {
+        let a = u128::from_be_bytes(*addr);
+        self.zones.contains(&zone)
+            || self.ends.iter().any(|(z, net, bits)| {
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                *z == zone && (u128::from_be_bytes(*net) ^ a) & mask == 0
+            })
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub steps: Vec<Step>,
     pub diffs: Diffs,
+    pub purge: Purge,
+}
+
+/// What of the tracked state `current` has that `want` no longer backs.
+fn purge(current: &Current, want: &Compiled) -> Purge {
+    let (have, t) = (&current.tables, &want.tables);
+    let mut p = Purge {
+        zones: have
+            .networks
+            .keys()
+            .filter(|v| !t.networks.contains_key(v))
+            .copied()
+            .collect(),
+        ..Purge::default()
+    };
+    let slots: BTreeMap<u32, u32> = t.ports.iter().map(|(i, info)| (info.slot, *i)).collect();
+    for (ifindex, old) in &have.ports {
+        let kept = t.ports.get(ifindex);
+        if slots.get(&old.slot) != Some(ifindex) || kept.is_some_and(|n| n.vni != old.vni) {
+            p.slots.insert(old.slot);
+        }
+        if let Some(n) = kept {
+            p.trim |=
+                n.ct_tenant_quota < old.ct_tenant_quota || n.ct_port_quota < old.ct_port_quota;
+        }
+    }
+    for (k, v) in &have.neighbours {
+        if t.neighbours.get(k) != Some(v) {
+            p.ends.push((k.vni, k.addr, 128));
+        }
+    }
+    for ((bits, k), v) in &have.addr_allow {
+        let Some(port) = have.ports.get(&u32::from_be_bytes(k.ifindex_be)) else {
+            continue;
+        };
+        if t.addr_allow.get(&(*bits, *k)) != Some(v) {
+            p.ends.push((port.vni, k.addr, bits - 32));
+        }
+    }
+    for ((bits, k), v) in &have.remote_allow {
+        if t.remote_allow.get(&(*bits, *k)) != Some(v) {
+            p.ends
+                .push((u32::from_be_bytes(k.vni_be), k.addr, bits - 32));
+        }
+    }
+    p
 }
 
 impl Plan {
@@ -176,6 +265,7 @@ pub fn plan(current: &Current, want: &Compiled) -> Plan {
     diffs.neighbours = diff(&have.neighbours, &t.neighbours);
     diffs.forward = diff(&have.forward, &t.forward);
     diffs.addr_allow = diff(&have.addr_allow, &t.addr_allow);
+    diffs.remote_allow = diff(&have.remote_allow, &t.remote_allow);
     diffs.ports = diff(&have.ports, &t.ports);
 
     let mut steps = Vec::new();
@@ -202,11 +292,13 @@ pub fn plan(current: &Current, want: &Compiled) -> Plan {
         }
     }
     let wanted: BTreeSet<u32> = want.local_ports.iter().map(|p| p.ifindex).collect();
-    for &ifindex in current.port_links.difference(&wanted) {
-        steps.push(Step::Detach(ifindex));
+    for (&ifindex, &exists) in &current.port_links {
+        if !wanted.contains(&ifindex) && !exists {
+            steps.push(Step::Detach(ifindex));
+        }
     }
     for p in &want.local_ports {
-        if !current.port_links.contains(&p.ifindex) {
+        if !current.port_links.contains_key(&p.ifindex) {
             steps.push(Step::Attach(p.clone()));
         }
     }
@@ -227,7 +319,11 @@ pub fn plan(current: &Current, want: &Compiled) -> Plan {
             ..config
         }));
     }
-    Plan { steps, diffs }
+    Plan {
+        steps,
+        diffs,
+        purge: purge(current, want),
+    }
 }
 
 /// What carrying out `plan` on `current` leaves, in memory: what the kernel
@@ -256,6 +352,7 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
                 Table::Neighbours => write(&mut t.neighbours, &d.neighbours),
                 Table::Forward => write(&mut t.forward, &d.forward),
                 Table::AddrAllow => write(&mut t.addr_allow, &d.addr_allow),
+                Table::RemoteAllow => write(&mut t.remote_allow, &d.remote_allow),
                 Table::Ports => write(&mut t.ports, &d.ports),
             },
             Step::Delete(table) => match table {
@@ -266,13 +363,14 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
                 Table::Neighbours => delete(&mut t.neighbours, &d.neighbours),
                 Table::Forward => delete(&mut t.forward, &d.forward),
                 Table::AddrAllow => delete(&mut t.addr_allow, &d.addr_allow),
+                Table::RemoteAllow => delete(&mut t.remote_allow, &d.remote_allow),
                 Table::Ports => delete(&mut t.ports, &d.ports),
             },
             Step::Detach(i) => {
                 out.port_links.remove(i);
             }
             Step::Attach(p) => {
-                out.port_links.insert(p.ifindex);
+                out.port_links.insert(p.ifindex, true);
             }
         }
     }
@@ -323,6 +421,7 @@ mod tests {
             (attached >> i & 1 == 1).then_some(Iface {
                 ifindex: 100 + i,
                 veth: true,
+                host_device: false,
             })
         };
         compile(
@@ -393,6 +492,14 @@ mod tests {
         simulate(&Current::default(), &p)
     }
 
+    /// `c` with the interfaces whose bit is set in `attached` existing.
+    fn existing(mut c: Current, attached: u64) -> Current {
+        for (i, exists) in c.port_links.iter_mut() {
+            *exists = attached >> (i - 100) & 1 == 1;
+        }
+        c
+    }
+
     #[test]
     fn from_nothing_everything_is_written_then_attached() {
         let want = compiled(6, 2, 0b010101, &Current::default());
@@ -404,7 +511,10 @@ mod tests {
         assert_eq!(after.tables.ports, expect.ports);
         assert_eq!(after.tables.sg, expect.sg);
         assert_eq!(after.config, Some(expect.config));
-        assert_eq!(after.port_links, BTreeSet::from([100, 102, 104]));
+        assert_eq!(
+            after.port_links,
+            BTreeMap::from([(100, true), (102, true), (104, true)])
+        );
         assert_eq!(
             p.steps.first(),
             Some(&Step::ResetCounters(vec![0, 1, 2])),
@@ -422,6 +532,33 @@ mod tests {
         assert_eq!(p.map_updates(), 0);
     }
 
+    #[test]
+    fn what_a_removed_port_or_address_had_is_purged() {
+        let first = compiled(6, 1, 0b111111, &Current::default());
+        let now = current_after(&first);
+        assert!(plan(&now, &compiled(6, 1, 0b111111, &now)).purge.is_empty());
+        // p2 (on hv1) goes, p3 (on hv2) goes: p2's slot, both addresses.
+        let fewer = compiled(2, 1, 0b000011, &now);
+        let p = plan(&now, &fewer);
+        let slot_p2 = now.tables.ports[&102].slot;
+        assert!(p.purge.slots.contains(&slot_p2), "{:?}", p.purge);
+        let ip = |i: u8| crate::tables::ip16(std::net::IpAddr::from([10, 0, 1, i]));
+        assert!(p.purge.covers(7, &ip(2)) && p.purge.covers(7, &ip(3)));
+        assert!(!p.purge.covers(7, &ip(1)), "p1 stays");
+        assert!(!p.purge.covers(8, &ip(2)), "another zone");
+        // p2's interface is still there: closed, not detached; gone: detached.
+        let still = existing(now.clone(), 0b010111);
+        let p = plan(&still, &compiled(2, 1, 0b010111, &still));
+        assert!(!p.steps.contains(&Step::Detach(102)), "{:?}", p.steps);
+        assert!(!p.steps.contains(&Step::Detach(104)));
+        let gone = existing(now.clone(), 0b000011);
+        let p = plan(&gone, &compiled(2, 1, 0b000011, &gone));
+        assert!(p.steps.contains(&Step::Detach(102)) && p.steps.contains(&Step::Detach(104)));
+        // The network leaves the host with its last port.
+        let none = compiled(0, 1, 0, &now);
+        assert!(plan(&now, &none).purge.zones.contains(&7));
+    }
+
     proptest! {
         /// From any state to any other: the order holds, and carrying the
         /// plan out leaves exactly the wanted tables and attachments.
@@ -431,7 +568,7 @@ mod tests {
             n1 in 0usize..10, g1 in 0usize..3, a1 in any::<u64>(),
         ) {
             let first = compiled(n0, g0, a0, &Current::default());
-            let now = current_after(&first);
+            let now = existing(current_after(&first), a1);
             let next = compiled(n1, g1, a1, &now);
             let p = plan(&now, &next);
             assert_ordered(&p);
@@ -442,12 +579,16 @@ mod tests {
             prop_assert_eq!(&after.tables.forward, &expect.forward);
             prop_assert_eq!(&after.tables.neighbours, &expect.neighbours);
             prop_assert_eq!(&after.tables.addr_allow, &expect.addr_allow);
+            prop_assert_eq!(&after.tables.remote_allow, &expect.remote_allow);
             prop_assert_eq!(&after.tables.vteps, &expect.vteps);
             prop_assert_eq!(&after.tables.networks, &expect.networks);
             prop_assert_eq!(&after.tables.sg, &expect.sg);
             prop_assert_eq!(after.config, Some(expect.config));
-            let links: BTreeSet<u32> = next.local_ports.iter().map(|p| p.ifindex).collect();
-            prop_assert_eq!(after.port_links, links);
+            // The wanted ports' links, and those of interfaces still there
+            // whose port went: closed, not detached.
+            let mut links: BTreeSet<u32> = next.local_ports.iter().map(|p| p.ifindex).collect();
+            links.extend(now.port_links.iter().filter(|(_, e)| **e).map(|(i, _)| *i));
+            prop_assert_eq!(after.port_links.keys().copied().collect::<BTreeSet<u32>>(), links);
             let sg_moved = p.diffs.sizes(Table::SgAddrs) != (0, 0)
                 || p.diffs.sizes(Table::SgRules) != (0, 0)
                 || now.tables.ports.iter().any(|(k, v)| next.tables.ports.get(k).is_some_and(|q| q.policy != v.policy));

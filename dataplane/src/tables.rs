@@ -18,6 +18,8 @@ pub struct Iface {
     pub ifindex: u32,
     /// A veth (delivered with `bpf_redirect_peer`) rather than a tap.
     pub veth: bool,
+    /// One of the host's own devices (not a tap or veth): never a port.
+    pub host_device: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub struct Tables {
     pub neighbours: BTreeMap<NeighbourKey, NeighbourEntry>,
     pub networks: BTreeMap<u32, NetworkInfo>,
     pub vteps: BTreeMap<VtepKey, u32>,
+    /// (prefix length, key) of the LPM trie: remote ports' own addresses.
+    pub remote_allow: BTreeMap<(u32, RemoteAddrKey), AddrAllow>,
     pub sg: crate::policy::SgTables,
 }
 
@@ -48,6 +52,9 @@ pub struct Compiled {
     pub local_ports: Vec<LocalPort>,
     /// Ports of this host whose interface does not exist (yet).
     pub pending: Vec<String>,
+    /// Ports of this host whose interface is the uplink or another host
+    /// device: never attached, with why.
+    pub refused: Vec<(String, String)>,
 }
 
 pub fn ip16(ip: IpAddr) -> [u8; 16] {
@@ -69,6 +76,33 @@ pub fn addr_key(ifindex: u32, net: IpNet) -> (u32, AddrKey) {
         addr: ip16(net.network()),
     };
     (32 + bits, key)
+}
+
+/// The addresses a port with port security sends from, and with which MAC:
+/// its IPs and link-local address (its MAC), its allowed pairs (theirs).
+pub fn own_addresses(p: &Port) -> impl Iterator<Item = (IpNet, MacAddr)> + '_ {
+    p.ips
+        .iter()
+        .copied()
+        .chain([IpAddr::V6(p.mac.link_local())])
+        .map(|ip| (IpNet::from(ip), p.mac))
+        .chain(
+            p.allowed_address_pairs
+                .iter()
+                .map(|pair| (pair.ip.trunc(), pair.mac.unwrap_or(p.mac))),
+        )
+}
+
+/// LPM key for `net` in network `vni` (remote ports' addresses).
+pub fn remote_key(vni: u32, net: IpNet) -> (u32, RemoteAddrKey) {
+    let (bits, key) = addr_key(0, net);
+    (
+        bits,
+        RemoteAddrKey {
+            vni_be: vni.to_be_bytes(),
+            addr: key.addr,
+        },
+    )
 }
 
 /// Caps on the fair shares of the conntrack table: an operator may hold a
@@ -134,7 +168,7 @@ pub fn compile(
         vtep: me.underlay_ip.octets(),
         uplink_ifindex,
         policy_epoch: 0,
-        _reserved: 0,
+        frag_tenant_quota: 0,
     };
 
     // Local ports with an interface, keeping the slot (and so the counters)
@@ -144,6 +178,15 @@ pub fn compile(
     let mut fresh = Vec::new();
     for p in snap.ports.iter().filter(|p| p.host == host) {
         match resolve(&p.interface) {
+            Some(iface) if iface.ifindex == uplink_ifindex || iface.host_device => {
+                let why = if iface.ifindex == uplink_ifindex {
+                    "is the uplink"
+                } else {
+                    "is a host device, not a VM's tap"
+                };
+                out.refused
+                    .push((p.name.clone(), format!("interface {} {why}", p.interface)));
+            }
             Some(iface) => match previous.get(&iface.ifindex).map(|p| p.slot) {
                 Some(slot) if used_slots.insert(slot) => {
                     local.insert(&p.name, (iface, slot));
@@ -183,12 +226,36 @@ pub fn compile(
             .or_default() += 1;
     }
     let usable = ct_usable(ct_capacity);
-    let tenant_quota = (usable / (tenant_ports.len() as u32).max(1)).min(limits.per_tenant);
-    let tenant_index: BTreeMap<&str, u32> = tenant_ports
-        .keys()
-        .enumerate()
-        .map(|(i, t)| (*t, i as u32))
-        .collect();
+    let tenants = (tenant_ports.len() as u32).max(1);
+    let tenant_quota = (usable / tenants).min(limits.per_tenant);
+    t.config.frag_tenant_quota = ct_usable(MAX_FRAGMENTS) / tenants;
+    // A tenant keeps the index its ports had (its counters are charged
+    // there): a tenant arriving or leaving moves no other tenant's flows.
+    let mut tenant_index: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in snap.ports.iter().filter(|p| p.host == host) {
+        let tenant = nets[p.network.as_str()].tenant.as_str();
+        let Some(&(iface, _)) = local.get(p.name.as_str()) else {
+            continue;
+        };
+        if let Some(old) = previous.get(&iface.ifindex) {
+            if !tenant_index.contains_key(tenant)
+                && !tenant_index.values().any(|i| *i == old.tenant)
+            {
+                tenant_index.insert(tenant, old.tenant);
+            }
+        }
+    }
+    let taken: BTreeSet<u32> = tenant_index.values().copied().collect();
+    let mut free = (0..MAX_TENANTS).filter(|i| !taken.contains(i));
+    for t in tenant_ports.keys() {
+        if !tenant_index.contains_key(t) {
+            tenant_index.insert(
+                t,
+                free.next()
+                    .expect("the validator bounds the tenants of a host"),
+            );
+        }
+    }
 
     // Policies: one per distinct set of groups among local ports with port
     // security, keeping the id a port already had where its set kept one.
@@ -302,23 +369,13 @@ pub fn compile(
                 slot,
             });
             if p.port_security {
-                let allow = |mac: MacAddr| AddrAllow {
-                    mac: mac.0,
-                    _pad: [0; 2],
-                };
-                for ip in p
-                    .ips
-                    .iter()
-                    .copied()
-                    .chain([IpAddr::V6(p.mac.link_local())])
-                {
-                    t.addr_allow
-                        .insert(addr_key(iface.ifindex, IpNet::from(ip)), allow(p.mac));
-                }
-                for pair in &p.allowed_address_pairs {
+                for (net, mac) in own_addresses(p) {
                     t.addr_allow.insert(
-                        addr_key(iface.ifindex, pair.ip.trunc()),
-                        allow(pair.mac.unwrap_or(p.mac)),
+                        addr_key(iface.ifindex, net),
+                        AddrAllow {
+                            mac: mac.0,
+                            _pad: [0; 2],
+                        },
                     );
                 }
             }
@@ -330,11 +387,24 @@ pub fn compile(
                     kind: FWD_REMOTE,
                     ifindex: 0,
                     slot: 0,
-                    flags: 0,
+                    flags: if p.port_security { PORT_F_SECURITY } else { 0 },
                     vtep,
                 },
             );
             t.vteps.insert(VtepKey { vni, addr: vtep }, 1);
+            if p.port_security {
+                // Where its frames may come from at decapsulation: its own
+                // addresses, as its host's anti-spoofing has them.
+                for (net, mac) in own_addresses(p) {
+                    t.remote_allow.insert(
+                        remote_key(vni, net),
+                        AddrAllow {
+                            mac: mac.0,
+                            _pad: [0; 2],
+                        },
+                    );
+                }
+            }
         }
     }
     out.local_ports.sort_by(|a, b| a.name.cmp(&b.name));
@@ -371,6 +441,7 @@ mod tests {
         (name == "tap1").then_some(Iface {
             ifindex: 10,
             veth: true,
+            host_device: false,
         })
     }
 

@@ -90,6 +90,23 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Violation> {
     Ok(())
 }
 
+/// Per-object limits (docs/api.md): one object never holds more. With the
+/// host capacities below them, one tenant's state cannot fill what other
+/// tenants' need on a host.
+pub const MAX_RULES_PER_GROUP: usize = 1000;
+pub const MAX_GROUPS_PER_PORT: usize = 16;
+pub const MAX_IPS_PER_PORT: usize = 16;
+pub const MAX_PAIRS_PER_PORT: usize = 16;
+pub const MAX_SUBNETS_PER_NETWORK: usize = 16;
+
+/// `::ffff:0:0/96`, where the dataplane keeps IPv4 addresses: no IPv6
+/// address, subnet or pair of the API may touch it (a pair covering it
+/// would allow every IPv4 source).
+fn touches_v4_mapped(net: &ipnet::IpNet) -> bool {
+    let mapped: ipnet::IpNet = "::ffff:0:0/96".parse().expect("literal");
+    matches!(net, ipnet::IpNet::V6(_)) && (net.contains(&mapped) || mapped.contains(net))
+}
+
 /// Smallest network MTU: room for an ICMP error's quote (see icmp.rs) and
 /// what IPv4 hosts must accept.
 pub const MIN_MTU: u32 = 576;
@@ -136,6 +153,19 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
                 n.name, n.mtu
             ));
         }
+        if n.subnets.len() > MAX_SUBNETS_PER_NETWORK {
+            return invalid(format!(
+                "network {}: {} subnets, at most {MAX_SUBNETS_PER_NETWORK}",
+                n.name,
+                n.subnets.len()
+            ));
+        }
+        if let Some(sn) = n.subnets.iter().find(|sn| touches_v4_mapped(sn)) {
+            return invalid(format!(
+                "network {}: subnet {sn} overlaps ::ffff:0:0/96 (IPv4-mapped)",
+                n.name
+            ));
+        }
         if let Some(other) = vnis.insert(n.vni, &n.name) {
             return conflict(format!(
                 "network {}: VNI {} is already network {other}'s",
@@ -150,6 +180,13 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
     for g in &s.security_groups {
         check_name("security group", &g.name)?;
         check_name("tenant", &g.tenant)?;
+        if g.rules.len() > MAX_RULES_PER_GROUP {
+            return invalid(format!(
+                "security group {}: {} rules, at most {MAX_RULES_PER_GROUP}",
+                g.name,
+                g.rules.len()
+            ));
+        }
         if groups.insert(g.name.as_str(), g).is_some() {
             return conflict(format!("security group {} given twice", g.name));
         }
@@ -169,6 +206,7 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
     let mut names = BTreeSet::new();
     let mut macs = BTreeMap::new();
     let mut ips = BTreeMap::new();
+    let mut interfaces = BTreeMap::new();
     for p in &s.ports {
         check_name("port", &p.name)?;
         if !names.insert(p.name.as_str()) {
@@ -176,12 +214,60 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
         }
         if p.interface.is_empty()
             || p.interface.len() > 15
-            || p.interface.contains(['/', ' ', '\0'])
+            || p.interface.contains(['/', ' ', '\0', ':'])
+            || p.interface == "."
+            || p.interface == ".."
         {
             return invalid(format!(
                 "port {}: {:?} is not an interface name",
                 p.name, p.interface
             ));
+        }
+        if p.interface == "lo" {
+            return invalid(format!(
+                "port {}: lo is the host's loopback, not a port",
+                p.name
+            ));
+        }
+        // One interface, one port (of whichever tenant).
+        if let Some(other) = interfaces.insert((p.host.as_str(), p.interface.as_str()), &p.name) {
+            return conflict(format!(
+                "port {}: interface {} of host {} is already port {other}'s",
+                p.name, p.interface, p.host
+            ));
+        }
+        for (what, n, max) in [
+            ("IPs", p.ips.len(), MAX_IPS_PER_PORT),
+            (
+                "allowed address pairs",
+                p.allowed_address_pairs.len(),
+                MAX_PAIRS_PER_PORT,
+            ),
+            (
+                "security groups",
+                p.security_groups.len(),
+                MAX_GROUPS_PER_PORT,
+            ),
+        ] {
+            if n > max {
+                return invalid(format!("port {}: {n} {what}, at most {max}", p.name));
+            }
+        }
+        for pair in &p.allowed_address_pairs {
+            if touches_v4_mapped(&pair.ip) {
+                return invalid(format!(
+                    "port {}: allowed pair {} overlaps ::ffff:0:0/96 (IPv4-mapped)",
+                    p.name, pair.ip
+                ));
+            }
+            if let Some(mac) = pair.mac {
+                if !mac.is_unicast() {
+                    return invalid(format!(
+                        "port {}: allowed pair {}: MAC {mac} is not unicast",
+                        p.name, pair.ip
+                    ));
+                }
+            }
         }
         if !p.mac.is_unicast() {
             return invalid(format!("port {}: MAC {} is not unicast", p.name, p.mac));
@@ -239,6 +325,7 @@ pub struct HostLoad {
     pub neighbours: usize,
     pub vteps: usize,
     pub addr_allow: usize,
+    pub remote_allow: usize,
     pub sg_addrs: usize,
     pub sg_rules: usize,
 }
@@ -261,6 +348,8 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
     struct Net<'a> {
         ports: usize,
         neighbours: usize,
+        /// Addresses of each host's ports with port security.
+        secured: BTreeMap<&'a str, usize>,
         hosts: BTreeSet<&'a str>,
     }
     let mut nets: BTreeMap<&str, Net> = BTreeMap::new();
@@ -269,6 +358,10 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
         n.ports += 1;
         n.neighbours += neighbour_entries(p);
         n.hosts.insert(p.host.as_str());
+        if p.port_security {
+            *n.secured.entry(p.host.as_str()).or_default() +=
+                neighbour_entries(p) + p.allowed_address_pairs.len();
+        }
     }
     let compiler = policy::Compiler::new(s);
     let mut sg_size: BTreeMap<policy::PolicySet, (usize, usize)> = BTreeMap::new();
@@ -303,6 +396,12 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
                 load.forward += net.ports;
                 load.neighbours += net.neighbours;
                 load.vteps += net.hosts.iter().filter(|h| **h != host).count();
+                load.remote_allow += net
+                    .secured
+                    .iter()
+                    .filter(|(h, _)| **h != host)
+                    .map(|(_, n)| n)
+                    .sum::<usize>();
             }
         }
         load.addr_allow = ports
@@ -323,7 +422,7 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
 
 fn check_capacity(s: &Snapshot) -> Result<(), Violation> {
     for (host, l) in host_loads(s) {
-        let limits: [(&str, usize, u32); 9] = [
+        let limits: [(&str, usize, u32); 10] = [
             ("ports", l.ports, MAX_PORTS),
             ("tenants", l.tenants, MAX_TENANTS),
             ("networks", l.networks, MAX_NETWORKS),
@@ -342,6 +441,11 @@ fn check_capacity(s: &Snapshot) -> Result<(), Violation> {
                 "anti-spoofing entries (addresses of its ports)",
                 l.addr_allow,
                 MAX_ADDR_ALLOW,
+            ),
+            (
+                "remote anti-spoofing entries (addresses of remote ports)",
+                l.remote_allow,
+                MAX_REMOTE_ALLOW,
             ),
             ("security-group address entries", l.sg_addrs, MAX_SG_ADDRS),
             ("security-group rule entries", l.sg_rules, MAX_SG_RULES),
@@ -397,6 +501,40 @@ mod tests {
         s.ports[1].port_security = false;
         s.ports[1].security_groups = vec!["g".into()];
         assert_eq!(class_of(s), Class::Invalid, "groups without port security");
+        // One interface, one port; never the loopback.
+        let mut s = snap(BASE);
+        s.ports[1].host = "hv1".into();
+        s.ports[1].interface = "tap1".into();
+        assert_eq!(class_of(s), Class::Conflict, "two ports on one interface");
+        let mut s = snap(BASE);
+        s.ports[0].interface = "lo".into();
+        assert_eq!(class_of(s), Class::Invalid, "the loopback");
+        // No pair over the IPv4-mapped range, no pair with a group MAC.
+        for pair in ["::/0", "::ffff:0:0/96", "::ffff:10.0.0.0/120"] {
+            let mut s = snap(BASE);
+            s.ports[0].allowed_address_pairs = vec![AddressPair {
+                ip: pair.parse().unwrap(),
+                mac: None,
+            }];
+            assert_eq!(class_of(s), Class::Invalid, "pair {pair}");
+        }
+        let mut s = snap(BASE);
+        s.ports[0].allowed_address_pairs = vec![AddressPair {
+            ip: "10.0.0.128/25".parse().unwrap(),
+            mac: Some(MacAddr([1, 0, 0x5e, 0, 0, 1])),
+        }];
+        assert_eq!(class_of(s), Class::Invalid, "a multicast pair MAC");
+        let mut s = snap(BASE);
+        s.ports[0].allowed_address_pairs = vec![AddressPair {
+            ip: "fd00:1::/64".parse().unwrap(),
+            mac: None,
+        }];
+        assert!(validate(s).is_ok(), "an ordinary IPv6 pair");
+        // Per-object limits.
+        let mut s = snap(BASE);
+        let rule = s.security_groups[0].rules[0].clone();
+        s.security_groups[0].rules = vec![rule; MAX_RULES_PER_GROUP + 1];
+        assert_eq!(class_of(s), Class::Invalid, "too many rules");
     }
 
     #[test]
@@ -408,6 +546,7 @@ mod tests {
             let mut q = p.clone();
             q.name = format!("x{i}");
             q.host = "hv1".into();
+            q.interface = format!("t{i}");
             q.mac = MacAddr([2, 1, (i >> 16) as u8, (i >> 8) as u8, i as u8, 0]);
             q.ips = vec![];
             s.ports.push(q);
@@ -565,7 +704,7 @@ mod tests {
             for h in &valid.hosts {
                 let all = |name: &str| {
                     let i: u32 = name.strip_prefix("tap")?.parse().ok()?;
-                    Some(crate::tables::Iface { ifindex: 10 + i, veth: true })
+                    Some(crate::tables::Iface { ifindex: 10 + i, veth: true, host_device: false })
                 };
                 let c = crate::tables::compile(
                     &valid, &h.name, 2, all, &BTreeMap::new(),
@@ -579,6 +718,7 @@ mod tests {
                 prop_assert!(t.networks.len() <= l.networks);
                 prop_assert!(t.vteps.len() <= l.vteps);
                 prop_assert!(t.addr_allow.len() <= l.addr_allow, "{} > {}", t.addr_allow.len(), l.addr_allow);
+                prop_assert!(t.remote_allow.len() <= l.remote_allow);
                 prop_assert_eq!(t.sg.addrs.len(), l.sg_addrs);
                 prop_assert_eq!(t.sg.rules.len(), l.sg_rules);
                 // Exact where nothing collides: every local port attached.

@@ -177,13 +177,15 @@ fn shared_types_have_the_kernels_layout() {
         NeighbourEntry { mac, _pad }
         NetworkInfo { mtu, _reserved }
         VtepKey { vni, addr }
-        HostConfig { vtep, uplink_ifindex, policy_epoch, _reserved }
+        HostConfig { vtep, uplink_ifindex, policy_epoch, frag_tenant_quota }
         PortStats { tx_packets, tx_bytes, rx_packets, rx_bytes, drops }
         SgAddrKey { policy, direction, family, _pad, addr }
         SgRuleKey { policy, class, direction, proto, port }
         CtKey { zone, addr_a, addr_b, port_a, port_b, proto, _pad }
         CtEntry { last_seen_ns, epoch, owner_slot, owner_tenant, state, flags, _pad }
-        FragKey { zone, src, dst, id, proto, _pad }
+        FragKey { zone, id, src, dst, proto, _pad }
+        FragEntry { seen_ns, tenant, _pad }
+        RemoteAddrKey { vni_be, addr }
         PortDropKey { slot, reason }
     };
     let mut in_btf = 0;

@@ -123,7 +123,7 @@ pub fn measure() -> Result<Memory> {
                 let mut p = ports.ports[0].clone();
                 p.name = format!("r{i}");
                 p.host = "hv2".into();
-                p.interface = "t".into();
+                p.interface = format!("t{i}");
                 p.mac = MacAddr([2, 1, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
                 p.ips = vec![std::net::IpAddr::from([10, 1, (i >> 8) as u8, i as u8])];
                 ports.ports.push(p);
@@ -132,10 +132,10 @@ pub fn measure() -> Result<Memory> {
             let with_ports = maps(&pin)?;
             dp.apply(&snap2.validated()?, "hv1", uplink, UplinkHook::Xdp)?;
 
+            // N rules, in groups of at most MAX_RULES_PER_GROUP, the port in all.
             let mut rules = snap2.clone();
-            rules.security_groups[0]
-                .rules
-                .extend((0..N).map(|i| -> Rule {
+            let extra: Vec<Rule> = (0..N)
+                .map(|i| -> Rule {
                     serde_json::from_str(&format!(
                         r#"{{"direction": "ingress", "protocol": "tcp", "ports": "{}",
                         "remote": {{"cidr": "172.16.{}.{}/32"}}}}"#,
@@ -144,7 +144,21 @@ pub fn measure() -> Result<Memory> {
                         i & 0xff
                     ))
                     .expect("rule")
-                }));
+                })
+                .collect();
+            let tenant = rules.security_groups[0].tenant.clone();
+            for (i, chunk) in extra
+                .chunks(cloison_dataplane::validate::MAX_RULES_PER_GROUP)
+                .enumerate()
+            {
+                let name = format!("many-{i}");
+                rules.security_groups.push(SecurityGroup {
+                    name: name.clone(),
+                    tenant: tenant.clone(),
+                    rules: chunk.to_vec(),
+                });
+                rules.ports[0].security_groups.push(name);
+            }
             dp.apply(&rules.validated()?, "hv1", uplink, UplinkHook::Xdp)?;
             let with_rules = maps(&pin)?;
 

@@ -9,7 +9,7 @@ use cloison_abi::{
 use super::{
     now_ns,
     parse::{be16, v4_mapped, Parsed},
-    Model, ModelCt, ModelCtKey,
+    Model, ModelCt, ModelCtKey, ModelFragKey,
 };
 
 pub(super) fn ct_key(zone: u32, proto: u8, a: ([u8; 16], u16), b: ([u8; 16], u16)) -> ModelCtKey {
@@ -33,16 +33,10 @@ impl Model<'_> {
         let owner = s.or(r).expect("one end is secured").1;
         let zone = owner.vni;
         let now = now_ns();
-        let fkey = (
-            zone,
-            p.src[12..16].try_into().expect("4 bytes"),
-            p.dst[12..16].try_into().expect("4 bytes"),
-            p.ip_id,
-            p.proto,
-        );
+        let fkey = (zone, p.frag_id, p.src, p.dst, p.proto);
         if p.later_fragment {
             return match self.frags.borrow().get(&fkey) {
-                Some(t) if !idle_longer_than(*t, now, FRAG_TIMEOUT_NS) => Ok(()),
+                Some((t, _)) if !idle_longer_than(*t, now, FRAG_TIMEOUT_NS) => Ok(()),
                 _ => Err(FragmentUnknown),
             };
         }
@@ -53,6 +47,16 @@ impl Model<'_> {
         };
         if icmp_error {
             return self.related(f, p, zone, now);
+        }
+        // Informational ICMP other than echo: no flow; the rules decide
+        // every message.
+        let echo = match (v4, p.proto) {
+            (true, 1) => matches!(p.icmp_type, 0 | 8),
+            (false, 58) => matches!(p.icmp_type, 128 | 129),
+            _ => true,
+        };
+        if !echo {
+            return self.rules_allow(p, s, r, false);
         }
         let key = ct_key(zone, p.proto, (p.src, p.sport), (p.dst, p.dport));
         let tcp = p.proto == 6;
@@ -69,10 +73,9 @@ impl Model<'_> {
                 }
                 (e.state, e.flags) = ct_advance(e.state, e.flags, tcp, p.tcp_flags, reply);
                 e.last_seen_ns = now;
-                if p.first_fragment {
-                    self.frags.borrow_mut().insert(fkey, now);
-                }
-                return Ok(());
+                let tenant = e.owner_tenant;
+                drop(ct);
+                return self.remember_fragment(p, fkey, now, tenant);
             }
             ct.remove(&key);
         }
@@ -80,6 +83,7 @@ impl Model<'_> {
             return Err(CtTcpNotSyn);
         }
         self.rules_allow(p, s, r, false)?;
+        self.remember_fragment(p, fkey, now, owner.tenant)?;
         let port_use = ct.values().filter(|e| e.owner_slot == owner.slot).count();
         if port_use >= owner.ct_port_quota as usize {
             return Err(CtPortQuota);
@@ -108,16 +112,41 @@ impl Model<'_> {
                 owner_tenant: owner.tenant,
             },
         );
-        if p.first_fragment {
-            self.frags.borrow_mut().insert(fkey, now);
+        Ok(())
+    }
+
+    /// A first fragment allowed: its datagram's later fragments will pass,
+    /// within its tenant's share of the fragment table.
+    fn remember_fragment(
+        &self,
+        p: &Parsed,
+        key: ModelFragKey,
+        now: u64,
+        tenant: u32,
+    ) -> Result<(), DropReason> {
+        if !p.first_fragment {
+            return Ok(());
         }
+        let mut frags = self.frags.borrow_mut();
+        if !frags.contains_key(&key) {
+            let used = frags
+                .values()
+                .filter(|(t, owner)| {
+                    *owner == tenant && !idle_longer_than(*t, now, FRAG_TIMEOUT_NS)
+                })
+                .count();
+            if used >= self.tables.config.frag_tenant_quota as usize {
+                return Err(FragmentQuota);
+            }
+        }
+        frags.insert(key, (now, tenant));
         Ok(())
     }
 
     /// An ICMP error passes if the packet it quotes is a tracked flow.
     fn related(&self, f: &[u8], p: &Parsed, zone: u32, now: u64) -> Result<(), DropReason> {
         let unrelated = Err(IcmpErrorUnrelated);
-        if p.l4_off > 14 + 60 {
+        if p.l4_off > 128 {
             return unrelated;
         }
         let off = p.l4_off + 8;
@@ -162,9 +191,14 @@ impl Model<'_> {
             }
             _ => {}
         }
+        // Only to the quoted packet's sender, and for a flow the rules
+        // still allow as they now read.
+        if p.dst != src {
+            return unrelated;
+        }
         let key = ct_key(zone, proto, (src, sport), (dst, dport));
         match self.ct.borrow().get(&key) {
-            Some(e) if !ct_expired(e.state, e.last_seen_ns, now) => Ok(()),
+            Some(e) if !ct_expired(e.state, e.last_seen_ns, now) && e.epoch == self.epoch => Ok(()),
             _ => unrelated,
         }
     }

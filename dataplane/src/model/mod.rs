@@ -69,11 +69,12 @@ pub struct Model<'a> {
     members: BTreeMap<String, Vec<IpNet>>,
     pub epoch: u32,
     ct: RefCell<BTreeMap<ModelCtKey, ModelCt>>,
-    frags: RefCell<BTreeMap<ModelFragKey, u64>>,
+    /// First fragments allowed: when, and the tenant charged.
+    frags: RefCell<BTreeMap<ModelFragKey, (u64, u32)>>,
 }
 
 /// (zone, source, destination, IP id, protocol) of a first fragment.
-pub(crate) type ModelFragKey = (u32, [u8; 4], [u8; 4], u16, u8);
+pub(crate) type ModelFragKey = (u32, u32, [u8; 16], [u8; 16], u8);
 
 /// (zone, protocol, the two (address, port) ends in sorted order).
 pub(crate) type ModelCtKey = (u32, u8, ([u8; 16], u16), ([u8; 16], u16));
@@ -176,6 +177,24 @@ impl<'a> Model<'a> {
             .map(|(_, v)| v.mac)
     }
 
+    /// The MAC of the remote port with port security that sends from `addr`
+    /// in network `vni` (longest prefix over (VNI, address)).
+    fn remote_mac(&self, vni: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
+        let addr = u128::from_be_bytes(addr);
+        self.tables
+            .remote_allow
+            .iter()
+            .filter(|((bits, k), _)| {
+                let addr_bits = bits.saturating_sub(32);
+                let mask = u128::MAX.checked_shl(128 - addr_bits).unwrap_or(0);
+                u32::from_be_bytes(k.vni_be) == vni
+                    && *bits >= 32
+                    && (u128::from_be_bytes(k.addr) ^ addr) & mask == 0
+            })
+            .max_by_key(|((bits, _), _)| *bits)
+            .map(|(_, v)| v.mac)
+    }
+
     fn neighbour(&self, vni: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
         self.tables
             .neighbours
@@ -207,6 +226,9 @@ impl<'a> Model<'a> {
             self.check_ip(f, &p, ifindex, &port)?;
         }
         if !v4 && p.proto == 58 {
+            if (133..=137).contains(&p.icmp_type) && p.ext_headers != 0 {
+                return Err(NdWithExtensionHeaders);
+            }
             match p.icmp_type {
                 135 => return self.nd(f, &port),
                 133 => return Err(RouterSolicitation),
@@ -229,6 +251,7 @@ impl<'a> Model<'a> {
             return Ok(Verdict::ToPort(fwd.ifindex));
         }
         if p.ip_len > port.mtu as usize {
+            // (An IPv6 frame too big gets its error whatever it carries.)
             // Too big for the network: an ICMP error back if the VM asked
             // for path MTU discovery (IPv6 always does), else dropped.
             return if v4 && be16(f, 20) & 0x4000 == 0 {

@@ -23,7 +23,10 @@ pub(crate) struct Parsed {
     pub dst: [u8; 16],
     pub later_fragment: bool,
     pub first_fragment: bool,
-    pub ip_id: u16,
+    /// The datagram's identification (IPv4's 16 bits, IPv6's 32).
+    pub frag_id: u32,
+    /// IPv6 extension headers before the upper-layer header.
+    pub ext_headers: u8,
     pub sport: u16,
     pub dport: u16,
     pub icmp_type: u8,
@@ -43,7 +46,8 @@ pub(crate) fn parse(f: &[u8]) -> Result<Parsed, DropReason> {
         dst: [0; 16],
         later_fragment: false,
         first_fragment: false,
-        ip_id: 0,
+        frag_id: 0,
+        ext_headers: 0,
         sport: 0,
         dport: 0,
         icmp_type: 0,
@@ -77,7 +81,7 @@ pub(crate) fn parse(f: &[u8]) -> Result<Parsed, DropReason> {
             let frag = be16(f, 20);
             p.later_fragment = frag & 0x1fff != 0;
             p.first_fragment = frag & 0x3fff == 0x2000;
-            p.ip_id = be16(f, 18);
+            p.frag_id = be16(f, 18) as u32;
             if !p.later_fragment {
                 l4(f, &mut p)?;
             }
@@ -91,16 +95,60 @@ pub(crate) fn parse(f: &[u8]) -> Result<Parsed, DropReason> {
             if f[14] >> 4 != 6 || 54 + plen > f.len() {
                 return Err(MalformedIpv6);
             }
-            p.l4_off = 54;
-            p.proto = f[20];
             p.src.copy_from_slice(&f[22..38]);
             p.dst.copy_from_slice(&f[38..54]);
+            // RFC 4291 2.5.5.2: IPv4-mapped addresses are not for the wire.
+            let mapped = |a: &[u8; 16]| a[..10] == [0; 10] && a[10..12] == [0xff, 0xff];
+            if mapped(&p.src) || mapped(&p.dst) {
+                return Err(Ipv6V4Mapped);
+            }
             p.ip_len = 40 + plen;
-            l4(f, &mut p)?;
+            walk_extensions(f, f[20], &mut p)?;
+            if !p.later_fragment {
+                l4(f, &mut p)?;
+            }
             Ok(p)
         }
+        0x8100 | 0x88a8 => Err(VlanTaggedFromVm),
         _ => Err(UnsupportedEthertype),
     }
+}
+
+/// IPv6's extension headers (RFC 8200 4.2-4.6, RFC 4302 for AH), at most
+/// six, all within the first 128 bytes of the frame and the packet.
+fn walk_extensions(f: &[u8], first: u8, p: &mut Parsed) -> Result<(), DropReason> {
+    const HEADERS: [u8; 5] = [0, 43, 44, 51, 60];
+    let end = 14 + p.ip_len;
+    let (mut next, mut at) = (first, 54usize);
+    for _ in 0..6 {
+        if !HEADERS.contains(&next) {
+            break;
+        }
+        let need = if next == 44 { 8 } else { 2 };
+        let h = f.get(at..at + need).ok_or(Ipv6ExtensionHeaders)?;
+        let len = match next {
+            44 => {
+                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                p.later_fragment = offset_flags >> 3 != 0;
+                p.first_fragment = offset_flags & 0xfff9 == 1;
+                p.frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                8
+            }
+            51 => (h[1] as usize + 2) * 4,
+            _ => (h[1] as usize + 1) * 8,
+        };
+        next = h[0];
+        at += len;
+        if at > 128 || at > end {
+            return Err(Ipv6ExtensionHeaders);
+        }
+        p.ext_headers += 1;
+    }
+    if HEADERS.contains(&next) {
+        return Err(Ipv6ExtensionHeaders);
+    }
+    (p.l4_off, p.proto) = (at, next);
+    Ok(())
 }
 
 fn l4(f: &[u8], p: &mut Parsed) -> Result<(), DropReason> {
@@ -110,7 +158,8 @@ fn l4(f: &[u8], p: &mut Parsed) -> Result<(), DropReason> {
         17 | 1 | 58 => 8,
         _ => return Ok(()),
     };
-    if f.len() < o + need {
+    // In the frame, and within the IP packet (not its Ethernet trailer).
+    if f.len() < o + need || o + need > 14 + p.ip_len {
         return Err(TruncatedL4);
     }
     match p.proto {

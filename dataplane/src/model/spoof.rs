@@ -67,6 +67,17 @@ impl Model<'_> {
         if !v4 && p.proto == 58 && p.icmp_type == 134 {
             return Err(RouterAdvertFromVm);
         }
+        if !v4 && p.proto == 58 && p.icmp_type == 136 {
+            // The target of an advertisement must be one of the sender's.
+            let target: [u8; 16] = f
+                .get(p.l4_off + 8..p.l4_off + 24)
+                .ok_or(NdMalformed)?
+                .try_into()
+                .expect("16 bytes");
+            if self.allowed_mac(ifindex, target) != Some(src_mac) {
+                return Err(NdSpoofedTarget);
+            }
+        }
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use cloison_abi::{
 };
 
 use super::{
-    parse::{be16, mac, parse},
+    parse::{be16, mac, parse, v4_mapped},
     Model, Verdict,
 };
 
@@ -59,9 +59,24 @@ impl Model<'_> {
             Some(e) if e.kind == FWD_LOCAL => e,
             _ => return Err(VxlanUnknownDestination),
         };
-        match self.forward(vni, mac(f, 56)) {
-            Some(e) if e.kind == FWD_REMOTE && e.vtep == src => {}
+        let sender = match self.forward(vni, mac(f, 56)) {
+            Some(e) if e.kind == FWD_REMOTE && e.vtep == src => e,
             _ => return Err(VxlanSpoofedSource),
+        };
+        if sender.flags & PORT_F_SECURITY != 0 {
+            // A sender with port security: from its own addresses only.
+            let addr: [u8; 16] = match be16(f, 62) {
+                0x0800 => v4_mapped(f.get(76..80).ok_or(VxlanTruncated)?),
+                0x86dd => f
+                    .get(72..88)
+                    .ok_or(VxlanTruncated)?
+                    .try_into()
+                    .expect("16 bytes"),
+                _ => return Err(VxlanSpoofedSourceIp),
+            };
+            if self.remote_mac(vni, addr) != Some(mac(f, 56)) {
+                return Err(VxlanSpoofedSourceIp);
+            }
         }
         if dst.flags & PORT_F_SECURITY != 0 {
             let info = *self.tables.ports.get(&dst.ifindex).ok_or(UnknownPort)?;

@@ -32,8 +32,13 @@ pub const MAX_TENANTS: u32 = 4096;
 /// several), so the LRU never has to evict: one tenant's flood only meets
 /// its own limit.
 pub const MAX_CONNTRACK: u32 = 262144;
-/// IPv4 first fragments whose verdict later fragments inherit.
+/// First fragments whose verdict later fragments inherit (IPv4 and IPv6).
 pub const MAX_FRAGMENTS: u32 = 16384;
+/// Slots of the drop counters: more than there are reasons, so that a
+/// release adding reasons keeps the pinned map.
+pub const MAX_DROP_REASONS: u32 = 256;
+/// Addresses of remote ports with port security (decapsulation check).
+pub const MAX_REMOTE_ALLOW: u32 = 262144;
 /// Security-group tables: (policy, direction, remote address) → class and
 /// (policy, class, direction, protocol, port prefix) → allow.
 pub const MAX_SG_ADDRS: u32 = 262144;
@@ -140,7 +145,7 @@ map_table! {
     /// The host's own settings, one entry.
     Config / CONFIG = "CL_CONFIG", Array, u32 => HostConfig, 1;
     /// Drops by reason (per CPU).
-    Drops / DROPS = "CL_DROPS", PerCpuArray, u32 => u64, DropReason::COUNT;
+    Drops / DROPS = "CL_DROP_COUNT", PerCpuArray, u32 => u64, MAX_DROP_REASONS;
     /// Per-port counters by slot (per CPU).
     PortCounters / PORT_STATS = "CL_PORT_STATS", PerCpuArray, u32 => PortStats, MAX_PORTS;
     /// Security groups: (policy, direction, remote address) → class.
@@ -151,11 +156,21 @@ map_table! {
     Conntrack / CONNTRACK = "CL_CONNTRACK", LruHash, CtKey => CtEntry, MAX_CONNTRACK;
     /// Live conntrack entries charged to each port slot, then each tenant.
     CtUse / CT_USE = "CL_CT_USE", Array, u32 => i64, MAX_PORTS + MAX_TENANTS;
-    /// First fragments allowed, and when they were seen.
-    Fragments / FRAGMENTS = "CL_FRAGS", LruHash, FragKey => u64, MAX_FRAGMENTS;
+    /// First fragments allowed, when they were seen, and whose.
+    Fragments / FRAGMENTS = "CL_FRAGMENTS", LruHash, FragKey => FragEntry, MAX_FRAGMENTS;
+    /// First fragments remembered for each tenant index.
+    FragUse / FRAG_USE = "CL_FRAG_USE", Array, u32 => i64, MAX_TENANTS;
+    /// Where remote ports with port security may send from, by (VNI, prefix).
+    RemoteAllow / REMOTE_ALLOW = "CL_REMOTE_ALLOW", LpmTrie, RemoteAddrKey => AddrAllow, MAX_REMOTE_ALLOW;
     /// Drops by (port, reason), per CPU.
     PortDrops / PORT_DROPS = "CL_PORT_DROPS", LruPerCpuHash, PortDropKey => u64, MAX_PORT_DROPS;
 }
+
+/// Maps of earlier releases whose layout changed (so they were renamed):
+/// the loader removes their pins once it has loaded the object, so an
+/// upgrade leaves nothing behind. Their contents were transient (fragments)
+/// or counters.
+pub const RETIRED_MAPS: &[&str] = &["CL_DROPS", "CL_FRAGS"];
 
 /// Program names (the entry point functions of `ebpf/programs`).
 pub mod program_names {
@@ -278,7 +293,8 @@ pub struct HostConfig {
     /// stamped with an older epoch is checked against the rules again
     /// (strict revoke).
     pub policy_epoch: u32,
-    pub _reserved: u32,
+    /// First fragments each tenant may have remembered at once.
+    pub frag_tenant_quota: u32,
 }
 const _: () = assert!(size_of::<HostConfig>() == 16);
 
@@ -470,18 +486,42 @@ const _: () = assert!(size_of::<PortDropKey>() == 8);
 /// (port, reason) pairs with a count; least recently dropped go first when full.
 pub const MAX_PORT_DROPS: u32 = 65536;
 
-/// An IPv4 datagram whose first fragment was allowed.
+/// An IPv4 or IPv6 datagram whose first fragment was allowed: (zone, its
+/// identification, its ends, its protocol). IPv4 addresses IPv4-mapped, an
+/// IPv4 identification in the low 16 bits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FragKey {
     pub zone: u32,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub id: [u8; 2],
+    pub id: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FragKey>() == 16);
+const _: () = assert!(size_of::<FragKey>() == 44);
+
+/// When a first fragment was allowed, and the tenant it is charged to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragEntry {
+    pub seen_ns: u64,
+    pub tenant: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FragEntry>() == 16);
+
+/// Key of `CL_REMOTE_ALLOW`, an LPM trie: (VNI, address) with the prefix
+/// length counting the 32 VNI bits first; IPv4 IPv4-mapped. The addresses a
+/// remote port with port security may send from (its IPs, allowed pairs
+/// and link-local address), checked at decapsulation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RemoteAddrKey {
+    pub vni_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<RemoteAddrKey>() == 20);
 
 /// Per-port counters (per CPU in the kernel), from the VM's point of view.
 #[repr(C)]
@@ -577,7 +617,16 @@ drop_reasons! {
     CtFull = "ct_full",
     IcmpErrorUnrelated = "icmp_error_unrelated",
     FragmentUnknown = "fragment_unknown",
+    Ipv6ExtensionHeaders = "ipv6_ext_headers",
+    Ipv6V4Mapped = "ipv6_v4_mapped",
+    NdWithExtensionHeaders = "nd_with_ext_headers",
+    NdSpoofedTarget = "nd_spoofed_target",
+    VlanTaggedFromVm = "vlan_tagged_from_vm",
+    VxlanSpoofedSourceIp = "vxlan_spoofed_source_ip",
+    FragmentQuota = "fragment_tenant_quota",
+    NotRedirected = "not_redirected",
 }
+const _: () = assert!(DropReason::COUNT <= MAX_DROP_REASONS);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -600,6 +649,8 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
+    unsafe impl aya::Pod for RemoteAddrKey {}
     unsafe impl aya::Pod for PortDropKey {}
 }
 

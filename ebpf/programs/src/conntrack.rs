@@ -1,7 +1,8 @@
 //! Connection tracking: one entry per flow in an LRU map keyed by the
 //! network (zone) and the flow's two ends in canonical order, aged by
-//! timestamps, charged to a port and its tenant within their quotas; IPv4
-//! fragments by their first fragment; ICMP errors by the flow they quote.
+//! timestamps, charged to a port and its tenant within their quotas;
+//! fragments (IPv4 and IPv6) by their first fragment, within their tenant's
+//! share; ICMP errors by the flow they quote, only to that flow's sender.
 //! Whether a new flow may start is the policy stage's to say; the pipeline
 //! calls the two in turn.
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
@@ -11,7 +12,7 @@ use cloison_abi::*;
 
 use crate::{
     hdr::*,
-    maps::{scratch, CL_CONNTRACK, CL_CT_USE, CL_FRAGS},
+    maps::{scratch, CL_CONFIG, CL_CONNTRACK, CL_CT_USE, CL_FRAGMENTS, CL_FRAG_USE},
     parse::{Parsed, L3},
 };
 
@@ -180,8 +181,11 @@ pub fn is_icmp_error(p: &Parsed) -> bool {
     }
 }
 
-/// An ICMP error passes only if the packet it quotes belongs to a tracked
-/// flow. A call of its own (its own stack frame).
+/// An ICMP error passes only if the packet it quotes belongs to a flow that
+/// is tracked, still allowed as the rules now read (its epoch is the
+/// current one), and that the error goes back to: as Linux requires, the
+/// error's destination is the quoted packet's source. A call of its own
+/// (its own stack frame).
 #[inline(never)]
 pub fn related(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Packed {
     pack(related_stage(c, p, zone, now).map(|_| 0))
@@ -189,10 +193,11 @@ pub fn related(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Packed {
 
 #[inline(always)]
 fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), DropReason> {
+    let epoch = CL_CONFIG.get(0).ok_or(DropReason::NoConfig)?.policy_epoch;
     let unrelated = DropReason::IcmpErrorUnrelated;
     // Parsed may live in map memory, whose values the verifier does not
     // track: bound the offset before it moves a packet pointer.
-    if p.l4_off > ETH_LEN + 60 {
+    if p.l4_off > crate::parse::MAX_L4_OFFSET {
         return Err(unrelated);
     }
     let off = p.l4_off + 8;
@@ -229,41 +234,75 @@ fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), Drop
         }
         _ => {}
     }
-    // The quoted packet's own ends, put in canonical order like any key.
+    // The quoted packet's own ends, put in canonical order like any key;
+    // the error must go to the quoted packet's source.
     if p.l3 == L3::Ipv4 {
         let ip: *mut Ipv4Hdr = c.at(off).ok_or(unrelated)?;
         let ip = unsafe { &*ip };
         let (src, dst) = (v4_mapped(ip.src), v4_mapped(ip.dst));
+        if !eq16(&p.dst, &src) {
+            return Err(unrelated);
+        }
         key(k, zone, proto, &src, (sport, dport), &dst);
     } else {
         let ip: *mut Ipv6Hdr = c.at(off).ok_or(unrelated)?;
         let ip = unsafe { &*ip };
+        if !eq16(&p.dst, &ip.src) {
+            return Err(unrelated);
+        }
         key(k, zone, proto, &ip.src, (sport, dport), &ip.dst);
     }
     match CL_CONNTRACK.get_ptr(k) {
-        Some(e) if !expired(unsafe { &*e }, now) => Ok(()),
+        Some(e) if !expired(unsafe { &*e }, now) && unsafe { (*e).epoch } == epoch => Ok(()),
         _ => Err(unrelated),
     }
 }
 
 #[inline(always)]
 fn frag_key(zone: u32, p: &Parsed) -> FragKey {
-    FragKey {
+    let mut k = FragKey {
         zone,
-        src: [p.src[12], p.src[13], p.src[14], p.src[15]],
-        dst: [p.dst[12], p.dst[13], p.dst[14], p.dst[15]],
-        id: p.ip_id,
+        id: p.frag_id,
+        src: [0; 16],
+        dst: [0; 16],
         proto: p.proto,
-        _pad: 0,
-    }
+        _pad: [0; 3],
+    };
+    copy16(&mut k.src, &p.src);
+    copy16(&mut k.dst, &p.dst);
+    k
 }
 
-/// An allowed first fragment: its later fragments will pass.
+/// An allowed first fragment: its later fragments will pass. Charged to
+/// `tenant`, within its share of the table (so one tenant's fragments
+/// cannot push another's out of it). 1 if over the share, else 0.
 #[inline(never)]
-pub fn remember_first_fragment(zone: u32, p: &Parsed, now: u64) {
-    if p.first_fragment {
-        let _ = CL_FRAGS.insert(&frag_key(zone, p), &now, 0);
+pub fn remember_first_fragment(zone: u32, p: &Parsed, now: u64, tenant: u32) -> u32 {
+    if !p.first_fragment {
+        return 0;
     }
+    let quota = match CL_CONFIG.get(0) {
+        Some(c) => c.frag_tenant_quota as i64,
+        None => return 1,
+    };
+    let used = match CL_FRAG_USE.get_ptr_mut(tenant) {
+        Some(u) => u,
+        None => return 1,
+    };
+    let key = frag_key(zone, p);
+    let known = CL_FRAGMENTS.get_ptr(&key).is_some();
+    if !known && unsafe { *used } >= quota {
+        return 1;
+    }
+    let e = FragEntry {
+        seen_ns: now,
+        tenant,
+        _pad: 0,
+    };
+    if CL_FRAGMENTS.insert(&key, &e, 0).is_ok() && !known {
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(used, 1) };
+    }
+    0
 }
 
 /// A later fragment gets its first fragment's verdict.
@@ -278,8 +317,22 @@ pub fn fragment_seen(zone: u32, p: &Parsed, now: u64) -> Result<(), DropReason> 
 
 #[inline(never)]
 fn fragment_seen_call(zone: u32, p: &Parsed, now: u64) -> u32 {
-    match CL_FRAGS.get_ptr(&frag_key(zone, p)) {
-        Some(t) => !idle_longer_than(unsafe { *t }, now, FRAG_TIMEOUT_NS) as u32,
+    match CL_FRAGMENTS.get_ptr(&frag_key(zone, p)) {
+        Some(t) => !idle_longer_than(unsafe { (*t).seen_ns }, now, FRAG_TIMEOUT_NS) as u32,
         None => 0,
+    }
+}
+
+/// ICMP messages that are neither errors nor echo (nor neighbour
+/// discovery, which the policy stage exempts): no flow to track, and none
+/// to share an entry per address pair. Checked against the rules every time.
+#[inline(always)]
+pub fn untracked_icmp(p: &Parsed) -> bool {
+    match (p.l3, p.proto) {
+        (L3::Ipv4, IPPROTO_ICMP) => !matches!(p.icmp_type, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY),
+        (L3::Ipv6, IPPROTO_ICMPV6) => {
+            !matches!(p.icmp_type, ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY)
+        }
+        _ => false,
     }
 }

@@ -35,7 +35,7 @@ pub static CL_VTEPS: HashMap<VtepKey, u32> = HashMap::pinned(MAX_VTEPS, 0);
 pub static CL_CONFIG: Array<HostConfig> = Array::pinned(1, 0);
 
 #[map]
-pub static CL_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+pub static CL_DROP_COUNT: PerCpuArray<u64> = PerCpuArray::pinned(MAX_DROP_REASONS, 0);
 
 #[map]
 pub static CL_PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_PORTS, 0);
@@ -57,7 +57,17 @@ pub static CL_CT_USE: Array<i64> = Array::pinned(MAX_PORTS + MAX_TENANTS, 0);
 
 /// First fragments allowed, and when they were seen.
 #[map]
-pub static CL_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+pub static CL_FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+
+/// First fragments remembered for each tenant index (a tenant's share is
+/// `HostConfig::frag_tenant_quota`).
+#[map]
+pub static CL_FRAG_USE: Array<i64> = Array::pinned(MAX_TENANTS, 0);
+
+/// Where each remote port with port security may send from.
+#[map]
+pub static CL_REMOTE_ALLOW: LpmTrie<RemoteAddrKey, AddrAllow> =
+    LpmTrie::pinned(MAX_REMOTE_ALLOW, 0);
 
 /// Drops by (port, reason): per-CPU counters, created on a port's first
 /// drop for a reason.
@@ -75,7 +85,7 @@ pub const NO_SLOT: u32 = u32::MAX;
 
 #[inline(always)]
 pub fn count_drop(reason: DropReason, slot: u32) {
-    if let Some(c) = CL_DROPS.get_ptr_mut(reason as u32) {
+    if let Some(c) = CL_DROP_COUNT.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
     if let Some(s) = CL_PORT_STATS.get_ptr_mut(slot) {
@@ -113,6 +123,20 @@ pub fn count_to_vm(slot: u32, bytes: u32) {
             (*s).rx_bytes += bytes as u64;
         }
     }
+}
+
+/// Which MAC the remote port that sends from `addr` in network `vni` has
+/// (remote ports with port security only).
+#[inline(always)]
+pub fn remote_mac(vni: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        32 + 128,
+        RemoteAddrKey {
+            vni_be: vni.to_be_bytes(),
+            addr,
+        },
+    );
+    CL_REMOTE_ALLOW.get(&key).map(|a| a.mac)
 }
 
 /// Which MAC may send from `addr` on port `ifindex` (anti-spoofing).

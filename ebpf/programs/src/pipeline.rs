@@ -11,7 +11,10 @@
 //! Functions marked `inline(never)` are BPF calls of their own: each gets its
 //! own stack frame, so that no call chain reaches the 512-byte BPF stack, and
 //! returns one register ([`Packed`]).
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    programs::TcContext,
+};
 use cloison_abi::*;
 
 use crate::{
@@ -55,7 +58,14 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
             }
         }
     };
-    match unpack(res) {
+    // Every frame a VM sends is redirected (to a port, back to it, or to
+    // the uplink) or dropped: never handed to the host.
+    let res = match unpack(res) {
+        Ok(action) if action == TC_ACT_REDIRECT => Ok(action),
+        Ok(_) => Err(DropReason::NotRedirected),
+        Err(reason) => Err(reason),
+    };
+    match res {
         Ok(action) => action,
         Err(reason) => {
             // A local receiver's ingress rules refused it: its counter.
@@ -95,9 +105,14 @@ fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, Drop
     }
     if port.flags & PORT_F_SECURITY != 0 {
         let (eth, _) = parse::ethernet(&c)?;
-        spoof::check_ip(eth, d.ifindex, port, p)?;
+        spoof::check_ip(&c, eth, d.ifindex, port, p)?;
     }
     if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 {
+        // RFC 6980: neighbour discovery never comes with extension headers
+        // (nor could the answers below read it past them).
+        if (133..=137).contains(&p.icmp_type) && p.ext_headers != 0 {
+            return Err(DropReason::NdWithExtensionHeaders);
+        }
         match p.icmp_type {
             135 => return Ok(Next::of(NEXT_ND, 0)),
             133 => return Err(DropReason::RouterSolicitation),
@@ -212,6 +227,10 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
     if conntrack::is_icmp_error(p) {
         return unpack(conntrack::related(c, p, zone, now)).map(|_| ());
     }
+    if conntrack::untracked_icmp(p) {
+        let (s, r) = secured_ends(ends)?;
+        return policy::rules_allow(p, s, r, false);
+    }
     let epoch = CL_CONFIG.get(0).ok_or(DropReason::NoConfig)?.policy_epoch;
     let key = &mut scratch()?.key;
     let from_b = conntrack::key(key, zone, p.proto, &p.src, (p.sport, p.dport), &p.dst);
@@ -226,7 +245,9 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
             e.epoch = epoch;
         }
         conntrack::advance(e, p, reply, now);
-        conntrack::remember_first_fragment(zone, p, now);
+        if conntrack::remember_first_fragment(zone, p, now, e.owner_tenant) != 0 {
+            return Err(DropReason::FragmentQuota);
+        }
         return Ok(());
     }
     let tcp = p.proto == IPPROTO_TCP;
@@ -244,8 +265,10 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
     } else {
         ct_state::ONE_WAY
     };
+    if conntrack::remember_first_fragment(zone, p, now, owner.tenant) != 0 {
+        return Err(DropReason::FragmentQuota);
+    }
     conntrack::create(key, owner, state, from_b, epoch, now)?;
-    conntrack::remember_first_fragment(zone, p, now);
     Ok(())
 }
 

@@ -1,12 +1,19 @@
 //! Anti-spoofing: a port with port security sends only from its MAC and its
-//! addresses (or an allowed address pair), and never acts as a DHCP server or
-//! an IPv6 router.
+//! addresses (or an allowed address pair), never acts as a DHCP server or an
+//! IPv6 router (judged by the final header, past any extension headers:
+//! RFC 7113), and advertises only its own addresses as neighbour targets.
 use cloison_abi::{DropReason, PortInfo};
 
 use crate::{hdr::*, maps::allowed_mac, parse::*};
 
 #[inline(always)]
-pub fn check_ip(eth: &EthHdr, ifindex: u32, port: &PortInfo, p: &Parsed) -> Result<(), DropReason> {
+pub fn check_ip(
+    c: &Cursor,
+    eth: &EthHdr,
+    ifindex: u32,
+    port: &PortInfo,
+    p: &Parsed,
+) -> Result<(), DropReason> {
     let unspecified = is_zero16(&p.src) || eq16(&p.src, &v4_mapped([0; 4]));
     if unspecified {
         // Address-less packets a VM must be able to send before it has an
@@ -35,6 +42,18 @@ pub fn check_ip(eth: &EthHdr, ifindex: u32, port: &PortInfo, p: &Parsed) -> Resu
     }
     if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 && p.icmp_type == 134 {
         return Err(DropReason::RouterAdvertFromVm);
+    }
+    if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 && p.icmp_type == 136 {
+        // A neighbour advertisement speaks for its target: only one of the
+        // sender's own addresses (else it takes over a neighbour's traffic).
+        if p.l4_off > crate::parse::MAX_L4_OFFSET {
+            return Err(DropReason::NdMalformed);
+        }
+        let target: *mut [u8; 16] = c.at(p.l4_off + 8).ok_or(DropReason::NdMalformed)?;
+        match allowed_mac(ifindex, unsafe { *target }) {
+            Some(mac) if mac_eq(&mac, &eth.src) => {}
+            _ => return Err(DropReason::NdSpoofedTarget),
+        }
     }
     Ok(())
 }

@@ -1,14 +1,15 @@
 //! Underlay ingress, written once for XDP and TC: the host's own traffic
 //! passes untouched; VXLAN is accepted only from a VTEP that has the network,
 //! with valid flags, for a local port of that network, from a MAC that lives
-//! behind the sending VTEP. Everything else aimed at our VXLAN port is dropped
+//! behind the sending VTEP and (for a sender with port security) from one of
+//! that port's addresses. Everything else aimed at our VXLAN port is dropped
 //! with its reason. The pipeline decapsulates as its hook allows.
 use cloison_abi::*;
 
 use crate::{
     decision::Delivery,
     hdr::*,
-    maps::{forward, CL_CONFIG, CL_NETWORKS, CL_VTEPS},
+    maps::{forward, remote_mac, CL_CONFIG, CL_NETWORKS, CL_VTEPS},
 };
 
 /// `Ok(None)`: not for the overlay, hand to the host stack.
@@ -86,9 +87,33 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
         Some(f) if f.kind == FWD_LOCAL => f,
         _ => return Err(DropReason::VxlanUnknownDestination),
     };
-    match forward(vni, inner.src) {
-        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, &ip.src) => {}
+    let sender = match forward(vni, inner.src) {
+        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, &ip.src) => f,
         _ => return Err(DropReason::VxlanSpoofedSource),
+    };
+    if sender.flags & PORT_F_SECURITY != 0 {
+        // The sender has port security: its frames come from its own
+        // addresses only, here too (its host checked them; a forged VXLAN
+        // frame would not be).
+        let src: [u8; 16] = match be16(inner.proto) {
+            ETH_P_IP => {
+                let a: *mut [u8; 4] = c
+                    .at(VXLAN_ENCAP_LEN + ETH_LEN + 12)
+                    .ok_or(DropReason::VxlanTruncated)?;
+                v4_mapped(unsafe { *a })
+            }
+            ETH_P_IPV6 => {
+                let a: *mut [u8; 16] = c
+                    .at(VXLAN_ENCAP_LEN + ETH_LEN + 8)
+                    .ok_or(DropReason::VxlanTruncated)?;
+                unsafe { *a }
+            }
+            _ => return Err(DropReason::VxlanSpoofedSourceIp),
+        };
+        match remote_mac(vni, src) {
+            Some(mac) if mac_eq(&mac, &inner.src) => {}
+            _ => return Err(DropReason::VxlanSpoofedSourceIp),
+        }
     }
     Ok(Some(Delivery {
         port,

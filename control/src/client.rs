@@ -7,11 +7,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Bytes, Method, Request};
 use hyper_util::rt::TokioIo;
 
-/// Where an agent listens: `unix:PATH` or `tcp:ADDR` (API.md's `--listen`).
+/// Where an agent listens: `unix:PATH`, `tcp:ADDR` (plain, loopback
+/// only), or `https:ADDR` (a TCP listener with TLS; its CA certificate
+/// file alongside).
 #[derive(Clone, Debug)]
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(String),
+    Https(String, Option<PathBuf>),
 }
 
 impl std::str::FromStr for Endpoint {
@@ -23,7 +26,10 @@ impl std::str::FromStr for Endpoint {
         if let Some(a) = s.strip_prefix("tcp:") {
             return Ok(Endpoint::Tcp(a.into()));
         }
-        anyhow::bail!("{s:?}: expected unix:PATH or tcp:HOST:PORT")
+        if let Some(a) = s.strip_prefix("https:") {
+            return Ok(Endpoint::Https(a.into(), None));
+        }
+        anyhow::bail!("{s:?}: expected unix:PATH, tcp:HOST:PORT or https:HOST:PORT")
     }
 }
 
@@ -76,6 +82,24 @@ impl Client {
                     .await
                     .with_context(|| format!("connect to {a}"))?;
                 send(TokioIo::new(s), req).await?
+            }
+            Endpoint::Https(a, ca) => {
+                let ca = ca
+                    .as_ref()
+                    .context("an https: endpoint needs the CA certificate (--ca-file)")?;
+                let config = crate::tls::client_config(ca)?;
+                let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())
+                    .with_context(|| format!("{host} as a TLS server name"))?;
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .with_context(|| format!("connect to {a}"))?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, s)
+                    .await
+                    .with_context(|| format!("TLS with {a}"))?;
+                send(TokioIo::new(tls), req).await?
             }
         };
         Ok(res)

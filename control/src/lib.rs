@@ -8,3 +8,4 @@ pub mod desired;
 pub mod reconcile;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -182,6 +182,15 @@ fn apply(
     let started = Instant::now();
     let generation = state.generation;
     match dp.apply(valid, &cfg.host, &cfg.uplink, cfg.hook) {
+        Ok(r) if !r.failures.is_empty() => {
+            // Everything else is in; this is tried again.
+            set_programs(
+                applied,
+                format!("apply incomplete: {}", r.failures.join("; ")),
+            );
+            tracing::error!(generation, failures = ?r.failures, "apply incomplete");
+            false
+        }
         Ok(r) => {
             let newly_pending = applied.borrow().pending_ports != r.pending;
             if !r.refused.is_empty() {

@@ -430,21 +430,23 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+/// Whether `given` is the token. Their SHA-256 digests are compared in
+/// constant time: the time taken says nothing of the token, not even its
+/// length (the digests are of one length whatever the inputs').
+pub fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(given).ct_eq(&Sha256::digest(token)).into()
+}
+
 /// Every request on the TCP listener carries `Authorization: Bearer <token>`.
 async fn bearer(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
     let got = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = got.is_some_and(|g| {
-        // Length and content compared without an early exit.
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+        .map(|v| v.as_bytes())
+        .and_then(|v| v.strip_prefix(b"Bearer "));
+    let ok = got.is_some_and(|g| token_matches(g, token.as_bytes()));
     if !ok {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -509,16 +511,28 @@ pub fn routes() -> Vec<Route> {
     out
 }
 
+/// How long a request may take, body included.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub fn router(agent: Arc<Agent>, token: Option<Arc<String>>) -> Router {
     let r = routes()
         .into_iter()
         .fold(Router::new(), |r, rt| r.route(&rt.path, rt.handler))
         .fallback(not_found)
         .with_state(agent);
-    match token {
+    let r = match token {
         Some(t) => r.layer(middleware::from_fn_with_state(t, bearer)),
         None => r,
-    }
+    };
+    // On every route: no body over the limit, no request held open past
+    // the timeout (a slow client gets 408 and its connection closed).
+    r.layer(tower_http::limit::RequestBodyLimitLayer::new(
+        MAX_BODY_BYTES,
+    ))
+    .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        REQUEST_TIMEOUT,
+    ))
 }
 
 #[cfg(test)]
@@ -617,6 +631,48 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&dir);
         assert!(n >= 19, "only {n} operations documented");
+    }
+
+    #[test]
+    fn tokens_match_only_themselves() {
+        assert!(token_matches(
+            b"s3cret-token-0123456789",
+            b"s3cret-token-0123456789"
+        ));
+        assert!(!token_matches(
+            b"s3cret-token-012345678",
+            b"s3cret-token-0123456789"
+        ));
+        assert!(!token_matches(
+            b"s3cret-token-01234567890",
+            b"s3cret-token-0123456789"
+        ));
+        assert!(!token_matches(b"", b"s3cret-token-0123456789"));
+        assert!(!token_matches(
+            b"S3cret-token-0123456789",
+            b"s3cret-token-0123456789"
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_on_every_route() {
+        let dir = std::env::temp_dir().join(format!("cloison-limit-{}", std::process::id()));
+        let app = router(agent(&dir), None);
+        for (method, uri) in [("PUT", "/v1/hosts/hv1"), ("GET", "/v1/status")] {
+            let req = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("content-length", (MAX_BODY_BYTES + 1).to_string())
+                .body(Body::from(vec![b' '; MAX_BODY_BYTES + 1]))
+                .expect("request");
+            let resp = app.clone().oneshot(req).await.expect("answer");
+            assert_eq!(
+                resp.status(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "{method} {uri}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

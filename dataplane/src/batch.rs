@@ -136,6 +136,30 @@ pub fn update<K: Pod, V: Pod>(ebpf: &Ebpf, name: &str, entries: &[(K, V)]) -> Re
     Ok(())
 }
 
+/// [`update`], carrying on past entries the kernel refuses (a full map):
+/// every other entry is written. Returns the refused ones' count and the
+/// first error.
+pub fn update_each<K: Pod, V: Pod>(
+    ebpf: &Ebpf,
+    name: &str,
+    entries: &[(K, V)],
+) -> Result<(usize, Option<Error>), Error> {
+    let mut failed = 0;
+    let mut first = None;
+    for chunk in entries.chunks(CHUNK) {
+        if update(ebpf, name, chunk).is_ok() {
+            continue;
+        }
+        for e in chunk {
+            if let Err(err) = update(ebpf, name, std::slice::from_ref(e)) {
+                failed += 1;
+                first.get_or_insert(err);
+            }
+        }
+    }
+    Ok((failed, first))
+}
+
 /// Deletes `keys` from hash map `name` (all must exist).
 pub fn delete<K: Pod>(ebpf: &Ebpf, name: &str, keys: &[K]) -> Result<(), Error> {
     let fd = map_fd(ebpf, name)?;

@@ -94,6 +94,9 @@ pub struct ApplyReport {
     /// Conntrack and fragment entries deleted because what they belonged
     /// to went or changed (and what was over a shrunk share).
     pub purged: usize,
+    /// What the kernel refused (the rest was applied): the apply is
+    /// incomplete, and is tried again.
+    pub failures: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -207,6 +210,17 @@ impl Dataplane {
     /// [`Self::open`], creating the conntrack table with `entries` entries
     /// if it does not exist yet (a pinned table keeps the size it has).
     pub fn open_with_conntrack(host: &str, pin_root: &Path, entries: u32) -> Result<Self, Error> {
+        Self::open_with_sizes(host, pin_root, entries, &[])
+    }
+
+    /// [`Self::open_with_conntrack`], creating the maps named in `sizes`
+    /// with those capacities (tests that fill a table on purpose).
+    pub fn open_with_sizes(
+        host: &str,
+        pin_root: &Path,
+        entries: u32,
+        sizes: &[(&str, u32)],
+    ) -> Result<Self, Error> {
         bpffs::prepare(pin_root)?;
         let pin_dir = host_dir(pin_root, host)?;
         fs::create_dir_all(link_dir(&pin_dir))
@@ -218,9 +232,14 @@ impl Dataplane {
                 "a conntrack table of {entries} entries is too small"
             )));
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(&pin_dir)
-            .map_max_entries(M::CONNTRACK, entries)
+            .map_max_entries(M::CONNTRACK, entries);
+        for (name, n) in sizes {
+            loader.map_max_entries(name, *n);
+        }
+        let mut ebpf = loader
             .load(BPF_OBJECT)
             .map_err(|e| Error::kernel("load the BPF object")(e.into()))?;
         for name in [P::PORT, P::UPLINK_TC] {
@@ -394,8 +413,24 @@ impl Dataplane {
             map_updates: plan.map_updates(),
             ..Default::default()
         };
+        // Every step is tried, whatever one refuses: one tenant's entries
+        // that do not fit keep no other tenant's changes out, and
+        // revocations (deletes, the epoch) always take effect. Writes
+        // refused are tried again once the deletes have made room.
+        let mut refused = Vec::new();
         for step in &plan.steps {
-            self.execute(step, &plan.diffs, uplink, hook, &mut report)?;
+            if let Err(e) = self.execute(step, &plan.diffs, uplink, hook, &mut report) {
+                refused.push((step.clone(), e));
+            }
+        }
+        for (step, e) in std::mem::take(&mut refused) {
+            let again = match step {
+                Step::Write(_) => self.execute(&step, &plan.diffs, uplink, hook, &mut report),
+                _ => Err(e),
+            };
+            if let Err(e) = again {
+                report.failures.push(format!("{step:?}: {e}"));
+            }
         }
         if !plan.purge.is_empty() {
             report.purged = self.gc(&plan.purge)?;
@@ -1026,13 +1061,22 @@ where
     batch::read(ebpf, M::NAME)
 }
 
-/// Writes entries in batches.
+/// Writes entries in batches, all that the kernel takes: an entry refused
+/// (a full map) does not keep the others out.
 fn write_hash<M: MapDef>(ebpf: &mut Ebpf, entries: &[(M::Key, M::Value)]) -> Result<(), Error>
 where
     M::Key: Pod,
     M::Value: Pod,
 {
-    batch::update(ebpf, M::NAME, entries)
+    match batch::update_each(ebpf, M::NAME, entries)? {
+        (0, _) => Ok(()),
+        (n, e) => Err(Error::Invalid(format!(
+            "{n} of {} entries not written to {}: {}",
+            entries.len(),
+            M::NAME,
+            e.map_or_else(String::new, |e| e.to_string())
+        ))),
+    }
 }
 
 /// Deletes keys in batches.
@@ -1071,11 +1115,22 @@ where
     M::Value: Pod,
 {
     let mut m: LpmTrie<&mut MapData, M::Key, M::Value> = map_mut(ebpf, M::NAME)?;
+    let (mut failed, mut first) = (0, None);
     for &((bits, k), v) in entries {
-        m.insert(&LpmKey::new(bits, k), v, 0)
-            .map_err(|e| Error::kernel(format!("update {}", M::NAME))(e.into()))?;
+        if let Err(e) = m.insert(&LpmKey::new(bits, k), v, 0) {
+            failed += 1;
+            first.get_or_insert(e);
+        }
     }
-    Ok(())
+    match failed {
+        0 => Ok(()),
+        n => Err(Error::Invalid(format!(
+            "{n} of {} entries not written to {}: {}",
+            entries.len(),
+            M::NAME,
+            first.map_or_else(String::new, |e| e.to_string())
+        ))),
+    }
 }
 
 fn delete_lpm<M: MapDef>(ebpf: &mut Ebpf, keys: &[(u32, M::Key)]) -> Result<(), Error>

@@ -13,7 +13,7 @@ use serde_json::Value;
 #[derive(Parser, Debug)]
 #[command(about = "Drive a cloisond agent through its API")]
 struct Args {
-    /// unix:PATH or tcp:ADDR of the agent.
+    /// unix:PATH, tcp:ADDR or https:ADDR of the agent.
     #[arg(
         long,
         env = "CLOISON_ENDPOINT",
@@ -23,6 +23,9 @@ struct Args {
     /// Bearer token file (TCP endpoints).
     #[arg(long, env = "CLOISON_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the agent's (https: endpoints).
+    #[arg(long, env = "CLOISON_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -107,10 +110,11 @@ async fn run(args: Args) -> Result<()> {
         ),
         None => None,
     };
-    let c = Client {
-        endpoint: args.endpoint.clone(),
-        token,
+    let endpoint = match args.endpoint.clone() {
+        Endpoint::Https(a, _) => Endpoint::Https(a, args.ca_file.clone()),
+        e => e,
     };
+    let c = Client { endpoint, token };
     let json = args.json;
     match args.cmd {
         Cmd::Get { kind: k, name } => {

@@ -26,6 +26,13 @@ struct Args {
     /// File holding the bearer token the TCP listener requires.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// PEM certificate (chain) of the TCP listeners: they speak TLS. A TCP
+    /// listener off loopback requires it.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Where the embedded store lives (default /var/lib/cloison/NAME).
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -112,6 +119,25 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/cloison").join(&args.name));
     let store = Redb::open(&state_dir)
         .with_context(|| format!("open the store in {}", state_dir.display()))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(cloison_control::tls::server_config(c, k)?),
+        _ => None,
+    };
+    for ep in &args.listen {
+        if let Endpoint::Https(addr, _) = ep {
+            bail!("--listen https:{addr}: listen on tcp:{addr} with --tls-cert and --tls-key");
+        }
+        if let Endpoint::Tcp(addr) = ep {
+            let loopback = addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+            if tls.is_none() && !loopback {
+                bail!(
+                    "--listen tcp:{addr} is off loopback: it needs --tls-cert and --tls-key (the bearer token must not cross a network in clear)"
+                );
+            }
+        }
+    }
     let (agent, side) = Agent::new(args.name.clone(), Box::new(store), args.pin_root.clone())?;
     let cfg = reconcile::Config {
         host: args.name.clone(),
@@ -150,6 +176,7 @@ fn run(args: Args) -> Result<()> {
                             .into_future(),
                     );
                 }
+                Endpoint::Https(..) => unreachable!("refused above"),
                 Endpoint::Tcp(addr) => {
                     let Some(token) = token.clone() else {
                         bail!("--listen tcp:{addr} needs --token-file");
@@ -157,12 +184,26 @@ fn run(args: Args) -> Result<()> {
                     let l = tokio::net::TcpListener::bind(addr)
                         .await
                         .with_context(|| format!("listen on {addr}"))?;
-                    tracing::info!(%addr, "listening (bearer token required)");
-                    servers.spawn(
-                        axum::serve(l, router(agent.clone(), Some(token)))
-                            .with_graceful_shutdown(shutdown())
-                            .into_future(),
-                    );
+                    let app = router(agent.clone(), Some(token));
+                    match &tls {
+                        Some(config) => {
+                            tracing::info!(%addr, "listening, TLS (bearer token required)");
+                            let l = cloison_control::tls::TlsListener::new(l, config.clone())?;
+                            servers.spawn(
+                                axum::serve(l, app)
+                                    .with_graceful_shutdown(shutdown())
+                                    .into_future(),
+                            );
+                        }
+                        None => {
+                            tracing::info!(%addr, "listening on loopback, no TLS (bearer token required)");
+                            servers.spawn(
+                                axum::serve(l, app)
+                                    .with_graceful_shutdown(shutdown())
+                                    .into_future(),
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -245,8 +245,13 @@ pub fn compile(
             }
         }
     }
+    // A new tenant takes an index no port had before if there is one: the
+    // counters of a tenant that just left are purged only after the writes.
     let taken: BTreeSet<u32> = tenant_index.values().copied().collect();
-    let mut free = (0..MAX_TENANTS).filter(|i| !taken.contains(i));
+    let before: BTreeSet<u32> = previous.values().map(|p| p.tenant).collect();
+    let mut free = (0..MAX_TENANTS)
+        .filter(|i| !taken.contains(i) && !before.contains(i))
+        .chain((0..MAX_TENANTS).filter(|i| !taken.contains(i) && before.contains(i)));
     for t in tenant_ports.keys() {
         if !tenant_index.contains_key(t) {
             tenant_index.insert(

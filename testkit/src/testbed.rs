@@ -98,9 +98,25 @@ impl Testbed {
 
     /// [`Self::enter`] with a conntrack table of `entries`.
     pub fn enter_with_conntrack(&self, entries: u32) -> Result<Dataplane, Error> {
+        self.enter_with_sizes(entries, &[])
+    }
+
+    /// [`Self::enter`] with a conntrack table of `entries` and the maps
+    /// named in `sizes` created with those capacities (a test that fills a
+    /// table on purpose). Maps pinned already keep their sizes.
+    pub fn enter_with_sizes(
+        &self,
+        entries: u32,
+        sizes: &[(&str, u32)],
+    ) -> Result<Dataplane, Error> {
         netdev::enter_netns(&self.ns)
             .map_err(|e| Error::Invalid(format!("enter netns {}: {e}", self.ns)))?;
-        Dataplane::open_with_conntrack(&self.pin, DEFAULT_PIN_ROOT.as_ref(), entries)
+        Dataplane::open_with_sizes(&self.pin, DEFAULT_PIN_ROOT.as_ref(), entries, sizes)
+    }
+
+    /// Unpins this bed's dataplane (its maps start empty at the next enter).
+    pub fn purge(&self) -> Result<(), Error> {
+        Dataplane::purge(&self.pin, DEFAULT_PIN_ROOT.as_ref())
     }
 }
 

@@ -533,6 +533,34 @@ pub fn router(agent: Arc<Agent>, token: Option<Arc<String>>) -> Router {
         StatusCode::REQUEST_TIMEOUT,
         REQUEST_TIMEOUT,
     ))
+    .layer(middleware::map_response(json_errors))
+}
+
+/// The limit and timeout layers answer with an empty or plain body: every
+/// error of the API is a JSON error document.
+async fn json_errors(r: Response) -> Response {
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE if !json => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a body is at most {MAX_BODY_BYTES} bytes"),
+        )
+        .into_response(),
+        StatusCode::REQUEST_TIMEOUT if !json => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!(
+                "the request took longer than {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+        _ => r,
+    }
 }
 
 #[cfg(test)]
@@ -671,7 +699,31 @@ mod tests {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "{method} {uri}"
             );
+            assert_eq!(error_code(resp).await, "too_large", "{method} {uri}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    async fn error_code(resp: Response) -> String {
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let v: Value = serde_json::from_slice(&body).expect("a JSON error");
+        v["error"]["code"].as_str().expect("a code").to_string()
+    }
+
+    /// A client that never finishes its body holds nothing past the timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_ends_times_out() {
+        let dir = std::env::temp_dir().join(format!("cloison-timeout-{}", std::process::id()));
+        let app = router(agent(&dir), None);
+        let never = futures_util::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+        let req = axum::http::Request::put("/v1/hosts/hv1")
+            .body(Body::from_stream(never))
+            .expect("request");
+        let resp = app.oneshot(req).await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(error_code(resp).await, "timeout");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

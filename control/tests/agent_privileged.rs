@@ -29,8 +29,20 @@ impl Drop for RemoveOnDrop {
 
 impl Agent {
     fn start(ns: &str, name: &str, dir: &PathBuf, tcp: Option<&str>) -> Agent {
+        Self::start_with(ns, name, dir, tcp, &[])
+    }
+
+    /// [`Self::start`] with more arguments.
+    fn start_with(
+        ns: &str,
+        name: &str,
+        dir: &PathBuf,
+        tcp: Option<&str>,
+        more: &[&std::ffi::OsStr],
+    ) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloisond"));
+        cmd.args(more);
         cmd.args(["--name", name, "--uplink", "up0", "--uplink-hook", "xdp"])
             .arg("--listen")
             .arg(format!("unix:{}", dir.join("agent.sock").display()))
@@ -588,4 +600,443 @@ fn privileged_refuses_pins_that_would_die_with_it() {
     assert!(!socket.exists(), "nothing was served");
     let pins = PathBuf::from(cloison_dataplane::loader::DEFAULT_PIN_ROOT).join(&name);
     assert!(!pins.exists(), "nothing was pinned on the host's bpffs");
+}
+
+/// Runs `ip` with `args`; the test fails if it does.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A namespace of the test's own, deleted however the test ends.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        ip(&["netns", "add", &name]);
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Whether `ns` gets an answer to a ping of `addr`.
+fn answered(ns: &str, addr: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ping", "-q", "-c", "2", "-i", "0.2", "-W", "1", addr,
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn wait_for(
+    rt: &tokio::runtime::Runtime,
+    c: &Client,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = rt.block_on(c.get("/v1/status")).unwrap().json().unwrap();
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Class 4 of the isolation review: no path leaves a port's interface
+/// open. A VM (its own namespace behind pa1) pings the hypervisor's address
+/// on pa1. Before pa1 is any port's, that is the host's business; from the
+/// moment it is, the interface is closed: while every apply fails (here the
+/// uplink is missing), once the apply succeeds (a VM's frames are never
+/// handed to the host), and after its port is deleted while the VM runs.
+/// Before the fix the VM reached the host stack until the first successful
+/// apply, and again after its port was deleted.
+#[test]
+fn privileged_a_ports_interface_is_never_left_open() {
+    let name = format!("clfc{:x}", std::process::id() & 0xffff);
+    let _bed = testbed(&name);
+    let vm = Netns::new(format!("{name}-vm"));
+    ip(&["-n", &name, "link", "set", "pa1v", "netns", &vm.0]);
+    ip(&["-n", &vm.0, "addr", "add", "10.9.0.2/24", "dev", "pa1v"]);
+    ip(&["-n", &vm.0, "link", "set", "pa1v", "up"]);
+    ip(&["-n", &name, "addr", "add", "10.9.0.1/24", "dev", "pa1"]);
+    assert!(
+        answered(&vm.0, "10.9.0.1"),
+        "not a port yet: the host answers"
+    );
+
+    // No uplink: every apply fails.
+    ip(&["-n", &name, "link", "del", "up0"]);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let agent = Agent::start(&name, &name, &dir, None);
+    let (c, rt) = (agent.client(), rt());
+    for (kind, n, body) in objects(&name) {
+        let a = rt
+            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
+            .unwrap();
+        assert_eq!(a.status, 201, "{kind}/{n}");
+    }
+    wait_for(&rt, &c, "failed", |s| {
+        s["programs"].as_str().is_some_and(|p| p.contains("up0"))
+            && s["applied_generation"] != s["desired_generation"]
+    });
+    assert!(
+        !answered(&vm.0, "10.9.0.1"),
+        "pa1 is vm1's: closed while the applies fail"
+    );
+
+    // The uplink back: applied; the VM still does not reach the host.
+    ip(&[
+        "-n", &name, "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+    ]);
+    ip(&["-n", &name, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
+    ip(&["-n", &name, "link", "set", "up0", "up"]);
+    ip(&["-n", &name, "link", "set", "up1", "up"]);
+    wait_applied(&rt, &c);
+    assert!(
+        !answered(&vm.0, "10.9.0.1"),
+        "applied: to the host, dropped"
+    );
+    let drops = String::from_utf8(rt.block_on(c.get("/metrics")).unwrap().body).unwrap();
+    assert!(
+        drops.contains("reason=\"not_redirected\"") || drops.contains("reason=\"unknown_port\""),
+        "{drops}"
+    );
+
+    // vm1 deleted while its VM runs: pa1 stays closed.
+    assert_eq!(rt.block_on(c.delete("/v1/ports/vm1")).unwrap().status, 204);
+    wait_applied(&rt, &c);
+    assert!(
+        !answered(&vm.0, "10.9.0.1"),
+        "a deleted port's interface stays closed while it exists"
+    );
+    drop(agent);
+}
+
+/// Classes 5 and 6 through the API: per-object limits (400) and a host's
+/// capacities (409 "capacity") refused before anything is stored, one
+/// interface one port (409), never `lo` (400) and never the uplink (the
+/// host refuses to attach it and says so in its status); another tenant's
+/// change still goes through and applies.
+#[test]
+fn privileged_api_refuses_what_would_not_fit() {
+    let name = format!("cllim{:x}", std::process::id() & 0xffff);
+    let _bed = testbed(&name);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let agent = Agent::start(&name, &name, &dir, None);
+    let (c, rt) = (agent.client(), rt());
+    for (kind, n, body) in objects(&name) {
+        let a = rt
+            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
+            .unwrap();
+        assert_eq!(a.status, 201, "{kind}/{n}");
+    }
+    wait_applied(&rt, &c);
+    let put = |path: &str, body: Value| rt.block_on(c.put(path, &body)).unwrap();
+    let generation = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(c.get("/v1/status")).unwrap().json().unwrap()["desired_generation"].clone()
+    };
+    let port = |extra: Value| {
+        let mut p = json!({"network": "acme-net", "host": "hv2", "interface": "t7",
+            "mac": "02:00:00:00:00:07"});
+        p.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        p
+    };
+    let before = generation(&rt);
+    let rule = json!({"direction": "ingress", "protocol": "tcp", "ports": "22"});
+    let ips: Vec<String> = (10..27).map(|i| format!("10.0.0.{i}")).collect();
+    let groups: Vec<String> = (0..17).map(|_| "web".to_string()).collect();
+    let cases: Vec<(&str, Answer, (u16, &str))> = vec![
+        (
+            "1001 rules",
+            put(
+                "/v1/security-groups/big",
+                json!({"tenant": "acme", "rules": vec![rule; 1001]}),
+            ),
+            (400, "invalid"),
+        ),
+        (
+            "17 IPs",
+            put("/v1/ports/vm7", port(json!({"ips": ips}))),
+            (400, "invalid"),
+        ),
+        (
+            "17 groups",
+            put("/v1/ports/vm7", port(json!({"security_groups": groups}))),
+            (400, "invalid"),
+        ),
+        (
+            "a group MAC in a pair",
+            put(
+                "/v1/ports/vm7",
+                port(
+                    json!({"allowed_address_pairs": [{"ip": "10.0.0.7/32", "mac": "01:00:5e:00:00:01"}]}),
+                ),
+            ),
+            (400, "invalid"),
+        ),
+        (
+            "a pair over ::ffff:0:0/96",
+            put(
+                "/v1/ports/vm7",
+                port(json!({"allowed_address_pairs": [{"ip": "::ffff:10.0.0.0/104"}]})),
+            ),
+            (400, "invalid"),
+        ),
+        (
+            "lo",
+            put("/v1/ports/vm7", port(json!({"interface": "lo"}))),
+            (400, "invalid"),
+        ),
+        (
+            "vm1's interface, another tenant's port",
+            {
+                put(
+                    "/v1/networks/other-net",
+                    json!({"tenant": "other", "vni": 2002, "subnets": ["10.0.0.0/24"]}),
+                );
+                put(
+                    "/v1/ports/o1",
+                    json!({"network": "other-net", "host": name, "interface": "pa1", "mac": "02:00:00:00:00:71"}),
+                )
+            },
+            (409, "conflict"),
+        ),
+    ];
+    for (what, a, (status, want)) in &cases {
+        assert_eq!(
+            code(a),
+            (*status, want.to_string()),
+            "{what}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    let after_network = generation(&rt);
+    assert_eq!(
+        after_network.as_u64().unwrap(),
+        before.as_u64().unwrap() + 1,
+        "only the network was stored"
+    );
+
+    // A host's capacity: tenant big's groups of 1000 rules over wide port
+    // ranges, on ports of hv2 with different sets of them, compile to more
+    // rule entries than hv2's table holds by the third port.
+    for g in 0..17 {
+        let rules: Vec<Value> = (0..1000)
+            .map(|i| {
+                json!({"direction": "ingress", "protocol": "tcp", "ports": "1-65534",
+                "remote": {"cidr": format!("10.{g}.{}.{}/32", i / 250, i % 250)}})
+            })
+            .collect();
+        let a = put(
+            &format!("/v1/security-groups/w{g}"),
+            json!({"tenant": "acme", "rules": rules}),
+        );
+        assert_eq!(a.status, 201, "w{g}: {}", String::from_utf8_lossy(&a.body));
+    }
+    let sets: [Vec<String>; 3] = [
+        (0..16).map(|g| format!("w{g}")).collect(),
+        (1..17).map(|g| format!("w{g}")).collect(),
+        (0..17)
+            .filter(|g| *g != 1)
+            .map(|g| format!("w{g}"))
+            .collect(),
+    ];
+    for (i, set) in sets.iter().enumerate() {
+        let a = put(
+            &format!("/v1/ports/big{i}"),
+            json!({"network": "acme-net", "host": "hv2", "interface": format!("tb{i}"),
+                "mac": format!("02:00:00:00:01:{i:02x}"), "security_groups": set}),
+        );
+        if i < 2 {
+            assert_eq!(
+                a.status,
+                201,
+                "big{i}: {}",
+                String::from_utf8_lossy(&a.body)
+            );
+        } else {
+            assert_eq!(
+                code(&a),
+                (409, "capacity".into()),
+                "{}",
+                String::from_utf8_lossy(&a.body)
+            );
+            let msg = a.json().unwrap()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                msg.contains("host hv2") && msg.contains("rule entries"),
+                "{msg}"
+            );
+        }
+    }
+    let full = generation(&rt);
+    assert_eq!(rt.block_on(c.get("/v1/ports/big2")).unwrap().status, 404);
+
+    // Another change still goes through and applies: a revocation of
+    // vm1's ingress, and a port on the uplink, which the host refuses.
+    let a = put(
+        "/v1/security-groups/web",
+        json!({"tenant": "acme", "rules": [{"direction": "egress"}]}),
+    );
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let a = put(
+        "/v1/ports/vmu",
+        json!({"network": "acme-net", "host": name, "interface": "up0", "mac": "02:00:00:00:00:55"}),
+    );
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let s = wait_applied(&rt, &c);
+    assert!(s["desired_generation"].as_u64() > full.as_u64());
+    let refused = s["refused_ports"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{s}");
+    assert_eq!(refused[0]["port"], "vmu");
+    assert!(
+        refused[0]["why"].as_str().unwrap().contains("uplink"),
+        "{s}"
+    );
+    let links = PathBuf::from(cloison_dataplane::loader::DEFAULT_PIN_ROOT)
+        .join(&name)
+        .join("links");
+    assert!(
+        links.join("uplink-xdp").exists(),
+        "the uplink keeps its own program"
+    );
+    drop(agent);
+}
+
+/// Class 12: the TCP listener with TLS. A client trusting the agent's CA
+/// gets answers (with the token), one without the token 401; a client
+/// trusting another CA, or speaking plain HTTP, gets nothing. A tcp:
+/// listener off loopback without TLS is refused at start.
+#[test]
+fn privileged_tcp_listener_with_tls() {
+    let name = format!("cltls{:x}", std::process::id() & 0xffff);
+    let _bed = testbed(&name);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = RemoveOnDrop(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = |cn: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let cert = p.self_signed(&key).unwrap();
+        (rcgen::Issuer::new(p, key), cert.pem())
+    };
+    let (issuer, ca_pem) = ca("cloison test CA");
+    let (_, other_pem) = ca("another CA");
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    for (file, pem) in [
+        ("ca.pem", ca_pem),
+        ("other-ca.pem", other_pem),
+        ("cert.pem", leaf.pem()),
+        ("key.pem", leaf_key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(file), pem).unwrap();
+    }
+    let addr = format!("127.0.0.1:{}", 18000 + (std::process::id() % 1000));
+    let tls: [&std::ffi::OsStr; 4] = [
+        "--tls-cert".as_ref(),
+        dir.join("cert.pem").into_os_string().leak(),
+        "--tls-key".as_ref(),
+        dir.join("key.pem").into_os_string().leak(),
+    ];
+    let agent = Agent::start_with(&name, &name, &dir, Some(&addr), &tls);
+    let ask = |endpoint: Endpoint, token: Option<&str>| {
+        let c = Client {
+            endpoint,
+            token: token.map(str::to_string),
+        };
+        let ns = name.clone();
+        std::thread::spawn(move || {
+            netdev::enter_netns(&ns).unwrap();
+            self::rt().block_on(c.get("/v1/status"))
+        })
+        .join()
+        .unwrap()
+    };
+    let https = |ca: &str| Endpoint::Https(addr.clone(), Some(dir.join(ca)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ok = loop {
+        match ask(https("ca.pem"), Some("s3cret-token-0123456789")) {
+            Ok(a) => break a,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("https: {e:#}"),
+        }
+    };
+    assert_eq!(ok.status, 200);
+    let no_token = ask(https("ca.pem"), None).expect("https without the token");
+    assert_eq!(code(&no_token), (401, "unauthorized".into()));
+    let e = ask(https("other-ca.pem"), Some("s3cret-token-0123456789"))
+        .expect_err("a CA that did not sign the agent's certificate");
+    assert!(
+        format!("{e:#}").to_lowercase().contains("certificate"),
+        "{e:#}"
+    );
+    assert!(
+        ask(Endpoint::Tcp(addr.clone()), Some("s3cret-token-0123456789"))
+            .map_or(true, |a| a.status >= 400),
+        "plain HTTP to the TLS listener"
+    );
+    drop(agent);
+
+    // Off loopback (the test bed's underlay address) without TLS: refused,
+    // before anything is opened.
+    let ns = name.clone();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloisond"));
+    unsafe {
+        cmd.pre_exec(move || netdev::enter_netns(&ns));
+    }
+    let out = cmd
+        .args([
+            "--name",
+            &name,
+            "--uplink",
+            "up0",
+            "--listen",
+            "tcp:192.0.2.1:7443",
+        ])
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .arg("--state-dir")
+        .arg(dir.join("state2"))
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {err}");
+    assert!(
+        err.contains("off loopback") && err.contains("--tls-cert"),
+        "{err}"
+    );
 }

@@ -95,12 +95,27 @@ fn run(args: Args) -> Result<()> {
         other => bail!("--store {other}: expected embedded or etcd"),
     }
     let uplink = args.uplink.clone().context("--uplink is required")?;
-    // Before anything is served: pins that die with this process would stop
-    // all traffic the moment it does.
-    cloison_dataplane::bpffs::prepare(&args.pin_root)?;
     if args.listen.is_empty() {
         bail!("at least one --listen unix:PATH or tcp:ADDR is required");
     }
+    for ep in &args.listen {
+        if let Endpoint::Https(addr, _) = ep {
+            bail!("--listen https:{addr}: listen on tcp:{addr} with --tls-cert and --tls-key");
+        }
+        if let Endpoint::Tcp(addr) = ep {
+            let loopback = addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+            if args.tls_cert.is_none() && !loopback {
+                bail!(
+                    "--listen tcp:{addr} is off loopback: it needs --tls-cert and --tls-key (the bearer token must not cross a network in clear)"
+                );
+            }
+        }
+    }
+    // Before anything is served: pins that die with this process would stop
+    // all traffic the moment it does.
+    cloison_dataplane::bpffs::prepare(&args.pin_root)?;
     let token = match &args.token_file {
         Some(f) => {
             let t = std::fs::read_to_string(f)
@@ -123,21 +138,6 @@ fn run(args: Args) -> Result<()> {
         (Some(c), Some(k)) => Some(cloison_control::tls::server_config(c, k)?),
         _ => None,
     };
-    for ep in &args.listen {
-        if let Endpoint::Https(addr, _) = ep {
-            bail!("--listen https:{addr}: listen on tcp:{addr} with --tls-cert and --tls-key");
-        }
-        if let Endpoint::Tcp(addr) = ep {
-            let loopback = addr
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| a.ip().is_loopback());
-            if tls.is_none() && !loopback {
-                bail!(
-                    "--listen tcp:{addr} is off loopback: it needs --tls-cert and --tls-key (the bearer token must not cross a network in clear)"
-                );
-            }
-        }
-    }
     let (agent, side) = Agent::new(args.name.clone(), Box::new(store), args.pin_root.clone())?;
     let cfg = reconcile::Config {
         host: args.name.clone(),

@@ -648,8 +648,9 @@ impl Dataplane {
     }
 
     /// Sums the per-CPU counters.
-    pub fn stats(&self) -> Result<Stats, Error> {
-        let mut out = Stats::default();
+    /// Packets dropped per reason, all CPUs (the first part of [`Self::stats`]).
+    pub fn drop_counts(&self) -> Result<BTreeMap<DropReason, u64>, Error> {
+        let mut out = BTreeMap::new();
         let drops: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, M::DROPS)?;
         for reason in DropReason::ALL {
             let v = drops
@@ -657,9 +658,17 @@ impl Dataplane {
                 .map_err(|e| Error::kernel("read drops")(e.into()))?;
             let total: u64 = v.iter().sum();
             if total > 0 {
-                out.drops.insert(*reason, total);
+                out.insert(*reason, total);
             }
         }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<Stats, Error> {
+        let mut out = Stats {
+            drops: self.drop_counts()?,
+            ..Stats::default()
+        };
         let ports: HashMap<&MapData, u32, PortInfo> = map_ref(&self.ebpf, M::PORTS)?;
         let stats: PerCpuArray<&MapData, PortStats> = map_ref(&self.ebpf, M::PORT_STATS)?;
         for (ifindex, info) in ports.iter().filter_map(Result::ok) {

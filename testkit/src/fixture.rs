@@ -128,7 +128,7 @@ pub fn seen(
     if r.verdict == pass {
         return Ok(Seen::Pass);
     }
-    let after = dp.stats().map_err(|e| e.to_string())?.drops;
+    let after = dp.drop_counts().map_err(|e| e.to_string())?;
     let moved: Vec<DropReason> = after
         .iter()
         .filter(|(k, v)| before.get(k).copied().unwrap_or(0) < **v)
@@ -203,7 +203,7 @@ pub fn agrees(seen: &Seen, v: Verdict, input: &[u8]) -> Result<(), String> {
 
 /// What the kernel does with one row's frame.
 fn kernel(dp: &Dataplane, c: &Case) -> Result<Seen, String> {
-    let before = dp.stats().map_err(|e| e.to_string())?.drops;
+    let before = dp.drop_counts().map_err(|e| e.to_string())?;
     match c.at {
         At::Port(iface) => {
             let ifindex = netdev::ifindex(iface).ok_or(format!("no interface {iface}"))?;
@@ -281,4 +281,45 @@ pub fn run(dp: &Dataplane, model: &Model, cases: &[Case]) {
             panic!("fixture {:?} ({:?}): {e}", c.name, c.at);
         }
     }
+}
+
+/// The kernel and the model on one frame entering `at`: `Ok(Some(verdict))`
+/// when they agree, `Ok(None)` when test-run refuses the frame outright (too
+/// short to be Ethernet), `Err` saying how they differ.
+pub fn differ(
+    dp: &Dataplane,
+    model: &Model,
+    at: At,
+    frame: &[u8],
+) -> Result<Option<Verdict>, String> {
+    let before = dp.drop_counts().map_err(|e| e.to_string())?;
+    let (run, want, codes) = match at {
+        At::Port(iface) => {
+            let ifindex = netdev::ifindex(iface).ok_or(format!("no interface {iface}"))?;
+            (
+                dp.test_run_port(ifindex, frame, 0),
+                model.port(ifindex, frame),
+                (TC_ACT_REDIRECT, u32::MAX),
+            )
+        }
+        At::Uplink(hook) => {
+            let up0 = netdev::ifindex(crate::testbed::UPLINK).ok_or("no uplink")?;
+            let codes = if hook == UplinkHook::Tc {
+                (TC_ACT_REDIRECT, TC_ACT_OK)
+            } else {
+                (XDP_REDIRECT, XDP_PASS)
+            };
+            (
+                dp.test_run_uplink(hook, up0, frame),
+                model.uplink(frame),
+                codes,
+            )
+        }
+    };
+    let Ok(r) = run else {
+        return Ok(None);
+    };
+    let got = seen(dp, &r, &before, codes.0, codes.1)?;
+    agrees(&got, want, frame).map_err(|e| format!("{at:?}: {e} (the model: {want:?})"))?;
+    Ok(Some(want))
 }

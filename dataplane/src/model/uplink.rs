@@ -38,6 +38,18 @@ impl Model<'_> {
         if frag & 0x2000 != 0 {
             return Err(VxlanFragmented);
         }
+        // Outer lengths that describe the frame, and the header checksum.
+        let (tot, ulen) = (be16(f, 16) as usize, be16(f, 38) as usize);
+        let mut sum: u32 = (14..34).step_by(2).map(|i| be16(f, i) as u32).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        if tot < 50 {
+            return Err(VxlanTruncated);
+        }
+        if 14 + tot != f.len() || ulen + 20 != tot || sum != 0xffff {
+            return Err(VxlanBadOuterHeader);
+        }
         if f.len() < 50 {
             return Err(VxlanTruncated);
         }

@@ -625,6 +625,7 @@ drop_reasons! {
     VxlanSpoofedSourceIp = "vxlan_spoofed_source_ip",
     FragmentQuota = "fragment_tenant_quota",
     NotRedirected = "not_redirected",
+    VxlanBadOuterHeader = "vxlan_bad_outer_header",
 }
 const _: () = assert!(DropReason::COUNT <= MAX_DROP_REASONS);
 

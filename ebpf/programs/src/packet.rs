@@ -27,6 +27,8 @@ pub trait Packet {
     fn cursor(&self) -> Cursor;
     /// The whole packet's length (linear or not).
     fn len(&self) -> u32;
+    /// Whether it stands for several segments (a GSO packet).
+    fn is_gso(&self) -> bool;
     /// Makes the headers of the frame starting `base` bytes in linear.
     fn pull_headers(&self, base: u32);
     /// Removes the outer Ethernet, IPv4, UDP and VXLAN headers: the inner
@@ -53,6 +55,11 @@ impl Packet for Tc<'_> {
     #[inline(always)]
     fn len(&self) -> u32 {
         self.0.len()
+    }
+
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        unsafe { (*self.0.skb.skb).gso_size != 0 }
     }
 
     #[inline(always)]
@@ -118,6 +125,11 @@ impl Packet for Xdp<'_> {
     #[inline(always)]
     fn len(&self) -> u32 {
         (self.0.data_end() - self.0.data()) as u32
+    }
+
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        false
     }
 
     /// An XDP frame is all linear.

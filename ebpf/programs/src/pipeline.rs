@@ -278,7 +278,7 @@ pub fn from_underlay<P: Packet>(pkt: &P) -> P::Verdict {
     let len = pkt.len();
     pkt.pull_headers(VXLAN_ENCAP_LEN as u32);
     let c = pkt.cursor();
-    match uplink::classify(&c) {
+    match uplink::classify(&c, len, pkt.is_gso()) {
         Ok(None) => P::PASS,
         Ok(Some(d)) => {
             if d.port.flags & PORT_F_SECURITY != 0 {

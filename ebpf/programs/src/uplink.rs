@@ -14,7 +14,7 @@ use crate::{
 
 /// `Ok(None)`: not for the overlay, hand to the host stack.
 #[inline(always)]
-pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
+pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, DropReason> {
     let Some(eth) = c.at::<EthHdr>(0) else {
         return Ok(None);
     };
@@ -62,6 +62,26 @@ pub fn classify(c: &Cursor) -> Result<Option<Delivery>, DropReason> {
     }
     if frag & 0x2000 != 0 {
         return Err(DropReason::VxlanFragmented);
+    }
+    // The outer headers describe the packet, as the kernel's receive path
+    // requires: an IPv4 total length that covers VXLAN and an inner
+    // Ethernet header and ends where the packet does, the UDP length the
+    // rest of it, the header checksum right. (A GSO packet's lengths are
+    // its segments' business: only the minimum holds for it.)
+    let tot = be16(ip.tot_len) as u32;
+    let ulen = be16(udp.len) as u32;
+    let min = (VXLAN_ENCAP_LEN - ETH_LEN + ETH_LEN) as u32;
+    if tot < min {
+        return Err(DropReason::VxlanTruncated);
+    }
+    let lengths_ok = if gso {
+        ulen >= min - 20
+    } else {
+        tot + ETH_LEN as u32 == len && ulen + 20 == tot
+    };
+    let raw: &[u8; 20] = unsafe { &*(ip as *const Ipv4Hdr as *const [u8; 20]) };
+    if !lengths_ok || csum_fold(csum_words(raw, 0)) != 0 {
+        return Err(DropReason::VxlanBadOuterHeader);
     }
     let vx: *mut VxlanHdr = c.at(ETH_LEN + 28).ok_or(DropReason::VxlanTruncated)?;
     let vx = unsafe { &*vx };

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod desired;
+pub mod fuzzing;
 pub mod reconcile;
 pub mod server;
 pub mod store;

@@ -7,6 +7,7 @@
 
 mod batch;
 pub mod bpffs;
+pub mod fuzzing;
 pub mod loader;
 pub mod model;
 pub mod netdev;

@@ -217,86 +217,8 @@ impl<'a> Compiler<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::{rules_allow, tables_allow};
     use proptest::prelude::*;
-
-    /// What the BPF stage does with the tables: the class of the longest
-    /// matching address prefix, then any rule entry matching (class, proto, port).
-    fn tables_allow(
-        t: &SgTables,
-        policy: u32,
-        dir: u8,
-        remote: IpAddr,
-        proto: u8,
-        port: u16,
-    ) -> bool {
-        let (family, addr, bits) = match remote {
-            IpAddr::V4(a) => {
-                let mut b = [0; 16];
-                b[..4].copy_from_slice(&a.octets());
-                (SG_FAMILY_V4, b, 32)
-            }
-            IpAddr::V6(a) => (SG_FAMILY_V6, a.octets(), 128),
-        };
-        let lookup = u128::from_be_bytes(addr);
-        let class = t
-            .addrs
-            .iter()
-            .filter(|((len, k), _)| {
-                let plen = len - SG_ADDR_FIXED_BITS;
-                let mask = u128::MAX.checked_shl(128 - plen).unwrap_or(0);
-                k.policy == policy.to_be_bytes()
-                    && k.direction == dir
-                    && k.family == family
-                    && plen <= bits
-                    && (u128::from_be_bytes(k.addr) ^ lookup) & mask == 0
-            })
-            .max_by_key(|((len, _), _)| *len)
-            .map(|(_, c)| *c);
-        let Some(class) = class else {
-            return false;
-        };
-        t.rules.keys().any(|(len, k)| {
-            let rest = len - SG_RULE_FIXED_BITS;
-            k.policy == policy.to_be_bytes()
-                && k.class == class.to_be_bytes()
-                && k.direction == dir
-                && (rest == 0
-                    || (k.proto == proto && {
-                        let pbits = rest - 8;
-                        let mask = u16::MAX.checked_shl(16 - pbits).unwrap_or(0);
-                        (u16::from_be_bytes(k.port) ^ port) & mask == 0
-                    }))
-        })
-    }
-
-    /// API.md's semantics, rule by rule.
-    fn rules_allow(
-        snap: &Snapshot,
-        groups: &[String],
-        dir: Direction,
-        remote: IpAddr,
-        proto: u8,
-        port: u16,
-    ) -> bool {
-        let members = group_members(snap);
-        snap.security_groups
-            .iter()
-            .filter(|g| groups.contains(&g.name))
-            .flat_map(|g| &g.rules)
-            .any(|r| {
-                r.direction == dir
-                    && (r.ethertype == Ethertype::IPv4) == remote.is_ipv4()
-                    && r.protocol.number(r.ethertype).is_none_or(|n| n == proto)
-                    && r.ports.is_none_or(|p| (p.first..=p.last).contains(&port))
-                    && match &r.remote {
-                        None => true,
-                        Some(Remote::Cidr(c)) => c.contains(&remote),
-                        Some(Remote::Group(g)) => members
-                            .get(g.as_str())
-                            .is_some_and(|m| m.iter().any(|n| n.contains(&remote))),
-                    }
-            })
-    }
 
     fn rule() -> impl Strategy<Value = Rule> {
         let remote = prop_oneof![

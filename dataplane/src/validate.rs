@@ -700,33 +700,8 @@ mod tests {
             let Ok(valid) = validate(s) else {
                 return Ok(()); // refused (a duplicate address): nothing to compile
             };
-            let loads = host_loads(&valid);
-            for h in &valid.hosts {
-                let all = |name: &str| {
-                    let i: u32 = name.strip_prefix("tap")?.parse().ok()?;
-                    Some(crate::tables::Iface { ifindex: 10 + i, veth: true, host_device: false })
-                };
-                let c = crate::tables::compile(
-                    &valid, &h.name, 2, all, &BTreeMap::new(),
-                    crate::tables::ConntrackLimits::default(), MAX_CONNTRACK,
-                ).expect("a valid state compiles on every host");
-                let l = loads[h.name.as_str()];
-                let t = &c.tables;
-                prop_assert!(t.ports.len() <= l.ports && l.ports <= MAX_PORTS as usize);
-                prop_assert!(t.forward.len() <= l.forward && l.forward <= MAX_FORWARD as usize);
-                prop_assert!(t.neighbours.len() <= l.neighbours);
-                prop_assert!(t.networks.len() <= l.networks);
-                prop_assert!(t.vteps.len() <= l.vteps);
-                prop_assert!(t.addr_allow.len() <= l.addr_allow, "{} > {}", t.addr_allow.len(), l.addr_allow);
-                prop_assert!(t.remote_allow.len() <= l.remote_allow);
-                prop_assert_eq!(t.sg.addrs.len(), l.sg_addrs);
-                prop_assert_eq!(t.sg.rules.len(), l.sg_rules);
-                // Exact where nothing collides: every local port attached.
-                prop_assert_eq!(t.ports.len(), l.ports);
-                prop_assert_eq!(t.networks.len(), l.networks);
-                prop_assert_eq!(t.forward.len(), l.forward);
-                prop_assert_eq!(t.vteps.len(), l.vteps);
-            }
+            let fits = crate::fuzzing::fits(&valid);
+            prop_assert!(fits.is_ok(), "{:?}", fits);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `cloison-lab bench | plot | demo | lab [SECS]`: what runs on the netns
+//! `cloison-lab bench | plot | demo | lab [SECS] | fuzz-seeds DIR`: what runs on the netns
 //! lab. `cargo xtask` builds and runs it after `setup`; it needs root and
 //! the lab tools that setup installs.
 use std::process::ExitCode;
@@ -14,8 +14,12 @@ fn main() -> ExitCode {
         Some("plot") => cloison_lab::bench::plot_results(),
         Some("demo") => cloison_lab::demo::run(),
         Some("lab") => hold_lab(&args[1..]),
+        Some("fuzz-seeds") => match args.get(1) {
+            Some(dir) => cloison_lab::fuzz_seeds::run(dir),
+            None => Err(anyhow::anyhow!("usage: cloison-lab fuzz-seeds DIR")),
+        },
         _ => Err(anyhow::anyhow!(
-            "usage: cloison-lab bench | plot | demo | lab [SECS] [xdp|tc] [nic|offload] (through cargo xtask, which installs what they need)"
+            "usage: cloison-lab bench | plot | demo | lab [SECS] [xdp|tc] [nic|offload] | fuzz-seeds DIR (through cargo xtask, which installs what they need)"
         )),
     };
     match res {

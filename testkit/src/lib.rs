@@ -7,11 +7,15 @@
 //!   (uniquely named) and removes however it ends.
 //! - [`testbed`]: one host in a namespace of its own with a programmed
 //!   dataplane, for BPF_PROG_TEST_RUN fixtures and benches.
+//! - [`frames`]: the fixtures' host (addresses, VNI) and builders of its frames.
+//! - [`fuzz`]: the frames fuzz target's kernel-and-model harness.
 //! - [`corpus`]: malformed frames made from valid ones, every layer broken.
 //! - [`fixture`]: fixtures as table rows, `{case, input, expected verdict,
 //!   expected output}`, run through the kernel and the model by one runner.
 pub mod corpus;
 pub mod fixture;
+pub mod frames;
+pub mod fuzz;
 pub mod netns;
 pub mod testbed;
 pub mod wire;

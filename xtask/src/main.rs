@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo | bench | plot | lab [ARGS]`
+//! `cargo xtask setup | test | demo | bench | plot | fuzz SECS | lab [ARGS]`
 //!
 //! `setup` installs what a fresh machine lacks (idempotently, a line per
 //! step); `test`, `demo` and `bench` run it first, so each is the one
@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Result;
 
+mod fuzz;
 mod setup;
 mod shell;
 
@@ -22,13 +23,14 @@ fn main() -> ExitCode {
         Some("demo") => setup::setup().and_then(|()| lab(&["demo"])),
         Some("bench") => setup::setup().and_then(|()| lab(&["bench"])),
         Some("plot") => lab(&["plot"]),
+        Some("fuzz") => setup::setup().and_then(|()| fuzz::fuzz(&args[1..])),
         Some("lab") => setup::setup().and_then(|()| {
             let mut a = vec!["lab"];
             a.extend(args[1..].iter().map(String::as_str));
             lab(&a)
         }),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | demo | bench | plot | lab [SECS] [xdp|tc] [nic|offload]"
+            "usage: cargo xtask setup | test | demo | bench | plot | fuzz SECS | lab [SECS] [xdp|tc] [nic|offload]"
         )),
     };
     match res {

@@ -156,6 +156,32 @@ fn testbed(name: &str) -> Testbed {
     Testbed::new(name, &snap, name).expect("test bed")
 }
 
+/// A test's host name (`prefix` and this process), its test bed, and a
+/// directory of its own removed however the test ends.
+fn scene(prefix: &str) -> (String, Testbed, PathBuf, RemoveOnDrop) {
+    let name = format!("{prefix}{:x}", std::process::id() & 0xffff);
+    let bed = testbed(&name);
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let cleanup = RemoveOnDrop(dir.clone());
+    (name, bed, dir, cleanup)
+}
+
+/// PUTs every object of [`objects`]: each is new.
+fn put_objects(rt: &tokio::runtime::Runtime, c: &Client, name: &str) {
+    for (kind, n, body) in objects(name) {
+        let a = rt
+            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
+            .unwrap();
+        assert_eq!(
+            a.status,
+            201,
+            "{kind}/{n}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+}
+
 fn wait_applied(rt: &tokio::runtime::Runtime, c: &Client) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -179,11 +205,7 @@ fn code(a: &Answer) -> (u16, String) {
 
 #[test]
 fn privileged_api_contract() {
-    let name = format!("clapi{:x}", std::process::id() & 0xffff);
-    let _bed = testbed(&name);
-    let dir = std::env::temp_dir().join(&name);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let (name, _bed, dir, _cleanup) = scene("clapi");
     let tcp_addr = format!("127.0.0.1:{}", 17000 + (std::process::id() % 1000));
     let agent = Agent::start(&name, &name, &dir, Some(&tcp_addr));
     let c = agent.client();
@@ -415,11 +437,7 @@ fn privileged_api_contract() {
 
 #[test]
 fn privileged_acknowledged_writes_survive_kill_9() {
-    let name = format!("clkil{:x}", std::process::id() & 0xffff);
-    let _bed = testbed(&name);
-    let dir = std::env::temp_dir().join(&name);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let (name, _bed, dir, _cleanup) = scene("clkil");
     let rt = rt();
     let mut agent = Agent::start(&name, &name, &dir, None);
     let c = agent.client();
@@ -483,11 +501,7 @@ fn privileged_acknowledged_writes_survive_kill_9() {
 
 #[test]
 fn privileged_cloisonctl_sigterm_and_purge() {
-    let name = format!("clctl{:x}", std::process::id() & 0xffff);
-    let _bed = testbed(&name);
-    let dir = std::env::temp_dir().join(&name);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let (name, _bed, dir, _cleanup) = scene("clctl");
     let mut agent = Agent::start(&name, &name, &dir, None);
     let endpoint = format!("unix:{}", dir.join("agent.sock").display());
     let ctl = |args: &[&str]| {
@@ -560,11 +574,7 @@ fn privileged_cloisonctl_sigterm_and_purge() {
 /// every port with it. It refuses to start, and says how to run it instead.
 #[test]
 fn privileged_refuses_pins_that_would_die_with_it() {
-    let name = format!("clpin{:x}", std::process::id() & 0xffff);
-    let _bed = testbed(&name);
-    let dir = std::env::temp_dir().join(&name);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let (name, _bed, dir, _cleanup) = scene("clpin");
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("agent.sock");
     let mut child = Command::new("ip")
@@ -686,12 +696,7 @@ fn privileged_a_ports_interface_is_never_left_open() {
     let _cleanup = RemoveOnDrop(dir.clone());
     let agent = Agent::start(&name, &name, &dir, None);
     let (c, rt) = (agent.client(), rt());
-    for (kind, n, body) in objects(&name) {
-        let a = rt
-            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
-            .unwrap();
-        assert_eq!(a.status, 201, "{kind}/{n}");
-    }
+    put_objects(&rt, &c, &name);
     wait_for(&rt, &c, "failed", |s| {
         s["programs"].as_str().is_some_and(|p| p.contains("up0"))
             && s["applied_generation"] != s["desired_generation"]
@@ -736,19 +741,10 @@ fn privileged_a_ports_interface_is_never_left_open() {
 /// change still goes through and applies.
 #[test]
 fn privileged_api_refuses_what_would_not_fit() {
-    let name = format!("cllim{:x}", std::process::id() & 0xffff);
-    let _bed = testbed(&name);
-    let dir = std::env::temp_dir().join(&name);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let (name, _bed, dir, _cleanup) = scene("cllim");
     let agent = Agent::start(&name, &name, &dir, None);
     let (c, rt) = (agent.client(), rt());
-    for (kind, n, body) in objects(&name) {
-        let a = rt
-            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
-            .unwrap();
-        assert_eq!(a.status, 201, "{kind}/{n}");
-    }
+    put_objects(&rt, &c, &name);
     wait_applied(&rt, &c);
     let put = |path: &str, body: Value| rt.block_on(c.put(path, &body)).unwrap();
     let generation = |rt: &tokio::runtime::Runtime| {
@@ -932,11 +928,7 @@ fn privileged_api_refuses_what_would_not_fit() {
 /// listener off loopback without TLS is refused at start.
 #[test]
 fn privileged_tcp_listener_with_tls() {
-    let name = format!("cltls{:x}", std::process::id() & 0xffff);
-    let _bed = testbed(&name);
-    let dir = std::env::temp_dir().join(&name);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let (name, _bed, dir, _cleanup) = scene("cltls");
     std::fs::create_dir_all(&dir).unwrap();
     let ca = |cn: &str| {
         let key = rcgen::KeyPair::generate().unwrap();

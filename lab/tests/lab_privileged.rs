@@ -18,6 +18,19 @@ fn lab() -> Lab {
     Lab::two_hosts(UplinkHook::Xdp).expect("lab")
 }
 
+/// How long a test waits for a frame or a counter it expects: long, as a
+/// loaded machine can take its time; a test that passes never waits it out.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Polls `done` until it holds or `WAIT` passed (the assertion that follows
+/// says what was expected).
+fn eventually(mut done: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + WAIT;
+    while !done() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn need_root() {
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -215,15 +228,16 @@ fn privileged_underlay_injection_is_dropped_and_counted() {
             .copied()
             .unwrap_or(0);
         send_frames(&evil, "eth0", vec![frame.clone(); 3]).expect("send");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let after = lab
-            .drops("hv1")
-            .expect("drops")
-            .get(reason)
-            .copied()
-            .unwrap_or(0);
+        let count = || {
+            lab.drops("hv1")
+                .expect("drops")
+                .get(reason)
+                .copied()
+                .unwrap_or(0)
+        };
+        eventually(|| count() - before >= 3);
         assert_eq!(
-            after - before,
+            count() - before,
             3,
             "{what}: 3 frames dropped as {}",
             reason.name()
@@ -231,7 +245,9 @@ fn privileged_underlay_injection_is_dropped_and_counted() {
     }
     // Control: the same rig, well formed and from hv2's VTEP, is delivered.
     send_frames(&evil, "eth0", vec![legit("inj-control-delivered").build()]).expect("send");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    caps[0].wait_for(WAIT, |fs| {
+        fs.iter().any(|f| contains(f, b"inj-control-delivered"))
+    });
     let [cap_a1, cap_b1] = caps;
     let a1_frames = cap_a1.finish().expect("cap");
     let b1_frames = cap_b1.finish().expect("cap");
@@ -742,14 +758,25 @@ fn privileged_vlan_tagged_frames_from_a_vm_are_dropped() {
             .copied()
             .unwrap_or(0)
     };
-    // Sends `frames` from a1's eth0; how many frames with the marker a2 and a3 got.
-    let send = |frames: Vec<Vec<u8>>| {
+    // Sends `frames` from a1's eth0, then waits until the tag counter has
+    // counted `dropped` more or, with none to drop, until both a2 and a3
+    // got one; how many frames with the marker a2 and a3 got.
+    let send = |frames: Vec<Vec<u8>>, dropped: u64| {
         let caps: Vec<_> = ["a2", "a3"]
             .iter()
             .map(|v| Capture::start(&lab.vm(v).ns).expect("capture"))
             .collect();
+        let before = vlan_count(&lab);
         send_frames(&a1.ns, "eth0", frames).expect("send");
-        std::thread::sleep(Duration::from_millis(300));
+        if dropped > 0 {
+            eventually(|| vlan_count(&lab) - before >= dropped);
+            // (time for a frame that went through anyway to arrive)
+            std::thread::sleep(Duration::from_millis(200));
+        } else {
+            for c in &caps {
+                c.wait_for(WAIT, |fs| fs.iter().any(|f| contains(f, marker)));
+            }
+        }
         caps.into_iter()
             .map(|c| {
                 let frames = c.finish().expect("capture");
@@ -769,12 +796,12 @@ fn privileged_vlan_tagged_frames_from_a_vm_are_dropped() {
     };
 
     let before = vlan_count(&lab);
-    let got = send(vec![tagged(to("a2"), false), tagged(to("a3"), false)]);
+    let got = send(vec![tagged(to("a2"), false), tagged(to("a3"), false)], 2);
     assert_eq!(got, [0, 0], "tagged frames reached a2, a3");
     let one_tag = vlan_count(&lab) - before;
     assert_eq!(one_tag, 2, "the tag taken off into metadata: counted");
 
-    let got = send(vec![tagged(to("a2"), true), tagged(to("a3"), true)]);
+    let got = send(vec![tagged(to("a2"), true), tagged(to("a3"), true)], 2);
     assert_eq!(got, [0, 0], "double-tagged frames reached a2, a3");
     assert_eq!(
         vlan_count(&lab) - before - one_tag,
@@ -783,7 +810,7 @@ fn privileged_vlan_tagged_frames_from_a_vm_are_dropped() {
     );
 
     // (a VM's port unreachable quotes the marker too)
-    let got = send(vec![to("a2").emit(), to("a3").emit()]);
+    let got = send(vec![to("a2").emit(), to("a3").emit()], 0);
     assert!(
         got.iter().all(|n| *n >= 1),
         "the same frames untagged arrive: {got:?}"

@@ -1,7 +1,10 @@
 //! A packet capture on a VM's eth0.
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -10,7 +13,8 @@ use cloison_dataplane::netdev;
 /// A packet capture on a VM's eth0 (AF_PACKET), running until stopped.
 pub struct Capture {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<Vec<Vec<u8>>>>>,
+    frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    handle: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Capture {
@@ -19,14 +23,16 @@ impl Capture {
         let (tx, rx) = std::sync::mpsc::channel();
         let ns = ns.to_string();
         let flag = stop.clone();
-        let handle = std::thread::spawn(move || -> Result<Vec<Vec<u8>>> {
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let into = frames.clone();
+        let handle = std::thread::spawn(move || -> Result<()> {
             let ready = |r: Result<()>| {
                 let ok = r.is_ok();
                 let _ = tx.send(r);
                 ok
             };
             if !ready(netdev::enter_netns(&ns).context("enter netns")) {
-                return Ok(vec![]);
+                return Ok(());
             }
             let fd = unsafe {
                 libc::socket(
@@ -37,7 +43,7 @@ impl Capture {
             };
             if fd < 0 {
                 ready(Err(std::io::Error::last_os_error().into()));
-                return Ok(vec![]);
+                return Ok(());
             }
             let tv = libc::timeval {
                 tv_sec: 0,
@@ -53,23 +59,40 @@ impl Capture {
                 );
             }
             let _ = tx.send(Ok(()));
-            let mut frames = Vec::new();
             let mut buf = vec![0u8; 65536];
             while !flag.load(Ordering::Relaxed) {
                 let n =
                     unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
                 if n > 0 {
-                    frames.push(buf[..n as usize].to_vec());
+                    into.lock().unwrap().push(buf[..n as usize].to_vec());
                 }
             }
             unsafe { libc::close(fd) };
-            Ok(frames)
+            Ok(())
         });
         rx.recv().context("capture thread")??;
         Ok(Capture {
             stop,
+            frames,
             handle: Some(handle),
         })
+    }
+
+    /// Waits until the frames seen so far satisfy `done`, or `timeout`
+    /// passed; whether they did. A loaded machine can take its time to
+    /// deliver a frame: a test that expects one waits for it this way
+    /// rather than for a fixed time.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Vec<u8>]) -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if done(&self.frames.lock().unwrap()) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn finish(mut self) -> Result<Vec<Vec<u8>>> {
@@ -78,7 +101,8 @@ impl Capture {
             .take()
             .expect("joined once")
             .join()
-            .map_err(|_| anyhow::anyhow!("capture panicked"))?
+            .map_err(|_| anyhow::anyhow!("capture panicked"))??;
+        Ok(std::mem::take(&mut *self.frames.lock().unwrap()))
     }
 }
 

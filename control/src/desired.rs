@@ -142,6 +142,15 @@ impl Object {
         }
     }
 
+    pub fn name(&self) -> &str {
+        match self {
+            Object::Host(o) => &o.name,
+            Object::Network(o) => &o.name,
+            Object::SecurityGroup(o) => &o.name,
+            Object::Port(o) => &o.name,
+        }
+    }
+
     /// Its fields and `name`, as the API shows it.
     pub fn fields_json(&self) -> Value {
         let v = match self {
@@ -162,6 +171,10 @@ pub struct Record {
 }
 
 impl Record {
+    pub fn name(&self) -> &str {
+        self.object.name()
+    }
+
     /// The object as the API returns it: its fields, `name` and `generation`.
     pub fn to_json(&self) -> Value {
         let mut v = self.object.fields_json();

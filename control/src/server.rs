@@ -23,26 +23,32 @@ use tokio::sync::{watch, OwnedMutexGuard};
 use crate::{
     desired::{parse_body, Desired, Kind, Object, Refusal},
     reconcile::Applied,
-    store::{Change, Store},
+    store::{Change, CommitError, Store, StoreView},
 };
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// The API's side of an agent. The desired state is an immutable value on
-/// a watch channel: readers (GET, status, stats, metrics) take the latest
-/// one and never wait; writers take turns on the store (the lock), make
-/// the next state, commit it durably, then publish it, which wakes the
-/// reconciler. Stats and metrics read the kernel through a read-only handle
-/// of their own, never the reconciler's writer.
+/// a watch channel that the store publishes: readers (GET, status, stats,
+/// metrics) take the latest one and never wait; writers take turns on the
+/// store (the lock), check the next state, and commit it; the store
+/// publishes it once durable, which wakes the reconciler. A fleet store may
+/// answer that the fleet's state moved meanwhile: the write is checked
+/// again on the newer state. Stats and metrics read the kernel through a
+/// read-only handle of their own, never the reconciler's writer.
 pub struct Agent {
     pub host: String,
     store: Arc<tokio::sync::Mutex<Box<dyn Store>>>,
-    store_name: String,
-    desired: watch::Sender<Arc<Desired>>,
+    view: Arc<dyn StoreView>,
+    desired: watch::Receiver<Arc<Desired>>,
     applied: watch::Receiver<Applied>,
     reader: Reader,
 }
+
+/// How many times a write is checked again when the fleet's state moved
+/// under it, before it is refused with 503.
+pub const WRITE_ATTEMPTS: usize = 8;
 
 /// What the reconciler takes: the desired states, and where to say what it
 /// applied.
@@ -81,19 +87,19 @@ impl Reader {
 }
 
 impl Agent {
-    /// The agent over a loaded store; the reconciler gets the stored state
-    /// at once (a restart converges to it).
+    /// The agent over a store, which it starts; the reconciler gets the
+    /// stored state at once (a restart converges to it).
     pub fn new(
         host: String,
-        store: Box<dyn Store>,
+        mut store: Box<dyn Store>,
         pin_root: PathBuf,
     ) -> Result<(Arc<Agent>, ReconcilerSide), crate::store::StoreError> {
-        let desired = store.load()?;
-        if let Err(v) = &desired.valid {
+        let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
+        let (applied_tx, applied_rx) = watch::channel(Applied::default());
+        store.start(desired_tx, applied_rx.clone())?;
+        if let Err(v) = &desired_rx.borrow().valid {
             tracing::error!(error = %v, "the stored state is refused by this version's checks: fix it through the API");
         }
-        let (desired_tx, desired_rx) = watch::channel(Arc::new(desired));
-        let (applied_tx, applied_rx) = watch::channel(Applied::default());
         let agent = Arc::new(Agent {
             reader: Reader {
                 host: host.clone(),
@@ -101,9 +107,9 @@ impl Agent {
                 handle: Mutex::new(None),
             },
             host,
-            store_name: store.describe(),
+            view: store.view(),
             store: Arc::new(tokio::sync::Mutex::new(store)),
-            desired: desired_tx,
+            desired: desired_rx.clone(),
             applied: applied_rx,
         });
         Ok((
@@ -128,28 +134,33 @@ impl Agent {
         name: &str,
         object: Object,
     ) -> Result<(bool, Value), ApiError> {
-        let current = self.desired();
-        let existed = current.get(kind, name);
-        if let Some(old) = existed {
-            if old.object == object {
-                return Ok((false, old.to_json())); // idempotent: nothing changes
+        for _ in 0..WRITE_ATTEMPTS {
+            let current = self.desired();
+            let existed = current.get(kind, name);
+            if let Some(old) = existed {
+                if old.object == object {
+                    return Ok((false, old.to_json())); // idempotent: nothing changes
+                }
             }
-        }
-        let created = existed.is_none();
-        let next = current.with(kind, name, Some(object))?;
-        let record = next.get(kind, name).expect("just written");
-        let answer = record.to_json();
-        self.commit(
-            store,
-            next.generation,
-            Change {
+            let created = existed.is_none();
+            let next = current.with(kind, name, Some(object.clone()))?;
+            let written = next.get(kind, name).expect("just written").clone();
+            let change = Change {
                 kind,
                 name,
-                record: Some(record),
-            },
-        )?;
-        self.desired.send_replace(Arc::new(next));
-        Ok((created, answer))
+                record: Some(&written),
+            };
+            match store.commit(&current, change, next) {
+                Ok(generation) => {
+                    let mut record = written;
+                    record.generation = generation;
+                    return Ok((created, record.to_json()));
+                }
+                Err(CommitError::Stale) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(contended())
     }
 
     fn delete(
@@ -158,35 +169,49 @@ impl Agent {
         kind: Kind,
         name: &str,
     ) -> Result<(), ApiError> {
-        let current = self.desired();
-        if current.get(kind, name).is_none() {
-            return Err(Refusal::NotFound(format!("no {kind} {name}")).into());
-        }
-        if let Some(why) = current.in_use(kind, name) {
-            return Err(Refusal::Conflict(why).into());
-        }
-        let next = current.with(kind, name, None)?;
-        self.commit(
-            store,
-            next.generation,
-            Change {
+        for _ in 0..WRITE_ATTEMPTS {
+            let current = self.desired();
+            if current.get(kind, name).is_none() {
+                return Err(Refusal::NotFound(format!("no {kind} {name}")).into());
+            }
+            if let Some(why) = current.in_use(kind, name) {
+                return Err(Refusal::Conflict(why).into());
+            }
+            let next = current.with(kind, name, None)?;
+            let change = Change {
                 kind,
                 name,
                 record: None,
-            },
-        )?;
-        self.desired.send_replace(Arc::new(next));
-        Ok(())
+            };
+            match store.commit(&current, change, next) {
+                Ok(_) => return Ok(()),
+                Err(CommitError::Stale) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(contended())
     }
+}
 
-    /// Durable in the store first; the new state is published only after.
-    fn commit(
-        &self,
-        store: &mut OwnedMutexGuard<Box<dyn Store>>,
-        generation: u64,
-        change: Change<'_>,
-    ) -> Result<(), ApiError> {
-        store.commit(change, generation).map_err(ApiError::internal)
+fn contended() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!("the fleet's state changed under this write {WRITE_ATTEMPTS} times: try again"),
+    )
+}
+
+impl From<CommitError> for ApiError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Unavailable(why) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("the fleet store cannot be reached, nothing was written: {why}"),
+            ),
+            CommitError::Stale => contended(),
+            CommitError::Failed(e) => ApiError::internal(e),
+        }
     }
 }
 
@@ -292,9 +317,31 @@ async fn status(State(agent): State<Arc<Agent>>) -> ApiResult {
             .iter()
             .map(|(port, why)| json!({"port": port, "why": why}))
             .collect::<Vec<_>>(),
-        "store": agent.store_name,
+        "store": agent.view.describe(),
     }))
     .into_response())
+}
+
+/// Every agent of the fleet: its host, the generation its kernel holds,
+/// whether it is alive.
+async fn fleet(State(agent): State<Arc<Agent>>) -> ApiResult {
+    let view = agent.view.clone();
+    let members = tokio::task::spawn_blocking(move || view.fleet())
+        .await
+        .map_err(ApiError::internal)?;
+    match members {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this agent is not in fleet mode (--store etcd): it has no fleet",
+        )),
+        Some(Err(why)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the fleet store cannot be reached: {why}"),
+        )),
+        Some(Ok(m)) => Ok(axum::Json(m).into_response()),
+    }
 }
 
 /// This host's ports with an interface: (port, network, ifindex).
@@ -371,6 +418,14 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
             "cloison_applied_generation{{host=\"{host}\"}} {}",
             a.applied.borrow().generation
         );
+        let since = a.view.unreachable_since();
+        let _ = writeln!(out, "# TYPE cloison_store_up gauge");
+        let _ = writeln!(out, "cloison_store_up{{host=\"{host}\"}} {}", u8::from(since.is_none()));
+        if let Some(t) = since {
+            let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let _ = writeln!(out, "# TYPE cloison_store_down_since_seconds gauge");
+            let _ = writeln!(out, "cloison_store_down_since_seconds{{host=\"{host}\"}} {secs}");
+        }
         let Ok(stats) = a.reader.stats() else {
             return Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response());
         };
@@ -489,6 +544,7 @@ fn route(
 pub fn routes() -> Vec<Route> {
     let mut out = vec![
         route("/v1/status", &["get"], get(status)),
+        route("/v1/fleet", &["get"], get(fleet)),
         route("/v1/openapi.json", &["get"], get(openapi)),
         route("/metrics", &["get"], get(metrics)),
         route("/v1/ports/{name}/stats", &["get"], get(port_stats)),

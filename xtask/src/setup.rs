@@ -45,6 +45,16 @@ const PACKAGES: &[Package] = &[
     pkg("netcat-openbsd", "nc"),
     pkg("ethtool", "ethtool"),
     pkg("nftables", "nft"),
+    // Fleet mode: protoc builds the etcd client's gRPC code; the tests and
+    // the demo start their own etcd servers (the package's service is kept
+    // from starting, see below).
+    pkg("protobuf-compiler", "protoc"),
+    pkg(
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
+    pkg("etcd-server", "etcd"),
+    pkg("etcd-client", "etcdctl"),
     pkg(
         "fonts-dejavu-core",
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

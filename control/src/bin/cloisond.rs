@@ -7,7 +7,7 @@ use cloison_control::{
     client::Endpoint,
     reconcile,
     server::{router, Agent},
-    store::Redb,
+    store::{Etcd, EtcdConfig, EtcdTls, Redb, Store},
 };
 use cloison_dataplane::{loader::DEFAULT_PIN_ROOT, Dataplane, UplinkHook};
 
@@ -36,11 +36,25 @@ struct Args {
     /// Where the embedded store lives (default /var/lib/cloison/NAME).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// embedded (default) or etcd.
+    /// embedded (default): this host's own state in --state-dir; etcd: fleet
+    /// mode, one state for every agent (docs/fleet.md).
     #[arg(long, default_value = "embedded")]
     store: String,
+    /// etcd's client URLs, comma-separated (http://… or https://…).
     #[arg(long)]
     etcd_endpoints: Option<String>,
+    /// Every key of the fleet lives under it.
+    #[arg(long, default_value = "/cloison")]
+    etcd_prefix: String,
+    /// PEM CA of etcd's server certificates (for https:// endpoints).
+    #[arg(long)]
+    etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd (its CN is the etcd user, for RBAC).
+    #[arg(long, requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of --etcd-cert-file.
+    #[arg(long, requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
     /// auto (XDP where the driver has native XDP), xdp or tc.
     #[arg(long, default_value = "auto")]
     uplink_hook: UplinkHook,
@@ -87,13 +101,39 @@ fn run(args: Args) -> Result<()> {
         println!("cloisond: purged the dataplane of {}", args.name);
         return Ok(());
     }
-    match args.store.as_str() {
-        "embedded" => {}
+    let fleet = match args.store.as_str() {
+        "embedded" => {
+            if args.etcd_endpoints.is_some() {
+                bail!("--etcd-endpoints is for --store etcd");
+            }
+            None
+        }
         "etcd" => {
-            bail!("--store etcd: fleet mode is not built yet; use the embedded store (the default)")
+            let eps = args
+                .etcd_endpoints
+                .as_deref()
+                .context("--store etcd needs --etcd-endpoints URLS")?;
+            let mut cfg = EtcdConfig::new(eps, &args.name);
+            cfg.prefix = args.etcd_prefix.clone();
+            if !cfg.prefix.starts_with('/') {
+                bail!("--etcd-prefix {:?}: it starts with /", cfg.prefix);
+            }
+            cfg.tls = match (
+                &args.etcd_ca_file,
+                &args.etcd_cert_file,
+                &args.etcd_key_file,
+            ) {
+                (None, None, None) => None,
+                (Some(ca), cert, key) => Some(EtcdTls {
+                    ca: ca.clone(),
+                    cert: cert.clone().zip(key.clone()),
+                }),
+                (None, ..) => bail!("--etcd-cert-file needs --etcd-ca-file"),
+            };
+            Some(cfg)
         }
         other => bail!("--store {other}: expected embedded or etcd"),
-    }
+    };
     let uplink = args.uplink.clone().context("--uplink is required")?;
     if args.listen.is_empty() {
         bail!("at least one --listen unix:PATH or tcp:ADDR is required");
@@ -132,13 +172,24 @@ fn run(args: Args) -> Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("/var/lib/cloison").join(&args.name));
-    let store = Redb::open(&state_dir)
+    let local = Redb::open(&state_dir)
         .with_context(|| format!("open the store in {}", state_dir.display()))?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(cloison_control::tls::server_config(c, k)?),
         _ => None,
     };
-    let (agent, side) = Agent::new(args.name.clone(), Box::new(store), args.pin_root.clone())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let store: Box<dyn Store> = match fleet {
+        None => Box::new(local),
+        Some(cfg) => Box::new(rt.block_on(Etcd::connect(cfg, local))?),
+    };
+    let (agent, side) = {
+        let _in_rt = rt.enter();
+        Agent::new(args.name.clone(), store, args.pin_root.clone())?
+    };
     let cfg = reconcile::Config {
         host: args.name.clone(),
         uplink,
@@ -150,10 +201,6 @@ fn run(args: Args) -> Result<()> {
     reconcile::watch_links(links_tx).context("watch link events (netlink)")?;
     reconcile::spawn(cfg, side.desired, side.applied, links_rx)?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         let mut servers = tokio::task::JoinSet::new();
         for ep in &args.listen {

@@ -83,6 +83,15 @@ impl Lab {
             .arg(dir.join(format!("{host}-state")))
             .arg("--pin-root")
             .arg(&self.pin_root)
+            .args(match &self.fleet {
+                Some(eps) => vec![
+                    "--store".to_string(),
+                    "etcd".into(),
+                    "--etcd-endpoints".into(),
+                    eps.clone(),
+                ],
+                None => vec![],
+            })
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null());
         let ns = self.ns(host);
@@ -158,6 +167,16 @@ impl Lab {
     /// Sends every object of the lab's state to every agent, as an IaaS
     /// would, and waits until each has it in the kernel.
     pub fn apply_via_agents(&self) -> Result<()> {
+        for a in &self.agents {
+            self.put_all(&a.host)?;
+            self.wait_agent(&a.host)?;
+        }
+        Ok(())
+    }
+
+    /// Sends every object of the lab's state to the agent of `host`; the
+    /// highest generation its answers gave.
+    pub fn put_all(&self, host: &str) -> Result<u64> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -175,44 +194,43 @@ impl Lab {
         for p in &snap.ports {
             objects.push(("ports", p.name.clone(), serde_json::to_value(p)?));
         }
-        for a in &self.agents {
-            let c = self.agent_client(&a.host);
-            rt.block_on(async {
-                // Groups may name groups put later: those are retried once
-                // the others are in.
-                for phase in ["hosts", "networks", "security-groups", "ports"] {
-                    let mut todo: Vec<&(&str, String, serde_json::Value)> =
-                        objects.iter().filter(|o| o.0 == phase).collect();
-                    while !todo.is_empty() {
-                        let mut left = Vec::new();
-                        let mut last = None;
-                        for o in &todo {
-                            let (kind, name, body) = o;
-                            let ans = c.put(&format!("/v1/{kind}/{name}"), body).await?;
-                            if ans.status == 409 && *kind == "security-groups" {
-                                left.push(*o);
-                                last = Some(ans);
-                            } else if !(200..300).contains(&ans.status) {
-                                bail!(
-                                    "{}: PUT {kind}/{name}: {} {}",
-                                    a.host,
-                                    ans.status,
-                                    String::from_utf8_lossy(&ans.body)
-                                );
-                            }
+        let c = self.agent_client(host);
+        rt.block_on(async {
+            let mut generation = 0;
+            // Groups may name groups put later: those are retried once
+            // the others are in.
+            for phase in ["hosts", "networks", "security-groups", "ports"] {
+                let mut todo: Vec<&(&str, String, serde_json::Value)> =
+                    objects.iter().filter(|o| o.0 == phase).collect();
+                while !todo.is_empty() {
+                    let mut left = Vec::new();
+                    let mut last = None;
+                    for o in &todo {
+                        let (kind, name, body) = o;
+                        let ans = c.put(&format!("/v1/{kind}/{name}"), body).await?;
+                        if ans.status == 409 && *kind == "security-groups" {
+                            left.push(*o);
+                            last = Some(ans);
+                        } else if !(200..300).contains(&ans.status) {
+                            bail!(
+                                "{host}: PUT {kind}/{name}: {} {}",
+                                ans.status,
+                                String::from_utf8_lossy(&ans.body)
+                            );
+                        } else {
+                            let g = ans.json()?["generation"].as_u64().unwrap_or(0);
+                            generation = generation.max(g);
                         }
-                        if left.len() == todo.len() {
-                            let ans = last.expect("a refusal");
-                            bail!("{}: {}", a.host, String::from_utf8_lossy(&ans.body));
-                        }
-                        todo = left;
                     }
+                    if left.len() == todo.len() {
+                        let ans = last.expect("a refusal");
+                        bail!("{host}: {}", String::from_utf8_lossy(&ans.body));
+                    }
+                    todo = left;
                 }
-                Ok(())
-            })?;
-            self.wait_agent(&a.host)?;
-        }
-        Ok(())
+            }
+            Ok(generation)
+        })
     }
 
     /// Waits until the agent of `host` has its desired generation in the kernel.

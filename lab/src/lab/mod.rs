@@ -13,6 +13,7 @@ use cloison_dataplane::{
 mod agents;
 mod baseline;
 mod capture;
+mod fleet;
 mod topology;
 mod traffic;
 mod underlay;
@@ -20,6 +21,7 @@ mod underlay;
 pub use agents::*;
 pub use baseline::*;
 pub use capture::*;
+pub use fleet::*;
 use topology::*;
 pub use topology::{in_netns, sh, Wire};
 pub use traffic::*;
@@ -42,6 +44,10 @@ pub struct Lab {
     pub tag: String,
     /// Agents by host, once `start_agents` ran.
     pub agents: Vec<AgentProc>,
+    /// The etcd members of fleet mode, once `start_etcd` ran.
+    pub etcd: Vec<EtcdMember>,
+    /// The agents' `--etcd-endpoints` (fleet mode).
+    pub fleet: Option<String>,
     pub hosts: Vec<String>,
     pub vms: Vec<Vm>,
     pub snapshot: Snapshot,
@@ -116,6 +122,8 @@ impl Lab {
             namespaces: Namespaces::default(),
             pins: Vec::new(),
             agents: Vec::new(),
+            etcd: Vec::new(),
+            fleet: None,
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             hook,
             wire,
@@ -467,6 +475,7 @@ impl Lab {
     /// Removes every namespace and pin this lab made. Also run on drop.
     pub fn cleanup(&mut self) {
         self.agents.clear();
+        self.etcd.clear();
         let _ = std::fs::remove_dir_all(self.agent_dir());
         for pin in self.pins.drain(..) {
             let _ = Dataplane::purge(&pin, &self.pin_root);

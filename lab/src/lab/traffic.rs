@@ -391,3 +391,44 @@ pub fn udp_rr(
     let _ = echo.join();
     res
 }
+
+/// `ping` from a VM at a fixed rate in the background; the report of how
+/// many came back.
+pub fn ping_in_background(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    count: u32,
+    interval: &str,
+) -> std::process::Child {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.vm(from).ns,
+            "ping",
+            "-q",
+            "-i",
+            interval,
+            "-c",
+        ])
+        .arg(count.to_string())
+        .args(["-W", "1", to])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping")
+}
+
+pub fn ping_result(child: std::process::Child) -> (u32, u32) {
+    let out = child.wait_with_output().expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in {text}"));
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}

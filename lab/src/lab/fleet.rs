@@ -1,0 +1,256 @@
+//! Fleet mode in the lab: a real etcd (one member, or a cluster of three)
+//! in a namespace of its own on the underlay switch, and the hosts' agents
+//! on it (`--store etcd`). etcd members are started and stopped by their
+//! process id; their data lives in the lab's agent directory.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use cloison_dataplane::netdev;
+
+use super::*;
+
+/// Where etcd listens on the underlay.
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+
+/// One etcd member the lab runs.
+pub struct EtcdMember {
+    pub name: String,
+    pub client_url: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl EtcdMember {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Lab {
+    /// Starts an etcd cluster of `members` in namespace `etcd`, plugged into
+    /// the underlay switch at [`ETCD_IP`]; waits until it answers.
+    pub fn start_etcd(&mut self, members: usize) -> Result<()> {
+        if !self.etcd.is_empty() {
+            bail!("etcd runs already");
+        }
+        if Command::new("etcd").arg("--version").output().is_err() {
+            bail!(
+                "no etcd server on this machine: `cargo xtask setup` installs Debian's etcd-server"
+            );
+        }
+        let ul = self.ns("ul");
+        let ns = self.add_ns("etcd")?;
+        plug(&ul, "p8", &ns, ETCD_IP, self.wire)?;
+        let peer = |i: usize| format!("http://{ETCD_IP}:{}", 23800 + i);
+        let cluster: Vec<String> = (0..members).map(|i| format!("m{i}={}", peer(i))).collect();
+        for i in 0..members {
+            let dir = self.agent_dir().join(format!("etcd-m{i}"));
+            std::fs::create_dir_all(&dir)?;
+            let client_url = format!("http://{ETCD_IP}:{}", 23790 + i);
+            let args = vec![
+                "--name".into(),
+                format!("m{i}"),
+                "--data-dir".into(),
+                dir.display().to_string(),
+                "--listen-client-urls".into(),
+                client_url.clone(),
+                "--advertise-client-urls".into(),
+                client_url.clone(),
+                "--listen-peer-urls".into(),
+                peer(i),
+                "--initial-advertise-peer-urls".into(),
+                peer(i),
+                "--initial-cluster".into(),
+                cluster.join(","),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                self.tag.clone(),
+                // Quick elections: a killed leader is replaced within a second.
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+                "--logger".into(),
+                "zap".into(),
+                "--log-outputs".into(),
+                dir.join("etcd.log").display().to_string(),
+            ];
+            self.etcd.push(EtcdMember {
+                name: format!("m{i}"),
+                client_url,
+                args,
+                child: None,
+            });
+            self.restart_etcd(i)?;
+        }
+        self.wait_etcd()
+    }
+
+    /// Starts member `i` again (on its data).
+    pub fn restart_etcd(&mut self, i: usize) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let ns = self.ns("etcd");
+        let m = &mut self.etcd[i];
+        m.stop();
+        let mut cmd = Command::new("etcd");
+        cmd.args(&m.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        unsafe {
+            cmd.pre_exec(move || netdev::enter_netns(&ns));
+        }
+        m.child = Some(cmd.spawn().context("start etcd")?);
+        Ok(())
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill_etcd(&mut self, i: usize) {
+        self.etcd[i].stop();
+    }
+
+    /// Every member's client URL, comma-separated.
+    pub fn etcd_endpoints(&self) -> String {
+        self.etcd
+            .iter()
+            .map(|m| m.client_url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// etcdctl against the running members, in etcd's namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let eps: Vec<&str> = self
+            .etcd
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client_url.as_str())
+            .collect();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns("etcd"), "etcdctl"])
+            .arg(format!("--endpoints={}", eps.join(",")))
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until etcd has a leader and answers.
+    pub fn wait_etcd(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.etcdctl(&["endpoint", "status", "-w", "json"]) {
+                Ok(s) if s.contains("\"leader\"") && !s.contains("\"leader\":0") => return Ok(()),
+                r => {
+                    if Instant::now() > deadline {
+                        bail!("etcd never came up: {r:?}");
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index of the member that leads.
+    pub fn etcd_leader(&self) -> Result<usize> {
+        let s = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&s)?;
+        for e in v.as_array().context("a list")? {
+            let st = &e["Status"];
+            if st["leader"].as_u64().is_some() && st["leader"] == st["header"]["member_id"] {
+                let url = e["Endpoint"].as_str().unwrap_or_default();
+                if let Some(i) = self.etcd.iter().position(|m| m.client_url == url) {
+                    return Ok(i);
+                }
+            }
+        }
+        bail!("no leader among {s}")
+    }
+
+    /// The fleet's objects as etcd holds them: `{kind}/{name}` to the
+    /// object's fields (a fresh list, with etcdctl).
+    pub fn etcd_objects(&self) -> Result<BTreeMap<String, serde_json::Value>> {
+        // Keys and values on lines of their own (the values are one-line JSON).
+        let s = self.etcdctl(&["get", "--prefix", "/cloison/state/objects/"])?;
+        let mut out = BTreeMap::new();
+        let mut lines = s.lines();
+        while let (Some(k), Some(v)) = (lines.next(), lines.next()) {
+            let key = k.strip_prefix("/cloison/state/objects/").unwrap_or(k);
+            out.insert(key.to_string(), serde_json::from_str(v)?);
+        }
+        Ok(out)
+    }
+
+    /// Starts every host's agent in fleet mode, on the lab's etcd.
+    pub fn start_fleet_agents(&mut self) -> Result<()> {
+        if self.etcd.is_empty() {
+            bail!("start etcd first");
+        }
+        self.fleet = Some(self.etcd_endpoints());
+        self.start_agents()
+    }
+
+    /// The lab's state written through one agent only, as an IaaS talking
+    /// to one agent of the fleet would; waits until every agent has in its
+    /// kernel the generation of the last write.
+    pub fn apply_via_fleet(&self, via: &str) -> Result<u64> {
+        let generation = self.put_all(via)?;
+        self.wait_fleet(generation)?;
+        Ok(generation)
+    }
+
+    /// Waits until every agent's kernel holds `generation` (or later).
+    pub fn wait_fleet(&self, generation: u64) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        for a in &self.agents {
+            let c = self.agent_client(&a.host);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let s = rt.block_on(c.get("/v1/status"))?.json()?;
+                if s["applied_generation"].as_u64() >= Some(generation)
+                    && s["programs"] == "attached"
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{}: never applied generation {generation}: {s}", a.host);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where an agent of the fleet keeps its local copy.
+    pub fn agent_state_dir(&self, host: &str) -> PathBuf {
+        self.agent_dir().join(format!("{host}-state"))
+    }
+}

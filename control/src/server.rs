@@ -421,6 +421,8 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
         let since = a.view.unreachable_since();
         let _ = writeln!(out, "# TYPE cloison_store_up gauge");
         let _ = writeln!(out, "cloison_store_up{{host=\"{host}\"}} {}", u8::from(since.is_none()));
+        let _ = writeln!(out, "# TYPE cloison_store_relists_total counter");
+        let _ = writeln!(out, "cloison_store_relists_total{{host=\"{host}\"}} {}", a.view.relists());
         if let Some(t) = since {
             let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let _ = writeln!(out, "# TYPE cloison_store_down_since_seconds gauge");

@@ -438,6 +438,25 @@ impl Dataplane {
         Ok(report)
     }
 
+    /// How many map entries an apply of `snap` would write or delete: 0 when
+    /// the kernel holds exactly what `snap` compiles to for `host`. Reads
+    /// only (a read-only handle will do); in the host's network namespace.
+    pub fn drift(&self, snap: &Valid, host: &str, uplink: &str) -> Result<usize, Error> {
+        let uplink_ifindex = netdev::ifindex(uplink)
+            .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
+        let current = self.current()?;
+        let compiled = tables::compile(
+            snap,
+            host,
+            uplink_ifindex,
+            netdev::resolve,
+            &current.tables.ports,
+            self.ct_limits,
+            self.ct_capacity,
+        )?;
+        Ok(plan::plan(&current, &compiled).map_updates())
+    }
+
     /// Attaches the port program to `interface` and pins the link. Until the
     /// port's entry is written, the program drops all the interface sends.
     fn attach_port(&mut self, interface: &str, ifindex: u32) -> Result<(), Error> {

@@ -1,7 +1,8 @@
 //! `cargo xtask` must build where only the stable toolchain is installed:
 //! nothing in its build graph may need nightly, rust-src, bpf-linker or
-//! LLVM (those are what `cargo xtask setup` installs). Anything that pulls
-//! in aya-build (the BPF object's build) or the BPF crate would.
+//! LLVM, nor protoc (those are what `cargo xtask setup` installs). Anything
+//! that pulls in aya-build (the BPF object's build), the BPF crate, or the
+//! etcd client (its gRPC code is generated with protoc) would.
 use std::process::Command;
 
 /// The packages `cargo tree` lists for `package` over normal and build
@@ -25,7 +26,14 @@ fn build_graph(package: &str) -> Vec<String> {
         .collect()
 }
 
-const NEEDS_BPF_TOOLCHAIN: &[&str] = &["aya-build", "cloison-ebpf", "cloison-dataplane"];
+const NEEDS_SETUP: &[&str] = &[
+    "aya-build",
+    "cloison-ebpf",
+    "cloison-dataplane",
+    "etcd-client",
+    "tonic-prost-build",
+    "prost-build",
+];
 
 #[test]
 fn xtask_builds_without_the_bpf_toolchain() {
@@ -33,7 +41,7 @@ fn xtask_builds_without_the_bpf_toolchain() {
     assert!(graph.iter().any(|p| p == "xtask"), "{graph:?}");
     let bad: Vec<&String> = graph
         .iter()
-        .filter(|p| NEEDS_BPF_TOOLCHAIN.contains(&p.as_str()))
+        .filter(|p| NEEDS_SETUP.contains(&p.as_str()))
         .collect();
     assert!(
         bad.is_empty(),
@@ -42,9 +50,11 @@ fn xtask_builds_without_the_bpf_toolchain() {
     );
 }
 
-/// The check above would see the dependency: the lab's graph has it.
+/// The check above would see the dependencies: the lab's graph has them.
 #[test]
-fn the_check_sees_aya_build_where_it_is() {
+fn the_check_sees_aya_build_and_protoc_builds_where_they_are() {
     let graph = build_graph("cloison-lab");
-    assert!(graph.iter().any(|p| p == "aya-build"), "{graph:?}");
+    for p in ["aya-build", "etcd-client", "prost-build"] {
+        assert!(graph.iter().any(|g| g == p), "{p} not in {graph:?}");
+    }
 }

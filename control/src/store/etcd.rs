@@ -119,6 +119,11 @@ struct Link {
     /// `None` while etcd answers; since when it does not.
     down_since: Mutex<Option<SystemTime>>,
     why: Mutex<String>,
+    /// Lists of the whole state after the first (each a watch that broke,
+    /// was cancelled or compacted).
+    relists: std::sync::atomic::AtomicU64,
+    /// Whether etcd ever answered this process.
+    ever_up: std::sync::atomic::AtomicBool,
 }
 
 impl Link {
@@ -132,6 +137,8 @@ impl Link {
     }
 
     fn up(&self) {
+        self.ever_up
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if self.down_since.lock().unwrap().take().is_some() {
             tracing::info!("etcd reachable again");
         }
@@ -199,6 +206,8 @@ impl Etcd {
             link: Arc::new(Link {
                 down_since: Mutex::new(Some(SystemTime::now())),
                 why: Mutex::new("not connected yet".into()),
+                relists: Default::default(),
+                ever_up: Default::default(),
             }),
             mirror: Arc::new(Mutex::new(mirror)),
             desired: None,
@@ -259,6 +268,17 @@ impl Store for Etcd {
         change: Change<'_>,
         _next: Desired,
     ) -> Result<u64, CommitError> {
+        if !self.link.ever_up.load(std::sync::atomic::Ordering::Relaxed) {
+            // Just started: etcd may answer any moment.
+            let link = self.link.clone();
+            self.rt.block_on(async {
+                let end = tokio::time::Instant::now() + super::WRITE_TIMEOUT;
+                while link.down_since.lock().unwrap().is_some() && tokio::time::Instant::now() < end
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
         if let Some(since) = *self.link.down_since.lock().unwrap() {
             return Err(CommitError::Unavailable(format!(
                 "etcd is unreachable since {}: {}",
@@ -275,6 +295,15 @@ impl Store for Etcd {
             ),
             None => TxnOp::delete(key, None),
         };
+        // The write's own mark, in state/generation: a retried transaction
+        // that finds it there knows that its first try committed.
+        let mark = format!(
+            "{} {}",
+            self.cfg.host,
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 self.keys.generation.clone(),
@@ -283,13 +312,33 @@ impl Store for Etcd {
             )])
             .and_then([
                 op,
-                TxnOp::put(self.keys.generation.clone(), self.cfg.host.clone(), None),
+                TxnOp::put(self.keys.generation.clone(), mark.clone(), None),
             ])
             .or_else([TxnOp::get(self.keys.generation.clone(), None)]);
+        // Errors are retried until the timeout: a member that died, a
+        // leader being elected. A retry of a transaction that did commit
+        // fails its comparison, and the caller finds its write done.
         let mut client = self.client.clone();
+        let link = self.link.clone();
         let resp = self
             .rt
-            .block_on(async { tokio::time::timeout(super::WRITE_TIMEOUT, client.txn(txn)).await })
+            .block_on(async {
+                tokio::time::timeout(super::WRITE_TIMEOUT, async {
+                    loop {
+                        match client.txn(txn.clone()).await {
+                            Ok(r) => return Ok(r),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "etcd: write, again");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                if link.down_since.lock().unwrap().is_some() {
+                                    return Err(e);
+                                }
+                            }
+                        }
+                    }
+                })
+                .await
+            })
             .map_err(|_| CommitError::Unavailable("etcd did not answer in time".into()))?
             .map_err(|e| CommitError::Unavailable(format!("etcd: {e}")))?;
         let revision = resp.header().map_or(0, |h| h.revision()) as u64;
@@ -304,15 +353,21 @@ impl Store for Etcd {
         }
         // Another agent wrote since `base`: wait for its write to arrive,
         // then the caller checks again.
-        let current = resp
+        let (current, theirs) = resp
             .op_responses()
             .into_iter()
             .find_map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision() as u64),
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.mod_revision() as u64, kv.value().to_vec())),
                 _ => None,
             })
-            .unwrap_or(0);
+            .unwrap_or((0, vec![]));
         self.wait_published(current);
+        if theirs == mark.as_bytes() {
+            return Ok(current); // a retry of what had committed
+        }
         Err(CommitError::Stale)
     }
 
@@ -343,6 +398,10 @@ impl StoreView for View {
 
     fn unreachable_since(&self) -> Option<SystemTime> {
         *self.link.down_since.lock().unwrap()
+    }
+
+    fn relists(&self) -> u64 {
+        self.link.relists.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn fleet(&self) -> Option<Result<Vec<Member>, String>> {
@@ -418,7 +477,12 @@ struct Watcher {
 impl Watcher {
     async fn run(self) {
         let mut backoff = Duration::from_millis(100);
-        loop {
+        for n in 0u64.. {
+            if n > 0 {
+                self.link
+                    .relists
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let why = match self.sync().await {
                 Ok(()) => "the watch ended".to_string(),
                 Err(e) => e,

@@ -94,6 +94,11 @@ pub trait StoreView: Send + Sync {
     fn describe(&self) -> String;
     /// Since when the store cannot be reached (`None`: it can).
     fn unreachable_since(&self) -> Option<SystemTime>;
+    /// How many times the whole state was listed again after a watch broke
+    /// (or was cancelled, or compacted away).
+    fn relists(&self) -> u64 {
+        0
+    }
     /// Every agent of the fleet (`None`: not a fleet). Blocks: call it off
     /// the async workers.
     fn fleet(&self) -> Option<Result<Vec<Member>, String>>;

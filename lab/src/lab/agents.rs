@@ -18,6 +18,12 @@ pub struct AgentProc {
     child: std::process::Child,
 }
 
+impl AgentProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
         let _ = self.child.kill();

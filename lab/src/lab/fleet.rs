@@ -207,13 +207,66 @@ impl Lab {
         Ok(out)
     }
 
+    /// The state etcd holds, validated as an agent would.
+    pub fn etcd_state(&self) -> Result<cloison_dataplane::validate::Valid> {
+        let mut snap = Snapshot::default();
+        for (key, v) in self.etcd_objects()? {
+            let v = v.clone();
+            match key.split_once('/').map(|(k, _)| k) {
+                Some("hosts") => snap.hosts.push(serde_json::from_value(v)?),
+                Some("networks") => snap.networks.push(serde_json::from_value(v)?),
+                Some("security-groups") => snap.security_groups.push(serde_json::from_value(v)?),
+                Some("ports") => snap.ports.push(serde_json::from_value(v)?),
+                _ => bail!("unknown key {key}"),
+            }
+        }
+        cloison_dataplane::validate::validate(snap).map_err(|v| anyhow::anyhow!("{v}"))
+    }
+
+    /// How many map entries `host`'s kernel lacks or has too many for
+    /// `state` (0: it holds exactly that state), read in its namespace.
+    pub fn drift(&self, host: &str, state: &cloison_dataplane::validate::Valid) -> Result<usize> {
+        let (host, pins, state) = (host.to_string(), self.pin_root.clone(), state.clone());
+        in_netns(&self.ns(&host), move || {
+            let dp = Dataplane::open_maps(&host, &pins)?;
+            Ok(dp.drift(&state, &host, UPLINK)?)
+        })
+    }
+
+    /// The process id of `host`'s agent.
+    pub fn agent_pid(&self, host: &str) -> u32 {
+        self.agents
+            .iter()
+            .find(|a| a.host == host)
+            .expect("an agent for this host")
+            .pid()
+    }
+
     /// Starts every host's agent in fleet mode, on the lab's etcd.
     pub fn start_fleet_agents(&mut self) -> Result<()> {
         if self.etcd.is_empty() {
             bail!("start etcd first");
         }
         self.fleet = Some(self.etcd_endpoints());
-        self.start_agents()
+        self.start_agents()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        for a in &self.agents {
+            let c = self.agent_client(&a.host);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let s = rt.block_on(c.get("/v1/status"))?.json()?;
+                if s["store"] == "etcd: connected" {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{}: never connected to etcd: {s}", a.host);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
     }
 
     /// The lab's state written through one agent only, as an IaaS talking

@@ -3,7 +3,7 @@
 //! also after a failure. Nothing touches the machine's own interfaces.
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use cloison_abi::DropReason;
 use cloison_dataplane::{
     loader::DEFAULT_PIN_ROOT, snapshot::MacAddr, Dataplane, Host, Network, Port, SecurityGroup,
@@ -174,6 +174,19 @@ impl Lab {
         });
         self.hosts.push(name);
         Ok(())
+    }
+
+    /// A third Cloison host, hv3, with VM a4 (tenant a, 10.0.0.4) on it.
+    /// Before agents or an apply; not with the kernel peer (also hv3).
+    pub fn add_third_host(&mut self) -> Result<()> {
+        if self.hosts.len() != 2 {
+            bail!(
+                "the lab has {} hosts: a third one is added to two",
+                self.hosts.len()
+            );
+        }
+        self.add_host(3)?;
+        self.add_vm("a4", 3, 4)
     }
 
     fn add_vm(&mut self, name: &str, host: usize, idx: u8) -> Result<()> {

@@ -12,6 +12,9 @@ fn main() -> ExitCode {
     let res = match args.first().map(String::as_str) {
         Some("bench") => cloison_lab::bench::run(),
         Some("plot") => cloison_lab::bench::plot_results(),
+        Some("demo") if args.get(1).map(String::as_str) == Some("--fleet") => {
+            cloison_lab::demo::run_fleet()
+        }
         Some("demo") => cloison_lab::demo::run(),
         Some("lab") => hold_lab(&args[1..]),
         Some("fuzz-seeds") => match args.get(1) {
@@ -19,7 +22,7 @@ fn main() -> ExitCode {
             None => Err(anyhow::anyhow!("usage: cloison-lab fuzz-seeds DIR")),
         },
         _ => Err(anyhow::anyhow!(
-            "usage: cloison-lab bench | plot | demo | lab [SECS] [xdp|tc] [nic|offload] | fuzz-seeds DIR (through cargo xtask, which installs what they need)"
+            "usage: cloison-lab bench | plot | demo [--fleet] | lab [SECS] [xdp|tc] [nic|offload] | fuzz-seeds DIR (through cargo xtask, which installs what they need)"
         )),
     };
     match res {

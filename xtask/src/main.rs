@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo | bench | plot | fuzz SECS | lab [ARGS]`
+//! `cargo xtask setup | test | demo [--fleet] | bench | plot | fuzz SECS | lab [ARGS]`
 //!
 //! `setup` installs what a fresh machine lacks (idempotently, a line per
 //! step); `test`, `demo` and `bench` run it first, so each is the one
@@ -20,7 +20,11 @@ fn main() -> ExitCode {
     let res = match args.first().map(String::as_str) {
         Some("setup") => setup::setup(),
         Some("test") => setup::setup().and_then(|()| test()),
-        Some("demo") => setup::setup().and_then(|()| lab(&["demo"])),
+        Some("demo") => setup::setup().and_then(|()| {
+            let mut a = vec!["demo"];
+            a.extend(args[1..].iter().map(String::as_str));
+            lab(&a)
+        }),
         Some("bench") => setup::setup().and_then(|()| lab(&["bench"])),
         Some("plot") => lab(&["plot"]),
         Some("fuzz") => setup::setup().and_then(|()| fuzz::fuzz(&args[1..])),
@@ -30,7 +34,7 @@ fn main() -> ExitCode {
             lab(&a)
         }),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | demo | bench | plot | fuzz SECS | lab [SECS] [xdp|tc] [nic|offload]"
+            "usage: cargo xtask setup | test | demo [--fleet] | bench | plot | fuzz SECS | lab [SECS] [xdp|tc] [nic|offload]"
         )),
     };
     match res {

@@ -56,6 +56,8 @@ enum Cmd {
     },
     /// Desired and applied generations.
     Status,
+    /// Every agent of the fleet: applied generation, up or down (fleet mode).
+    Fleet,
     /// A port's packets, bytes and drops by reason.
     Stats {
         port: String,
@@ -146,8 +148,24 @@ async fn run(args: Args) -> Result<()> {
                     v["applied_generation"],
                     v["programs"].as_str().unwrap_or("?")
                 );
+                println!("store {}", v["store"].as_str().unwrap_or("?"));
                 if let Some(p) = v["pending_ports"].as_array().filter(|p| !p.is_empty()) {
                     println!("pending ports (no interface yet): {p:?}");
+                }
+            }
+        }
+        Cmd::Fleet => {
+            let v = ok(c.get("/v1/fleet").await?)?;
+            if json {
+                println!("{v}");
+            } else {
+                for m in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} applied generation {:<8} {}",
+                        m["host"].as_str().unwrap_or("?"),
+                        m["applied_generation"],
+                        if m["up"] == true { "up" } else { "DOWN" }
+                    );
                 }
             }
         }

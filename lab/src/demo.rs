@@ -165,34 +165,10 @@ fn fleet(summary: &mut Summary) -> Result<()> {
 
     step("fleet: etcd's leader killed with SIGKILL under a 250 pps ping a4 -> a2, a write through hv2 meanwhile");
     let ping = lab::ping_in_background(&lab, "a4", "10.0.0.2", 750, "0.004");
-    std::thread::sleep(Duration::from_millis(500));
-    let leader = lab.etcd_leader()?;
-    lab.kill_etcd(leader);
-    println!("  killed etcd member m{leader}, the leader");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let body = serde_json::json!({"tenant": "tenant-a", "rules": [{"direction": "ingress", "protocol": "tcp", "ports": "22"}]});
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let written = loop {
-        let a = rt.block_on(
-            lab.agent_client("hv2")
-                .put("/v1/security-groups/a-ssh", &body),
-        )?;
-        if a.status < 300 {
-            break a.json()?["generation"].as_u64().unwrap_or(0);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no write went through after the leader was killed: {}",
-                String::from_utf8_lossy(&a.body)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    lab.wait_fleet(written)?;
-    let new_leader = lab.etcd_leader()?;
+    let during = leader_killed(&mut lab);
     let (sent, received) = lab::ping_result(ping);
+    let (leader, written, new_leader) = during?;
+    println!("  killed etcd member m{leader}, the leader");
     println!("  new leader m{new_leader}; the write through hv2 (generation {written}) is in every kernel");
     println!("  {sent} packets transmitted, {received} received");
     summary.add(
@@ -398,6 +374,37 @@ fn security_groups(lab: &mut Lab, summary: &mut Summary) -> Result<()> {
         ("a3", "a-default"),
     ]);
     lab.apply()
+}
+
+/// Kills etcd's leader, then writes through hv2 until it is taken and in
+/// every kernel: (the leader killed, the write's generation, the new leader).
+fn leader_killed(lab: &mut Lab) -> Result<(usize, u64, usize)> {
+    std::thread::sleep(Duration::from_millis(500));
+    let leader = lab.etcd_leader()?;
+    lab.kill_etcd(leader);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = serde_json::json!({"tenant": "tenant-a", "rules": [{"direction": "ingress", "protocol": "tcp", "ports": "22"}]});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let written = loop {
+        let a = rt.block_on(
+            lab.agent_client("hv2")
+                .put("/v1/security-groups/a-ssh", &body),
+        )?;
+        if a.status < 300 {
+            break a.json()?["generation"].as_u64().unwrap_or(0);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no write went through after the leader was killed: {}",
+                String::from_utf8_lossy(&a.body)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    lab.wait_fleet(written)?;
+    Ok((leader, written, lab.etcd_leader()?))
 }
 
 fn hitless_restart(lab: &mut Lab, summary: &mut Summary) -> Result<()> {

@@ -427,6 +427,18 @@ fn privileged_fleet_compaction_and_broken_watches_converge() {
         relists("hv1") > before[0] && relists("hv2") > before[1],
         "both listed again"
     );
+
+    // A port that moves: a1's port to hv2 (its interface is on hv1: pending
+    // there), then back; each time both kernels hold exactly the new state.
+    let mut a1 = rt.block_on(c1.get("/v1/ports/a1")).unwrap().json().unwrap();
+    a1.as_object_mut().unwrap().remove("generation");
+    for host in ["hv2", "hv1"] {
+        a1["host"] = host.into();
+        let a = rt.block_on(c1.put("/v1/ports/a1", &a1)).unwrap();
+        assert_eq!(a.status, 200, "{:?}", code(&a));
+        assert_fleet_is(&lab, &rt, a.json().unwrap()["generation"].as_u64().unwrap());
+    }
+    assert!(lab.ping("a1", "10.0.0.2", 2), "a1 back on hv1 reaches a2");
 }
 
 /// Three agents on a three-member etcd; the leader is killed while writes

@@ -10,3 +10,4 @@ pub mod reconcile;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod watch_only;

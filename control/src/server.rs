@@ -126,6 +126,23 @@ impl Agent {
         self.desired.borrow().clone()
     }
 
+    /// A PUT (`Some`) or a DELETE (`None`) as the API makes it, blocking
+    /// (not on an async worker): (created, the object as returned).
+    pub fn write_blocking(
+        &self,
+        kind: Kind,
+        name: &str,
+        object: Option<Object>,
+    ) -> Result<(bool, Value), ApiError> {
+        let mut store = self.store.clone().blocking_lock_owned();
+        match object {
+            Some(o) => self.put(&mut store, kind, name, o),
+            None => self
+                .delete(&mut store, kind, name)
+                .map(|()| (false, Value::Null)),
+        }
+    }
+
     /// PUT, with the store's lock held: (created, the object as returned).
     fn put(
         &self,
@@ -216,6 +233,7 @@ impl From<CommitError> for ApiError {
 }
 
 /// An error answer: `{"error": {"code", "message"}}` with its status.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
@@ -234,6 +252,18 @@ impl ApiError {
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "internal error");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 

@@ -3,6 +3,7 @@
 //! `cargo xtask` runs once `setup` has installed the BPF toolchain.
 pub mod bench;
 pub mod demo;
+pub mod fleet_bench;
 pub mod fuzz_seeds;
 pub mod lab;
 pub mod memory;

@@ -10,6 +10,9 @@ use cloison_lab::lab::{self, Lab};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
+        Some("bench") if args.get(1).map(String::as_str) == Some("--fleet") => {
+            cloison_lab::fleet_bench::run()
+        }
         Some("bench") => cloison_lab::bench::run(),
         Some("plot") => cloison_lab::bench::plot_results(),
         Some("demo") if args.get(1).map(String::as_str) == Some("--fleet") => {
@@ -22,7 +25,7 @@ fn main() -> ExitCode {
             None => Err(anyhow::anyhow!("usage: cloison-lab fuzz-seeds DIR")),
         },
         _ => Err(anyhow::anyhow!(
-            "usage: cloison-lab bench | plot | demo [--fleet] | lab [SECS] [xdp|tc] [nic|offload] | fuzz-seeds DIR (through cargo xtask, which installs what they need)"
+            "usage: cloison-lab bench [--fleet] | plot | demo [--fleet] | lab [SECS] [xdp|tc] [nic|offload] | fuzz-seeds DIR (through cargo xtask, which installs what they need)"
         )),
     };
     match res {

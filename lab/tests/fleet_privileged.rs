@@ -86,17 +86,25 @@ fn privileged_fleet_one_write_applied_by_all_and_conflicts_refused_once() {
     let s2 = rt.block_on(c2.get("/v1/status")).unwrap().json().unwrap();
     assert_eq!(s2["store"], "etcd: connected");
     assert!(s2["applied_generation"].as_u64() >= Some(generation));
-    let fleet = rt.block_on(c2.get("/v1/fleet")).unwrap();
-    assert_eq!(fleet.status, 200);
-    let fleet = fleet.json().unwrap();
-    let members = fleet.as_array().expect("a list");
-    assert_eq!(members.len(), 2, "{fleet}");
-    for m in members {
-        assert_eq!(m["up"], true, "{fleet}");
+    // Each agent tells the fleet what it applied (at most every 250 ms).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let fleet = rt.block_on(c2.get("/v1/fleet")).unwrap();
+        assert_eq!(fleet.status, 200);
+        let fleet = fleet.json().unwrap();
+        let members = fleet.as_array().expect("a list").clone();
+        assert_eq!(members.len(), 2, "{fleet}");
+        let done = members
+            .iter()
+            .all(|m| m["up"] == true && m["applied_generation"].as_u64() >= Some(generation));
+        if done {
+            break;
+        }
         assert!(
-            m["applied_generation"].as_u64() >= Some(generation),
-            "{fleet}"
+            Instant::now() < deadline,
+            "the fleet never said so: {fleet}"
         );
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     // The same VNI to both agents at the same moment: exactly one wins.

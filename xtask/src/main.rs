@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo [--fleet] | bench | plot | fuzz SECS | lab [ARGS]`
+//! `cargo xtask setup | test | demo [--fleet] | bench [--fleet] | plot | fuzz SECS | lab [ARGS]`
 //!
 //! `setup` installs what a fresh machine lacks (idempotently, a line per
 //! step); `test`, `demo` and `bench` run it first, so each is the one
@@ -25,7 +25,11 @@ fn main() -> ExitCode {
             a.extend(args[1..].iter().map(String::as_str));
             lab(&a)
         }),
-        Some("bench") => setup::setup().and_then(|()| lab(&["bench"])),
+        Some("bench") => setup::setup().and_then(|()| {
+            let mut a = vec!["bench"];
+            a.extend(args[1..].iter().map(String::as_str));
+            lab(&a)
+        }),
         Some("plot") => lab(&["plot"]),
         Some("fuzz") => setup::setup().and_then(|()| fuzz::fuzz(&args[1..])),
         Some("lab") => setup::setup().and_then(|()| {
@@ -34,7 +38,7 @@ fn main() -> ExitCode {
             lab(&a)
         }),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | demo [--fleet] | bench | plot | fuzz SECS | lab [SECS] [xdp|tc] [nic|offload]"
+            "usage: cargo xtask setup | test | demo [--fleet] | bench [--fleet] | plot | fuzz SECS | lab [SECS] [xdp|tc] [nic|offload]"
         )),
     };
     match res {

@@ -80,6 +80,8 @@ impl EtcdConfig {
 /// A list is read in pages of this many keys (etcd answers each page in
 /// one message; a page of ports is well under its 2 MiB default).
 const PAGE: i64 = 500;
+/// How often, at most, an agent writes its applied generation to etcd.
+pub const REPORT_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 struct Keys {
@@ -516,11 +518,22 @@ impl Watcher {
             .await
             .map_err(|e| format!("watch: {e}"))?;
         loop {
-            let first = stream
-                .message()
-                .await
-                .map_err(|e| format!("watch: {e}"))?
-                .ok_or("the watch stream ended")?;
+            let first = match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+                Ok(m) => m
+                    .map_err(|e| format!("watch: {e}"))?
+                    .ok_or("the watch stream ended")?,
+                Err(_) => {
+                    // Quiet for a second: the local copy goes to disk.
+                    let mirror = self.mirror.clone();
+                    let r = tokio::task::spawn_blocking(move || mirror.lock().unwrap().flush())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "put the local copy of the fleet's state on disk");
+                    }
+                    continue;
+                }
+            };
             // Whatever else has arrived goes into the same state.
             let mut batch = vec![first];
             while let Some(Some(next)) = stream.next().now_or_never() {
@@ -643,7 +656,7 @@ impl Watcher {
                             record: state.get(*kind, name),
                         })
                         .collect();
-                    m.write(&changes, state.generation, false)
+                    m.mirror(&changes, state.generation, false)
                 }
             };
             if let Err(e) = r {
@@ -702,6 +715,8 @@ async fn report(
         }
     };
     let key = format!("{}{}", keys.agents, cfg.host);
+    // At most one report per REPORT_EVERY: a burst of writes must not turn
+    // into a burst of etcd writes from every agent of the fleet.
     let generation = async move {
         let mut told: Option<u64> = None;
         loop {
@@ -713,13 +728,11 @@ async fn report(
                     Ok(_) => told = Some(g),
                     Err(e) => tracing::debug!(error = %e, "etcd: report the applied generation"),
                 }
+                tokio::time::sleep(REPORT_EVERY).await;
+                continue;
             }
-            if told == Some(g) {
-                if applied.changed().await.is_err() {
-                    return;
-                }
-            } else {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            if applied.changed().await.is_err() {
+                return;
             }
         }
     };

@@ -1,0 +1,394 @@
+//! `cargo xtask bench --fleet`: fleet mode on a real etcd (one member, on
+//! loopback, started and stopped by its process id). Convergence: the time
+//! from a write to every agent's applied generation, with 100 watch-only
+//! agents in this process (each the store of a real agent: its watch, its
+//! local copy, its reports to etcd, and its host's tables compiled for every
+//! state) and with 3 real agents in the netns lab; for one port, and for
+//! 10,000 ports written at once. Write throughput through one agent and
+//! through three at once. Results in benches/results/fleet.{json,md}.
+use std::{
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use cloison_control::{
+    desired::{parse_body, Kind},
+    server::Agent,
+    store::{Etcd, EtcdConfig, Redb},
+    watch_only::WatchOnly,
+};
+use cloison_dataplane::UplinkHook;
+use serde_json::{json, Value};
+
+use crate::lab::Lab;
+
+fn step(msg: &str) {
+    println!("==> {msg}");
+}
+
+/// Watch-only agents (`CLOISON_FLEET_AGENTS` overrides).
+fn agents_n() -> usize {
+    std::env::var("CLOISON_FLEET_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+/// An etcd member on loopback, killed on drop.
+struct LocalEtcd {
+    child: Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn local_etcd(dir: &std::path::Path) -> Result<LocalEtcd> {
+    let port = |l: &std::net::TcpListener| l.local_addr().map(|a| a.port());
+    let (c, p) = (
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+    );
+    let (cport, pport) = (port(&c)?, port(&p)?);
+    drop((c, p));
+    let url = format!("http://127.0.0.1:{cport}");
+    let peer = format!("http://127.0.0.1:{pport}");
+    std::fs::create_dir_all(dir)?;
+    let child = Command::new("etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.join("data"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("bench={peer}")])
+        .args([
+            "--max-txn-ops",
+            "1000",
+            "--quota-backend-bytes",
+            "8589934592",
+        ])
+        .args(["--logger", "zap", "--log-outputs"])
+        .arg(dir.join("etcd.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start etcd (cargo xtask setup installs etcd-server)")?;
+    let e = LocalEtcd {
+        child,
+        dir: dir.to_path_buf(),
+        url,
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Command::new("etcdctl")
+        .arg(format!("--endpoints={}", e.url))
+        .args(["endpoint", "health"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        if Instant::now() > deadline {
+            bail!("etcd did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(e)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn host(i: usize) -> Value {
+    json!({"underlay_ip": format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256)})
+}
+
+/// Port `i` of net-0, on host `i % agents`; in group sg-0 or in none
+/// (10,000 members of one remote group would not fit a host's tables).
+fn port(i: usize, grouped: bool, agents: usize) -> Value {
+    let groups: Vec<&str> = if grouped { vec!["sg-0"] } else { vec![] };
+    json!({"network": "net-0", "host": format!("h{:03}", i % agents), "interface": format!("tap{i}"),
+        "mac": format!("02:00:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff),
+        "ips": [format!("10.0.{}.{}", 1 + i / 250, 1 + i % 250)], "security_groups": groups})
+}
+
+/// One write through `agent`'s API code path: its generation.
+fn write(agent: &Agent, kind: Kind, name: &str, body: &Value) -> Result<u64> {
+    let object = parse_body(kind, name, &serde_json::to_vec(body)?)
+        .map_err(|e| anyhow::anyhow!("{kind} {name}: {e}"))?;
+    let (_, v) = agent
+        .write_blocking(kind, name, Some(object))
+        .map_err(|e| anyhow::anyhow!("{kind} {name}: {e}"))?;
+    v["generation"].as_u64().context("a generation")
+}
+
+/// Waits until every agent has applied `generation`: how long after `since`.
+fn converged(agents: &[WatchOnly], generation: u64, since: Instant) -> Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for a in agents {
+        while a.applied.borrow().generation < generation {
+            if Instant::now() > deadline {
+                bail!("{} never applied {generation}", a.host);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(since.elapsed())
+}
+
+pub fn run() -> Result<()> {
+    #[allow(non_snake_case)]
+    let AGENTS = agents_n();
+    let tag = format!("cloison-fleet-bench-{}", std::process::id());
+    let dir = std::env::temp_dir().join(&tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    step("etcd: one member on loopback (Debian's etcd-server)");
+    let etcd = local_etcd(&dir.join("etcd"))?;
+    let cfg = |host: &str| EtcdConfig::new(&etcd.url, host);
+    let writer = |name: &str| -> Result<Arc<Agent>> {
+        let store = rt.block_on(Etcd::connect(cfg(name), Redb::open(&dir.join(name))?))?;
+        let _g = rt.enter();
+        Ok(Agent::new(name.into(), Box::new(store), dir.join("no-pins"))?.0)
+    };
+    let w = writer("writer")?;
+    for i in 0..AGENTS {
+        write(&w, Kind::Host, &format!("h{i:03}"), &host(i))?;
+    }
+    write(
+        &w,
+        Kind::Network,
+        "net-0",
+        &json!({"tenant": "t", "vni": 100, "subnets": ["10.0.0.0/16"]}),
+    )?;
+    let g = write(
+        &w,
+        Kind::SecurityGroup,
+        "sg-0",
+        &json!({"tenant": "t", "rules": [
+        {"direction": "egress"}, {"direction": "ingress", "remote": {"group": "sg-0"}}]}),
+    )?;
+
+    step("write throughput through one agent (200 sequential PUTs of a security group)");
+    let t = Instant::now();
+    for i in 0..200 {
+        write(
+            &w,
+            Kind::SecurityGroup,
+            &format!("sg-w{i}"),
+            &json!({"tenant": "t", "rules": [{"direction": "ingress", "protocol": "tcp", "ports": format!("{}", 1000 + i)}]}),
+        )?;
+    }
+    let one_writer = 200.0 / t.elapsed().as_secs_f64();
+    println!("  {one_writer:.0} writes/s");
+
+    step("write throughput through three agents at once (100 PUTs each)");
+    let writers: Vec<Arc<Agent>> = (0..3)
+        .map(|i| writer(&format!("writer{i}")))
+        .collect::<Result<_>>()?;
+    let t = Instant::now();
+    let threads: Vec<_> = writers
+        .iter()
+        .enumerate()
+        .map(|(k, a)| {
+            let a = a.clone();
+            std::thread::spawn(move || -> Result<u32> {
+                // As an IaaS would: a 503 is tried again.
+                let mut refused = 0;
+                for i in 0..100 {
+                    let name = format!("sg-{k}-{i}");
+                    while let Err(e) = write(
+                        &a,
+                        Kind::SecurityGroup,
+                        &name,
+                        &json!({"tenant": "t", "rules": []}),
+                    ) {
+                        if !e.to_string().contains("503") || refused > 1000 {
+                            return Err(e);
+                        }
+                        refused += 1;
+                    }
+                }
+                Ok(refused)
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    for th in threads {
+        refused += th
+            .join()
+            .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+    }
+    let three_writers = 300.0 / t.elapsed().as_secs_f64();
+    println!("  {three_writers:.0} writes/s in all (each checked on the fleet's state, again when another committed first); {refused} answered 503 after 8 such rounds, and sent again");
+
+    step(&format!("{AGENTS} watch-only agents (each: its watch, local copy, reports, tables compiled per state)"));
+    let started = Instant::now();
+    let agents: Vec<WatchOnly> = (0..AGENTS)
+        .map(|i| {
+            let h = format!("h{i:03}");
+            rt.block_on(WatchOnly::start(cfg(&h), &dir.join(&h)))
+        })
+        .collect::<Result<_, _>>()?;
+    let cold = converged(&agents, g, started)?;
+    println!(
+        "  all {AGENTS} listed and applied the first state in {:.0} ms",
+        cold.as_secs_f64() * 1e3
+    );
+
+    step(&format!(
+        "convergence, one port: a PUT through one agent until all {AGENTS} applied it (50 times)"
+    ));
+    let mut one = Vec::new();
+    for i in 0..50 {
+        let t = Instant::now();
+        let g = write(&w, Kind::Port, &format!("p{i}"), &port(i, true, AGENTS))?;
+        one.push(converged(&agents, g, t)?.as_secs_f64() * 1e3);
+    }
+    let (one_p50, one_p99, one_max) = (
+        percentile(&mut one, 0.5),
+        percentile(&mut one, 0.99),
+        percentile(&mut one, 1.0),
+    );
+    println!("  p50 {one_p50:.1} ms, p99 {one_p99:.1} ms, max {one_max:.1} ms");
+
+    step(&format!("convergence, 10,000 ports: written into etcd in transactions of 500, until all {AGENTS} applied the last"));
+    let t = Instant::now();
+    let last = rt.block_on(bulk_ports(&etcd.url, 50, 10_050, AGENTS))?;
+    let written = t.elapsed();
+    let bulk = converged(&agents, last, t)?;
+    println!(
+        "  written in {:.0} ms; every agent applied it {:.0} ms after the first write",
+        written.as_secs_f64() * 1e3,
+        bulk.as_secs_f64() * 1e3
+    );
+    drop(agents);
+    drop(writers);
+    drop(w);
+
+    step("convergence with 3 real agents (cloisond in the netns lab, kernels programmed): 30 PUTs");
+    let (real_p50, real_p99) = real_agents()?;
+    println!("  p50 {real_p50:.1} ms, p99 {real_p99:.1} ms");
+
+    let date = String::from_utf8(
+        Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()?
+            .stdout,
+    )?;
+    let results = json!({
+        "date": date.trim(),
+        "agents": AGENTS,
+        "cold_start_ms": cold.as_secs_f64() * 1e3,
+        "one_port_ms": {"p50": one_p50, "p99": one_p99, "max": one_max},
+        "ten_thousand_ports_ms": {"written": written.as_secs_f64() * 1e3, "applied_everywhere": bulk.as_secs_f64() * 1e3},
+        "three_real_agents_ms": {"p50": real_p50, "p99": real_p99},
+        "writes_per_s": {"one_agent": one_writer, "three_agents": three_writers, "three_agents_503": refused},
+    });
+    let out = std::path::Path::new("benches/results");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("fleet.json"), serde_json::to_vec_pretty(&results)?)?;
+    let md = format!(
+        "Fleet mode ({}), one etcd member on loopback, 2 cores:\n\n\
+         | | |\n|---|---|\n\
+         | one port, PUT to applied on all {AGENTS} watch-only agents | p50 {one_p50:.1} ms, p99 {one_p99:.1} ms |\n\
+         | 10,000 ports (transactions of 500), first write to applied on all {AGENTS} | {:.0} ms (written in {:.0} ms) |\n\
+         | one PUT, to applied in 3 real agents' kernels | p50 {real_p50:.1} ms, p99 {real_p99:.1} ms |\n\
+         | writes through one agent | {one_writer:.0}/s |\n\
+         | writes through three agents at once | {three_writers:.0}/s in all ({refused} sent again after a 503) |\n\
+         | {AGENTS} agents' first list and apply | {:.0} ms |\n",
+        date.trim(),
+        bulk.as_secs_f64() * 1e3,
+        written.as_secs_f64() * 1e3,
+        cold.as_secs_f64() * 1e3,
+    );
+    std::fs::write(out.join("fleet.md"), &md)?;
+    println!("{md}");
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
+    step("written: benches/results/fleet.json, fleet.md");
+    Ok(())
+}
+
+/// Ports `from..to` straight into etcd's keys, `per` to a transaction
+/// (each moving `state/generation`, as the API's writes do): the last
+/// transaction's revision.
+async fn bulk_ports(url: &str, from: usize, to: usize, agents: usize) -> Result<u64> {
+    use etcd_client::{Client, Txn, TxnOp};
+    let mut c = Client::connect([url], None).await?;
+    let mut last = 0;
+    let mut i = from;
+    while i < to {
+        let end = (i + 500).min(to);
+        let mut ops: Vec<TxnOp> = (i..end)
+            .map(|k| {
+                let mut v = port(k, false, agents);
+                v["name"] = format!("p{k}").into();
+                TxnOp::put(
+                    format!("/cloison/state/objects/ports/p{k}"),
+                    v.to_string(),
+                    None,
+                )
+            })
+            .collect();
+        ops.push(TxnOp::put("/cloison/state/generation", "bench", None));
+        let r = c.txn(Txn::new().and_then(ops)).await?;
+        last = r.header().map_or(0, |h| h.revision()) as u64;
+        i = end;
+    }
+    Ok(last)
+}
+
+/// 30 PUTs through hv1 of a three-host lab in fleet mode, each timed until
+/// all three kernels hold it (the agents' status polled): (p50, p99) in ms.
+fn real_agents() -> Result<(f64, f64)> {
+    let mut lab = Lab::two_hosts(UplinkHook::Xdp)?;
+    lab.add_third_host()?;
+    lab.start_etcd(1)?;
+    lab.start_fleet_agents()?;
+    lab.apply_via_fleet("hv1")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let c = lab.agent_client("hv1");
+    let clients: Vec<_> = ["hv1", "hv2", "hv3"]
+        .iter()
+        .map(|h| lab.agent_client(h))
+        .collect();
+    let mut times = Vec::new();
+    for i in 0..30 {
+        let t = Instant::now();
+        let a = rt.block_on(c.put(&format!("/v1/security-groups/bench-{i}"), &json!({"tenant": "tenant-a", "rules": [{"direction": "ingress", "protocol": "tcp", "ports": format!("{}", 2000 + i)}]})))?;
+        let g = a.json()?["generation"].as_u64().context("a generation")?;
+        for c in &clients {
+            while rt.block_on(c.get("/v1/status"))?.json()?["applied_generation"].as_u64() < Some(g)
+            {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lab.cleanup();
+    Ok((percentile(&mut times, 0.5), percentile(&mut times, 0.99)))
+}

@@ -7,7 +7,7 @@
 //! 10,000 ports written at once. Write throughput through one agent and
 //! through three at once. Results in benches/results/fleet.{json,md}.
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -34,82 +34,6 @@ fn agents_n() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100)
-}
-
-/// An etcd member on loopback, killed on drop.
-struct LocalEtcd {
-    child: Child,
-    dir: std::path::PathBuf,
-    url: String,
-}
-
-impl Drop for LocalEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn local_etcd(dir: &std::path::Path) -> Result<LocalEtcd> {
-    let port = |l: &std::net::TcpListener| l.local_addr().map(|a| a.port());
-    let (c, p) = (
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-    );
-    let (cport, pport) = (port(&c)?, port(&p)?);
-    drop((c, p));
-    let url = format!("http://127.0.0.1:{cport}");
-    let peer = format!("http://127.0.0.1:{pport}");
-    std::fs::create_dir_all(dir)?;
-    let child = Command::new("etcd")
-        .args(["--name", "bench", "--data-dir"])
-        .arg(dir.join("data"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &format!("bench={peer}")])
-        .args([
-            "--max-txn-ops",
-            "1000",
-            "--quota-backend-bytes",
-            "8589934592",
-        ])
-        .args(["--logger", "zap", "--log-outputs"])
-        .arg(dir.join("etcd.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start etcd (cargo xtask setup installs etcd-server)")?;
-    let e = LocalEtcd {
-        child,
-        dir: dir.to_path_buf(),
-        url,
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Command::new("etcdctl")
-        .arg(format!("--endpoints={}", e.url))
-        .args(["endpoint", "health"])
-        .env("ETCDCTL_API", "3")
-        .output()
-        .map_or(true, |o| !o.status.success())
-    {
-        if Instant::now() > deadline {
-            bail!("etcd did not come up");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(e)
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -165,7 +89,17 @@ pub fn run() -> Result<()> {
         .enable_all()
         .build()?;
     step("etcd: one member on loopback (Debian's etcd-server)");
-    let etcd = local_etcd(&dir.join("etcd"))?;
+    let etcd = cloison_testkit::etcd::LocalEtcd::start(
+        &dir.join("etcd"),
+        false,
+        &[
+            "--max-txn-ops",
+            "1000",
+            "--quota-backend-bytes",
+            "8589934592",
+        ],
+    )
+    .map_err(anyhow::Error::msg)?;
     let cfg = |host: &str| EtcdConfig::new(&etcd.url, host);
     let writer = |name: &str| -> Result<Arc<Agent>> {
         let store = rt.block_on(Etcd::connect(cfg(name), Redb::open(&dir.join(name))?))?;

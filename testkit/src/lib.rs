@@ -10,9 +10,11 @@
 //! - [`frames`]: the fixtures' host (addresses, VNI) and builders of its frames.
 //! - [`fuzz`]: the frames fuzz target's kernel-and-model harness.
 //! - [`corpus`]: malformed frames made from valid ones, every layer broken.
+//! - [`etcd`]: a real etcd server on loopback, stopped by its process id.
 //! - [`fixture`]: fixtures as table rows, `{case, input, expected verdict,
 //!   expected output}`, run through the kernel and the model by one runner.
 pub mod corpus;
+pub mod etcd;
 pub mod fixture;
 pub mod frames;
 pub mod fuzz;

@@ -394,18 +394,7 @@ impl Dataplane {
         hook: UplinkHook,
     ) -> Result<ApplyReport, Error> {
         self.writable("apply")?;
-        let uplink_ifindex = netdev::ifindex(uplink)
-            .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
-        let current = self.current()?;
-        let compiled: Compiled = tables::compile(
-            snap,
-            host,
-            uplink_ifindex,
-            netdev::resolve,
-            &current.tables.ports,
-            self.ct_limits,
-            self.ct_capacity,
-        )?;
+        let (current, compiled) = self.wanted(snap, host, uplink)?;
         let plan = plan::plan(&current, &compiled);
         let mut report = ApplyReport {
             pending: compiled.pending.clone(),
@@ -442,6 +431,12 @@ impl Dataplane {
     /// the kernel holds exactly what `snap` compiles to for `host`. Reads
     /// only (a read-only handle will do); in the host's network namespace.
     pub fn drift(&self, snap: &Valid, host: &str, uplink: &str) -> Result<usize, Error> {
+        let (current, compiled) = self.wanted(snap, host, uplink)?;
+        Ok(plan::plan(&current, &compiled).map_updates())
+    }
+
+    /// What the kernel holds, and what `snap` compiles to for `host`.
+    fn wanted(&self, snap: &Valid, host: &str, uplink: &str) -> Result<(Current, Compiled), Error> {
         let uplink_ifindex = netdev::ifindex(uplink)
             .ok_or_else(|| Error::Invalid(format!("uplink interface {uplink} does not exist")))?;
         let current = self.current()?;
@@ -454,7 +449,7 @@ impl Dataplane {
             self.ct_limits,
             self.ct_capacity,
         )?;
-        Ok(plan::plan(&current, &compiled).map_updates())
+        Ok((current, compiled))
     }
 
     /// Attaches the port program to `interface` and pins the link. Until the

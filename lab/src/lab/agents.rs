@@ -241,6 +241,19 @@ impl Lab {
 
     /// Waits until the agent of `host` has its desired generation in the kernel.
     pub fn wait_agent(&self, host: &str) -> Result<serde_json::Value> {
+        self.wait_status(host, "converged", |s| {
+            s["applied_generation"] == s["desired_generation"] && s["programs"] == "attached"
+        })
+    }
+
+    /// Polls the status of `host`'s agent until `done` holds of it (20 s at
+    /// most, then an error saying it never `what`); that status.
+    pub fn wait_status(
+        &self,
+        host: &str,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -248,13 +261,13 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let s = rt.block_on(c.get("/v1/status"))?.json()?;
-            if s["applied_generation"] == s["desired_generation"] && s["programs"] == "attached" {
+            if done(&s) {
                 return Ok(s);
             }
             if Instant::now() > deadline {
-                bail!("{host}: the agent never converged: {s}");
+                bail!("{host}: the agent never {what}: {s}");
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -4,7 +4,6 @@
 //! process id; their data lives in the lab's agent directory.
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -249,22 +248,10 @@ impl Lab {
         }
         self.fleet = Some(self.etcd_endpoints());
         self.start_agents()?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         for a in &self.agents {
-            let c = self.agent_client(&a.host);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let s = rt.block_on(c.get("/v1/status"))?.json()?;
-                if s["store"] == "etcd: connected" {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("{}: never connected to etcd: {s}", a.host);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.wait_status(&a.host, "connected to etcd", |s| {
+                s["store"] == "etcd: connected"
+            })?;
         }
         Ok(())
     }
@@ -280,30 +267,11 @@ impl Lab {
 
     /// Waits until every agent's kernel holds `generation` (or later).
     pub fn wait_fleet(&self, generation: u64) -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         for a in &self.agents {
-            let c = self.agent_client(&a.host);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let s = rt.block_on(c.get("/v1/status"))?.json()?;
-                if s["applied_generation"].as_u64() >= Some(generation)
-                    && s["programs"] == "attached"
-                {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("{}: never applied generation {generation}: {s}", a.host);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.wait_status(&a.host, &format!("applied generation {generation}"), |s| {
+                s["applied_generation"].as_u64() >= Some(generation) && s["programs"] == "attached"
+            })?;
         }
         Ok(())
-    }
-
-    /// Where an agent of the fleet keeps its local copy.
-    pub fn agent_state_dir(&self, host: &str) -> PathBuf {
-        self.agent_dir().join(format!("{host}-state"))
     }
 }

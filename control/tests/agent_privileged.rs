@@ -1,6 +1,8 @@
 //! The agent as an outside caller sees it: a real `cloisond` process in a
 //! test-bed namespace of its own (uplink, port veths, real dataplane), driven
 //! only through its socket, per docs/api.md. Needs root.
+mod certs;
+
 use std::{
     os::unix::process::CommandExt,
     path::PathBuf,
@@ -167,8 +169,10 @@ fn scene(prefix: &str) -> (String, Testbed, PathBuf, RemoveOnDrop) {
     (name, bed, dir, cleanup)
 }
 
-/// PUTs every object of [`objects`]: each is new.
-fn put_objects(rt: &tokio::runtime::Runtime, c: &Client, name: &str) {
+/// PUTs every object of [`objects`]: each is new (201, with its name and
+/// a generation above the last); the last generation.
+fn put_objects(rt: &tokio::runtime::Runtime, c: &Client, name: &str) -> u64 {
+    let mut last_gen = 0;
     for (kind, n, body) in objects(name) {
         let a = rt
             .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
@@ -179,7 +183,13 @@ fn put_objects(rt: &tokio::runtime::Runtime, c: &Client, name: &str) {
             "{kind}/{n}: {}",
             String::from_utf8_lossy(&a.body)
         );
+        let v = a.json().unwrap();
+        assert_eq!(v["name"], n.as_str());
+        let g = v["generation"].as_u64().unwrap();
+        assert!(g > last_gen);
+        last_gen = g;
     }
+    last_gen
 }
 
 fn wait_applied(rt: &tokio::runtime::Runtime, c: &Client) -> Value {
@@ -217,23 +227,7 @@ fn privileged_api_contract() {
     );
 
     // Create: 201 with name and generation; the same again: 200, unchanged.
-    let mut last_gen = 0;
-    for (kind, n, body) in objects(&name) {
-        let a = rt
-            .block_on(c.put(&format!("/v1/{kind}/{n}"), &body))
-            .unwrap();
-        assert_eq!(
-            a.status,
-            201,
-            "{kind}/{n}: {}",
-            String::from_utf8_lossy(&a.body)
-        );
-        let v = a.json().unwrap();
-        assert_eq!(v["name"], n.as_str());
-        let g = v["generation"].as_u64().unwrap();
-        assert!(g > last_gen);
-        last_gen = g;
-    }
+    let last_gen = put_objects(&rt, &c, &name);
     let again = rt
         .block_on(c.put("/v1/hosts/hv2", &json!({"underlay_ip": "192.0.2.2"})))
         .unwrap();
@@ -696,7 +690,7 @@ fn privileged_a_ports_interface_is_never_left_open() {
     let _cleanup = RemoveOnDrop(dir.clone());
     let agent = Agent::start(&name, &name, &dir, None);
     let (c, rt) = (agent.client(), rt());
-    put_objects(&rt, &c, &name);
+    let _ = put_objects(&rt, &c, &name);
     wait_for(&rt, &c, "failed", |s| {
         s["programs"].as_str().is_some_and(|p| p.contains("up0"))
             && s["applied_generation"] != s["desired_generation"]
@@ -744,7 +738,7 @@ fn privileged_api_refuses_what_would_not_fit() {
     let (name, _bed, dir, _cleanup) = scene("cllim");
     let agent = Agent::start(&name, &name, &dir, None);
     let (c, rt) = (agent.client(), rt());
-    put_objects(&rt, &c, &name);
+    let _ = put_objects(&rt, &c, &name);
     wait_applied(&rt, &c);
     let put = |path: &str, body: Value| rt.block_on(c.put(path, &body)).unwrap();
     let generation = |rt: &tokio::runtime::Runtime| {
@@ -930,26 +924,14 @@ fn privileged_api_refuses_what_would_not_fit() {
 fn privileged_tcp_listener_with_tls() {
     let (name, _bed, dir, _cleanup) = scene("cltls");
     std::fs::create_dir_all(&dir).unwrap();
-    let ca = |cn: &str| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        let cert = p.self_signed(&key).unwrap();
-        (rcgen::Issuer::new(p, key), cert.pem())
-    };
-    let (issuer, ca_pem) = ca("cloison test CA");
-    let (_, other_pem) = ca("another CA");
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
+    let (issuer, ca_pem) = certs::ca("cloison test CA");
+    let (_, other_pem) = certs::ca("another CA");
+    let (leaf_pem, leaf_key) = certs::leaf(&issuer, None, &["127.0.0.1"]);
     for (file, pem) in [
         ("ca.pem", ca_pem),
         ("other-ca.pem", other_pem),
-        ("cert.pem", leaf.pem()),
-        ("key.pem", leaf_key.serialize_pem()),
+        ("cert.pem", leaf_pem),
+        ("key.pem", leaf_key),
     ] {
         std::fs::write(dir.join(file), pem).unwrap();
     }

@@ -3,6 +3,8 @@
 //! connects and writes; one without a client certificate, or trusting
 //! another CA, is never connected and its writes are refused with 503.
 //! Needs no root: etcd on loopback, no dataplane.
+mod certs;
+
 use std::{path::Path, sync::Arc, time::Duration};
 
 use cloison_control::{
@@ -12,31 +14,15 @@ use cloison_control::{
 };
 use cloison_testkit::etcd::LocalEtcd;
 
-fn ca(cn: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    let cert = p.self_signed(&key).unwrap();
-    (rcgen::Issuer::new(p, key), cert.pem())
-}
-
-fn leaf(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
-    cn: &str,
-    dir: &Path,
-) -> (std::path::PathBuf, std::path::PathBuf) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    let cert = p.signed_by(&key, issuer).unwrap();
+/// A certificate for 127.0.0.1 named `cn`, signed by `issuer`, in `dir`.
+fn leaf(issuer: &certs::Issuer, cn: &str, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = certs::leaf(issuer, Some(cn), &["127.0.0.1", "localhost"]);
     let (c, k) = (
         dir.join(format!("{cn}.pem")),
         dir.join(format!("{cn}-key.pem")),
     );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
     (c, k)
 }
 
@@ -70,8 +56,8 @@ fn fleet_over_tls_with_client_certificates() {
     let dir = std::env::temp_dir().join(format!("cloison-etcd-tls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (issuer, ca_pem) = ca("cloison test etcd CA");
-    let (_, other_pem) = ca("another CA");
+    let (issuer, ca_pem) = certs::ca("cloison test etcd CA");
+    let (_, other_pem) = certs::ca("another CA");
     std::fs::write(dir.join("ca.pem"), &ca_pem).unwrap();
     std::fs::write(dir.join("other-ca.pem"), &other_pem).unwrap();
     let (server_cert, server_key) = leaf(&issuer, "etcd", &dir);

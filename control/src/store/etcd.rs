@@ -407,7 +407,7 @@ impl StoreView for View {
     }
 
     fn fleet(&self) -> Option<Result<Vec<Member>, String>> {
-        let mut c = self.client.clone();
+        let c = self.client.clone();
         let keys = self.keys.clone();
         Some(self.rt.block_on(async move {
             let get = |prefix: String| {
@@ -424,7 +424,6 @@ impl StoreView for View {
             };
             let agents = get(keys.agents.clone()).await?;
             let alive = get(keys.alive.clone()).await?;
-            let _ = &mut c;
             let mut out: BTreeMap<String, Member> = BTreeMap::new();
             for kv in agents.kvs() {
                 let Some(host) = kv.key_str().ok().and_then(|k| k.strip_prefix(&keys.agents))
@@ -478,32 +477,38 @@ struct Watcher {
 
 impl Watcher {
     async fn run(self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Duration::from_millis(50);
         for n in 0u64.. {
             if n > 0 {
                 self.link
                     .relists
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let why = match self.sync().await {
+            let mut listed = false;
+            let why = match self.sync(&mut listed).await {
                 Ok(()) => "the watch ended".to_string(),
                 Err(e) => e,
             };
             self.link.down(why.clone());
             tracing::debug!(error = %why, "etcd: list again");
+            // Quick again after a watch that broke; slower while etcd
+            // does not answer at all.
+            backoff = if listed {
+                Duration::from_millis(100)
+            } else {
+                (backoff * 2).min(Duration::from_secs(2))
+            };
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            if self.link.down_since.lock().unwrap().is_none() {
-                backoff = Duration::from_millis(100);
-            }
         }
     }
 
-    /// One list and the watch that follows it, until the watch breaks.
-    async fn sync(&self) -> Result<(), String> {
+    /// One list and the watch that follows it, until the watch breaks;
+    /// `listed` once the list is published.
+    async fn sync(&self, listed: &mut bool) -> Result<(), String> {
         let (mut copy, revision) = self.list().await?;
         self.publish(&copy, None).await?;
         self.link.up();
+        *listed = true;
         let mut client = self.client.clone();
         let mut stream = client
             .watch(

@@ -4,7 +4,9 @@
 //! change makes a new state, checked whole by the one validator
 //! (`cloison_dataplane::validate`); a refused one leaves the state as it
 //! was. States are immutable values shared behind `Arc`s: readers keep the
-//! one they got while a writer makes the next.
+//! one they got while a writer makes the next. The objects are in
+//! persistent maps (`imbl`), so the next state shares all but the changed
+//! objects with the last: making it costs the change, not the state.
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use cloison_dataplane::{
@@ -221,6 +223,17 @@ fn typed(kind: Kind, v: Value) -> Result<Object, Refusal> {
     })
 }
 
+/// An object's fields as a store holds them (JSON with its `name`, as
+/// [`Object::fields_json`] makes them) as a typed object, in one pass.
+pub fn parse_stored(kind: Kind, bytes: &[u8]) -> Result<Object, serde_json::Error> {
+    Ok(match kind {
+        Kind::Host => Object::Host(serde_json::from_slice(bytes)?),
+        Kind::Network => Object::Network(serde_json::from_slice(bytes)?),
+        Kind::SecurityGroup => Object::SecurityGroup(serde_json::from_slice(bytes)?),
+        Kind::Port => Object::Port(serde_json::from_slice(bytes)?),
+    })
+}
+
 /// A stored object's JSON (what [`Record::to_json`] wrote) as a record.
 pub fn stored_record(kind: Kind, bytes: &[u8]) -> Result<Record, String> {
     let mut v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -235,7 +248,7 @@ pub fn stored_record(kind: Kind, bytes: &[u8]) -> Result<Record, String> {
     Ok(Record { generation, object })
 }
 
-type Objects = BTreeMap<Kind, BTreeMap<String, Arc<Record>>>;
+type Objects = BTreeMap<Kind, imbl::OrdMap<String, Arc<Record>>>;
 
 /// Every object, the generation of the last write, and what the validator
 /// made of the whole.
@@ -275,12 +288,33 @@ fn snapshot_of(objects: &Objects) -> Snapshot {
 impl Desired {
     /// The state of stored records (at `generation`), validated.
     pub fn loaded(records: Vec<(String, Record)>, generation: u64) -> Desired {
-        let mut objects = Objects::new();
-        for (name, rec) in records {
-            objects
-                .entry(rec.object.kind())
-                .or_default()
-                .insert(name, Arc::new(rec));
+        Desired::default().changed(
+            records
+                .into_iter()
+                .map(|(name, rec)| (rec.object.kind(), name, Some(rec))),
+            generation,
+        )
+    }
+
+    /// This state with `changes` made (a record set, or removed: `None`),
+    /// at `generation`, validated whole; refused, it is kept with its
+    /// violation (a state written elsewhere is what it is: see `valid`).
+    pub fn changed(
+        &self,
+        changes: impl IntoIterator<Item = (Kind, String, Option<Record>)>,
+        generation: u64,
+    ) -> Desired {
+        let mut objects = self.objects.clone();
+        for (kind, name, rec) in changes {
+            let m = objects.entry(kind).or_default();
+            match rec {
+                Some(rec) => {
+                    m.insert(name, Arc::new(rec));
+                }
+                None => {
+                    m.remove(&name);
+                }
+            }
         }
         let valid = validate::validate(snapshot_of(&objects));
         Desired {
@@ -309,26 +343,10 @@ impl Desired {
     /// written at the next generation, if the validator accepts it.
     pub fn with(&self, kind: Kind, name: &str, object: Option<Object>) -> Result<Desired, Refusal> {
         let generation = self.generation + 1;
-        let mut objects = self.objects.clone();
-        match object {
-            Some(object) => {
-                objects
-                    .entry(kind)
-                    .or_default()
-                    .insert(name.to_string(), Arc::new(Record { generation, object }));
-            }
-            None => {
-                if let Some(m) = objects.get_mut(&kind) {
-                    m.remove(name);
-                }
-            }
-        }
-        let valid = validate::validate(snapshot_of(&objects))?;
-        Ok(Desired {
-            generation,
-            objects,
-            valid: Ok(valid),
-        })
+        let rec = object.map(|object| Record { generation, object });
+        let next = self.changed([(kind, name.to_string(), rec)], generation);
+        next.valid.as_ref().map_err(|v| Refusal::from(v.clone()))?;
+        Ok(next)
     }
 
     /// Why `kind`/`name` may not be deleted: something still uses it.

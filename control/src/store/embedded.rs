@@ -21,9 +21,6 @@ const GENERATION: &str = "generation";
 pub struct Redb {
     db: Database,
     desired: Option<watch::Sender<Arc<Desired>>>,
-    last_durable: Option<std::time::Instant>,
-    /// A commit of [`Redb::mirror`] is not on disk yet.
-    dirty: bool,
 }
 
 impl Redb {
@@ -37,8 +34,6 @@ impl Redb {
         Ok(Redb {
             db,
             desired: None,
-            last_durable: None,
-            dirty: false,
         })
     }
 
@@ -71,52 +66,7 @@ impl Redb {
         generation: u64,
         replace: bool,
     ) -> Result<(), StoreError> {
-        self.write_with(changes, generation, replace, true)
-    }
-
-    /// A copy of a state kept elsewhere (fleet mode's local copy): on disk
-    /// at most once a second during a burst of changes, and by
-    /// [`Redb::flush`] a second after the last (a crash loses at most the
-    /// last second of changes, which etcd still has).
-    pub fn mirror(
-        &mut self,
-        changes: &[Change<'_>],
-        generation: u64,
-        replace: bool,
-    ) -> Result<(), StoreError> {
-        let durable = self
-            .last_durable
-            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
-        self.write_with(changes, generation, replace, durable)?;
-        if durable {
-            self.last_durable = Some(std::time::Instant::now());
-        }
-        self.dirty = !durable;
-        Ok(())
-    }
-
-    /// Puts on disk what [`Redb::mirror`] left in memory (its owner calls it
-    /// when a second passed without a change).
-    pub fn flush(&mut self) -> Result<(), StoreError> {
-        if self.dirty {
-            self.db.begin_write().map_err(err)?.commit().map_err(err)?;
-            self.dirty = false;
-            self.last_durable = Some(std::time::Instant::now());
-        }
-        Ok(())
-    }
-
-    fn write_with(
-        &mut self,
-        changes: &[Change<'_>],
-        generation: u64,
-        replace: bool,
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write().map_err(err)?;
-        if !durable {
-            tx.set_durability(redb::Durability::None).map_err(err)?;
-        }
+        let tx = self.db.begin_write().map_err(err)?;
         {
             let mut objects = tx.open_table(OBJECTS).map_err(err)?;
             if replace {
@@ -142,8 +92,8 @@ impl Redb {
         tx.commit().map_err(err)
     }
 
-    /// The whole of `state`, in place of what was stored (as a copy: see
-    /// [`Redb::mirror`]).
+    /// The whole of `state`, in place of what was stored (fleet mode's
+    /// local copy after a list).
     pub fn replace(&mut self, state: &Desired) -> Result<(), StoreError> {
         let records: Vec<(Kind, &str, &Record)> = Kind::ALL
             .iter()
@@ -157,7 +107,7 @@ impl Redb {
                 record: Some(r),
             })
             .collect();
-        self.mirror(&changes, state.generation, true)
+        self.write(&changes, state.generation, true)
     }
 }
 

@@ -19,7 +19,7 @@
 //! still at G: two agents can never both commit writes checked against the
 //! same state, so the fleet's state is always one the validator accepted.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -34,7 +34,7 @@ use tokio::{runtime::Handle, sync::watch};
 
 use super::{err, rfc3339, Change, CommitError, Member, Redb, Store, StoreError, StoreView};
 use crate::{
-    desired::{stored_record, Desired, Kind, Record},
+    desired::{parse_stored, Desired, Kind, Record},
     reconcile::Applied,
 };
 
@@ -80,8 +80,9 @@ impl EtcdConfig {
 /// A list is read in pages of this many keys (etcd answers each page in
 /// one message; a page of ports is well under its 2 MiB default).
 const PAGE: i64 = 500;
-/// How often, at most, an agent writes its applied generation to etcd.
-pub const REPORT_EVERY: Duration = Duration::from_millis(250);
+/// How often, at most, an agent writes its applied generation to etcd: a
+/// fleet of a thousand hosts is a thousand writes a second at most.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct Keys {
@@ -460,12 +461,20 @@ impl StoreView for View {
     }
 }
 
-/// The objects of the fleet, by key, and the generation.
-#[derive(Clone, Default)]
-struct Copy {
-    objects: BTreeMap<(Kind, String), Record>,
-    generation: u64,
+/// What the local copy still lacks of the published state.
+#[derive(Default)]
+struct Unmirrored {
+    /// The whole state is to replace the copy (after a list).
+    all: bool,
+    changed: BTreeSet<(Kind, String)>,
+    /// Since when something is waiting.
+    since: Option<tokio::time::Instant>,
 }
+
+/// The local copy is written once the watch has been quiet this long...
+const MIRROR_QUIET: Duration = Duration::from_secs(1);
+/// ...or when changes have waited this long during a burst.
+const MIRROR_AT_MOST: Duration = Duration::from_secs(5);
 
 struct Watcher {
     client: Client,
@@ -503,10 +512,19 @@ impl Watcher {
     }
 
     /// One list and the watch that follows it, until the watch breaks;
-    /// `listed` once the list is published.
+    /// `listed` once the list is published. Each batch of events makes the
+    /// next state from the last (the unchanged objects shared); the local
+    /// copy follows off the path of the state, in one transaction when the
+    /// watch is quiet.
     async fn sync(&self, listed: &mut bool) -> Result<(), String> {
-        let (mut copy, revision) = self.list().await?;
-        self.publish(&copy, None).await?;
+        let (state, revision) = self.list().await?;
+        let mut state = Arc::new(state);
+        self.publish(state.clone());
+        let mut unmirrored = Unmirrored {
+            all: true,
+            since: Some(tokio::time::Instant::now()),
+            ..Default::default()
+        };
         self.link.up();
         *listed = true;
         let mut client = self.client.clone();
@@ -523,19 +541,16 @@ impl Watcher {
             .await
             .map_err(|e| format!("watch: {e}"))?;
         loop {
-            let first = match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+            let wait = match unmirrored.since {
+                Some(since) => MIRROR_QUIET.min(MIRROR_AT_MOST.saturating_sub(since.elapsed())),
+                None => Duration::from_secs(3600),
+            };
+            let first = match tokio::time::timeout(wait, stream.message()).await {
                 Ok(m) => m
                     .map_err(|e| format!("watch: {e}"))?
                     .ok_or("the watch stream ended")?,
                 Err(_) => {
-                    // Quiet for a second: the local copy goes to disk.
-                    let mirror = self.mirror.clone();
-                    let r = tokio::task::spawn_blocking(move || mirror.lock().unwrap().flush())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "put the local copy of the fleet's state on disk");
-                    }
+                    self.write_mirror(&state, &mut unmirrored).await?;
                     continue;
                 }
             };
@@ -544,7 +559,8 @@ impl Watcher {
             while let Some(Some(next)) = stream.next().now_or_never() {
                 batch.push(next.map_err(|e| format!("watch: {e}"))?);
             }
-            let mut changed: Vec<(Kind, String)> = Vec::new();
+            let mut generation = state.generation;
+            let mut changes: Vec<(Kind, String, Option<Record>)> = Vec::new();
             for resp in &batch {
                 if resp.canceled() || resp.compact_revision() > 0 {
                     return Err(format!(
@@ -560,39 +576,41 @@ impl Watcher {
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     if kv.key() == self.keys.generation.as_bytes() {
-                        copy.generation = copy.generation.max(kv.mod_revision() as u64);
+                        generation = generation.max(kv.mod_revision() as u64);
                         continue;
                     }
                     let Some((kind, name)) = self.keys.parse_object(kv.key()) else {
                         continue;
                     };
-                    match ev.event_type() {
-                        EventType::Put => match record(kind, kv.value(), kv.mod_revision()) {
-                            Ok(r) => {
-                                copy.objects.insert((kind, name.clone()), r);
-                            }
-                            Err(e) => {
-                                tracing::error!(kind = %kind, %name, error = %e, "etcd holds an object this agent cannot read: ignored");
-                                copy.objects.remove(&(kind, name.clone()));
-                            }
-                        },
-                        EventType::Delete => {
-                            copy.objects.remove(&(kind, name.clone()));
-                        }
-                    }
-                    changed.push((kind, name));
+                    let rec = match ev.event_type() {
+                        EventType::Put => record(kind, &name, kv.value(), kv.mod_revision())
+                            .map_err(|e| tracing::error!(kind = %kind, %name, error = %e, "etcd holds an object this agent cannot read: ignored"))
+                            .ok(),
+                        EventType::Delete => None,
+                    };
+                    unmirrored.changed.insert((kind, name.clone()));
+                    changes.push((kind, name, rec));
                 }
             }
-            if !changed.is_empty() {
-                self.publish(&copy, Some(&changed)).await?;
+            if changes.is_empty() {
+                continue;
             }
+            unmirrored.since.get_or_insert_with(tokio::time::Instant::now);
+            let base = state.clone();
+            state = Arc::new(
+                tokio::task::spawn_blocking(move || base.changed(changes, generation))
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            self.publish(state.clone());
         }
     }
 
     /// The whole state at one revision, page by page; and that revision.
-    async fn list(&self) -> Result<(Copy, i64), String> {
+    async fn list(&self) -> Result<(Desired, i64), String> {
         let mut client = self.client.clone();
-        let mut copy = Copy::default();
+        let mut records = Vec::new();
+        let mut generation = 0;
         let end = prefix_end(self.keys.state.as_bytes());
         let mut from = self.keys.state.as_bytes().to_vec();
         let mut revision = 0;
@@ -610,12 +628,10 @@ impl Watcher {
             }
             for kv in resp.kvs() {
                 if kv.key() == self.keys.generation.as_bytes() {
-                    copy.generation = kv.mod_revision() as u64;
+                    generation = kv.mod_revision() as u64;
                 } else if let Some((kind, name)) = self.keys.parse_object(kv.key()) {
-                    match record(kind, kv.value(), kv.mod_revision()) {
-                        Ok(r) => {
-                            copy.objects.insert((kind, name), r);
-                        }
+                    match record(kind, &name, kv.value(), kv.mod_revision()) {
+                        Ok(r) => records.push((name, r)),
                         Err(e) => {
                             tracing::error!(kind = %kind, %name, error = %e, "etcd holds an object this agent cannot read: ignored")
                         }
@@ -630,58 +646,63 @@ impl Watcher {
                 _ => break,
             }
         }
-        Ok((copy, revision))
+        let state = tokio::task::spawn_blocking(move || Desired::loaded(records, generation))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((state, revision))
     }
 
-    /// Validates the copy, mirrors it (all of it, or the `changed` objects)
-    /// into the local file, and publishes it.
-    async fn publish(&self, copy: &Copy, changed: Option<&[(Kind, String)]>) -> Result<(), String> {
-        let copy = copy.clone();
-        let changed = changed.map(<[_]>::to_vec);
-        let mirror = self.mirror.clone();
-        let state = tokio::task::spawn_blocking(move || {
-            let records = copy
-                .objects
-                .iter()
-                .map(|((_, name), r)| (name.clone(), r.clone()))
-                .collect();
-            let state = Desired::loaded(records, copy.generation);
-            if let Err(v) = &state.valid {
-                tracing::error!(error = %v, generation = copy.generation, "the fleet's state is refused by this version's checks: not applied");
-            }
+    fn publish(&self, state: Arc<Desired>) {
+        if let Err(v) = &state.valid {
+            tracing::error!(error = %v, generation = state.generation, "the fleet's state is refused by this version's checks: not applied");
+        }
+        self.desired.send_replace(state);
+    }
+
+    /// Writes what the local copy lacks of `state`, in one durable
+    /// transaction.
+    async fn write_mirror(&self, state: &Arc<Desired>, u: &mut Unmirrored) -> Result<(), String> {
+        if u.since.is_none() {
+            return Ok(());
+        }
+        let all = std::mem::take(&mut u.all);
+        let changed = std::mem::take(&mut u.changed);
+        u.since = None;
+        let (state, mirror) = (state.clone(), self.mirror.clone());
+        let r = tokio::task::spawn_blocking(move || {
             let mut m = mirror.lock().unwrap();
-            let r = match changed {
-                None => m.replace(&state),
-                Some(changed) => {
-                    let changes: Vec<Change<'_>> = changed
-                        .iter()
-                        .map(|(kind, name)| Change {
-                            kind: *kind,
-                            name,
-                            record: state.get(*kind, name),
-                        })
-                        .collect();
-                    m.mirror(&changes, state.generation, false)
-                }
-            };
-            if let Err(e) = r {
-                tracing::error!(error = %e, "mirror the fleet's state into the local file");
+            if all {
+                return m.replace(&state);
             }
-            state
+            let changes: Vec<Change<'_>> = changed
+                .iter()
+                .map(|(kind, name)| Change {
+                    kind: *kind,
+                    name,
+                    record: state.get(*kind, name),
+                })
+                .collect();
+            m.write(&changes, state.generation, false)
         })
         .await
         .map_err(|e| e.to_string())?;
-        self.desired.send_replace(Arc::new(state));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "write the local copy of the fleet's state");
+        }
         Ok(())
     }
 }
 
-fn record(kind: Kind, value: &[u8], mod_revision: i64) -> Result<Record, String> {
-    let mut v: serde_json::Value = serde_json::from_slice(value).map_err(|e| e.to_string())?;
-    if let serde_json::Value::Object(m) = &mut v {
-        m.insert("generation".into(), mod_revision.into());
+/// A stored object's fields (named as its key) and its key's revision.
+fn record(kind: Kind, name: &str, value: &[u8], mod_revision: i64) -> Result<Record, String> {
+    let object = parse_stored(kind, value).map_err(|e| e.to_string())?;
+    if object.name() != name {
+        return Err(format!("its body names it {:?}", object.name()));
     }
-    stored_record(kind, &serde_json::to_vec(&v).map_err(|e| e.to_string())?)
+    Ok(Record {
+        generation: mod_revision as u64,
+        object,
+    })
 }
 
 /// The end of the range of keys that start with `prefix`.

@@ -6,6 +6,11 @@
 //! state) and with 3 real agents in the netns lab; for one port, and for
 //! 10,000 ports written at once. Write throughput through one agent and
 //! through three at once. Results in benches/results/fleet.{json,md}.
+//!
+//! All of it shares the machine's cores, where a fleet has a machine per
+//! host and per etcd member: the watch-only agents run at nice 19, so that
+//! etcd (at 0) answers as members of their own would, and the hundred
+//! agents share what is left.
 use std::{
     process::Command,
     sync::Arc,
@@ -54,6 +59,15 @@ fn port(i: usize, grouped: bool, agents: usize) -> Value {
         "ips": [format!("10.0.{}.{}", 1 + i / 250, 1 + i % 250)], "security_groups": groups})
 }
 
+/// The calling thread's nice value (threads it makes inherit it).
+fn set_nice(n: i32) -> Result<()> {
+    // SAFETY: setpriority has no memory effects; 0 is this thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) } != 0 {
+        bail!("setpriority: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One write through `agent`'s API code path: its generation.
 fn write(agent: &Agent, kind: Kind, name: &str, body: &Value) -> Result<u64> {
     let object = parse_body(kind, name, &serde_json::to_vec(body)?)
@@ -84,11 +98,7 @@ pub fn run() -> Result<()> {
     let tag = format!("cloison-fleet-bench-{}", std::process::id());
     let dir = std::env::temp_dir().join(&tag);
     let _ = std::fs::remove_dir_all(&dir);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    step("etcd: one member on loopback (Debian's etcd-server)");
+    step("etcd: one member on loopback (Debian's etcd-server), at normal priority");
     let etcd = cloison_testkit::etcd::LocalEtcd::start(
         &dir.join("etcd"),
         false,
@@ -100,10 +110,28 @@ pub fn run() -> Result<()> {
         ],
     )
     .map_err(anyhow::Error::msg)?;
+    // etcd and the IaaS's writers stand for machines of their own: the
+    // hundred watch-only agents, which share the 2 cores, must not starve
+    // them. The agents' runtime is made by a thread at nice 19, so its
+    // workers, its blocking threads and the agents' compile threads (made
+    // from its workers) inherit it; the writers have a runtime at 0.
+    let rt = std::thread::spawn(|| -> Result<tokio::runtime::Runtime> {
+        set_nice(19)?;
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a thread panicked"))??;
+    let wrt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let cfg = |host: &str| EtcdConfig::new(&etcd.url, host);
     let writer = |name: &str| -> Result<Arc<Agent>> {
-        let store = rt.block_on(Etcd::connect(cfg(name), Redb::open(&dir.join(name))?))?;
-        let _g = rt.enter();
+        let store = wrt.block_on(Etcd::connect(cfg(name), Redb::open(&dir.join(name))?))?;
+        let _g = wrt.enter();
         Ok(Agent::new(name.into(), Box::new(store), dir.join("no-pins"))?.0)
     };
     let w = writer("writer")?;
@@ -182,9 +210,12 @@ pub fn run() -> Result<()> {
     let agents: Vec<WatchOnly> = (0..AGENTS)
         .map(|i| {
             let h = format!("h{i:03}");
-            rt.block_on(WatchOnly::start(cfg(&h), &dir.join(&h)))
+            let (cfg, dir) = (cfg(&h), dir.join(&h));
+            rt.block_on(rt.spawn(async move { WatchOnly::start(cfg, &dir).await }))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .map_err(anyhow::Error::from)
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_>>()?;
     let cold = converged(&agents, g, started)?;
     println!(
         "  all {AGENTS} listed and applied the first state in {:.0} ms",
@@ -207,10 +238,9 @@ pub fn run() -> Result<()> {
     );
     println!("  p50 {one_p50:.1} ms, p99 {one_p99:.1} ms, max {one_max:.1} ms");
 
-    if std::env::var("QUICK").is_ok() { std::process::exit(0); }
     step(&format!("convergence, 10,000 ports: written into etcd in transactions of 500, until all {AGENTS} applied the last"));
     let t = Instant::now();
-    let last = rt.block_on(bulk_ports(&etcd.url, 50, 10_050, AGENTS))?;
+    let last = wrt.block_on(bulk_ports(&etcd.url, 50, 10_050, AGENTS))?;
     let written = t.elapsed();
     let bulk = converged(&agents, last, t)?;
     println!(
@@ -222,9 +252,9 @@ pub fn run() -> Result<()> {
     drop(writers);
     drop(w);
 
-    step("convergence with 3 real agents (cloisond in the netns lab, kernels programmed): 30 PUTs");
-    let (real_p50, real_p99) = real_agents()?;
-    println!("  p50 {real_p50:.1} ms, p99 {real_p99:.1} ms");
+    step("convergence with 3 real agents (cloisond in the netns lab, kernels programmed): 30 PUTs, then 10,000 ports at once");
+    let ((real_p50, real_p99), (real_written, real_bulk)) = real_agents()?;
+    println!("  p50 {real_p50:.1} ms, p99 {real_p99:.1} ms; 10,000 ports: written in {real_written:.0} ms, in all three kernels {real_bulk:.0} ms after the first write");
 
     let date = String::from_utf8(
         Command::new("date")
@@ -238,7 +268,8 @@ pub fn run() -> Result<()> {
         "cold_start_ms": cold.as_secs_f64() * 1e3,
         "one_port_ms": {"p50": one_p50, "p99": one_p99, "max": one_max},
         "ten_thousand_ports_ms": {"written": written.as_secs_f64() * 1e3, "applied_everywhere": bulk.as_secs_f64() * 1e3},
-        "three_real_agents_ms": {"p50": real_p50, "p99": real_p99},
+        "three_real_agents_ms": {"p50": real_p50, "p99": real_p99,
+            "ten_thousand_ports": {"written": real_written, "applied_everywhere": real_bulk}},
         "writes_per_s": {"one_agent": one_writer, "three_agents": three_writers, "three_agents_503": refused},
     });
     let out = std::path::Path::new("benches/results");
@@ -250,6 +281,7 @@ pub fn run() -> Result<()> {
          | one port, PUT to applied on all {AGENTS} watch-only agents | p50 {one_p50:.1} ms, p99 {one_p99:.1} ms |\n\
          | 10,000 ports (transactions of 500), first write to applied on all {AGENTS} | {:.0} ms (written in {:.0} ms) |\n\
          | one PUT, to applied in 3 real agents' kernels | p50 {real_p50:.1} ms, p99 {real_p99:.1} ms |\n\
+         | 10,000 ports (transactions of 500), first write to applied in 3 real agents' kernels | {real_bulk:.0} ms (written in {real_written:.0} ms) |\n\
          | writes through one agent | {one_writer:.0}/s |\n\
          | writes through three agents at once | {three_writers:.0}/s in all ({refused} sent again after a 503) |\n\
          | {AGENTS} agents' first list and apply | {:.0} ms |\n",
@@ -266,22 +298,32 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Ports `from..to` straight into etcd's keys, `per` to a transaction
-/// (each moving `state/generation`, as the API's writes do): the last
-/// transaction's revision.
+/// Ports `from..to` of the watch-only agents' network, straight into
+/// etcd's keys: the last transaction's revision.
 async fn bulk_ports(url: &str, from: usize, to: usize, agents: usize) -> Result<u64> {
+    let objects = (from..to)
+        .map(|k| {
+            let mut v = port(k, false, agents);
+            v["name"] = format!("p{k}").into();
+            (format!("p{k}"), v)
+        })
+        .collect();
+    bulk_write(url, objects, 500).await
+}
+
+/// `ports` straight into etcd's keys, `per` to a transaction (each moving
+/// `state/generation`, as the API's writes do), as an IaaS that writes
+/// them all at once would: the last transaction's revision.
+async fn bulk_write(url: &str, ports: Vec<(String, Value)>, per: usize) -> Result<u64> {
     use etcd_client::{Client, Txn, TxnOp};
     let mut c = Client::connect([url], None).await?;
     let mut last = 0;
-    let mut i = from;
-    while i < to {
-        let end = (i + 500).min(to);
-        let mut ops: Vec<TxnOp> = (i..end)
-            .map(|k| {
-                let mut v = port(k, false, agents);
-                v["name"] = format!("p{k}").into();
+    for chunk in ports.chunks(per) {
+        let mut ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|(name, v)| {
                 TxnOp::put(
-                    format!("/cloison/state/objects/ports/p{k}"),
+                    format!("/cloison/state/objects/ports/{name}"),
                     v.to_string(),
                     None,
                 )
@@ -290,14 +332,15 @@ async fn bulk_ports(url: &str, from: usize, to: usize, agents: usize) -> Result<
         ops.push(TxnOp::put("/cloison/state/generation", "bench", None));
         let r = c.txn(Txn::new().and_then(ops)).await?;
         last = r.header().map_or(0, |h| h.revision()) as u64;
-        i = end;
     }
     Ok(last)
 }
 
 /// 30 PUTs through hv1 of a three-host lab in fleet mode, each timed until
-/// all three kernels hold it (the agents' status polled): (p50, p99) in ms.
-fn real_agents() -> Result<(f64, f64)> {
+/// all three kernels hold it (the agents' status polled): (p50, p99) in ms;
+/// then 10,000 ports of a new network written into etcd at once, until all
+/// three kernels hold them: (written, applied) in ms.
+fn real_agents() -> Result<((f64, f64), (f64, f64))> {
     let mut lab = Lab::two_hosts(UplinkHook::Xdp)?;
     lab.add_third_host()?;
     lab.start_etcd(1)?;
@@ -324,6 +367,47 @@ fn real_agents() -> Result<(f64, f64)> {
         }
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    rt.block_on(c.put(
+        "/v1/networks/bulk",
+        &json!({"tenant": "bulk", "vni": 4000, "subnets": ["10.60.0.0/16"]}),
+    ))?;
+    // Ports on the three hosts in turn, their interfaces absent (as VMs
+    // not started yet): each kernel gets every forwarding and neighbour
+    // entry of the network.
+    let ports: Vec<(String, Value)> = (0..10_000usize)
+        .map(|i| {
+            let name = format!("bulk-{i}");
+            let v = json!({"name": name, "network": "bulk", "host": format!("hv{}", 1 + i % 3),
+                "interface": format!("bk{i}"),
+                "mac": format!("02:60:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff),
+                "ips": [format!("10.60.{}.{}", 1 + i / 250, 1 + i % 250)], "security_groups": []});
+            (name, v)
+        })
+        .collect();
+    let url = lab.etcd_endpoints().split(',').next().unwrap_or_default().to_string();
+    let t = Instant::now();
+    // Written from etcd's namespace, where its client URL answers.
+    let last = crate::lab::in_netns(&lab.ns("etcd"), move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(bulk_write(&url, ports, 500))
+    })?;
+    let written = t.elapsed().as_secs_f64() * 1e3;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for c in &clients {
+        while rt.block_on(c.get("/v1/status"))?.json()?["applied_generation"].as_u64() < Some(last)
+        {
+            if Instant::now() > deadline {
+                bail!("an agent never applied the 10,000 ports");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let applied = t.elapsed().as_secs_f64() * 1e3;
     lab.cleanup();
-    Ok((percentile(&mut times, 0.5), percentile(&mut times, 0.99)))
+    Ok((
+        (percentile(&mut times, 0.5), percentile(&mut times, 0.99)),
+        (written, applied),
+    ))
 }

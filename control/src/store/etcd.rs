@@ -29,7 +29,6 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
-use futures_util::{FutureExt, StreamExt};
 use tokio::{runtime::Handle, sync::watch};
 
 use super::{err, rfc3339, Change, CommitError, Member, Redb, Store, StoreError, StoreView};
@@ -540,69 +539,74 @@ impl Watcher {
             )
             .await
             .map_err(|e| format!("watch: {e}"))?;
+        // Changes that arrived while the state before them was being made
+        // (and checked) go into the next one together: under load an agent
+        // makes fewer states, never a later one.
+        let mut pending: Vec<(Kind, String, Option<Record>)> = Vec::new();
+        let mut pending_generation = state.generation;
+        let mut making: Option<tokio::task::JoinHandle<Desired>> = None;
         loop {
+            if making.is_none() && (!pending.is_empty() || pending_generation > state.generation) {
+                let (base, changes, g) = (
+                    state.clone(),
+                    std::mem::take(&mut pending),
+                    pending_generation,
+                );
+                making = Some(tokio::task::spawn_blocking(move || base.changed(changes, g)));
+            }
             let wait = match unmirrored.since {
                 Some(since) => MIRROR_QUIET.min(MIRROR_AT_MOST.saturating_sub(since.elapsed())),
                 None => Duration::from_secs(3600),
             };
-            let first = match tokio::time::timeout(wait, stream.message()).await {
-                Ok(m) => m
-                    .map_err(|e| format!("watch: {e}"))?
-                    .ok_or("the watch stream ended")?,
-                Err(_) => {
-                    self.write_mirror(&state, &mut unmirrored).await?;
+            let resp = tokio::select! {
+                made = async { making.as_mut().expect("guarded").await }, if making.is_some() => {
+                    making = None;
+                    state = Arc::new(made.map_err(|e| e.to_string())?);
+                    self.publish(state.clone());
                     continue;
                 }
-            };
-            // Whatever else has arrived goes into the same state.
-            let mut batch = vec![first];
-            while let Some(Some(next)) = stream.next().now_or_never() {
-                batch.push(next.map_err(|e| format!("watch: {e}"))?);
-            }
-            let mut generation = state.generation;
-            let mut changes: Vec<(Kind, String, Option<Record>)> = Vec::new();
-            for resp in &batch {
-                if resp.canceled() || resp.compact_revision() > 0 {
-                    return Err(format!(
-                        "the watch was cancelled ({}{}): list again",
-                        resp.cancel_reason(),
-                        if resp.compact_revision() > 0 {
-                            format!("compacted up to revision {}", resp.compact_revision())
-                        } else {
-                            String::new()
+                m = tokio::time::timeout(wait, stream.message()) => match m {
+                    Ok(m) => m
+                        .map_err(|e| format!("watch: {e}"))?
+                        .ok_or("the watch stream ended")?,
+                    Err(_) => {
+                        if making.is_none() && pending.is_empty() {
+                            self.write_mirror(&state, &mut unmirrored).await?;
                         }
-                    ));
-                }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    if kv.key() == self.keys.generation.as_bytes() {
-                        generation = generation.max(kv.mod_revision() as u64);
                         continue;
                     }
-                    let Some((kind, name)) = self.keys.parse_object(kv.key()) else {
-                        continue;
-                    };
-                    let rec = match ev.event_type() {
-                        EventType::Put => record(kind, &name, kv.value(), kv.mod_revision())
-                            .map_err(|e| tracing::error!(kind = %kind, %name, error = %e, "etcd holds an object this agent cannot read: ignored"))
-                            .ok(),
-                        EventType::Delete => None,
-                    };
-                    unmirrored.changed.insert((kind, name.clone()));
-                    changes.push((kind, name, rec));
+                },
+            };
+            if resp.canceled() || resp.compact_revision() > 0 {
+                return Err(format!(
+                    "the watch was cancelled ({}{}): list again",
+                    resp.cancel_reason(),
+                    if resp.compact_revision() > 0 {
+                        format!("compacted up to revision {}", resp.compact_revision())
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                if kv.key() == self.keys.generation.as_bytes() {
+                    pending_generation = pending_generation.max(kv.mod_revision() as u64);
+                    continue;
                 }
+                let Some((kind, name)) = self.keys.parse_object(kv.key()) else {
+                    continue;
+                };
+                let rec = match ev.event_type() {
+                    EventType::Put => record(kind, &name, kv.value(), kv.mod_revision())
+                        .map_err(|e| tracing::error!(kind = %kind, %name, error = %e, "etcd holds an object this agent cannot read: ignored"))
+                        .ok(),
+                    EventType::Delete => None,
+                };
+                unmirrored.changed.insert((kind, name.clone()));
+                unmirrored.since.get_or_insert_with(tokio::time::Instant::now);
+                pending.push((kind, name, rec));
             }
-            if changes.is_empty() {
-                continue;
-            }
-            unmirrored.since.get_or_insert_with(tokio::time::Instant::now);
-            let base = state.clone();
-            state = Arc::new(
-                tokio::task::spawn_blocking(move || base.changed(changes, generation))
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-            self.publish(state.clone());
         }
     }
 

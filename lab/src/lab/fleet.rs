@@ -88,6 +88,9 @@ impl Lab {
                 "50".into(),
                 "--election-timeout".into(),
                 "500".into(),
+                // Room for the benchmark's transactions of 500 ports.
+                "--max-txn-ops".into(),
+                "1000".into(),
                 "--logger".into(),
                 "zap".into(),
                 "--log-outputs".into(),

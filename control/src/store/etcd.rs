@@ -12,9 +12,10 @@
 //! Each agent lists `state/` at one revision (in pages), publishes it, then
 //! watches from the next revision. A watch that is cancelled, compacted or
 //! broken is never resumed: the agent lists again and takes the new list as
-//! the whole state (deletions included). Every published state is mirrored
-//! into the local redb file, from which the agent starts when etcd cannot
-//! be reached. A write is checked against the agent's copy at generation G
+//! the whole state (deletions included). The local redb file follows the
+//! published state a second after the watch goes quiet (at most 5 s behind
+//! during a burst); the agent starts from it when etcd cannot be reached.
+//! A write is checked against the agent's copy at generation G
 //! and committed in a transaction that holds only if `state/generation` is
 //! still at G: two agents can never both commit writes checked against the
 //! same state, so the fleet's state is always one the validator accepted.
@@ -554,9 +555,20 @@ impl Watcher {
                 );
                 making = Some(tokio::task::spawn_blocking(move || base.changed(changes, g)));
             }
+            if making.is_none()
+                && pending.is_empty()
+                && unmirrored.since.is_some_and(|t| t.elapsed() >= MIRROR_AT_MOST)
+            {
+                // A burst that does not end: the copy is not left behind.
+                self.write_mirror(&state, &mut unmirrored).await?;
+            }
+            // The copy's deadline, while no state is being made (which
+            // wakes this loop when it is).
             let wait = match unmirrored.since {
-                Some(since) => MIRROR_QUIET.min(MIRROR_AT_MOST.saturating_sub(since.elapsed())),
-                None => Duration::from_secs(3600),
+                Some(since) if making.is_none() => {
+                    MIRROR_QUIET.min(MIRROR_AT_MOST.saturating_sub(since.elapsed()))
+                }
+                _ => Duration::from_secs(3600),
             };
             let resp = tokio::select! {
                 made = async { making.as_mut().expect("guarded").await }, if making.is_some() => {

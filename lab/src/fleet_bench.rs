@@ -384,7 +384,12 @@ fn real_agents() -> Result<((f64, f64), (f64, f64))> {
             (name, v)
         })
         .collect();
-    let url = lab.etcd_endpoints().split(',').next().unwrap_or_default().to_string();
+    let url = lab
+        .etcd_endpoints()
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let t = Instant::now();
     // Written from etcd's namespace, where its client URL answers.
     let last = crate::lab::in_netns(&lab.ns("etcd"), move || {

@@ -31,10 +31,7 @@ impl Redb {
         tx.open_table(OBJECTS).map_err(err)?;
         tx.open_table(META).map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(Redb {
-            db,
-            desired: None,
-        })
+        Ok(Redb { db, desired: None })
     }
 
     /// Everything stored, as a validated state.

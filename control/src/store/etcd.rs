@@ -553,11 +553,15 @@ impl Watcher {
                     std::mem::take(&mut pending),
                     pending_generation,
                 );
-                making = Some(tokio::task::spawn_blocking(move || base.changed(changes, g)));
+                making = Some(tokio::task::spawn_blocking(move || {
+                    base.changed(changes, g)
+                }));
             }
             if making.is_none()
                 && pending.is_empty()
-                && unmirrored.since.is_some_and(|t| t.elapsed() >= MIRROR_AT_MOST)
+                && unmirrored
+                    .since
+                    .is_some_and(|t| t.elapsed() >= MIRROR_AT_MOST)
             {
                 // A burst that does not end: the copy is not left behind.
                 self.write_mirror(&state, &mut unmirrored).await?;
@@ -616,7 +620,9 @@ impl Watcher {
                     EventType::Delete => None,
                 };
                 unmirrored.changed.insert((kind, name.clone()));
-                unmirrored.since.get_or_insert_with(tokio::time::Instant::now);
+                unmirrored
+                    .since
+                    .get_or_insert_with(tokio::time::Instant::now);
                 pending.push((kind, name, rec));
             }
         }

@@ -13,8 +13,9 @@
 //! watches from the next revision. A watch that is cancelled, compacted or
 //! broken is never resumed: the agent lists again and takes the new list as
 //! the whole state (deletions included). The local redb file follows the
-//! published state a second after the watch goes quiet (at most 5 s behind
-//! during a burst); the agent starts from it when etcd cannot be reached.
+//! published state 200 ms after the watch goes quiet (at most a second
+//! behind during a burst); the agent starts from it when etcd cannot be
+//! reached.
 //! A write is checked against the agent's copy at generation G
 //! and committed in a transaction that holds only if `state/generation` is
 //! still at G: two agents can never both commit writes checked against the
@@ -472,9 +473,9 @@ struct Unmirrored {
 }
 
 /// The local copy is written once the watch has been quiet this long...
-const MIRROR_QUIET: Duration = Duration::from_secs(1);
+const MIRROR_QUIET: Duration = Duration::from_millis(200);
 /// ...or when changes have waited this long during a burst.
-const MIRROR_AT_MOST: Duration = Duration::from_secs(5);
+const MIRROR_AT_MOST: Duration = Duration::from_secs(1);
 
 struct Watcher {
     client: Client,

@@ -108,7 +108,7 @@ pub fn run() -> Result<()> {
         .enable_all()
         .build()?;
     let wrt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()?;
     let cfg = |host: &str| EtcdConfig::new(&etcd.url, host);

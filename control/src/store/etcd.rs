@@ -544,9 +544,13 @@ impl Watcher {
         // Changes that arrived while the state before them was being made
         // (and checked) go into the next one together: under load an agent
         // makes fewer states, never a later one.
+        // The copy is only ever told of published changes (`unmirrored`):
+        // the keys of a state being made travel with it until it is.
         let mut pending: Vec<(Kind, String, Option<Record>)> = Vec::new();
+        let mut pending_keys: BTreeSet<(Kind, String)> = BTreeSet::new();
         let mut pending_generation = state.generation;
-        let mut making: Option<tokio::task::JoinHandle<Desired>> = None;
+        type Making = (tokio::task::JoinHandle<Desired>, BTreeSet<(Kind, String)>);
+        let mut making: Option<Making> = None;
         loop {
             if making.is_none() && (!pending.is_empty() || pending_generation > state.generation) {
                 let (base, changes, g) = (
@@ -554,32 +558,31 @@ impl Watcher {
                     std::mem::take(&mut pending),
                     pending_generation,
                 );
-                making = Some(tokio::task::spawn_blocking(move || {
-                    base.changed(changes, g)
-                }));
+                making = Some((
+                    tokio::task::spawn_blocking(move || base.changed(changes, g)),
+                    std::mem::take(&mut pending_keys),
+                ));
             }
-            if making.is_none()
-                && pending.is_empty()
-                && unmirrored
-                    .since
-                    .is_some_and(|t| t.elapsed() >= MIRROR_AT_MOST)
+            if unmirrored
+                .since
+                .is_some_and(|t| t.elapsed() >= MIRROR_AT_MOST)
             {
                 // A burst that does not end: the copy is not left behind.
                 self.write_mirror(&state, &mut unmirrored).await?;
             }
-            // The copy's deadline, while no state is being made (which
-            // wakes this loop when it is).
             let wait = match unmirrored.since {
-                Some(since) if making.is_none() => {
-                    MIRROR_QUIET.min(MIRROR_AT_MOST.saturating_sub(since.elapsed()))
-                }
-                _ => Duration::from_secs(3600),
+                Some(since) => MIRROR_QUIET.min(MIRROR_AT_MOST.saturating_sub(since.elapsed())),
+                None => Duration::from_secs(3600),
             };
             let resp = tokio::select! {
-                made = async { making.as_mut().expect("guarded").await }, if making.is_some() => {
-                    making = None;
+                made = async { (&mut making.as_mut().expect("guarded").0).await }, if making.is_some() => {
+                    let (_, keys) = making.take().expect("guarded");
                     state = Arc::new(made.map_err(|e| e.to_string())?);
                     self.publish(state.clone());
+                    if !keys.is_empty() {
+                        unmirrored.changed.extend(keys);
+                        unmirrored.since.get_or_insert_with(tokio::time::Instant::now);
+                    }
                     continue;
                 }
                 m = tokio::time::timeout(wait, stream.message()) => match m {
@@ -587,9 +590,8 @@ impl Watcher {
                         .map_err(|e| format!("watch: {e}"))?
                         .ok_or("the watch stream ended")?,
                     Err(_) => {
-                        if making.is_none() && pending.is_empty() {
-                            self.write_mirror(&state, &mut unmirrored).await?;
-                        }
+                        // Quiet: the copy takes what is published.
+                        self.write_mirror(&state, &mut unmirrored).await?;
                         continue;
                     }
                 },
@@ -620,10 +622,7 @@ impl Watcher {
                         .ok(),
                     EventType::Delete => None,
                 };
-                unmirrored.changed.insert((kind, name.clone()));
-                unmirrored
-                    .since
-                    .get_or_insert_with(tokio::time::Instant::now);
+                pending_keys.insert((kind, name.clone()));
                 pending.push((kind, name, rec));
             }
         }

@@ -49,13 +49,22 @@ fn host(i: usize) -> Value {
     json!({"underlay_ip": format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256)})
 }
 
+/// Port `i` of `network` (subnet 10.`octet`.0.0/16) on `host`: interface
+/// `tap{i}`, a MAC and an address of its own in the network, no group.
+fn port(i: usize, network: &str, octet: u8, host: String) -> Value {
+    json!({"network": network, "host": host, "interface": format!("tap{i}"),
+        "mac": format!("02:{octet:02x}:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff),
+        "ips": [format!("10.{octet}.{}.{}", 1 + i / 250, 1 + i % 250)], "security_groups": []})
+}
+
 /// Port `i` of net-0, on host `i % agents`; in group sg-0 or in none
 /// (10,000 members of one remote group would not fit a host's tables).
-fn port(i: usize, grouped: bool, agents: usize) -> Value {
-    let groups: Vec<&str> = if grouped { vec!["sg-0"] } else { vec![] };
-    json!({"network": "net-0", "host": format!("h{:03}", i % agents), "interface": format!("tap{i}"),
-        "mac": format!("02:00:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff),
-        "ips": [format!("10.0.{}.{}", 1 + i / 250, 1 + i % 250)], "security_groups": groups})
+fn fleet_port(i: usize, grouped: bool, agents: usize) -> Value {
+    let mut v = port(i, "net-0", 0, format!("h{:03}", i % agents));
+    if grouped {
+        v["security_groups"] = json!(["sg-0"]);
+    }
+    v
 }
 
 /// One write through `agent`'s API code path: its generation.
@@ -209,7 +218,12 @@ pub fn run() -> Result<()> {
     let mut one = Vec::new();
     for i in 0..50 {
         let t = Instant::now();
-        let g = write(&w, Kind::Port, &format!("p{i}"), &port(i, true, AGENTS))?;
+        let g = write(
+            &w,
+            Kind::Port,
+            &format!("p{i}"),
+            &fleet_port(i, true, AGENTS),
+        )?;
         one.push(converged(&agents, g, t)?.as_secs_f64() * 1e3);
     }
     let (one_p50, one_p99, one_max) = (
@@ -284,25 +298,27 @@ pub fn run() -> Result<()> {
 async fn bulk_ports(url: &str, from: usize, to: usize, agents: usize) -> Result<u64> {
     let objects = (from..to)
         .map(|k| {
-            let mut v = port(k, false, agents);
+            let mut v = fleet_port(k, false, agents);
             v["name"] = format!("p{k}").into();
-            (format!("p{k}"), v)
+            v
         })
         .collect();
     bulk_write(url, objects, 500).await
 }
 
-/// `ports` straight into etcd's keys, `per` to a transaction (each moving
+/// `ports` (each with its `name`) straight into etcd's keys, `per` to a
+/// transaction (each moving
 /// `state/generation`, as the API's writes do), as an IaaS that writes
 /// them all at once would: the last transaction's revision.
-async fn bulk_write(url: &str, ports: Vec<(String, Value)>, per: usize) -> Result<u64> {
+async fn bulk_write(url: &str, ports: Vec<Value>, per: usize) -> Result<u64> {
     use etcd_client::{Client, Txn, TxnOp};
     let mut c = Client::connect([url], None).await?;
     let mut last = 0;
     for chunk in ports.chunks(per) {
         let mut ops: Vec<TxnOp> = chunk
             .iter()
-            .map(|(name, v)| {
+            .map(|v| {
+                let name = v["name"].as_str().unwrap_or_default();
                 TxnOp::put(
                     format!("/cloison/state/objects/ports/{name}"),
                     v.to_string(),
@@ -355,14 +371,12 @@ fn real_agents() -> Result<((f64, f64), (f64, f64))> {
     // Ports on the three hosts in turn, their interfaces absent (as VMs
     // not started yet): each kernel gets every forwarding and neighbour
     // entry of the network.
-    let ports: Vec<(String, Value)> = (0..10_000usize)
+    let ports: Vec<Value> = (0..10_000usize)
         .map(|i| {
-            let name = format!("bulk-{i}");
-            let v = json!({"name": name, "network": "bulk", "host": format!("hv{}", 1 + i % 3),
-                "interface": format!("bk{i}"),
-                "mac": format!("02:60:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff),
-                "ips": [format!("10.60.{}.{}", 1 + i / 250, 1 + i % 250)], "security_groups": []});
-            (name, v)
+            let mut v = port(i, "bulk", 60, format!("hv{}", 1 + i % 3));
+            v["name"] = format!("bulk-{i}").into();
+            v["interface"] = format!("bk{i}").into();
+            v
         })
         .collect();
     let url = lab
@@ -380,16 +394,7 @@ fn real_agents() -> Result<((f64, f64), (f64, f64))> {
             .block_on(bulk_write(&url, ports, 500))
     })?;
     let written = t.elapsed().as_secs_f64() * 1e3;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for c in &clients {
-        while rt.block_on(c.get("/v1/status"))?.json()?["applied_generation"].as_u64() < Some(last)
-        {
-            if Instant::now() > deadline {
-                bail!("an agent never applied the 10,000 ports");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
+    lab.wait_fleet(last)?;
     let applied = t.elapsed().as_secs_f64() * 1e3;
     lab.cleanup();
     Ok((

@@ -86,7 +86,7 @@ fn privileged_fleet_one_write_applied_by_all_and_conflicts_refused_once() {
     let s2 = rt.block_on(c2.get("/v1/status")).unwrap().json().unwrap();
     assert_eq!(s2["store"], "etcd: connected");
     assert!(s2["applied_generation"].as_u64() >= Some(generation));
-    // Each agent tells the fleet what it applied (at most every 250 ms).
+    // Each agent tells the fleet what it applied (at most once a second).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let fleet = rt.block_on(c2.get("/v1/fleet")).unwrap();

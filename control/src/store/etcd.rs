@@ -543,11 +543,10 @@ impl Watcher {
             .map_err(|e| format!("watch: {e}"))?;
         // Changes that arrived while the state before them was being made
         // (and checked) go into the next one together: under load an agent
-        // makes fewer states, never a later one.
-        // The copy is only ever told of published changes (`unmirrored`):
-        // the keys of a state being made travel with it until it is.
+        // makes fewer states, never a later one. The copy is only ever told
+        // of published changes (`unmirrored`): the keys of a state being
+        // made travel with it until it is.
         let mut pending: Vec<(Kind, String, Option<Record>)> = Vec::new();
-        let mut pending_keys: BTreeSet<(Kind, String)> = BTreeSet::new();
         let mut pending_generation = state.generation;
         type Making = (tokio::task::JoinHandle<Desired>, BTreeSet<(Kind, String)>);
         let mut making: Option<Making> = None;
@@ -558,9 +557,10 @@ impl Watcher {
                     std::mem::take(&mut pending),
                     pending_generation,
                 );
+                let keys = changes.iter().map(|(k, n, _)| (*k, n.clone())).collect();
                 making = Some((
                     tokio::task::spawn_blocking(move || base.changed(changes, g)),
-                    std::mem::take(&mut pending_keys),
+                    keys,
                 ));
             }
             if unmirrored
@@ -622,7 +622,6 @@ impl Watcher {
                         .ok(),
                     EventType::Delete => None,
                 };
-                pending_keys.insert((kind, name.clone()));
                 pending.push((kind, name, rec));
             }
         }

@@ -64,6 +64,19 @@ fn fleet() -> Snapshot {
     }
 }
 
+/// The validator on the whole of that state (what every write and, in
+/// fleet mode, every agent's every new state costs).
+fn validator(c: &mut Criterion) {
+    let full = fleet();
+    c.bench_function("validate_10k_ports", |b| {
+        b.iter_batched(
+            || full.clone(),
+            |s| cloison_dataplane::validate::validate(s).expect("valid"),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+}
+
 fn control_plane(c: &mut Criterion) {
     if !has_root("control_plane") {
         return;
@@ -178,6 +191,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(5));
-    targets = control_plane
+    targets = validator, control_plane
 }
 criterion_main!(benches);

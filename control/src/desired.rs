@@ -185,6 +185,36 @@ impl Record {
         }
         v
     }
+
+    /// [`Record::to_json`] as bytes, written straight from the object
+    /// (what a local copy stores: no JSON tree made on the way).
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Fields<'a> {
+            Host(&'a Host),
+            Network(&'a Network),
+            SecurityGroup(&'a SecurityGroup),
+            Port(&'a Port),
+        }
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            #[serde(flatten)]
+            fields: Fields<'a>,
+            generation: u64,
+        }
+        let fields = match &self.object {
+            Object::Host(o) => Fields::Host(o),
+            Object::Network(o) => Fields::Network(o),
+            Object::SecurityGroup(o) => Fields::SecurityGroup(o),
+            Object::Port(o) => Fields::Port(o),
+        };
+        serde_json::to_vec(&Stored {
+            fields,
+            generation: self.generation,
+        })
+        .expect("API objects serialize")
+    }
 }
 
 /// A JSON body for `kind` named `name` as a typed object (defaults filled).
@@ -435,6 +465,19 @@ mod tests {
         )
         .unwrap();
         d
+    }
+
+    #[test]
+    fn stored_bytes_are_the_api_json() {
+        let d = base();
+        for kind in Kind::ALL {
+            for r in d.list(kind) {
+                let bytes = r.to_json_bytes();
+                let back: Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(back, r.to_json());
+                assert_eq!(&stored_record(kind, &bytes).unwrap(), r);
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! tables that fit the maps (`capacity`; a property test holds the two
 //! together).
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     ops::Deref,
     sync::Arc,
@@ -121,9 +121,11 @@ pub fn validate(snap: Snapshot) -> Result<Valid, Violation> {
     Ok(Valid(Arc::new(snap)))
 }
 
+// Hash maps where the keys are many (ports' names, addresses, interfaces):
+// the first violation found is the same, in the snapshot's order.
 fn check_objects(s: &Snapshot) -> Result<(), Violation> {
-    let mut hosts = BTreeSet::new();
-    let mut underlay = BTreeMap::new();
+    let mut hosts = HashSet::with_capacity(s.hosts.len());
+    let mut underlay = HashMap::with_capacity(s.hosts.len());
     for h in &s.hosts {
         check_name("host", &h.name)?;
         if !hosts.insert(h.name.as_str()) {
@@ -136,8 +138,8 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
             ));
         }
     }
-    let mut vnis = BTreeMap::new();
-    let mut nets = BTreeMap::new();
+    let mut vnis = HashMap::with_capacity(s.networks.len());
+    let mut nets = HashMap::with_capacity(s.networks.len());
     for n in &s.networks {
         check_name("network", &n.name)?;
         check_name("tenant", &n.tenant)?;
@@ -203,10 +205,11 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
             },
         })?;
     }
-    let mut names = BTreeSet::new();
-    let mut macs = BTreeMap::new();
-    let mut ips = BTreeMap::new();
-    let mut interfaces = BTreeMap::new();
+    let n = s.ports.len();
+    let mut names = HashSet::with_capacity(n);
+    let mut macs = HashMap::with_capacity(n);
+    let mut ips = HashMap::with_capacity(n);
+    let mut interfaces = HashMap::with_capacity(n);
     for p in &s.ports {
         check_name("port", &p.name)?;
         if !names.insert(p.name.as_str()) {
@@ -339,7 +342,7 @@ fn neighbour_entries(p: &Port) -> usize {
 /// Every host's load. Per network, counts once; per distinct set of groups,
 /// compiles once.
 pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
-    let tenant_of: BTreeMap<&str, (&str, u32)> = s
+    let tenant_of: HashMap<&str, (&str, u32)> = s
         .networks
         .iter()
         .map(|n| (n.name.as_str(), (n.tenant.as_str(), n.vni)))
@@ -348,19 +351,21 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
     struct Net<'a> {
         ports: usize,
         neighbours: usize,
-        /// Addresses of each host's ports with port security.
-        secured: BTreeMap<&'a str, usize>,
-        hosts: BTreeSet<&'a str>,
+        /// Addresses of each host's ports with port security, and their sum.
+        secured: HashMap<&'a str, usize>,
+        secured_all: usize,
+        hosts: HashSet<&'a str>,
     }
-    let mut nets: BTreeMap<&str, Net> = BTreeMap::new();
+    let mut nets: HashMap<&str, Net> = HashMap::new();
     for p in &s.ports {
         let n = nets.entry(p.network.as_str()).or_default();
         n.ports += 1;
         n.neighbours += neighbour_entries(p);
         n.hosts.insert(p.host.as_str());
         if p.port_security {
-            *n.secured.entry(p.host.as_str()).or_default() +=
-                neighbour_entries(p) + p.allowed_address_pairs.len();
+            let a = neighbour_entries(p) + p.allowed_address_pairs.len();
+            *n.secured.entry(p.host.as_str()).or_default() += a;
+            n.secured_all += a;
         }
     }
     let compiler = policy::Compiler::new(s);
@@ -370,7 +375,7 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
         .iter()
         .map(|h| (h.name.as_str(), HostLoad::default()))
         .collect();
-    let mut local: BTreeMap<&str, Vec<&Port>> = BTreeMap::new();
+    let mut local: HashMap<&str, Vec<&Port>> = HashMap::new();
     for p in &s.ports {
         local.entry(p.host.as_str()).or_default().push(p);
     }
@@ -395,13 +400,9 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
             if let Some(net) = nets.get(n) {
                 load.forward += net.ports;
                 load.neighbours += net.neighbours;
-                load.vteps += net.hosts.iter().filter(|h| **h != host).count();
-                load.remote_allow += net
-                    .secured
-                    .iter()
-                    .filter(|(h, _)| **h != host)
-                    .map(|(_, n)| n)
-                    .sum::<usize>();
+                load.vteps += net.hosts.len() - usize::from(net.hosts.contains(host));
+                load.remote_allow +=
+                    net.secured_all - net.secured.get(host).copied().unwrap_or(0);
             }
         }
         load.addr_allow = ports

@@ -5,7 +5,10 @@
 //! local copy, its reports to etcd, and its host's tables compiled for every
 //! state) and with 3 real agents in the netns lab; for one port, and for
 //! 10,000 ports written at once. Write throughput through one agent and
-//! through three at once. Results in benches/results/fleet.{json,md}.
+//! through three at once. Beside them, in the same run, the floor: as
+//! many plain etcd watchers, which only decode and parse the same writes.
+//! Results in benches/results/fleet.{json,md}; `CLOISON_FLEET_NO_LAB=1`
+//! leaves out the real agents (and writes no results).
 //!
 //! All of it shares the machine's 2 cores, where a fleet has a machine per
 //! host and per etcd member: the figures for 100 agents are those of 100
@@ -197,6 +200,36 @@ pub fn run() -> Result<()> {
     let three_writers = 300.0 / t.elapsed().as_secs_f64();
     println!("  {three_writers:.0} writes/s in all (each checked on the fleet's state, again when another committed first); {refused} answered 503 after 8 such rounds, and sent again");
 
+    step(&format!("the floor: {AGENTS} plain etcd watchers (decode and parse each event, nothing else), the same writes"));
+    let (floor_one, floor_bulk) = {
+        let watchers = plain_watchers(&rt, &etcd.url, AGENTS)?;
+        let mut c = wrt.block_on(etcd_client::Client::connect([etcd.url.as_str()], None))?;
+        let mut one = Vec::new();
+        for i in 0..50 {
+            let t = Instant::now();
+            let r = wrt.block_on(c.put(
+                format!("{FLOOR}/objects/ports/p{i}"),
+                fleet_port(i, true, AGENTS).to_string(),
+                None,
+            ))?;
+            let rev = r.header().map_or(0, |h| h.revision()) as u64;
+            one.push(seen(&watchers, rev, t)?.as_secs_f64() * 1e3);
+        }
+        let t = Instant::now();
+        let last = wrt.block_on(bulk_ports(&etcd.url, FLOOR, 50, 10_050, AGENTS))?;
+        let bulk = seen(&watchers, last, t)?;
+        for (_, task) in watchers {
+            task.abort();
+        }
+        ((percentile(&mut one, 0.5), percentile(&mut one, 0.99)), bulk)
+    };
+    println!(
+        "  one port: p50 {:.1} ms, p99 {:.1} ms; 10,000 ports: all {AGENTS} saw the last {:.0} ms after the first write",
+        floor_one.0,
+        floor_one.1,
+        floor_bulk.as_secs_f64() * 1e3
+    );
+
     step(&format!("{AGENTS} watch-only agents (each: its watch, local copy, reports, tables compiled per state)"));
     let started = Instant::now();
     let agents: Vec<WatchOnly> = (0..AGENTS)
@@ -235,7 +268,7 @@ pub fn run() -> Result<()> {
 
     step(&format!("convergence, 10,000 ports: written into etcd in transactions of 500, until all {AGENTS} applied the last"));
     let t = Instant::now();
-    let last = wrt.block_on(bulk_ports(&etcd.url, 50, 10_050, AGENTS))?;
+    let last = wrt.block_on(bulk_ports(&etcd.url, STATE, 50, 10_050, AGENTS))?;
     let written = t.elapsed();
     let bulk = converged(&agents, last, t)?;
     println!(
@@ -248,6 +281,12 @@ pub fn run() -> Result<()> {
     drop(w);
 
     step("convergence with 3 real agents (cloisond in the netns lab, kernels programmed): 30 PUTs, then 10,000 ports at once");
+    if std::env::var_os("CLOISON_FLEET_NO_LAB").is_some() {
+        println!("  skipped (CLOISON_FLEET_NO_LAB)");
+        drop(etcd);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     let ((real_p50, real_p99), (real_written, real_bulk)) = real_agents()?;
     println!("  p50 {real_p50:.1} ms, p99 {real_p99:.1} ms; 10,000 ports: written in {real_written:.0} ms, in all three kernels {real_bulk:.0} ms after the first write");
 
@@ -262,6 +301,7 @@ pub fn run() -> Result<()> {
         "agents": AGENTS,
         "cold_start_ms": cold.as_secs_f64() * 1e3,
         "one_port_ms": {"p50": one_p50, "p99": one_p99, "max": one_max},
+        "plain_watchers_ms": {"one_port": {"p50": floor_one.0, "p99": floor_one.1}, "ten_thousand_ports": floor_bulk.as_secs_f64() * 1e3},
         "ten_thousand_ports_ms": {"written": written.as_secs_f64() * 1e3, "applied_everywhere": bulk.as_secs_f64() * 1e3},
         "three_real_agents_ms": {"p50": real_p50, "p99": real_p99,
             "ten_thousand_ports": {"written": real_written, "applied_everywhere": real_bulk}},
@@ -274,15 +314,20 @@ pub fn run() -> Result<()> {
         "Fleet mode ({}), one etcd member on loopback, 2 cores:\n\n\
          | | |\n|---|---|\n\
          | one port, PUT to applied on all {AGENTS} watch-only agents | p50 {one_p50:.1} ms, p99 {one_p99:.1} ms |\n\
+         | the floor: one port, put to seen by {AGENTS} plain etcd watchers | p50 {:.1} ms, p99 {:.1} ms |\n\
          | 10,000 ports (transactions of 500), first write to applied on all {AGENTS} | {:.0} ms (written in {:.0} ms) |\n\
+         | the floor: 10,000 ports, first write to seen by {AGENTS} plain etcd watchers | {:.0} ms |\n\
          | one PUT, to applied in 3 real agents' kernels | p50 {real_p50:.1} ms, p99 {real_p99:.1} ms |\n\
          | 10,000 ports (transactions of 500), first write to applied in 3 real agents' kernels | {real_bulk:.0} ms (written in {real_written:.0} ms) |\n\
          | writes through one agent | {one_writer:.0}/s |\n\
          | writes through three agents at once | {three_writers:.0}/s in all ({refused} sent again after a 503) |\n\
          | {AGENTS} agents' first list and apply | {:.0} ms |\n",
         date.trim(),
+        floor_one.0,
+        floor_one.1,
         bulk.as_secs_f64() * 1e3,
         written.as_secs_f64() * 1e3,
+        floor_bulk.as_secs_f64() * 1e3,
         cold.as_secs_f64() * 1e3,
     );
     std::fs::write(out.join("fleet.md"), &md)?;
@@ -295,7 +340,13 @@ pub fn run() -> Result<()> {
 
 /// Ports `from..to` of the watch-only agents' network, straight into
 /// etcd's keys: the last transaction's revision.
-async fn bulk_ports(url: &str, from: usize, to: usize, agents: usize) -> Result<u64> {
+async fn bulk_ports(
+    url: &str,
+    root: &str,
+    from: usize,
+    to: usize,
+    agents: usize,
+) -> Result<u64> {
     let objects = (from..to)
         .map(|k| {
             let mut v = fleet_port(k, false, agents);
@@ -303,14 +354,85 @@ async fn bulk_ports(url: &str, from: usize, to: usize, agents: usize) -> Result<
             v
         })
         .collect();
-    bulk_write(url, objects, 500).await
+    bulk_write(url, root, objects, 500).await
 }
 
-/// `ports` (each with its `name`) straight into etcd's keys, `per` to a
-/// transaction (each moving
-/// `state/generation`, as the API's writes do), as an IaaS that writes
-/// them all at once would: the last transaction's revision.
-async fn bulk_write(url: &str, ports: Vec<Value>, per: usize) -> Result<u64> {
+/// Where the agents' state is in etcd.
+const STATE: &str = "/cloison/state";
+/// Where the plain watchers' copy of the same writes goes.
+const FLOOR: &str = "/cloison-bench-floor";
+
+/// `n` plain etcd watchers of `FLOOR` on `rt`, each on a connection of its
+/// own as an agent is, doing what any client must with each event (decode
+/// it, parse its JSON) and nothing else: the highest revision each saw.
+fn plain_watchers(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    n: usize,
+) -> Result<Vec<(tokio::sync::watch::Receiver<u64>, tokio::task::JoinHandle<()>)>> {
+    use etcd_client::{Client, WatchOptions};
+    let mut ready = Vec::new();
+    let watchers = (0..n)
+        .map(|_| {
+            let (tx, rx) = tokio::sync::watch::channel(0u64);
+            let (up, is_up) = tokio::sync::oneshot::channel::<()>();
+            ready.push(is_up);
+            let url = url.to_string();
+            let task = rt.spawn(async move {
+                let Ok(mut c) = Client::connect([url], None).await else {
+                    return;
+                };
+                let Ok(mut stream) = c.watch(FLOOR, Some(WatchOptions::new().with_prefix())).await
+                else {
+                    return;
+                };
+                let _ = up.send(());
+                while let Ok(Some(m)) = stream.message().await {
+                    let mut seen = 0;
+                    for kv in m.events().iter().filter_map(|e| e.kv()) {
+                        let _: Option<Value> = serde_json::from_slice(kv.value()).ok();
+                        seen = seen.max(kv.mod_revision() as u64);
+                    }
+                    tx.send_if_modified(|hi| {
+                        let more = seen > *hi;
+                        *hi = (*hi).max(seen);
+                        more
+                    });
+                }
+            });
+            (rx, task)
+        })
+        .collect();
+    for r in ready {
+        rt.block_on(r).context("a plain watcher could not watch")?;
+    }
+    Ok(watchers)
+}
+
+/// Waits until every plain watcher has seen `revision`: how long after
+/// `since`.
+fn seen(
+    watchers: &[(tokio::sync::watch::Receiver<u64>, tokio::task::JoinHandle<()>)],
+    revision: u64,
+    since: Instant,
+) -> Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (w, _) in watchers {
+        while *w.borrow() < revision {
+            if Instant::now() > deadline {
+                bail!("a plain watcher never saw revision {revision}");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(since.elapsed())
+}
+
+/// `ports` (each with its `name`) straight into etcd's keys under `root`
+/// (the agents' is `/cloison/state`), `per` to a transaction (each moving
+/// `generation`, as the API's writes do), as an IaaS that writes them all
+/// at once would: the last transaction's revision.
+async fn bulk_write(url: &str, root: &str, ports: Vec<Value>, per: usize) -> Result<u64> {
     use etcd_client::{Client, Txn, TxnOp};
     let mut c = Client::connect([url], None).await?;
     let mut last = 0;
@@ -319,14 +441,10 @@ async fn bulk_write(url: &str, ports: Vec<Value>, per: usize) -> Result<u64> {
             .iter()
             .map(|v| {
                 let name = v["name"].as_str().unwrap_or_default();
-                TxnOp::put(
-                    format!("/cloison/state/objects/ports/{name}"),
-                    v.to_string(),
-                    None,
-                )
+                TxnOp::put(format!("{root}/objects/ports/{name}"), v.to_string(), None)
             })
             .collect();
-        ops.push(TxnOp::put("/cloison/state/generation", "bench", None));
+        ops.push(TxnOp::put(format!("{root}/generation"), "bench", None));
         let r = c.txn(Txn::new().and_then(ops)).await?;
         last = r.header().map_or(0, |h| h.revision()) as u64;
     }
@@ -391,7 +509,7 @@ fn real_agents() -> Result<((f64, f64), (f64, f64))> {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(bulk_write(&url, ports, 500))
+            .block_on(bulk_write(&url, STATE, ports, 500))
     })?;
     let written = t.elapsed().as_secs_f64() * 1e3;
     lab.wait_fleet(last)?;

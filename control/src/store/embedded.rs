@@ -73,7 +73,7 @@ impl Redb {
                 let key = format!("{}/{}", change.kind.path(), change.name);
                 match change.record {
                     Some(r) => {
-                        let bytes = serde_json::to_vec(&r.to_json()).map_err(err)?;
+                        let bytes = r.to_json_bytes();
                         objects
                             .insert(key.as_str(), bytes.as_slice())
                             .map_err(err)?;

@@ -2,7 +2,7 @@
 //! ports, in the shape of the northbound API (docs/api.md). A snapshot is
 //! complete; applying it makes the kernel's maps equal to what it implies.
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr},
     str::FromStr,
@@ -151,7 +151,7 @@ impl Port {
         &self,
         tenant: &str,
         network: &str,
-        groups: &BTreeMap<&str, &SecurityGroup>,
+        groups: &HashMap<&str, &SecurityGroup>,
     ) -> Result<(), String> {
         for g in &self.security_groups {
             match groups.get(g.as_str()) {
@@ -374,7 +374,7 @@ impl RulesError {
 impl SecurityGroup {
     /// Checks every rule, and that each remote group is one of `groups` of
     /// this group's tenant.
-    pub fn check_rules(&self, groups: &BTreeMap<&str, &SecurityGroup>) -> Result<(), RulesError> {
+    pub fn check_rules(&self, groups: &HashMap<&str, &SecurityGroup>) -> Result<(), RulesError> {
         for (i, r) in self.rules.iter().enumerate() {
             let at = || format!("security group {} rule {i}", self.name);
             r.check()

@@ -178,7 +178,7 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
             return conflict(format!("network {} given twice", n.name));
         }
     }
-    let mut groups = BTreeMap::new();
+    let mut groups = HashMap::with_capacity(s.security_groups.len());
     for g in &s.security_groups {
         check_name("security group", &g.name)?;
         check_name("tenant", &g.tenant)?;

@@ -401,8 +401,7 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
                 load.forward += net.ports;
                 load.neighbours += net.neighbours;
                 load.vteps += net.hosts.len() - usize::from(net.hosts.contains(host));
-                load.remote_allow +=
-                    net.secured_all - net.secured.get(host).copied().unwrap_or(0);
+                load.remote_allow += net.secured_all - net.secured.get(host).copied().unwrap_or(0);
             }
         }
         load.addr_allow = ports

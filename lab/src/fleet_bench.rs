@@ -221,7 +221,10 @@ pub fn run() -> Result<()> {
         for (_, task) in watchers {
             task.abort();
         }
-        ((percentile(&mut one, 0.5), percentile(&mut one, 0.99)), bulk)
+        (
+            (percentile(&mut one, 0.5), percentile(&mut one, 0.99)),
+            bulk,
+        )
     };
     println!(
         "  one port: p50 {:.1} ms, p99 {:.1} ms; 10,000 ports: all {AGENTS} saw the last {:.0} ms after the first write",
@@ -342,13 +345,7 @@ pub fn run() -> Result<()> {
 
 /// Ports `from..to` of the watch-only agents' network, straight into
 /// etcd's keys: the last transaction's revision.
-async fn bulk_ports(
-    url: &str,
-    root: &str,
-    from: usize,
-    to: usize,
-    agents: usize,
-) -> Result<u64> {
+async fn bulk_ports(url: &str, root: &str, from: usize, to: usize, agents: usize) -> Result<u64> {
     let objects = (from..to)
         .map(|k| {
             let mut v = fleet_port(k, false, agents);
@@ -371,7 +368,12 @@ fn plain_watchers(
     rt: &tokio::runtime::Runtime,
     url: &str,
     n: usize,
-) -> Result<Vec<(tokio::sync::watch::Receiver<u64>, tokio::task::JoinHandle<()>)>> {
+) -> Result<
+    Vec<(
+        tokio::sync::watch::Receiver<u64>,
+        tokio::task::JoinHandle<()>,
+    )>,
+> {
     use etcd_client::{Client, WatchOptions};
     let mut ready = Vec::new();
     let watchers = (0..n)
@@ -384,7 +386,9 @@ fn plain_watchers(
                 let Ok(mut c) = Client::connect([url], None).await else {
                     return;
                 };
-                let Ok(mut stream) = c.watch(FLOOR, Some(WatchOptions::new().with_prefix())).await
+                let Ok(mut stream) = c
+                    .watch(FLOOR, Some(WatchOptions::new().with_prefix()))
+                    .await
                 else {
                     return;
                 };
@@ -414,7 +418,10 @@ fn plain_watchers(
 /// Waits until every plain watcher has seen `revision`: how long after
 /// `since`.
 fn seen(
-    watchers: &[(tokio::sync::watch::Receiver<u64>, tokio::task::JoinHandle<()>)],
+    watchers: &[(
+        tokio::sync::watch::Receiver<u64>,
+        tokio::task::JoinHandle<()>,
+    )],
     revision: u64,
     since: Instant,
 ) -> Result<Duration> {

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod desired;
 pub mod fuzzing;
+pub mod gateway;
 pub mod reconcile;
 pub mod server;
 pub mod store;

@@ -27,6 +27,10 @@ fn fleet() -> Snapshot {
             vni: 1000 + n,
             subnets: vec!["10.0.0.0/16".parse().expect("subnet")],
             mtu: 1450,
+            gateway_ips: vec![],
+            dhcp: true,
+            dns_servers: vec![],
+            host_routes: vec![],
         })
         .collect();
     let mut ports = Vec::new();
@@ -53,6 +57,8 @@ fn fleet() -> Snapshot {
                 security_groups: vec![],
                 allowed_address_pairs: vec![],
                 port_security: false,
+                hostname: None,
+                instance_id: None,
             });
         }
     }

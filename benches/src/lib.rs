@@ -113,6 +113,8 @@ pub fn sg_snapshot(rules: usize) -> Snapshot {
         security_groups: groups,
         allowed_address_pairs: vec![],
         port_security: true,
+        hostname: None,
+        instance_id: None,
     };
     Snapshot {
         hosts: vec![Host {
@@ -125,6 +127,10 @@ pub fn sg_snapshot(rules: usize) -> Snapshot {
             vni: 1001,
             subnets: vec!["10.0.0.0/24".parse().expect("subnet")],
             mtu: 1450,
+            gateway_ips: vec![],
+            dhcp: true,
+            dns_servers: vec![],
+            host_routes: vec![],
         }],
         ports: vec![
             port("a1", "pa1", A1, "10.0.0.1", names(&client)),

@@ -46,7 +46,16 @@ impl Kind {
     pub fn fields(self) -> &'static [&'static str] {
         match self {
             Kind::Host => &["underlay_ip"],
-            Kind::Network => &["tenant", "vni", "subnets", "mtu"],
+            Kind::Network => &[
+                "tenant",
+                "vni",
+                "subnets",
+                "mtu",
+                "gateway_ips",
+                "dhcp",
+                "dns_servers",
+                "host_routes",
+            ],
             Kind::SecurityGroup => &["tenant", "rules"],
             Kind::Port => &[
                 "network",
@@ -57,6 +66,8 @@ impl Kind {
                 "security_groups",
                 "allowed_address_pairs",
                 "port_security",
+                "hostname",
+                "instance_id",
             ],
         }
     }
@@ -548,7 +559,59 @@ mod tests {
         .unwrap()
         .fields_json();
         assert_eq!(ok["mtu"], 1450, "defaults filled");
+        assert_eq!(ok["dhcp"], true, "DHCP on by default");
+        assert_eq!(ok["gateway_ips"], serde_json::json!([]));
         assert_eq!(ok["name"], "n");
+    }
+
+    #[test]
+    fn gateway_service_fields_are_taken_and_checked() {
+        let mut d = base();
+        put(
+            &mut d,
+            Kind::Network,
+            "net",
+            r#"{"tenant": "acme", "vni": 7, "subnets": ["10.0.0.0/24"], "gateway_ips": ["10.0.0.1"],
+            "dhcp": false, "dns_servers": ["10.0.0.53"],
+            "host_routes": [{"destination": "192.168.0.0/16", "nexthop": "10.0.0.254"}]}"#,
+        )
+        .unwrap();
+        let n = d.get(Kind::Network, "net").unwrap().to_json();
+        assert_eq!(n["dhcp"], false);
+        assert_eq!(n["host_routes"][0]["nexthop"], "10.0.0.254");
+        put(
+            &mut d,
+            Kind::Port,
+            "p1",
+            r#"{"network": "net", "host": "hv1", "interface": "tap1", "mac": "02:00:00:00:00:01",
+            "ips": ["10.0.0.5"], "hostname": "vm1", "instance_id": "7d3c"}"#,
+        )
+        .unwrap();
+        let p = d.get(Kind::Port, "p1").unwrap().to_json();
+        assert_eq!(
+            (p["hostname"].as_str(), p["instance_id"].as_str()),
+            (Some("vm1"), Some("7d3c"))
+        );
+        // A port on the gateway's address: 409, and nothing changed.
+        let before = d.get(Kind::Port, "p1").cloned();
+        let e = put(
+            &mut d,
+            Kind::Port,
+            "p1",
+            r#"{"network": "net", "host": "hv1", "interface": "tap1", "mac": "02:00:00:00:00:01", "ips": ["10.0.0.1"]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), 409, "{e:?}");
+        assert_eq!(d.get(Kind::Port, "p1").cloned(), before);
+        // A bad host name: 400.
+        let e = put(
+            &mut d,
+            Kind::Port,
+            "p1",
+            r#"{"network": "net", "host": "hv1", "interface": "tap1", "mac": "02:00:00:00:00:01", "hostname": "vm_1"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), 400, "{e:?}");
     }
 
     #[test]

@@ -21,8 +21,8 @@ pub mod validate;
 
 pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
 pub use snapshot::{
-    AddressPair, Direction, Ethertype, Host, MacAddr, Network, Port, PortRange, Protocol, Remote,
-    Rule, SecurityGroup, Snapshot,
+    AddressPair, Direction, Ethertype, Host, HostRoute, MacAddr, Network, Port, PortRange,
+    Protocol, Remote, Rule, SecurityGroup, Snapshot,
 };
 pub use validate::{validate, Valid, Violation};
 

@@ -110,6 +110,24 @@ pub struct Network {
     pub subnets: Vec<IpNet>,
     #[serde(default = "default_mtu")]
     pub mtu: u32,
+    /// The gateway's address in each subnet that has one (at most one per
+    /// subnet, inside it, not a port's): the router VMs are told of.
+    #[serde(default)]
+    pub gateway_ips: Vec<IpAddr>,
+    /// Whether the agent answers its ports' DHCPv4.
+    #[serde(default = "default_true")]
+    pub dhcp: bool,
+    #[serde(default)]
+    pub dns_servers: Vec<IpAddr>,
+    /// Routes handed to VMs (DHCP option 121), next hops on the network.
+    #[serde(default)]
+    pub host_routes: Vec<HostRoute>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRoute {
+    pub destination: IpNet,
+    pub nexthop: IpAddr,
 }
 
 fn default_mtu() -> u32 {
@@ -142,6 +160,12 @@ pub struct Port {
     pub allowed_address_pairs: Vec<AddressPair>,
     #[serde(default = "default_true")]
     pub port_security: bool,
+    /// The VM's host name (DHCP, metadata); the port's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The instance the metadata service names; the port's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
 }
 
 impl Port {

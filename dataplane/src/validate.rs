@@ -168,6 +168,7 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
                 n.name
             ));
         }
+        check_services(n)?;
         if let Some(other) = vnis.insert(n.vni, &n.name) {
             return conflict(format!(
                 "network {}: VNI {} is already network {other}'s",
@@ -287,7 +288,28 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
         if !hosts.contains(p.host.as_str()) {
             return conflict(format!("port {}: no host {}", p.name, p.host));
         }
+        if let Some(h) = &p.hostname {
+            check_hostname(&p.name, h)?;
+        }
+        if let Some(id) = &p.instance_id {
+            let ok = (1..=255).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+            if !ok {
+                return invalid(format!(
+                    "port {}: instance_id {id:?} is not 1-255 characters of [A-Za-z0-9._:-]",
+                    p.name
+                ));
+            }
+        }
         for ip in &p.ips {
+            if net.gateway_ips.contains(ip) {
+                return conflict(format!(
+                    "port {}: {ip} is the gateway of {}",
+                    p.name, net.name
+                ));
+            }
             if !net.subnets.iter().any(|sn| sn.contains(ip)) {
                 return invalid(format!(
                     "port {}: {ip} is outside the subnets of {}",
@@ -312,6 +334,90 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
                 class: Class::Conflict,
                 message,
             })?;
+    }
+    Ok(())
+}
+
+pub const MAX_DNS_SERVERS: usize = 5;
+pub const MAX_HOST_ROUTES: usize = 20;
+
+/// A network's gateway services: its gateways, DNS servers and host routes.
+fn check_services(n: &Network) -> Result<(), Violation> {
+    let subnet_of = |ip: &IpAddr| n.subnets.iter().find(|sn| sn.contains(ip));
+    let mut served = BTreeSet::new();
+    for gw in &n.gateway_ips {
+        let Some(sn) = subnet_of(gw) else {
+            return invalid(format!(
+                "network {}: gateway {gw} is outside its subnets",
+                n.name
+            ));
+        };
+        if !served.insert(sn) {
+            return invalid(format!("network {}: two gateways in subnet {sn}", n.name));
+        }
+        if let ipnet::IpNet::V4(v4) = sn {
+            if v4.prefix_len() <= 30
+                && (IpAddr::V4(v4.network()) == *gw || IpAddr::V4(v4.broadcast()) == *gw)
+            {
+                return invalid(format!(
+                    "network {}: gateway {gw} is the network or broadcast address of {sn}",
+                    n.name
+                ));
+            }
+        }
+    }
+    if n.dns_servers.len() > MAX_DNS_SERVERS {
+        return invalid(format!(
+            "network {}: {} DNS servers, at most {MAX_DNS_SERVERS}",
+            n.name,
+            n.dns_servers.len()
+        ));
+    }
+    if let Some(d) = n.dns_servers.iter().find(|d| {
+        d.is_unspecified() || d.is_multicast() || touches_v4_mapped(&ipnet::IpNet::from(**d))
+    }) {
+        return invalid(format!(
+            "network {}: {d} is not a DNS server's address",
+            n.name
+        ));
+    }
+    if n.host_routes.len() > MAX_HOST_ROUTES {
+        return invalid(format!(
+            "network {}: {} host routes, at most {MAX_HOST_ROUTES}",
+            n.name,
+            n.host_routes.len()
+        ));
+    }
+    for r in &n.host_routes {
+        let (dst, hop) = (r.destination, r.nexthop);
+        if dst != dst.trunc() || touches_v4_mapped(&dst) {
+            return invalid(format!(
+                "network {}: host route destination {dst} is not a network prefix",
+                n.name
+            ));
+        }
+        if dst.addr().is_ipv4() != hop.is_ipv4() || subnet_of(&hop).is_none() {
+            return invalid(format!(
+                "network {}: host route to {dst}: next hop {hop} is not on the network",
+                n.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A host name: dot-separated labels of 1-63 `[A-Za-z0-9-]`, none at
+/// either end of a label, 253 characters at most.
+fn check_hostname(port: &str, h: &str) -> Result<(), Violation> {
+    let ok = (1..=253).contains(&h.len())
+        && h.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !ok {
+        return invalid(format!("port {port}: {h:?} is not a host name"));
     }
     Ok(())
 }
@@ -535,6 +641,104 @@ mod tests {
         let rule = s.security_groups[0].rules[0].clone();
         s.security_groups[0].rules = vec![rule; MAX_RULES_PER_GROUP + 1];
         assert_eq!(class_of(s), Class::Invalid, "too many rules");
+    }
+
+    #[test]
+    fn gateway_services_are_checked() {
+        let with = |f: &dyn Fn(&mut Snapshot)| {
+            let mut s = snap(BASE);
+            s.networks[0].subnets.push("fd00:1::/64".parse().unwrap());
+            f(&mut s);
+            validate(s)
+        };
+        let ip = |a: &str| -> IpAddr { a.parse().unwrap() };
+        let route = |d: &str, h: &str| HostRoute {
+            destination: d.parse().unwrap(),
+            nexthop: ip(h),
+        };
+        let good = with(&|s| {
+            let n = &mut s.networks[0];
+            n.gateway_ips = vec![ip("10.0.0.254"), ip("fd00:1::1")];
+            n.dns_servers = vec![ip("10.0.0.53"), ip("2001:db8::53")];
+            n.host_routes = vec![route("192.168.0.0/16", "10.0.0.250")];
+            s.ports[0].hostname = Some("vm-1.example".into());
+            s.ports[0].instance_id = Some("7d3c2f8e-0b1a-4c6d-9e2f-1a2b3c4d5e6f".into());
+        });
+        assert!(good.is_ok(), "{good:?}");
+        let class = |f: &dyn Fn(&mut Snapshot)| with(f).unwrap_err().class;
+        let gw = |g: &'static [&'static str]| {
+            move |s: &mut Snapshot| s.networks[0].gateway_ips = g.iter().map(|a| ip(a)).collect()
+        };
+        assert_eq!(
+            class(&gw(&["10.9.0.1"])),
+            Class::Invalid,
+            "outside the subnets"
+        );
+        assert_eq!(
+            class(&gw(&["10.0.0.1", "10.0.0.2"])),
+            Class::Invalid,
+            "two in a subnet"
+        );
+        assert_eq!(
+            class(&gw(&["10.0.0.0"])),
+            Class::Invalid,
+            "the network address"
+        );
+        assert_eq!(
+            class(&gw(&["10.0.0.255"])),
+            Class::Invalid,
+            "the broadcast address"
+        );
+        // p1 has 10.0.0.1: a gateway may not be a port's address.
+        assert_eq!(
+            class(&gw(&["10.0.0.1"])),
+            Class::Conflict,
+            "a port's address"
+        );
+        assert_eq!(
+            class(&|s| s.networks[0].dns_servers = vec![ip("10.0.0.53"); MAX_DNS_SERVERS + 1]),
+            Class::Invalid
+        );
+        for d in ["0.0.0.0", "224.0.0.1", "::ffff:10.0.0.53"] {
+            assert_eq!(
+                class(&|s| s.networks[0].dns_servers = vec![ip(d)]),
+                Class::Invalid,
+                "DNS server {d}"
+            );
+        }
+        for (d, h, why) in [
+            ("192.168.1.1/16", "10.0.0.250", "host bits"),
+            ("192.168.0.0/16", "10.9.0.1", "next hop off the network"),
+            ("192.168.0.0/16", "fd00:1::9", "families differ"),
+            ("::ffff:0:0/96", "fd00:1::9", "IPv4-mapped"),
+        ] {
+            assert_eq!(
+                class(&|s| s.networks[0].host_routes = vec![route(d, h)]),
+                Class::Invalid,
+                "{why}"
+            );
+        }
+        assert_eq!(
+            class(&|s| {
+                s.networks[0].host_routes =
+                    vec![route("192.168.0.0/16", "10.0.0.250"); MAX_HOST_ROUTES + 1]
+            }),
+            Class::Invalid
+        );
+        for h in ["", "-vm", "vm-", "a..b", "vm_1", &"a".repeat(64)] {
+            assert_eq!(
+                class(&|s| s.ports[0].hostname = Some(h.to_string())),
+                Class::Invalid,
+                "host name {h:?}"
+            );
+        }
+        for id in ["", "a b", "x\r\nX-Tenant-ID: evil", &"a".repeat(256)] {
+            assert_eq!(
+                class(&|s| s.ports[0].instance_id = Some(id.to_string())),
+                Class::Invalid,
+                "instance id {id:?}"
+            );
+        }
     }
 
     #[test]

@@ -86,6 +86,10 @@ fn base() -> Snapshot {
             vni: 1001,
             subnets: vec!["10.0.0.0/8".parse().expect("subnet")],
             mtu: 1450,
+            gateway_ips: vec![],
+            dhcp: true,
+            dns_servers: vec![],
+            host_routes: vec![],
         }],
         security_groups: vec![open],
         ports: vec![Port {
@@ -98,6 +102,8 @@ fn base() -> Snapshot {
             security_groups: vec!["open".into()],
             allowed_address_pairs: vec![],
             port_security: true,
+            hostname: None,
+            instance_id: None,
         }],
     }
 }

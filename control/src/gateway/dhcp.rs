@@ -10,9 +10,10 @@
 //! (54) and classless static routes (121: the metadata address, the
 //! network's host routes and the default route, which a client that takes
 //! 121 only learns there, RFC 3442).
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use cloison_dataplane::{Network, Port};
+use ipnet::{IpNet, Ipv4Net};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress, EthernetFrame,
@@ -57,6 +58,50 @@ impl Lease {
     pub fn server_ip(&self) -> Ipv4Addr {
         self.gateway.unwrap_or(METADATA)
     }
+}
+
+/// The lease of `port` in `network` (its network: the caller's to
+/// match), answered from `server_mac`: none when the network's DHCP is
+/// off or the port has no IPv4 address in one of its subnets.
+pub fn lease_for(port: &Port, network: &Network, server_mac: [u8; 6]) -> Option<Lease> {
+    if !network.dhcp {
+        return None;
+    }
+    let (ip, subnet) = port.ips.iter().find_map(|ip| {
+        let IpAddr::V4(ip) = ip else { return None };
+        network.subnets.iter().find_map(|sn| match sn {
+            IpNet::V4(sn) if sn.contains(ip) => Some((*ip, *sn)),
+            _ => None,
+        })
+    })?;
+    let v4 = |a: &IpAddr| match a {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    };
+    Some(Lease {
+        mac: port.mac.0,
+        ip,
+        subnet,
+        gateway: network
+            .gateway_ips
+            .iter()
+            .filter_map(v4)
+            .find(|g| subnet.contains(g)),
+        server_mac,
+        dns_servers: network.dns_servers.iter().filter_map(v4).collect(),
+        routes: network
+            .host_routes
+            .iter()
+            .filter_map(|r| match (r.destination, v4(&r.nexthop)) {
+                (IpNet::V4(d), Some(h)) => Some((d, h)),
+                _ => None,
+            })
+            .collect(),
+        hostname: port.hostname.clone().unwrap_or_else(|| port.name.clone()),
+        // The validator bounds a network's MTU well below 65,536.
+        mtu: u16::try_from(network.mtu).unwrap_or(u16::MAX),
+        lease_secs: LEASE_SECS,
+    })
 }
 
 /// Why a frame got no answer (each counted).
@@ -461,6 +506,43 @@ mod tests {
 
     fn ask(l: &Lease, c: &Client) -> Answer {
         read(&answer(l, &c.frame()).expect("an answer"))
+    }
+
+    #[test]
+    fn a_lease_is_made_of_the_port_and_its_network() {
+        let net: Network = serde_json::from_str(
+            r#"{"name": "n", "tenant": "t", "vni": 7, "subnets": ["fd00:1::/64", "10.0.0.0/24"], "mtu": 1400,
+            "gateway_ips": ["fd00:1::1", "10.0.0.1"], "dns_servers": ["fd00:1::53", "10.0.0.2"],
+            "host_routes": [{"destination": "fd00:9::/64", "nexthop": "fd00:1::9"},
+                            {"destination": "192.168.0.0/16", "nexthop": "10.0.0.254"}]}"#,
+        )
+        .unwrap();
+        let mut port: Port = serde_json::from_str(
+            r#"{"name": "p", "network": "n", "host": "h", "interface": "t", "mac": "02:00:00:00:00:05",
+            "ips": ["fd00:1::5", "10.0.0.5"]}"#,
+        )
+        .unwrap();
+        let l = lease_for(&port, &net, GW_MAC).expect("a lease");
+        assert_eq!(
+            l,
+            Lease {
+                mtu: 1400,
+                dns_servers: vec!["10.0.0.2".parse().unwrap()],
+                routes: vec![(
+                    "192.168.0.0/16".parse().unwrap(),
+                    "10.0.0.254".parse().unwrap()
+                )],
+                hostname: "p".into(),
+                ..lease()
+            }
+        );
+        port.hostname = Some("vm1".into());
+        assert_eq!(lease_for(&port, &net, GW_MAC).unwrap().hostname, "vm1");
+        let mut off = net.clone();
+        off.dhcp = false;
+        assert_eq!(lease_for(&port, &off, GW_MAC), None, "DHCP off");
+        port.ips.retain(|a| a.is_ipv6());
+        assert_eq!(lease_for(&port, &net, GW_MAC), None, "no IPv4 address");
     }
 
     #[test]

@@ -148,6 +148,10 @@ impl Lab {
                 vni: if n == "a" { 1001 } else { 1002 },
                 subnets: vec!["10.0.0.0/24".parse()?, "fd00:1::/64".parse()?],
                 mtu: 1450,
+                gateway_ips: vec![],
+                dhcp: true,
+                dns_servers: vec![],
+                host_routes: vec![],
             });
         }
         for (name, host, idx) in [
@@ -251,6 +255,8 @@ impl Lab {
             security_groups: vec![format!("{tenant}-default")],
             allowed_address_pairs: vec![],
             port_security: true,
+            hostname: None,
+            instance_id: None,
         });
         self.vms.push(Vm {
             name: name.to_string(),
@@ -481,6 +487,8 @@ impl Lab {
             security_groups: vec!["a-default".into()],
             allowed_address_pairs: vec![],
             port_security: true,
+            hostname: None,
+            instance_id: None,
         });
         Ok(())
     }

@@ -366,12 +366,13 @@ fn check_services(n: &Network) -> Result<(), Violation> {
             }
         }
     }
-    if n.dns_servers.len() > MAX_DNS_SERVERS {
-        return invalid(format!(
-            "network {}: {} DNS servers, at most {MAX_DNS_SERVERS}",
-            n.name,
-            n.dns_servers.len()
-        ));
+    for (what, len, max) in [
+        ("DNS servers", n.dns_servers.len(), MAX_DNS_SERVERS),
+        ("host routes", n.host_routes.len(), MAX_HOST_ROUTES),
+    ] {
+        if len > max {
+            return invalid(format!("network {}: {len} {what}, at most {max}", n.name));
+        }
     }
     if let Some(d) = n.dns_servers.iter().find(|d| {
         d.is_unspecified() || d.is_multicast() || touches_v4_mapped(&ipnet::IpNet::from(**d))
@@ -379,13 +380,6 @@ fn check_services(n: &Network) -> Result<(), Violation> {
         return invalid(format!(
             "network {}: {d} is not a DNS server's address",
             n.name
-        ));
-    }
-    if n.host_routes.len() > MAX_HOST_ROUTES {
-        return invalid(format!(
-            "network {}: {} host routes, at most {MAX_HOST_ROUTES}",
-            n.name,
-            n.host_routes.len()
         ));
     }
     for r in &n.host_routes {

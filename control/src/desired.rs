@@ -136,8 +136,9 @@ fn invalid<T>(m: String) -> Result<T, Refusal> {
     Err(Refusal::Invalid(m))
 }
 
-/// An API object, typed.
-#[derive(Clone, Debug, PartialEq)]
+/// An API object, typed; serialized as its fields.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
 pub enum Object {
     Host(Host),
     Network(Network),
@@ -166,13 +167,7 @@ impl Object {
 
     /// Its fields and `name`, as the API shows it.
     pub fn fields_json(&self) -> Value {
-        let v = match self {
-            Object::Host(o) => serde_json::to_value(o),
-            Object::Network(o) => serde_json::to_value(o),
-            Object::SecurityGroup(o) => serde_json::to_value(o),
-            Object::Port(o) => serde_json::to_value(o),
-        };
-        v.expect("API objects serialize")
+        serde_json::to_value(self).expect("API objects serialize")
     }
 }
 
@@ -201,27 +196,13 @@ impl Record {
     /// (what a local copy stores: no JSON tree made on the way).
     pub fn to_json_bytes(&self) -> Vec<u8> {
         #[derive(Serialize)]
-        #[serde(untagged)]
-        enum Fields<'a> {
-            Host(&'a Host),
-            Network(&'a Network),
-            SecurityGroup(&'a SecurityGroup),
-            Port(&'a Port),
-        }
-        #[derive(Serialize)]
         struct Stored<'a> {
             #[serde(flatten)]
-            fields: Fields<'a>,
+            object: &'a Object,
             generation: u64,
         }
-        let fields = match &self.object {
-            Object::Host(o) => Fields::Host(o),
-            Object::Network(o) => Fields::Network(o),
-            Object::SecurityGroup(o) => Fields::SecurityGroup(o),
-            Object::Port(o) => Fields::Port(o),
-        };
         serde_json::to_vec(&Stored {
-            fields,
+            object: &self.object,
             generation: self.generation,
         })
         .expect("API objects serialize")

@@ -177,11 +177,11 @@ pub fn answer(lease: &Lease, frame: &[u8]) -> Result<Vec<u8>, Unanswered> {
     };
     let inform = req.message_type == DhcpMessageType::Inform;
     let nak = kind == DhcpMessageType::Nak;
-    let extra = if nak {
-        Options::default()
-    } else {
-        Options::of(lease, !inform)
-    };
+    let extra = if nak { vec![] } else { options(lease, !inform) };
+    let extra: Vec<DhcpOption<'_>> = extra
+        .iter()
+        .map(|(kind, data)| DhcpOption { kind: *kind, data })
+        .collect();
     let reply = DhcpRepr {
         message_type: kind,
         transaction_id: req.transaction_id,
@@ -207,7 +207,7 @@ pub fn answer(lease: &Lease, frame: &[u8]) -> Result<Vec<u8>, Unanswered> {
         lease_duration: None,
         renew_duration: None,
         rebind_duration: None,
-        additional_options: &extra.list(),
+        additional_options: &extra,
     };
     // RFC 2131 4.1: a NAK and an answer to a client that asked for one
     // are broadcast; an INFORM is answered to its address; the rest to
@@ -222,57 +222,38 @@ pub fn answer(lease: &Lease, frame: &[u8]) -> Result<Vec<u8>, Unanswered> {
     Ok(frame_of(lease, &reply, server, dst_ip, dst_mac))
 }
 
-/// The options smoltcp's representation does not carry, as bytes.
-#[derive(Default)]
-struct Options {
-    fixed: Vec<(u8, Vec<u8>)>,
-}
-
-impl Options {
-    fn of(lease: &Lease, with_lease: bool) -> Options {
-        let mut o = Options::default();
-        o.push(1, lease.subnet.netmask().octets().to_vec());
-        if let Some(gw) = lease.gateway {
-            o.push(3, gw.octets().to_vec());
-        }
-        if !lease.dns_servers.is_empty() {
-            o.push(
-                6,
-                lease.dns_servers.iter().flat_map(|a| a.octets()).collect(),
-            );
-        }
-        if !lease.hostname.is_empty() {
-            o.push(12, lease.hostname.as_bytes().to_vec());
-        }
-        o.push(26, lease.mtu.to_be_bytes().to_vec());
-        if with_lease {
-            o.push(51, lease.lease_secs.to_be_bytes().to_vec());
-            o.push(58, (lease.lease_secs / 2).to_be_bytes().to_vec());
-            o.push(59, (lease.lease_secs / 8 * 7).to_be_bytes().to_vec());
-        }
-        let on_link = Ipv4Addr::UNSPECIFIED;
-        let mut routes = vec![(
-            Ipv4Net::new(METADATA, 32).expect("a /32"),
-            lease.gateway.unwrap_or(on_link),
-        )];
-        routes.extend(lease.routes.iter().copied());
-        if let Some(gw) = lease.gateway {
-            routes.push((Ipv4Net::default(), gw));
-        }
-        o.push(121, classless_routes(&routes));
-        o
+/// The options smoltcp's representation does not carry: (kind, bytes).
+fn options(lease: &Lease, with_lease: bool) -> Vec<(u8, Vec<u8>)> {
+    let mut o = vec![(1, lease.subnet.netmask().octets().to_vec())];
+    if let Some(gw) = lease.gateway {
+        o.push((3, gw.octets().to_vec()));
     }
-
-    fn push(&mut self, kind: u8, data: Vec<u8>) {
-        self.fixed.push((kind, data));
+    if !lease.dns_servers.is_empty() {
+        o.push((
+            6,
+            lease.dns_servers.iter().flat_map(|a| a.octets()).collect(),
+        ));
     }
-
-    fn list(&self) -> Vec<DhcpOption<'_>> {
-        self.fixed
-            .iter()
-            .map(|(kind, data)| DhcpOption { kind: *kind, data })
-            .collect()
+    if !lease.hostname.is_empty() {
+        o.push((12, lease.hostname.as_bytes().to_vec()));
     }
+    o.push((26, lease.mtu.to_be_bytes().to_vec()));
+    if with_lease {
+        o.push((51, lease.lease_secs.to_be_bytes().to_vec()));
+        o.push((58, (lease.lease_secs / 2).to_be_bytes().to_vec()));
+        o.push((59, (lease.lease_secs / 8 * 7).to_be_bytes().to_vec()));
+    }
+    let on_link = Ipv4Addr::UNSPECIFIED;
+    let mut routes = vec![(
+        Ipv4Net::new(METADATA, 32).expect("a /32"),
+        lease.gateway.unwrap_or(on_link),
+    )];
+    routes.extend(lease.routes.iter().copied());
+    if let Some(gw) = lease.gateway {
+        routes.push((Ipv4Net::default(), gw));
+    }
+    o.push((121, classless_routes(&routes)));
+    o
 }
 
 /// RFC 3442: each route as its prefix length, the significant octets of
@@ -339,10 +320,13 @@ fn frame_of(
 
 #[cfg(test)]
 mod tests {
-    //! Client messages are assembled here byte by byte and answers read
-    //! back the same way (RFC 2131's layout), not through smoltcp, so that
-    //! a mistake in how the module uses it shows.
+    //! BOOTP messages are assembled here byte by byte and answers read
+    //! back the same way (RFC 2131's layout), their Ethernet, IPv4 and UDP
+    //! by testkit's frames: nothing through smoltcp, so that a mistake in
+    //! how the module uses it shows.
     use std::collections::BTreeMap;
+
+    use cloison_testkit::wire::{build, Frame, Net, Payload, Udp, L4};
 
     use super::*;
 
@@ -366,17 +350,6 @@ mod tests {
             mtu: 1450,
             lease_secs: LEASE_SECS,
         }
-    }
-
-    fn checksum(bytes: &[u8]) -> u16 {
-        let mut sum: u32 = 0;
-        for c in bytes.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
     }
 
     struct Client {
@@ -403,7 +376,8 @@ mod tests {
             self
         }
 
-        fn frame(&self) -> Vec<u8> {
+        /// The BOOTP message, byte by byte.
+        fn bootp(&self) -> Vec<u8> {
             let mut bootp = vec![1, 1, 6, 0];
             bootp.extend(XID.to_be_bytes());
             bootp.extend([0, 0]); // secs
@@ -419,28 +393,23 @@ mod tests {
                 bootp.extend(d);
             }
             bootp.push(255);
-            let mut udp = vec![0, 68, 0, 67];
-            udp.extend(((8 + bootp.len()) as u16).to_be_bytes());
-            udp.extend([0, 0]); // no checksum (IPv4 allows it)
-            udp.extend(bootp);
-            let src = if self.ciaddr == [0; 4] {
-                [0; 4]
-            } else {
-                self.ciaddr
-            };
-            let mut ip = vec![0x45, 0];
-            ip.extend(((20 + udp.len()) as u16).to_be_bytes());
-            ip.extend([0, 0, 0, 0, 64, 17, 0, 0]);
-            ip.extend(src);
-            ip.extend([255; 4]);
-            let c = checksum(&ip);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            let mut f = vec![0xff; 6];
-            f.extend(self.src_mac);
-            f.extend([0x08, 0x00]);
-            f.extend(ip);
-            f.extend(udp);
-            f
+            bootp
+        }
+
+        /// `bootp` from this client's MAC and address, broadcast, to `dport`.
+        fn carrying(&self, bootp: &[u8], dport: u16) -> Vec<u8> {
+            build::v4(
+                self.src_mac,
+                [0xff; 6],
+                self.ciaddr,
+                [255; 4],
+                build::udp(68, dport, bootp),
+            )
+            .emit()
+        }
+
+        fn frame(&self) -> Vec<u8> {
+            self.carrying(&self.bootp(), 67)
         }
     }
 
@@ -458,18 +427,21 @@ mod tests {
         options: BTreeMap<u8, Vec<u8>>,
     }
 
+    /// Ethernet, IPv4 and UDP by testkit's parser (lengths and checksums
+    /// checked), the BOOTP message by hand.
     fn read(f: &[u8]) -> Answer {
-        let ip = &f[14..];
-        assert_eq!(&f[12..14], &[0x08, 0x00]);
-        assert_eq!(ip[0], 0x45);
-        assert_eq!(checksum(&ip[..20]), 0, "IPv4 header checksum");
-        assert_eq!(ip[9], 17);
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        assert_eq!(total, ip.len());
-        let udp = &ip[20..];
-        assert_eq!(&udp[..4], &[0, 67, 0, 68], "from port 67 to 68");
-        assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), udp.len());
-        let b = &udp[8..];
+        let frame = Frame::parse(f).expect("a well-formed frame");
+        let Net::Ipv4(ip) = &frame.net else {
+            panic!("not IPv4: {frame:?}")
+        };
+        let L4::Udp(Udp {
+            sport: 67,
+            dport: 68,
+            payload: Payload::Bytes(b),
+        }) = &ip.payload
+        else {
+            panic!("not UDP from port 67 to 68: {:?}", ip.payload)
+        };
         assert_eq!(&b[..3], &[2, 1, 6], "a BOOTREPLY on Ethernet");
         assert_eq!(u32::from_be_bytes(b[4..8].try_into().unwrap()), XID);
         assert_eq!(&b[28..34], &VM, "chaddr");
@@ -492,10 +464,10 @@ mod tests {
         }
         let a4 = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
         Answer {
-            dst_mac: f[0..6].try_into().unwrap(),
-            src_mac: f[6..12].try_into().unwrap(),
-            src_ip: a4(&ip[12..16]),
-            dst_ip: a4(&ip[16..20]),
+            dst_mac: frame.dst,
+            src_mac: frame.src,
+            src_ip: ip.src,
+            dst_ip: ip.dst,
             ciaddr: a4(&b[12..16]),
             yiaddr: a4(&b[16..20]),
             broadcast: b[10] & 0x80 != 0,
@@ -693,15 +665,25 @@ mod tests {
         let mut bad = good.clone();
         bad[14 + 10] ^= 1; // IPv4 checksum
         assert_eq!(answer(&l, &bad), Err(Unanswered::Malformed));
-        let mut bad = good.clone();
-        bad[14 + 20 + 8 + 236] = 0; // magic cookie
-        assert_eq!(answer(&l, &bad), Err(Unanswered::Malformed));
-        let mut bad = good.clone();
-        bad[14 + 20 + 3] = 68; // to the client port
-        assert_eq!(answer(&l, &bad), Err(Unanswered::Malformed));
-        let mut bad = good.clone();
-        bad[14 + 20 + 8 + 2] = 8; // hardware address length
-        assert_eq!(answer(&l, &bad), Err(Unanswered::Malformed));
+        // Well-formed frames (checksums right) carrying a bad message.
+        let c = client(1);
+        let mut bootp = c.bootp();
+        bootp[236] = 0; // magic cookie
+        assert_eq!(
+            answer(&l, &c.carrying(&bootp, 67)),
+            Err(Unanswered::Malformed)
+        );
+        assert_eq!(
+            answer(&l, &c.carrying(&c.bootp(), 68)),
+            Err(Unanswered::Malformed),
+            "to the client port"
+        );
+        let mut bootp = c.bootp();
+        bootp[2] = 8; // hardware address length
+        assert_eq!(
+            answer(&l, &c.carrying(&bootp, 67)),
+            Err(Unanswered::Malformed)
+        );
         // Every byte flipped in turn: an answer or a reason, never a panic.
         for i in 0..good.len() {
             let mut f = good.clone();

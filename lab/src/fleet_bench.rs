@@ -80,18 +80,34 @@ fn write(agent: &Agent, kind: Kind, name: &str, body: &Value) -> Result<u64> {
     v["generation"].as_u64().context("a generation")
 }
 
-/// Waits until every agent has applied `generation`: how long after `since`.
-fn converged(agents: &[WatchOnly], generation: u64, since: Instant) -> Result<Duration> {
+/// Waits until each of `levels` (who, what it has reached now) is at
+/// `target`: how long after `since`.
+fn until_all<'a, F: Fn() -> u64>(
+    levels: impl IntoIterator<Item = (&'a str, F)>,
+    target: u64,
+    since: Instant,
+) -> Result<Duration> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    for a in agents {
-        while a.applied.borrow().generation < generation {
+    for (who, level) in levels {
+        while level() < target {
             if Instant::now() > deadline {
-                bail!("{} never applied {generation}", a.host);
+                bail!("{who} never reached {target}");
             }
             std::thread::sleep(Duration::from_micros(200));
         }
     }
     Ok(since.elapsed())
+}
+
+/// Waits until every agent has applied `generation`: how long after `since`.
+fn converged(agents: &[WatchOnly], generation: u64, since: Instant) -> Result<Duration> {
+    until_all(
+        agents
+            .iter()
+            .map(|a| (a.host.as_str(), || a.applied.borrow().generation)),
+        generation,
+        since,
+    )
 }
 
 pub fn run() -> Result<()> {
@@ -361,19 +377,16 @@ const STATE: &str = "/cloison/state";
 /// Where the plain watchers' copy of the same writes goes.
 const FLOOR: &str = "/cloison-bench-floor";
 
+/// The highest revision a plain watcher saw, and its task.
+type PlainWatcher = (
+    tokio::sync::watch::Receiver<u64>,
+    tokio::task::JoinHandle<()>,
+);
+
 /// `n` plain etcd watchers of `FLOOR` on `rt`, each on a connection of its
 /// own as an agent is, doing what any client must with each event (decode
 /// it, parse its JSON) and nothing else: the highest revision each saw.
-fn plain_watchers(
-    rt: &tokio::runtime::Runtime,
-    url: &str,
-    n: usize,
-) -> Result<
-    Vec<(
-        tokio::sync::watch::Receiver<u64>,
-        tokio::task::JoinHandle<()>,
-    )>,
-> {
+fn plain_watchers(rt: &tokio::runtime::Runtime, url: &str, n: usize) -> Result<Vec<PlainWatcher>> {
     use etcd_client::{Client, WatchOptions};
     let mut ready = Vec::new();
     let watchers = (0..n)
@@ -417,24 +430,14 @@ fn plain_watchers(
 
 /// Waits until every plain watcher has seen `revision`: how long after
 /// `since`.
-fn seen(
-    watchers: &[(
-        tokio::sync::watch::Receiver<u64>,
-        tokio::task::JoinHandle<()>,
-    )],
-    revision: u64,
-    since: Instant,
-) -> Result<Duration> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for (w, _) in watchers {
-        while *w.borrow() < revision {
-            if Instant::now() > deadline {
-                bail!("a plain watcher never saw revision {revision}");
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-    Ok(since.elapsed())
+fn seen(watchers: &[PlainWatcher], revision: u64, since: Instant) -> Result<Duration> {
+    until_all(
+        watchers
+            .iter()
+            .map(|(w, _)| ("a plain watcher", || *w.borrow())),
+        revision,
+        since,
+    )
 }
 
 /// `ports` (each with its `name`) straight into etcd's keys under `root`

@@ -14,6 +14,7 @@ pub mod netdev;
 pub mod plan;
 pub mod policy;
 pub mod progstats;
+pub mod service;
 pub mod snapshot;
 pub mod tables;
 pub mod traffic;

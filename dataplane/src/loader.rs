@@ -242,7 +242,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(BPF_OBJECT)
             .map_err(|e| Error::kernel("load the BPF object")(e.into()))?;
-        for name in [P::PORT, P::UPLINK_TC] {
+        for name in [P::PORT, P::UPLINK_TC, P::SERVICE] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|e| Error::kernel(format!("verify {name}"))(e.into()))?;
@@ -357,6 +357,8 @@ impl Dataplane {
             } else {
                 let pname = if name == "uplink-tc" {
                     P::UPLINK_TC
+                } else if name.starts_with("service-") {
+                    P::SERVICE
                 } else {
                     P::PORT
                 };
@@ -465,6 +467,62 @@ impl Dataplane {
             )
             .map_err(|err| Error::kernel(format!("attach to port {interface}"))(err.into()))?;
         pin_tc_link(prog, id, &path)
+    }
+
+    /// Puts the agent's service tap behind the port programs: `cl_service`
+    /// on its TC ingress (the agent's answers, each to its port), and
+    /// `CL_SERVICE` naming it with the per-port rate limit. Idempotent; a
+    /// link pinned for an earlier tap is removed.
+    pub fn attach_service(
+        &mut self,
+        tap: &crate::service::ServiceTap,
+        limit: ServiceConfig,
+    ) -> Result<(), Error> {
+        self.writable("attach the service tap")?;
+        let want = format!("service-{}", tap.ifindex);
+        for (name, path) in self.pinned_links()? {
+            if name.starts_with("service-") && name != want {
+                fs::remove_file(&path).map_err(Error::io(format!("unpin {}", path.display())))?;
+            }
+        }
+        let path = link_dir(&self.pin_dir).join(&want);
+        if !path.exists() {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, P::SERVICE)?;
+            let id = prog
+                .attach_with_options(
+                    &tap.name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|err| Error::kernel(format!("attach to {}", tap.name))(err.into()))?;
+            pin_tc_link(prog, id, &path)?;
+        }
+        self.set_service(ServiceConfig {
+            ifindex: tap.ifindex,
+            ..limit
+        })
+    }
+
+    /// Writes `CL_SERVICE` (where steered frames go, and each port's limit).
+    pub fn set_service(&mut self, c: ServiceConfig) -> Result<(), Error> {
+        self.writable("write the service config")?;
+        let mut m: Array<&mut MapData, ServiceConfig> =
+            typed_mut::<_, maps::Service>(&mut self.ebpf)?;
+        m.set(0, c, 0)
+            .map_err(|err| Error::kernel("write the service config")(err.into()))
+    }
+
+    /// What `CL_SERVICE` holds.
+    pub fn service(&self) -> Result<ServiceConfig, Error> {
+        let m: Array<&MapData, ServiceConfig> = typed_ref::<_, maps::Service>(&self.ebpf)?;
+        m.get(&0, 0)
+            .map_err(|err| Error::kernel("read the service config")(err.into()))
+    }
+
+    /// Runs the service tap's program on `frame`, an answer the agent wrote.
+    pub fn test_run_service(&self, ifindex: u32, frame: &[u8]) -> Result<RunResult, Error> {
+        let prog: &SchedClassifier = program_ref(&self.ebpf, P::SERVICE)?;
+        run_tc(prog, ifindex, frame, 0, 1)
     }
 
     /// Closes the interfaces of `ports` (this host's, by interface name)

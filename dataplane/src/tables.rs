@@ -300,13 +300,40 @@ pub fn compile(
         }
         let net = nets[p.network.as_str()];
         let vni = net.vni;
-        t.networks.insert(
-            vni,
-            NetworkInfo {
-                mtu: net.mtu,
-                _reserved: 0,
-            },
-        );
+        let first_of_network = t
+            .networks
+            .insert(
+                vni,
+                NetworkInfo {
+                    mtu: net.mtu,
+                    _reserved: 0,
+                },
+            )
+            .is_none();
+        if first_of_network {
+            // The gateway answers for its addresses, its link-local one
+            // (the source of its router advertisements) and the metadata
+            // address: VMs resolve them to its MAC.
+            let gw = MacAddr(gateway_mac(vni));
+            let entry = NeighbourEntry {
+                mac: gw.0,
+                _pad: [0; 2],
+            };
+            for ip in net
+                .gateway_ips
+                .iter()
+                .copied()
+                .chain([IpAddr::V4(METADATA_IP.into()), IpAddr::V6(gw.link_local())])
+            {
+                t.neighbours.insert(
+                    NeighbourKey {
+                        vni,
+                        addr: ip16(ip),
+                    },
+                    entry,
+                );
+            }
+        }
         let neighbour = NeighbourEntry {
             mac: p.mac.0,
             _pad: [0; 2],
@@ -340,6 +367,9 @@ pub fn compile(
             }
             if iface.veth {
                 flags |= PORT_F_VETH;
+            }
+            if net.dhcp {
+                flags |= PORT_F_DHCP;
             }
             t.forward.insert(
                 fkey,
@@ -464,7 +494,16 @@ mod tests {
         assert_eq!(c.pending, vec!["p3".to_string()]);
         assert_eq!(c.tables.config.vtep, [192, 0, 2, 1]);
         assert_eq!(c.tables.ports[&10].vni, 7);
-        assert_eq!(c.tables.ports[&10].flags, PORT_F_SECURITY | PORT_F_VETH);
+        assert_eq!(
+            c.tables.ports[&10].flags,
+            PORT_F_SECURITY | PORT_F_VETH | PORT_F_DHCP
+        );
+        // The gateway answers for the metadata address.
+        let metadata = NeighbourKey {
+            vni: 7,
+            addr: ip16(IpAddr::V4(METADATA_IP.into())),
+        };
+        assert_eq!(c.tables.neighbours[&metadata].mac, gateway_mac(7));
         let remote = c.tables.forward[&fkey(2)];
         assert_eq!((remote.kind, remote.vtep), (FWD_REMOTE, [192, 0, 2, 2]));
         assert!(c.tables.vteps.contains_key(&VtepKey {

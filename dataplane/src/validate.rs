@@ -303,7 +303,19 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
                 ));
             }
         }
+        if p.mac.0 == cloison_abi::gateway_mac(net.vni) {
+            return conflict(format!(
+                "port {}: MAC {} is the gateway MAC of {}",
+                p.name, p.mac, net.name
+            ));
+        }
         for ip in &p.ips {
+            if *ip == IpAddr::V4(cloison_abi::METADATA_IP.into()) {
+                return conflict(format!(
+                    "port {}: {ip} is the metadata service's address",
+                    p.name
+                ));
+            }
             if net.gateway_ips.contains(ip) {
                 return conflict(format!(
                     "port {}: {ip} is the gateway of {}",
@@ -457,6 +469,10 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
         hosts: HashSet<&'a str>,
     }
     let mut nets: HashMap<&str, Net> = HashMap::new();
+    // The gateway's entries: its addresses, its link-local one, metadata.
+    for n in &s.networks {
+        nets.entry(n.name.as_str()).or_default().neighbours += n.gateway_ips.len() + 2;
+    }
     for p in &s.ports {
         let n = nets.entry(p.network.as_str()).or_default();
         n.ports += 1;
@@ -688,6 +704,24 @@ mod tests {
             class(&gw(&["10.0.0.1"])),
             Class::Conflict,
             "a port's address"
+        );
+        assert_eq!(
+            class(&|s| {
+                let vni = s.networks[0].vni;
+                s.ports[0].mac = MacAddr(cloison_abi::gateway_mac(vni));
+            }),
+            Class::Conflict,
+            "the gateway's MAC"
+        );
+        assert_eq!(
+            class(&|s| {
+                s.networks[0]
+                    .subnets
+                    .push("169.254.0.0/16".parse().unwrap());
+                s.ports[0].ips.push(ip("169.254.169.254"));
+            }),
+            Class::Conflict,
+            "the metadata address"
         );
         assert_eq!(
             class(&|s| s.networks[0].dns_servers = vec![ip("10.0.0.53"); MAX_DNS_SERVERS + 1]),

@@ -20,6 +20,8 @@ pub enum At {
     Port(&'static str),
     /// The uplink, in XDP or TC: a frame from the underlay.
     Uplink(UplinkHook),
+    /// The agent's service tap: an answer of its gateway services.
+    Service,
 }
 
 /// A check of an output frame (parsed, and its bytes).
@@ -184,10 +186,29 @@ pub fn agrees(seen: &Seen, v: Verdict, input: &[u8]) -> Result<(), String> {
                 Err("redirected, but not back to the sender's MAC".into())
             }
         }
+        (Seen::Redirect(out), Verdict::ToAgent) => {
+            let steered = out.len() == input.len()
+                && out.len() >= 12
+                && cloison_abi::steered_ifindex(out[0..6].try_into().expect("6 bytes")).is_some()
+                && out[6..] == input[6..];
+            if steered {
+                Ok(())
+            } else {
+                Err("redirected, but not the frame with a steering MAC as its destination".into())
+            }
+        }
         (Seen::Redirect(out), Verdict::ToPort(_)) => {
-            // Delivered as sent, or as it was inside VXLAN.
+            // Delivered as sent, or as it was inside VXLAN, or (an agent's
+            // answer) from a gateway MAC instead of the steering one.
             let want = decapsulated(input).unwrap_or_else(|| input.to_vec());
-            if *out == want {
+            let answered = out.len() == input.len()
+                && out.len() >= 12
+                && cloison_abi::steered_ifindex(input[6..12].try_into().expect("6 bytes"))
+                    .is_some()
+                && out[6..9] == cloison_abi::gateway_mac(0)[..3]
+                && out[..6] == input[..6]
+                && out[12..] == input[12..];
+            if *out == want || answered {
                 Ok(())
             } else {
                 Err(format!(
@@ -224,6 +245,13 @@ fn kernel(dp: &Dataplane, c: &Case) -> Result<Seen, String> {
             };
             seen(dp, &r, &before, redirect, pass)
         }
+        At::Service => {
+            let tap = dp.service().map_err(|e| e.to_string())?.ifindex;
+            let r = dp
+                .test_run_service(tap, &c.input)
+                .map_err(|e| e.to_string())?;
+            seen(dp, &r, &before, TC_ACT_REDIRECT, u32::MAX)
+        }
     }
 }
 
@@ -256,6 +284,7 @@ pub fn run_case(dp: &Dataplane, model: &Model, c: &Case) -> Result<(), String> {
             model.port(ifindex, &c.input)
         }
         At::Uplink(_) => model.uplink(&c.input),
+        At::Service => model.service_answer(&c.input),
     };
     if modelled != c.expect {
         return Err(format!("model: {modelled:?}, expected {:?}", c.expect));
@@ -313,6 +342,14 @@ pub fn differ(
                 dp.test_run_uplink(hook, up0, frame),
                 model.uplink(frame),
                 codes,
+            )
+        }
+        At::Service => {
+            let tap = dp.service().map_err(|e| e.to_string())?.ifindex;
+            (
+                dp.test_run_service(tap, frame),
+                model.service_answer(frame),
+                (TC_ACT_REDIRECT, u32::MAX),
             )
         }
     };

@@ -11,7 +11,7 @@
 //! Connection tracking is kept here in plain maps, with the same states.
 //!
 //! One file per stage, as the programs have: `parse`, `spoof`, `proxy`,
-//! `forward`, `conntrack` and `policy`, `uplink`; this file calls them in
+//! `service`, `forward`, `conntrack` and `policy`, `uplink`; this file calls them in
 //! order. A verdict says where the frame went.
 use std::{
     cell::RefCell,
@@ -32,6 +32,7 @@ mod forward;
 mod parse;
 mod policy;
 mod proxy;
+mod service;
 mod spoof;
 mod uplink;
 
@@ -48,6 +49,9 @@ pub enum Verdict {
     ToVtep([u8; 4]),
     /// Not for the overlay: handed to the host stack (uplink only).
     Host,
+    /// To the agent's gateway services (its service tap), the port's
+    /// ifindex in the destination MAC.
+    ToAgent,
     Drop(DropReason),
 }
 
@@ -56,7 +60,7 @@ impl Verdict {
     pub fn redirected(self) -> bool {
         matches!(
             self,
-            Verdict::ToPort(_) | Verdict::Back | Verdict::ToVtep(_)
+            Verdict::ToPort(_) | Verdict::Back | Verdict::ToVtep(_) | Verdict::ToAgent
         )
     }
 }
@@ -229,11 +233,12 @@ impl<'a> Model<'a> {
             if (133..=137).contains(&p.icmp_type) && p.ext_headers != 0 {
                 return Err(NdWithExtensionHeaders);
             }
-            match p.icmp_type {
-                135 => return self.nd(f, &port),
-                133 => return Err(RouterSolicitation),
-                _ => {}
+            if p.icmp_type == 135 {
+                return self.nd(f, &port);
             }
+        }
+        if service::for_agent(&p, &port)? {
+            return Ok(Verdict::ToAgent);
         }
         let fwd = self.forward_from(f, ifindex, &port)?;
         let local = fwd.kind == FWD_LOCAL;

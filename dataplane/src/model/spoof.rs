@@ -46,7 +46,7 @@ impl Model<'_> {
             let ok = if v4 {
                 p.proto == 17 && p.sport == 68 && p.dport == 67
             } else {
-                p.proto == 58 && (p.icmp_type == 135 || p.icmp_type == 143)
+                p.proto == 58 && matches!(p.icmp_type, 133 | 135 | 143)
             };
             if !ok {
                 return Err(SpoofedIp);

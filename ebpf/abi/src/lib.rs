@@ -164,6 +164,11 @@ map_table! {
     RemoteAllow / REMOTE_ALLOW = "CL_REMOTE_ALLOW", LpmTrie, RemoteAddrKey => AddrAllow, MAX_REMOTE_ALLOW;
     /// Drops by (port, reason), per CPU.
     PortDrops / PORT_DROPS = "CL_PORT_DROPS", LruPerCpuHash, PortDropKey => u64, MAX_PORT_DROPS;
+    /// The agent's service tap and the per-port limit on it, one entry.
+    Service / SERVICE = "CL_SERVICE", Array, u32 => ServiceConfig, 1;
+    /// Each port slot's theoretical arrival time (ns) of its next frame to
+    /// the agent (the rate limit's state).
+    ServiceRate / SERVICE_RATE = "CL_SVC_RATE", Array, u32 => u64, MAX_PORTS;
 }
 
 /// Maps of earlier releases whose layout changed (so they were renamed):
@@ -177,6 +182,7 @@ pub mod program_names {
     pub const PORT: &str = "cl_port";
     pub const UPLINK_XDP: &str = "cl_uplink_xdp";
     pub const UPLINK_TC: &str = "cl_uplink_tc";
+    pub const SERVICE: &str = "cl_service";
 }
 
 /// Bits of [`PortInfo::flags`].
@@ -184,6 +190,69 @@ pub const PORT_F_SECURITY: u32 = 1;
 /// Deliver into this port with `bpf_redirect_peer` (veth) instead of
 /// `bpf_redirect` to its egress (tap).
 pub const PORT_F_VETH: u32 = 2;
+/// The port's network answers DHCP (`dhcp: true`): its DHCPv4 and DHCPv6
+/// requests go to the agent; without it they are dropped (`dhcp_off`).
+pub const PORT_F_DHCP: u32 = 4;
+
+/// The instance metadata address (169.254.169.254), IPv4.
+pub const METADATA_IP: [u8; 4] = [169, 254, 169, 254];
+
+/// The MAC of network `vni`'s gateway, the same on every host (a VM that
+/// moves keeps a valid neighbour entry): the source of the agent's answers
+/// to it, and what its `gateway_ips` and the metadata address resolve to.
+/// Locally administered, unicast; the validator keeps ports off it.
+pub const fn gateway_mac(vni: u32) -> [u8; 6] {
+    [
+        0x02,
+        0xc1,
+        0x0a,
+        (vni >> 16) as u8,
+        (vni >> 8) as u8,
+        vni as u8,
+    ]
+}
+
+/// Frames steered between the port programs and the agent's service tap
+/// carry the port's ifindex in a MAC: the destination of a frame handed to
+/// the agent, the source of an answer the agent sends back. These two
+/// bytes, then the ifindex big-endian.
+pub const STEER_MAC_PREFIX: [u8; 2] = [0x0e, 0xc1];
+
+pub const fn steer_mac(ifindex: u32) -> [u8; 6] {
+    let b = ifindex.to_be_bytes();
+    [
+        STEER_MAC_PREFIX[0],
+        STEER_MAC_PREFIX[1],
+        b[0],
+        b[1],
+        b[2],
+        b[3],
+    ]
+}
+
+/// The port ifindex a steering MAC carries.
+pub const fn steered_ifindex(mac: [u8; 6]) -> Option<u32> {
+    if mac[0] == STEER_MAC_PREFIX[0] && mac[1] == STEER_MAC_PREFIX[1] {
+        Some(u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]))
+    } else {
+        None
+    }
+}
+
+/// Where the port programs steer what the agent answers (DHCP, router
+/// solicitations, metadata), the one entry of `CL_SERVICE`; and each
+/// port's limit on it, a generic cell rate: one frame every `interval_ns`
+/// sustained, `burst_ns` ahead of that at most (0: no limit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceConfig {
+    /// The agent's service tap; 0 while no agent serves.
+    pub ifindex: u32,
+    pub _pad: u32,
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+}
+const _: () = assert!(size_of::<ServiceConfig>() == 24);
 
 /// A local port, keyed by the ifindex of its host-side interface.
 #[repr(C)]
@@ -626,6 +695,10 @@ drop_reasons! {
     FragmentQuota = "fragment_tenant_quota",
     NotRedirected = "not_redirected",
     VxlanBadOuterHeader = "vxlan_bad_outer_header",
+    DhcpOff = "dhcp_off",
+    ServiceRateLimited = "service_rate_limited",
+    NoServiceAgent = "no_service_agent",
+    ServiceBadAnswer = "service_bad_answer",
 }
 const _: () = assert!(DropReason::COUNT <= MAX_DROP_REASONS);
 
@@ -653,6 +726,7 @@ mod pod {
     unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for RemoteAddrKey {}
     unsafe impl aya::Pod for PortDropKey {}
+    unsafe impl aya::Pod for ServiceConfig {}
 }
 
 #[cfg(test)]

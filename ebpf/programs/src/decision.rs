@@ -28,6 +28,8 @@ pub const NEXT_TOO_BIG_V6: u32 = 4;
 pub const NEXT_ENCAP: u32 = 5;
 /// To the local port in `Decision::peer`.
 pub const NEXT_LOCAL: u32 = 6;
+/// To the agent's gateway services.
+pub const NEXT_SERVICE: u32 = 7;
 
 impl Next {
     #[inline(always)]

@@ -24,6 +24,7 @@ mod pipeline;
 mod policy;
 mod port;
 mod proxy;
+mod service;
 mod spoof;
 mod uplink;
 mod vxlan;
@@ -52,6 +53,13 @@ pub fn cl_uplink_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn cl_uplink_tc(ctx: TcContext) -> i32 {
     pipeline::from_underlay(&Tc(&ctx))
+}
+
+/// TC ingress of the agent's service tap: the answers of its gateway
+/// services, each to the port it names.
+#[classifier]
+pub fn cl_service(ctx: TcContext) -> i32 {
+    pipeline::from_agent(&ctx)
 }
 
 #[cfg(not(test))]

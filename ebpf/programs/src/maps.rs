@@ -75,6 +75,14 @@ pub static CL_REMOTE_ALLOW: LpmTrie<RemoteAddrKey, AddrAllow> =
 pub static CL_PORT_DROPS: LruPerCpuHashMap<PortDropKey, u64> =
     LruPerCpuHashMap::pinned(MAX_PORT_DROPS, 0);
 
+/// The agent's service tap and the per-port rate limit on it.
+#[map]
+pub static CL_SERVICE: Array<ServiceConfig> = Array::pinned(1, 0);
+
+/// When each port slot's next frame to the agent is due (rate limit).
+#[map]
+pub static CL_SVC_RATE: Array<u64> = Array::pinned(MAX_PORTS, 0);
+
 /// Per-CPU working memory (see [`Scratch`]). Programs on one CPU run in
 /// softirq context one at a time, so one slot per CPU is never shared.
 #[map]

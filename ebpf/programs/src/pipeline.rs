@@ -3,10 +3,11 @@
 //! `Result<_, DropReason>`; here an `Err(reason)` becomes a counted drop.
 //!
 //! VM egress (TC on the port): port → parse → anti-spoofing → local answers
-//! (ARP, ND) → forwarding → the stateful check (conntrack, then the rules for
+//! (ARP, ND) → the agent's services (DHCP, RS, metadata) → forwarding → the stateful check (conntrack, then the rules for
 //! what conntrack does not know) → encap, local delivery, or an ICMP error.
 //! Underlay ingress (XDP or TC on the uplink, one code over [`Packet`]):
 //! uplink checks → the receiver's stateful check → decap → delivery.
+//! The agent's answers (TC on its service tap): to the port they name.
 //!
 //! Functions marked `inline(never)` are BPF calls of their own: each gets its
 //! own stack frame, so that no call chain reaches the 512-byte BPF stack, and
@@ -26,7 +27,7 @@ use crate::{
     maps::{count_drop, count_to_vm, scratch, CL_CONFIG, CL_PORTS, NO_SLOT},
     packet::{pull_headers, Packet},
     parse::{self, Parsed, L3},
-    policy, port, proxy, spoof, uplink, vxlan,
+    policy, port, proxy, service, spoof, uplink, vxlan,
 };
 
 /// Everything a VM sends, from the TC hook on its port.
@@ -50,6 +51,7 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
             match d.next.kind {
                 NEXT_ARP => arp(ctx, d.ifindex, &d.port),
                 NEXT_ND => pack(proxy::nd(ctx, &d.port, d.ifindex)),
+                NEXT_SERVICE => steer(ctx, d.ifindex, &d.port),
                 NEXT_TOO_BIG_V4 => too_big(ctx, d.ifindex, &d.port, true),
                 NEXT_TOO_BIG_V6 => too_big(ctx, d.ifindex, &d.port, false),
                 NEXT_ENCAP => encap(ctx, d.port.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed)),
@@ -113,11 +115,12 @@ fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, Drop
         if (133..=137).contains(&p.icmp_type) && p.ext_headers != 0 {
             return Err(DropReason::NdWithExtensionHeaders);
         }
-        match p.icmp_type {
-            135 => return Ok(Next::of(NEXT_ND, 0)),
-            133 => return Err(DropReason::RouterSolicitation),
-            _ => {}
+        if p.icmp_type == 135 {
+            return Ok(Next::of(NEXT_ND, 0));
         }
+    }
+    if service::wanted(port, p)? {
+        return Ok(Next::of(NEXT_SERVICE, 0));
     }
     forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer)
 }
@@ -132,6 +135,25 @@ fn arp(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Packed {
         }
     }
     pack(proxy::arp(ctx, ifindex, port))
+}
+
+#[inline(never)]
+fn steer(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Packed {
+    pack(service::steer(ctx, ifindex, port))
+}
+
+/// An answer the agent wrote to its service tap (TC ingress there): to the
+/// port it names, or dropped. Nothing from the tap reaches the host stack.
+#[inline(always)]
+pub fn from_agent(ctx: &TcContext) -> i32 {
+    pull_headers(ctx, 0);
+    match service::answer(ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason, NO_SLOT);
+            TC_ACT_SHOT
+        }
+    }
 }
 
 #[inline(never)]

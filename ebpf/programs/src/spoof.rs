@@ -17,10 +17,14 @@ pub fn check_ip(
     let unspecified = is_zero16(&p.src) || eq16(&p.src, &v4_mapped([0; 4]));
     if unspecified {
         // Address-less packets a VM must be able to send before it has an
-        // address: DHCPv4 discovery, and IPv6 DAD / MLD.
+        // address: DHCPv4 discovery, IPv6 DAD / MLD, and router
+        // solicitations (RFC 4861 6.3.7).
         let ok = match p.l3 {
             L3::Ipv4 => p.proto == IPPROTO_UDP && p.sport == 68 && p.dport == 67,
-            _ => p.proto == IPPROTO_ICMPV6 && (p.icmp_type == 135 || p.icmp_type == 143),
+            _ => {
+                p.proto == IPPROTO_ICMPV6
+                    && (p.icmp_type == 135 || p.icmp_type == 143 || p.icmp_type == 133)
+            }
         };
         if !ok {
             return Err(DropReason::SpoofedIp);

@@ -35,6 +35,9 @@ pub struct Config {
     pub pin_root: PathBuf,
     /// Size of the conntrack table when it is created.
     pub conntrack_entries: u32,
+    /// The service tap (name, ifindex) the gateway services read, put
+    /// behind the port programs once the dataplane is loaded.
+    pub service_tap: Option<(String, u32)>,
 }
 
 /// How often a failed apply is retried (and pending ports looked for, in
@@ -147,7 +150,21 @@ fn apply(
     };
     if slot.is_none() {
         match Dataplane::open_with_conntrack(&cfg.host, &cfg.pin_root, cfg.conntrack_entries) {
-            Ok(dp) => *slot = Some(dp),
+            Ok(mut dp) => {
+                if let Some((name, ifindex)) = &cfg.service_tap {
+                    let limit = cloison_dataplane::service::config(
+                        *ifindex,
+                        cloison_dataplane::service::RATE_PER_SEC,
+                        cloison_dataplane::service::BURST,
+                    );
+                    if let Err(e) = dp.attach_service(name, *ifindex, limit) {
+                        set_programs(applied, format!("service tap: {e}"));
+                        tracing::error!(error = %e, "attach the service tap");
+                        return false;
+                    }
+                }
+                *slot = Some(dp)
+            }
             Err(e) => {
                 set_programs(applied, format!("not loaded: {e}"));
                 tracing::error!(error = %e, "load the dataplane");

@@ -44,6 +44,8 @@ pub struct Agent {
     desired: watch::Receiver<Arc<Desired>>,
     applied: watch::Receiver<Applied>,
     reader: Reader,
+    /// What the gateway services answered and did not (`/metrics`).
+    pub gateway: Arc<crate::gateway::Counters>,
 }
 
 /// How many times a write is checked again when the fleet's state moved
@@ -111,6 +113,7 @@ impl Agent {
             store: Arc::new(tokio::sync::Mutex::new(store)),
             desired: desired_rx.clone(),
             applied: applied_rx,
+            gateway: Arc::default(),
         });
         Ok((
             agent,
@@ -457,6 +460,13 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
             let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let _ = writeln!(out, "# TYPE cloison_store_down_since_seconds gauge");
             let _ = writeln!(out, "cloison_store_down_since_seconds{{host=\"{host}\"}} {secs}");
+        }
+        let _ = writeln!(out, "# TYPE cloison_gateway_requests_total counter");
+        for ((service, outcome), n) in a.gateway.all() {
+            let _ = writeln!(
+                out,
+                "cloison_gateway_requests_total{{host=\"{host}\",service=\"{service}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         let Ok(stats) = a.reader.stats() else {
             return Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response());

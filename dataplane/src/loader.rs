@@ -475,11 +475,12 @@ impl Dataplane {
     /// link pinned for an earlier tap is removed.
     pub fn attach_service(
         &mut self,
-        tap: &crate::service::ServiceTap,
+        tap_name: &str,
+        tap_ifindex: u32,
         limit: ServiceConfig,
     ) -> Result<(), Error> {
         self.writable("attach the service tap")?;
-        let want = format!("service-{}", tap.ifindex);
+        let want = format!("service-{tap_ifindex}");
         for (name, path) in self.pinned_links()? {
             if name.starts_with("service-") && name != want {
                 fs::remove_file(&path).map_err(Error::io(format!("unpin {}", path.display())))?;
@@ -490,15 +491,15 @@ impl Dataplane {
             let prog: &mut SchedClassifier = program(&mut self.ebpf, P::SERVICE)?;
             let id = prog
                 .attach_with_options(
-                    &tap.name,
+                    tap_name,
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(|err| Error::kernel(format!("attach to {}", tap.name))(err.into()))?;
+                .map_err(|err| Error::kernel(format!("attach to {tap_name}"))(err.into()))?;
             pin_tc_link(prog, id, &path)?;
         }
         self.set_service(ServiceConfig {
-            ifindex: tap.ifindex,
+            ifindex: tap_ifindex,
             ..limit
         })
     }

@@ -55,6 +55,11 @@ const PACKAGES: &[Package] = &[
     ),
     pkg("etcd-server", "etcd"),
     pkg("etcd-client", "etcdctl"),
+    // Gateway services: the lab's VMs run real DHCP clients (busybox's
+    // udhcpc, ISC's dhclient) and fetch their metadata with curl.
+    pkg("busybox", "busybox"),
+    pkg("isc-dhcp-client", "dhclient"),
+    pkg("curl", "curl"),
     pkg(
         "fonts-dejavu-core",
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

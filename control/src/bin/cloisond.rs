@@ -65,6 +65,14 @@ struct Args {
     /// restarts; each tenant gets an equal share of 7/8 of it).
     #[arg(long, default_value_t = cloison_abi::MAX_CONNTRACK)]
     conntrack_entries: u32,
+    /// The instance metadata service VMs' requests to 169.254.169.254 are
+    /// proxied to (http://HOST:PORT), with OpenStack's headers; without
+    /// it, the agent answers from the port object.
+    #[arg(long, requires = "metadata_secret_file")]
+    metadata_upstream: Option<String>,
+    /// The secret shared with the upstream, for X-Instance-ID-Signature.
+    #[arg(long, requires = "metadata_upstream")]
+    metadata_secret_file: Option<PathBuf>,
     /// Remove everything this host's agent pinned (programs detach) and exit.
     #[arg(long)]
     purge: bool,
@@ -98,6 +106,7 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> Result<()> {
     if args.purge {
         Dataplane::purge(&args.name, &args.pin_root)?;
+        cloison_dataplane::service::ServiceTap::remove(&args.name)?;
         println!("cloisond: purged the dataplane of {}", args.name);
         return Ok(());
     }
@@ -135,6 +144,20 @@ fn run(args: Args) -> Result<()> {
         other => bail!("--store {other}: expected embedded or etcd"),
     };
     let uplink = args.uplink.clone().context("--uplink is required")?;
+    let metadata = match (&args.metadata_upstream, &args.metadata_secret_file) {
+        (Some(url), Some(f)) => {
+            let secret = std::fs::read(f)
+                .with_context(|| format!("read the metadata secret {}", f.display()))?;
+            let secret = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+            if secret.is_empty() {
+                bail!("the metadata secret in {} is empty", f.display());
+            }
+            let up = cloison_control::gateway::metadata::Upstream::parse(url, secret)
+                .map_err(anyhow::Error::msg)?;
+            cloison_control::gateway::metadata::Config { upstream: Some(up) }
+        }
+        _ => Default::default(),
+    };
     if args.listen.is_empty() {
         bail!("at least one --listen unix:PATH or tcp:ADDR is required");
     }
@@ -190,13 +213,32 @@ fn run(args: Args) -> Result<()> {
         let _in_rt = rt.enter();
         Agent::new(args.name.clone(), store, args.pin_root.clone())?
     };
+    // The gateway services' tap: what the port programs steer to the agent.
+    let tap = cloison_dataplane::service::ServiceTap::open(&args.name)
+        .context("create the service tap (DHCP, router advertisements, metadata)")?;
     let cfg = reconcile::Config {
         host: args.name.clone(),
         uplink,
         hook: args.uplink_hook,
         pin_root: args.pin_root.clone(),
         conntrack_entries: args.conntrack_entries,
+        service_tap: Some((tap.name.clone(), tap.ifindex)),
     };
+    let service = {
+        let _in_rt = rt.enter();
+        cloison_control::gateway::Service::new(
+            tap.fd,
+            args.name.clone(),
+            side.desired.clone(),
+            agent.gateway.clone(),
+            metadata,
+        )?
+    };
+    rt.spawn(async move {
+        if let Err(e) = service.run().await {
+            tracing::error!(error = %e, "gateway services stopped");
+        }
+    });
     let (links_tx, links_rx) = tokio::sync::mpsc::unbounded_channel();
     reconcile::watch_links(links_tx).context("watch link events (netlink)")?;
     reconcile::spawn(cfg, side.desired, side.applied, links_rx)?;

@@ -120,6 +120,20 @@ pub enum Unanswered {
     ServerMessage,
 }
 
+impl Unanswered {
+    /// Its name in `/metrics`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unanswered::Malformed => "malformed",
+            Unanswered::NotThePortsMac => "not_the_ports_mac",
+            Unanswered::OtherServer => "other_server",
+            Unanswered::Release => "release",
+            Unanswered::Decline => "decline",
+            Unanswered::ServerMessage => "server_message",
+        }
+    }
+}
+
 /// The answer to `frame`, sent by the port of `lease`: an Ethernet frame
 /// to hand back to that port, or why there is none.
 pub fn answer(lease: &Lease, frame: &[u8]) -> Result<Vec<u8>, Unanswered> {

@@ -12,6 +12,7 @@ use cloison_dataplane::{
 
 mod agents;
 mod baseline;
+mod boot;
 mod capture;
 mod fleet;
 mod topology;
@@ -20,6 +21,7 @@ mod underlay;
 
 pub use agents::*;
 pub use baseline::*;
+pub use boot::*;
 pub use capture::*;
 pub use fleet::*;
 use topology::*;
@@ -56,6 +58,9 @@ pub struct Lab {
     pub pin_root: PathBuf,
     pub hook: UplinkHook,
     pub wire: Wire,
+    /// VMs boot with no address: they take them from the gateway
+    /// services (DHCP, SLAAC) of networks that have a gateway.
+    pub booting: bool,
 }
 
 pub const UPLINK: &str = "up0";
@@ -114,6 +119,19 @@ impl Lab {
 
     /// `two_hosts` with the underlay handing the uplinks what `wire` says.
     pub fn two_hosts_on(hook: UplinkHook, wire: Wire) -> Result<Lab> {
+        Self::make(hook, wire, false)
+    }
+
+    /// `two_hosts` whose VMs boot as a cloud image does: no address, link
+    /// MTU 1500, until their DHCP client and SLAAC configure them. Each
+    /// network has a gateway (10.0.0.254, fd00:1::1), DNS servers and a
+    /// host route; each port's IPv6 address is its SLAAC one, its hostname
+    /// `{name}-vm`, its instance id `i-{name}`.
+    pub fn two_hosts_booting(hook: UplinkHook) -> Result<Lab> {
+        Self::make(hook, Wire::Nic, true)
+    }
+
+    fn make(hook: UplinkHook, wire: Wire, booting: bool) -> Result<Lab> {
         let mut lab = Lab {
             tag: Self::tag(),
             hosts: Vec::new(),
@@ -127,6 +145,7 @@ impl Lab {
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             hook,
             wire,
+            booting,
         };
         lab.build()?;
         Ok(lab)
@@ -148,10 +167,25 @@ impl Lab {
                 vni: if n == "a" { 1001 } else { 1002 },
                 subnets: vec!["10.0.0.0/24".parse()?, "fd00:1::/64".parse()?],
                 mtu: 1450,
-                gateway_ips: vec![],
+                gateway_ips: if self.booting {
+                    vec!["10.0.0.254".parse()?, "fd00:1::1".parse()?]
+                } else {
+                    vec![]
+                },
                 dhcp: true,
-                dns_servers: vec![],
-                host_routes: vec![],
+                dns_servers: if self.booting {
+                    vec!["10.0.0.53".parse()?, "fd00:1::53".parse()?]
+                } else {
+                    vec![]
+                },
+                host_routes: if self.booting {
+                    vec![cloison_dataplane::HostRoute {
+                        destination: "192.168.0.0/16".parse()?,
+                        nexthop: "10.0.0.254".parse()?,
+                    }]
+                } else {
+                    vec![]
+                },
             });
         }
         for (name, host, idx) in [
@@ -200,12 +234,19 @@ impl Lab {
         let port_if = format!("t{name}");
         let mac = MacAddr([0x02, 0, 0, 0, 0, idx]);
         let ip = Ipv4Addr::new(10, 0, 0, idx);
-        let ip6: std::net::Ipv6Addr = format!("fd00:1::{idx}").parse()?;
+        let ip6: std::net::Ipv6Addr = if self.booting {
+            // SLAAC's: the /64 prefix and the MAC's EUI-64 interface id.
+            let ll = mac.link_local().segments();
+            std::net::Ipv6Addr::new(0xfd00, 1, 0, 0, ll[4], ll[5], ll[6], ll[7])
+        } else {
+            format!("fd00:1::{idx}").parse()?
+        };
         sh(&[
             "ip", "-n", &hv, "link", "add", &port_if, "type", "veth", "peer", "name", "eth0",
             "netns", &ns,
         ])?;
         sh(&["ip", "-n", &hv, "link", "set", &port_if, "up"])?;
+        let mtu = if self.booting { "1500" } else { "1450" };
         sh(&[
             "ip",
             "-n",
@@ -216,35 +257,44 @@ impl Lab {
             "address",
             &mac.to_string(),
             "mtu",
-            "1450",
+            mtu,
         ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-        // A VM's NIC reader runs NAPI (a tap's reader would): veth needs it
-        // to accept XDP-redirected frames.
-        sh(&[
-            "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "gro", "on",
-        ])?;
+        if !self.booting {
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        if !self.booting {
+            // (A booting VM's link comes up once its port is wired: `boot`.)
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        if !self.booting {
+            // A VM's NIC reader runs NAPI (a tap's reader would): veth needs
+            // it to accept XDP-redirected frames. (Set on a link that is
+            // down, it takes no effect when the link comes up: `boot`
+            // sets it.)
+            sh(&[
+                "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "gro", "on",
+            ])?;
+        }
         self.snapshot.ports.push(Port {
             name: name.to_string(),
             network: format!("{tenant}-net"),
@@ -255,8 +305,8 @@ impl Lab {
             security_groups: vec![format!("{tenant}-default")],
             allowed_address_pairs: vec![],
             port_security: true,
-            hostname: None,
-            instance_id: None,
+            hostname: self.booting.then(|| format!("{name}-vm")),
+            instance_id: self.booting.then(|| format!("i-{name}")),
         });
         self.vms.push(Vm {
             name: name.to_string(),

@@ -786,6 +786,15 @@ fn privileged_vlan_tagged_frames_from_a_vm_are_dropped() {
 fn privileged_vms_boot_from_the_gateway_services() {
     need_root();
     let mut lab = Lab::two_hosts_booting(UplinkHook::Xdp).expect("lab");
+    // Port security and no group: its DHCP and metadata are still
+    // answered (Neutron's rule), all else it sends is dropped.
+    let b2 = lab
+        .snapshot
+        .ports
+        .iter_mut()
+        .find(|p| p.name == "b2")
+        .unwrap();
+    b2.security_groups.clear();
     lab.start_agents().expect("agents");
     lab.apply_via_agents().expect("apply");
     for vm in ["a1", "b1", "a2", "b2"] {
@@ -840,7 +849,10 @@ fn privileged_vms_boot_from_the_gateway_services() {
         lab.drops("hv1"),
         lab.drops("hv2")
     );
-    assert!(lab.ping("b1", "10.0.0.2", 3), "b1 -> b2 on DHCP addresses");
+    assert!(
+        !lab.ping("b1", "10.0.0.2", 2),
+        "b2 has no group: nothing reaches it"
+    );
 
     // IPv6: SLAAC from the advertisements, the gateway as default router.
     let gw_ll = "fe80::c1:aff:fe00:3e9"; // VNI 1001's gateway MAC, EUI-64
@@ -908,4 +920,115 @@ fn privileged_vms_boot_from_the_gateway_services() {
         "renewed after the restart: {:?}",
         a1.events()
     );
+
+    // With --metadata-upstream: proxied with OpenStack's headers, for a1
+    // and b1 alike (same IP and MAC, two tenants) each its own instance.
+    let upstream = lab.metadata_upstream("hv1").expect("upstream");
+    let secret = std::env::temp_dir().join(format!("{}-metadata-secret", lab.tag));
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    lab.agent_args.insert(
+        "hv1".into(),
+        vec![
+            "--metadata-upstream".into(),
+            format!("http://127.0.0.1:{}", upstream.port),
+            "--metadata-secret-file".into(),
+            secret.display().to_string(),
+        ],
+    );
+    lab.kill_agent("hv1");
+    lab.restart_agent("hv1").expect("restart with an upstream");
+    lab.wait_agent("hv1").expect("converged");
+    for (vm, tenant) in [("a1", "tenant-a"), ("b1", "tenant-b")] {
+        let body = lab
+            .metadata(vm, "/openstack/latest/meta_data.json")
+            .expect("proxied");
+        assert_eq!(body, format!("upstream for i-{vm}"));
+        let head = upstream.requests.lock().unwrap().last().cloned().unwrap();
+        let id = format!("i-{vm}");
+        for h in [
+            "GET /openstack/latest/meta_data.json HTTP/1.1".to_string(),
+            format!("x-instance-id: {id}"),
+            format!("x-tenant-id: {tenant}"),
+            "x-forwarded-for: 10.0.0.1".to_string(),
+            format!(
+                "x-instance-id-signature: {}",
+                cloison_control::gateway::metadata::signature(b"s3cret", &id)
+            ),
+        ] {
+            assert!(head.lines().any(|l| l == h), "{vm}: no {h:?} in\n{head}");
+        }
+    }
+    let _ = std::fs::remove_file(&secret);
+}
+
+/// The agent's gateway services under a flood: a VM sending DHCP as fast
+/// as it can is held to its rate (the rest dropped and counted in the
+/// kernel), its malformed requests are counted, unanswered, by the agent,
+/// and the other VMs still get their leases.
+#[test]
+fn privileged_a_vm_flooding_its_gateway_leaves_the_others_served() {
+    use cloison_testkit::wire::build::{icmp, udp, v4, v6};
+    need_root();
+    let mut lab = Lab::two_hosts_booting(UplinkHook::Xdp).expect("lab");
+    lab.start_agents().expect("agents");
+    lab.apply_via_agents().expect("apply");
+    for vm in ["a1", "a3"] {
+        lab.boot(vm).expect("boot");
+    }
+    let a3 = lab.vm("a3").mac.0;
+    let junk = v4(
+        a3,
+        [0xff; 6],
+        [0; 4],
+        [255; 4],
+        udp(68, 67, b"not a DHCP message"),
+    )
+    .emit();
+    let started = std::time::Instant::now();
+    send_frames(&lab.vm("a3").ns, "eth0", vec![junk; 20_000]).expect("flood");
+    let a1 = lab.udhcpc("a1", false).expect("a1 still gets its lease");
+    assert!(a1.events()[0].contains("ip=10.0.0.1 "), "{:?}", a1.events());
+    let secs = started.elapsed().as_secs_f64();
+    // A router solicitation from off-link (hop limit 64): refused.
+    let mut rs = v6(
+        lab.vm("a1").mac.0,
+        [0x33, 0x33, 0, 0, 0, 2],
+        lab.vm("a1").mac.link_local(),
+        "ff02::2".parse().unwrap(),
+        icmp(133, 0, [0; 4], &[]),
+    );
+    if let cloison_testkit::wire::Net::Ipv6(ip) = &mut rs.net {
+        ip.hop_limit = 64;
+    }
+    send_frames(&lab.vm("a1").ns, "eth0", vec![rs.emit()]).expect("RS");
+
+    let metric = |service: &str, outcome: &str| -> u64 {
+        let text = lab.agent_metrics("hv1").expect("metrics");
+        let key = format!(
+            "cloison_gateway_requests_total{{host=\"hv1\",service=\"{service}\",outcome=\"{outcome}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut malformed = 0;
+    eventually(|| {
+        malformed = metric("dhcpv4", "malformed");
+        malformed > 0 && metric("ra", "malformed") == 1
+    });
+    let limited = lab.drops("hv1").expect("drops")[&DropReason::ServiceRateLimited];
+    // The burst (100) and 200 a second: what reached the agent.
+    let allowed = 100.0 + 200.0 * secs + 10.0;
+    assert!(
+        malformed >= 90 && (malformed as f64) <= allowed,
+        "{malformed} malformed requests reached the agent in {secs:.1} s"
+    );
+    // Each frame of the flood is either (the kernel's backlog may drop a
+    // few before the port program sees them).
+    assert!(
+        (19_000..=20_000).contains(&(malformed + limited)),
+        "{malformed} to the agent and {limited} limited of 20,000"
+    );
+    assert_eq!(metric("ra", "malformed"), 1, "the off-link solicitation");
+    assert_eq!(metric("dhcpv4", "answered"), 2, "a1's DISCOVER and REQUEST");
 }

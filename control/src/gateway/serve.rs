@@ -97,10 +97,11 @@ impl Ports {
     }
 
     fn by_ifindex(&mut self, ifindex: u32) -> Option<Arc<Local>> {
-        if !self.names.contains_key(&ifindex) {
-            self.names.insert(ifindex, netdev::name_of(ifindex)?);
-        }
-        self.by_interface.get(&self.names[&ifindex]).cloned()
+        let name = match self.names.entry(ifindex) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(netdev::name_of(ifindex)?),
+        };
+        self.by_interface.get(name.as_str()).cloned()
     }
 }
 

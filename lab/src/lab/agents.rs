@@ -98,6 +98,7 @@ impl Lab {
                 ],
                 None => vec![],
             })
+            .args(self.agent_args.get(host).into_iter().flatten())
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null());
         let ns = self.ns(host);
@@ -130,6 +131,16 @@ impl Lab {
             endpoint: cloison_control::client::Endpoint::Unix(a.socket.clone()),
             token: None,
         }
+    }
+
+    /// The agent of `host`'s `/metrics` text.
+    pub fn agent_metrics(&self, host: &str) -> Result<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let c = self.agent_client(host);
+        let ans = rt.block_on(c.get("/metrics"))?;
+        Ok(String::from_utf8_lossy(&ans.body).into_owned())
     }
 
     /// SIGKILL the agent of `host` (its dataplane stays in the kernel).

@@ -232,3 +232,75 @@ impl Lab {
         ])
     }
 }
+
+/// A stand-in for the cloud's metadata service (Nova's), on loopback in a
+/// host's namespace: records each request's head and answers with the
+/// instance id the request named. Stopped on drop.
+pub struct MetadataUpstream {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for MetadataUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Lab {
+    pub fn metadata_upstream(&self, host: &str) -> Result<MetadataUpstream> {
+        use std::io::{Read, Write};
+        let ns = self.ns(host);
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (seen, stopped) = (requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let listener = cloison_dataplane::netdev::enter_netns(&ns)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(std::net::TcpListener::bind("127.0.0.1:0")?));
+            let listener = match listener {
+                Ok(l) => l,
+                Err(e) => return tx.send(Err(e)).unwrap_or(()),
+            };
+            let _ = listener.set_nonblocking(true);
+            let _ = tx.send(Ok(listener.local_addr().map(|a| a.port()).unwrap_or(0)));
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let id = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-instance-id: "))
+                    .unwrap_or("none")
+                    .to_string();
+                seen.lock().expect("requests").push(head);
+                let body = format!("upstream for {id}");
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let port = rx.recv()??;
+        Ok(MetadataUpstream {
+            port,
+            requests,
+            stop,
+        })
+    }
+}

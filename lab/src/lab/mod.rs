@@ -61,6 +61,8 @@ pub struct Lab {
     /// VMs boot with no address: they take them from the gateway
     /// services (DHCP, SLAAC) of networks that have a gateway.
     pub booting: bool,
+    /// More flags for the agents of these hosts (started from then on).
+    pub agent_args: BTreeMap<String, Vec<String>>,
 }
 
 pub const UPLINK: &str = "up0";
@@ -146,6 +148,7 @@ impl Lab {
             hook,
             wire,
             booting,
+            agent_args: BTreeMap::new(),
         };
         lab.build()?;
         Ok(lab)

@@ -71,10 +71,11 @@ fn finish(summary: Summary) -> Result<()> {
 
 fn per_host(summary: &mut Summary) -> Result<()> {
     step("lab: 2 hypervisors on one underlay switch; tenants a and b both use 10.0.0.0/24 and MACs 02:00:00:00:00:0x");
-    let mut lab = Lab::two_hosts(UplinkHook::Auto)?;
+    let mut lab = Lab::two_hosts_booting(UplinkHook::Auto)?;
     lab.add_kernel_vtep()?;
     lab.start_agents()?;
     iaas_applies(&lab)?;
+    let _clients = boot(&lab, summary)?;
     traffic(&lab, summary);
     isolation(&lab, summary)?;
     security_groups(&mut lab, summary)?;
@@ -239,12 +240,109 @@ fn iaas_applies(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// The VMs boot as cloud images do: no address until their DHCP client
+/// (busybox udhcpc in tenant a, ISC dhclient in tenant b) and SLAAC
+/// configure them from their host's agent; then each asks the metadata
+/// service who it is. The clients are kept until the lab goes.
+fn boot(lab: &Lab, summary: &mut Summary) -> Result<Vec<lab::DhcpClient>> {
+    step("VMs boot with no address: DHCP (udhcpc in tenant a, dhclient in tenant b), SLAAC, metadata, all from their host's cloisond");
+    let vms: Vec<lab::Vm> = lab
+        .vms
+        .iter()
+        .filter(|v| v.host != "hv3")
+        .cloned()
+        .collect();
+    for v in &vms {
+        lab.boot(&v.name)?;
+    }
+    let mut clients = Vec::new();
+    let mut leased = 0;
+    for v in &vms {
+        let (client, how) = if v.tenant == 'a' {
+            (lab.udhcpc(&v.name, false), "udhcpc")
+        } else {
+            (lab.dhclient(&v.name), "dhclient")
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                println!("  {:<3} {how}: FAIL {e:#}", v.name);
+                continue;
+            }
+        };
+        let (addrs, routes, mtu) = lab.vm_config(&v.name, "-4")?;
+        let got = addrs.contains(&format!("inet {}/24 ", v.ip));
+        leased += got as usize;
+        let routes: Vec<&str> = routes
+            .lines()
+            .filter(|l| l.contains(" via "))
+            .map(str::trim)
+            .collect();
+        println!(
+            "  {:<3} {how:<8} {}/24 mtu {mtu}  routes: {}",
+            v.name,
+            if got { v.ip.to_string() } else { "FAIL".into() },
+            routes.join(", ")
+        );
+        clients.push(client);
+    }
+    let mut slaac = 0;
+    for v in &vms {
+        let ip6 = v.ip6.to_string();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut have = false;
+        while !have && std::time::Instant::now() < end {
+            let (addrs, routes, _) = lab.vm_config(&v.name, "-6")?;
+            have = addrs.contains(&ip6)
+                && !addrs.contains("tentative")
+                && routes.contains("default via fe80::");
+            if !have {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        slaac += have as usize;
+        println!(
+            "  {:<3} SLAAC    {}  {}",
+            v.name,
+            if have { ip6.as_str() } else { "FAIL" },
+            if have {
+                "default router: the gateway's link-local address"
+            } else {
+                ""
+            }
+        );
+    }
+    let mut answers = Vec::new();
+    for vm in ["a1", "b1"] {
+        let id = lab
+            .metadata(vm, "/latest/meta-data/instance-id")
+            .unwrap_or_else(|e| format!("FAIL {e:#}"));
+        let doc = lab
+            .metadata(vm, "/openstack/latest/meta_data.json")
+            .unwrap_or_else(|e| format!("FAIL {e:#}"));
+        println!("  {vm}  $ curl http://169.254.169.254/latest/meta-data/instance-id  -> {id}");
+        println!("  {vm}  $ curl http://169.254.169.254/openstack/latest/meta_data.json -> {doc}");
+        answers.push(id == format!("i-{vm}"));
+    }
+    summary.add(
+        "VMs boot from gateway services",
+        format!(
+            "{leased}/{n} DHCP leases (udhcpc, dhclient), {slaac}/{n} SLAAC addresses, metadata: a1 and b1 (same IP and MAC) each their own instance {}",
+            if answers.iter().all(|a| *a) { "ok" } else { "FAILED" },
+            n = vms.len()
+        ),
+        leased == vms.len() && slaac == vms.len() && answers.iter().all(|a| *a),
+    );
+    Ok(clients)
+}
+
 fn traffic(lab: &Lab, summary: &mut Summary) {
     step("traffic within each tenant");
+    let a1_ip6 = lab.vm("a1").ip6.to_string();
     let checks = [
         ("a1", "10.0.0.2", "tenant a, hv1 -> hv2 (VXLAN)"),
         ("a1", "10.0.0.3", "tenant a, on hv1 (redirect)"),
-        ("a2", "fd00:1::1", "tenant a, IPv6 hv2 -> hv1"),
+        ("a2", a1_ip6.as_str(), "tenant a, IPv6 hv2 -> hv1 (SLAAC)"),
         (
             "b1",
             "10.0.0.2",

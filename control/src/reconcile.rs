@@ -36,8 +36,9 @@ pub struct Config {
     /// Size of the conntrack table when it is created.
     pub conntrack_entries: u32,
     /// The service tap (name, ifindex) the gateway services read, put
-    /// behind the port programs once the dataplane is loaded.
-    pub service_tap: Option<(String, u32)>,
+    /// behind the port programs once the dataplane is loaded, and each
+    /// port's limit on it.
+    pub service_tap: Option<(String, u32, cloison_abi::ServiceConfig)>,
 }
 
 /// How often a failed apply is retried (and pending ports looked for, in
@@ -151,13 +152,8 @@ fn apply(
     if slot.is_none() {
         match Dataplane::open_with_conntrack(&cfg.host, &cfg.pin_root, cfg.conntrack_entries) {
             Ok(mut dp) => {
-                if let Some((name, ifindex)) = &cfg.service_tap {
-                    let limit = cloison_dataplane::service::config(
-                        *ifindex,
-                        cloison_dataplane::service::RATE_PER_SEC,
-                        cloison_dataplane::service::BURST,
-                    );
-                    if let Err(e) = dp.attach_service(name, *ifindex, limit) {
+                if let Some((name, ifindex, limit)) = &cfg.service_tap {
+                    if let Err(e) = dp.attach_service(name, *ifindex, *limit) {
                         set_programs(applied, format!("service tap: {e}"));
                         tracing::error!(error = %e, "attach the service tap");
                         return false;

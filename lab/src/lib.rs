@@ -5,6 +5,7 @@ pub mod bench;
 pub mod demo;
 pub mod fleet_bench;
 pub mod fuzz_seeds;
+pub mod gateway_bench;
 pub mod lab;
 pub mod memory;
 pub mod plot;

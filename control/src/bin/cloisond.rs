@@ -73,6 +73,14 @@ struct Args {
     /// The secret shared with the upstream, for X-Instance-ID-Signature.
     #[arg(long, requires = "metadata_upstream")]
     metadata_secret_file: Option<PathBuf>,
+    /// Frames a second each port may send to the gateway services (DHCP,
+    /// router solicitations, metadata); beyond it they are dropped and
+    /// counted (service_rate_limited). 0: no limit (benchmarks only).
+    #[arg(long, default_value_t = cloison_dataplane::service::RATE_PER_SEC)]
+    gateway_rate: u64,
+    /// How many frames a port may send at once above that rate.
+    #[arg(long, default_value_t = cloison_dataplane::service::BURST)]
+    gateway_burst: u64,
     /// Remove everything this host's agent pinned (programs detach) and exit.
     #[arg(long)]
     purge: bool,
@@ -222,7 +230,11 @@ fn run(args: Args) -> Result<()> {
         hook: args.uplink_hook,
         pin_root: args.pin_root.clone(),
         conntrack_entries: args.conntrack_entries,
-        service_tap: Some((tap.name.clone(), tap.ifindex)),
+        service_tap: Some((
+            tap.name.clone(),
+            tap.ifindex,
+            cloison_dataplane::service::config(tap.ifindex, args.gateway_rate, args.gateway_burst),
+        )),
     };
     let service = {
         let _in_rt = rt.enter();

@@ -17,7 +17,7 @@ use std::{
 use cloison_abi::{steer_mac, METADATA_IP};
 use hmac::{Hmac, Mac};
 use smoltcp::{
-    iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet},
+    iface::{Config as IfaceConfig, Interface, PollIngressSingleResult, SocketHandle, SocketSet},
     phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken},
     socket::tcp,
     time::Instant,
@@ -280,7 +280,10 @@ impl Stack {
             mtu: local.network.mtu as usize,
             ..Default::default()
         };
-        let mut iface = Interface::new(IfaceConfig::new(HardwareAddress::Ip), &mut queue, now);
+        let mut config = IfaceConfig::new(HardwareAddress::Ip);
+        // Initial sequence numbers a VM cannot predict.
+        config.random_seed = random_seed();
+        let mut iface = Interface::new(config, &mut queue, now);
         iface.update_ip_addrs(|a| {
             a.push(IpCidr::new(IpAddress::Ipv4(METADATA_IP.into()), 32))
                 .expect("one address");
@@ -312,7 +315,30 @@ impl Stack {
         upstream: Option<&Upstream>,
         done: &mpsc::UnboundedSender<Done>,
     ) {
-        self.iface.poll(now, &mut self.queue, &mut self.sockets);
+        // One packet at a time, the connections looked after between two:
+        // a VM that closes a connection and opens the next finds the
+        // first one's slot free and a socket listening.
+        self.iface.poll_maintenance(now);
+        loop {
+            let r = self
+                .iface
+                .poll_ingress_single(now, &mut self.queue, &mut self.sockets);
+            self.serve(ifindex, upstream, done);
+            if r == PollIngressSingleResult::None {
+                break;
+            }
+        }
+        // What the connections have to send, at once.
+        self.iface
+            .poll_egress(now, &mut self.queue, &mut self.sockets);
+    }
+
+    fn serve(
+        &mut self,
+        ifindex: u32,
+        upstream: Option<&Upstream>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
         let mut listening = 0;
         let mut closed = Vec::new();
         for (h, conn) in self.conns.iter_mut() {
@@ -321,7 +347,9 @@ impl Stack {
                 listening += 1;
                 continue;
             }
-            if s.state() == tcp::State::Closed {
+            // Done: closed, or waiting out TIME-WAIT (the service closes
+            // first, so every connection ends there): its slot is free.
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 closed.push(*h);
                 continue;
             }
@@ -396,9 +424,19 @@ impl Stack {
         if listening == 0 && self.conns.len() < MAX_CONNECTIONS {
             let h = self.sockets.add(listener());
             self.conns.insert(h, Conn::Reading(Vec::new()));
-            self.iface.poll(now, &mut self.queue, &mut self.sockets);
         }
     }
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // getrandom(2) never fails for 8 bytes once the pool is initialised.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        return t.map_or(0, |d| d.as_nanos() as u64) ^ std::process::id() as u64;
+    }
+    u64::from_ne_bytes(b)
 }
 
 /// The method and path of a request head, or the status to refuse it with.
@@ -609,7 +647,11 @@ mod tests {
                 got.extend(&b[..n]);
             }
             if sent && !s.may_recv() {
-                break;
+                // The answer is whole: the VM closes its end too.
+                s.close();
+                if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                    break;
+                }
             }
             iface.poll(now, &mut q, &mut sockets);
             for p in q.tx.drain(..) {
@@ -638,6 +680,12 @@ mod tests {
         let a = fetch(&mut m, &local, "/openstack/latest/meta_data.json");
         assert!(a.contains(r#""uuid":"i-123""#), "{a}");
         assert!(fetch(&mut m, &local, "/nothing").starts_with("HTTP/1.1 404"));
+        // More connections, one after the other, than a VM may have open
+        // at once: each one's slot is free once it is done.
+        for i in 0..3 * MAX_CONNECTIONS {
+            let a = fetch(&mut m, &local, "/latest/meta-data/hostname");
+            assert!(a.ends_with("\r\n\r\nvm1"), "connection {i}: {a:?}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         "vxlan",
         "icmp",
         "uplink",
+        "service",
     ];
     let mut m: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     m.insert("hdr", BTreeSet::new());

@@ -26,6 +26,9 @@ pub struct Applied {
     /// Ports never attached (their interface is the uplink or a host
     /// device), with why.
     pub refused_ports: Vec<(String, String)>,
+    /// This host's ports in the kernel, by the ifindex of their interface
+    /// (the gateway services know a frame's port by it).
+    pub ports: Arc<std::collections::BTreeMap<u32, String>>,
 }
 
 pub struct Config {
@@ -214,6 +217,7 @@ fn apply(
                 programs: "attached".into(),
                 pending_ports: r.pending.clone(),
                 refused_ports: r.refused.clone(),
+                ports: Arc::new(r.local_ports.iter().cloned().collect()),
             });
             if r.map_updates > 0 || newly_pending || !r.ports_attached.is_empty() {
                 tracing::info!(

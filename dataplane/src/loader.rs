@@ -97,6 +97,9 @@ pub struct ApplyReport {
     /// What the kernel refused (the rest was applied): the apply is
     /// incomplete, and is tried again.
     pub failures: Vec<String>,
+    /// The ports whose entries this apply wrote, by the ifindex of their
+    /// interface: what the port programs know each interface as.
+    pub local_ports: Vec<(u32, String)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -402,6 +405,11 @@ impl Dataplane {
             pending: compiled.pending.clone(),
             refused: compiled.refused.clone(),
             map_updates: plan.map_updates(),
+            local_ports: compiled
+                .local_ports
+                .iter()
+                .map(|p| (p.ifindex, p.name.clone()))
+                .collect(),
             ..Default::default()
         };
         // Every step is tried, whatever one refuses: one tenant's entries

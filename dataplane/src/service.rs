@@ -36,7 +36,7 @@ pub fn config(ifindex: u32, per_sec: u64, burst: u64) -> ServiceConfig {
         ifindex,
         _pad: 0,
         interval_ns,
-        burst_ns: interval_ns * burst.saturating_sub(1),
+        burst_ns: interval_ns.saturating_mul(burst.saturating_sub(1)),
     }
 }
 

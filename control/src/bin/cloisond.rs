@@ -152,6 +152,12 @@ fn run(args: Args) -> Result<()> {
         other => bail!("--store {other}: expected embedded or etcd"),
     };
     let uplink = args.uplink.clone().context("--uplink is required")?;
+    if args.gateway_rate > 1_000_000 {
+        bail!(
+            "--gateway-rate {}: at most 1000000 frames a second (0: no limit)",
+            args.gateway_rate
+        );
+    }
     let metadata = match (&args.metadata_upstream, &args.metadata_secret_file) {
         (Some(url), Some(f)) => {
             let secret = std::fs::read(f)
@@ -240,15 +246,19 @@ fn run(args: Args) -> Result<()> {
         let _in_rt = rt.enter();
         cloison_control::gateway::Service::new(
             tap.fd,
-            args.name.clone(),
             side.desired.clone(),
+            side.applied.subscribe(),
             agent.gateway.clone(),
             metadata,
         )?
     };
     rt.spawn(async move {
         if let Err(e) = service.run().await {
-            tracing::error!(error = %e, "gateway services stopped");
+            // Unexpected (the tap is the agent's own): a restart opens it
+            // again, and the dataplane keeps forwarding meanwhile.
+            tracing::error!(error = %e, "the gateway services' tap failed: exiting");
+            eprintln!("cloisond: the gateway services' tap failed: {e}");
+            std::process::exit(1);
         }
     });
     let (links_tx, links_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -224,9 +224,10 @@ pub fn answer(lease: &Lease, frame: &[u8]) -> Result<Vec<u8>, Unanswered> {
         additional_options: &extra,
     };
     // RFC 2131 4.1: a NAK and an answer to a client that asked for one
-    // are broadcast; an INFORM is answered to its address; the rest to
+    // are broadcast; an INFORM is answered to its address (broadcast if
+    // it gave none); the rest to
     // the address given, at the client's MAC.
-    let (dst_ip, dst_mac) = if nak || req.broadcast {
+    let (dst_ip, dst_mac) = if nak || req.broadcast || (inform && req.client_ip.is_unspecified()) {
         (Ipv4Addr::BROADCAST, EthernetAddress::BROADCAST)
     } else if inform || !req.client_ip.is_unspecified() {
         (req.client_ip, EthernetAddress(lease.mac))

@@ -73,6 +73,13 @@ pub const MAX_CONNECTIONS: usize = 8;
 pub const MAX_REQUEST: usize = 8192;
 /// A stack with no connection is dropped after this long.
 const IDLE: Duration = Duration::from_secs(60);
+/// A connection is reset this long after it was accepted, whatever it is
+/// doing (a metadata request takes milliseconds; a VM holding its
+/// connections open would hold its own slots only, but for ever).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// The upstream's whole answer: within this time, at most this size.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+const UPSTREAM_MAX_BODY: usize = 1 << 20;
 const SOCKET_BUFFER: usize = 16 * 1024;
 
 /// HMAC-SHA256 of `instance_id` with `secret`, in hex.
@@ -136,10 +143,35 @@ impl Device for Queue {
 enum Conn {
     /// Reading the request head.
     Reading(Vec<u8>),
-    /// Waiting for the upstream's answer.
-    Waiting,
+    /// Waiting for the upstream's answer: which request, and its task
+    /// (aborted if the connection goes first).
+    Waiting(u64, tokio::task::AbortHandle),
     /// Writing the answer: bytes, how many sent.
     Writing(Vec<u8>, usize),
+}
+
+/// A socket of a port's stack: what its connection is doing, and since
+/// when it was accepted (none while it listens).
+struct Slot {
+    conn: Conn,
+    accepted: Option<StdInstant>,
+}
+
+impl Slot {
+    fn listening() -> Slot {
+        Slot {
+            conn: Conn::Reading(Vec::new()),
+            accepted: None,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Conn::Waiting(_, task) = &self.conn {
+            task.abort();
+        }
+    }
 }
 
 struct Stack {
@@ -147,14 +179,18 @@ struct Stack {
     iface: Interface,
     queue: Queue,
     sockets: SocketSet<'static>,
-    conns: HashMap<SocketHandle, Conn>,
+    conns: HashMap<SocketHandle, Slot>,
     last_used: StdInstant,
+    /// Ids of the requests sent upstream (an answer finds its request by
+    /// it, never a newer connection that took the same socket).
+    next_request: u64,
 }
 
 /// An upstream answer for a connection.
 pub struct Done {
     ifindex: u32,
     socket: SocketHandle,
+    request: u64,
     answer: Vec<u8>,
 }
 
@@ -245,8 +281,10 @@ impl Metadata {
     /// An upstream answer, to the connection that asked.
     pub fn deliver(&mut self, d: Done) {
         if let Some(s) = self.stacks.get_mut(&d.ifindex) {
-            if let Some(c) = s.conns.get_mut(&d.socket) {
-                *c = Conn::Writing(d.answer, 0);
+            if let Some(slot) = s.conns.get_mut(&d.socket) {
+                if matches!(slot.conn, Conn::Waiting(id, _) if id == d.request) {
+                    slot.conn = Conn::Writing(d.answer, 0);
+                }
             }
         }
     }
@@ -268,7 +306,7 @@ impl Metadata {
                 f.extend(p);
                 out.push((*ifindex, f));
             }
-            !s.conns.is_empty() || s.last_used.elapsed() < IDLE
+            s.conns.values().any(|c| c.accepted.is_some()) || s.last_used.elapsed() < IDLE
         });
         out
     }
@@ -297,7 +335,7 @@ impl Stack {
         let mut sockets = SocketSet::new(vec![]);
         let h = sockets.add(listener());
         let mut conns = HashMap::new();
-        conns.insert(h, Conn::Reading(Vec::new()));
+        conns.insert(h, Slot::listening());
         Stack {
             local,
             iface,
@@ -305,6 +343,7 @@ impl Stack {
             sockets,
             conns,
             last_used: StdInstant::now(),
+            next_request: 0,
         }
     }
 
@@ -341,7 +380,7 @@ impl Stack {
     ) {
         let mut listening = 0;
         let mut closed = Vec::new();
-        for (h, conn) in self.conns.iter_mut() {
+        for (h, slot) in self.conns.iter_mut() {
             let s = self.sockets.get_mut::<tcp::Socket>(*h);
             if s.state() == tcp::State::Listen {
                 listening += 1;
@@ -353,6 +392,13 @@ impl Stack {
                 closed.push(*h);
                 continue;
             }
+            let accepted = *slot.accepted.get_or_insert_with(StdInstant::now);
+            if accepted.elapsed() > CONNECTION_LIFETIME {
+                s.abort();
+                closed.push(*h);
+                continue;
+            }
+            let conn = &mut slot.conn;
             match conn {
                 Conn::Reading(head) => {
                     let mut buf = [0u8; 2048];
@@ -384,24 +430,27 @@ impl Stack {
                             *conn = Conn::Writing(response(code, "text/plain", b"bad request\n"), 0)
                         }
                         (Ok((method, path)), Some(up)) => {
-                            *conn = Conn::Waiting;
+                            self.next_request += 1;
+                            let request = self.next_request;
                             let (local, up, done, h) =
                                 (self.local.clone(), up.clone(), done.clone(), *h);
-                            tokio::spawn(async move {
+                            let task = tokio::spawn(async move {
                                 let answer = proxy(&up, &local, peer, &method, &path).await;
                                 let _ = done.send(Done {
                                     ifindex,
                                     socket: h,
+                                    request,
                                     answer,
                                 });
                             });
+                            *conn = Conn::Waiting(request, task.abort_handle());
                         }
                         (Ok((method, path)), None) => {
                             *conn = Conn::Writing(from_port(&self.local, &method, &path), 0)
                         }
                     }
                 }
-                Conn::Waiting => {}
+                Conn::Waiting(..) => {}
                 Conn::Writing(bytes, sent) => {
                     while *sent < bytes.len() && s.can_send() {
                         match s.send_slice(&bytes[*sent..]) {
@@ -423,7 +472,7 @@ impl Stack {
         // than its share: further SYNs are refused (reset).
         if listening == 0 && self.conns.len() < MAX_CONNECTIONS {
             let h = self.sockets.add(listener());
-            self.conns.insert(h, Conn::Reading(Vec::new()));
+            self.conns.insert(h, Slot::listening());
         }
     }
 }
@@ -528,7 +577,10 @@ pub fn from_port(local: &Local, method: &str, path: &str) -> Vec<u8> {
 /// The upstream's answer to the VM's request, with the OpenStack headers
 /// naming the port's instance (502 if it cannot be reached).
 async fn proxy(up: &Upstream, local: &Local, peer: Ipv4Addr, method: &str, path: &str) -> Vec<u8> {
-    match proxy_inner(up, local, peer, method, path).await {
+    let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, proxy_inner(up, local, peer, method, path))
+        .await
+        .unwrap_or_else(|_| Err("no whole answer in time".into()));
+    match answer {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, upstream = %up.authority, "metadata upstream");
@@ -544,7 +596,7 @@ async fn proxy_inner(
     method: &str,
     path: &str,
 ) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::{BodyExt, Empty, Limited};
     let instance_id = local
         .port
         .instance_id
@@ -578,7 +630,10 @@ async fn proxy_inner(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("text/plain")
         .to_string();
-    let body = res.into_body().collect().await?.to_bytes();
+    let body = Limited::new(res.into_body(), UPSTREAM_MAX_BODY)
+        .collect()
+        .await?
+        .to_bytes();
     Ok(response(code, &ty, &body))
 }
 

@@ -31,6 +31,9 @@ pub struct Advert {
     pub default_router: bool,
     pub mtu: u32,
     pub dns_servers: Vec<Ipv6Addr>,
+    /// The network answers DHCPv6 (`dhcp`): the "other configuration"
+    /// flag is set when it has DNS servers to give.
+    pub dhcp: bool,
 }
 
 impl Advert {
@@ -63,6 +66,7 @@ pub fn advert_for(network: &Network, gateway_mac: [u8; 6]) -> Option<Advert> {
         prefixes,
         mtu: network.mtu,
         dns_servers: network.dns_servers.iter().filter_map(v6).collect(),
+        dhcp: network.dhcp,
     })
 }
 
@@ -145,7 +149,11 @@ pub fn unsolicited(adv: &Advert, src_mac: [u8; 6]) -> Vec<u8> {
 /// The advertisement's ICMPv6 message, checksum included.
 pub fn message(adv: &Advert, dst: Ipv6Addr) -> Vec<u8> {
     let mut m = vec![134, 0, 0, 0, 64];
-    m.push(if adv.dns_servers.is_empty() { 0 } else { 0x40 });
+    m.push(if adv.dhcp && !adv.dns_servers.is_empty() {
+        0x40
+    } else {
+        0
+    });
     let lifetime = if adv.default_router {
         ROUTER_LIFETIME
     } else {
@@ -328,6 +336,10 @@ mod tests {
         let adv = advert_for(&n, GW).unwrap();
         let (_, _, m) = parsed(&unsolicited(&adv, TAP));
         assert_eq!((m[5], u16::from_be_bytes([m[6], m[7]])), (0, 0));
+        let mut off = network();
+        off.dhcp = false;
+        let (_, _, m) = parsed(&unsolicited(&advert_for(&off, GW).unwrap(), TAP));
+        assert_eq!(m[5], 0, "no DHCPv6 to ask: no other-configuration flag");
         n.subnets.retain(|s| matches!(s, IpNet::V4(_)));
         assert_eq!(advert_for(&n, GW), None, "an IPv4-only network");
     }

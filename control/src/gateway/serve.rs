@@ -1,6 +1,8 @@
 //! The agent's end of the steering: reads what the port programs hand to
 //! the service tap, finds the port from the ifindex in the destination MAC
-//! (the interface the frame entered by, never anything the VM wrote), and
+//! (the interface the frame entered by, never anything the VM wrote), as
+//! the kernel knows it: the ifindex → port map of the last apply, so that
+//! a renamed or recreated interface never answers as another port; and
 //! writes each answer back to the tap with that ifindex in its source MAC:
 //! the tap's program sends it to that port only, from the gateway's MAC.
 //! One task for the host; every answer is counted, and so is every frame
@@ -14,11 +16,11 @@ use std::{
 };
 
 use cloison_abi::{gateway_mac, steer_mac, steered_ifindex};
-use cloison_dataplane::{netdev, Network, Port};
+use cloison_dataplane::{Network, Port};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use super::{dhcp, dhcp6, metadata, ra};
-use crate::desired::Desired;
+use crate::{desired::Desired, reconcile::Applied};
 
 /// Unsolicited router advertisements to each port this often (RFC 4861's
 /// MaxRtrAdvInterval may be up to 1800 s; the router lifetime is three
@@ -60,55 +62,52 @@ pub struct Local {
     pub network: Network,
 }
 
-/// This host's ports by interface name, as of one generation.
+/// The ports the kernel holds for this host, by ifindex, with their
+/// objects as the desired state has them.
 #[derive(Default)]
 struct Ports {
     generation: Option<u64>,
-    by_interface: HashMap<String, Arc<Local>>,
-    /// Interface names by ifindex, as the kernel said them.
-    names: HashMap<u32, String>,
+    applied: Arc<BTreeMap<u32, String>>,
+    by_ifindex: HashMap<u32, Arc<Local>>,
 }
 
 impl Ports {
-    fn refresh(&mut self, state: &Desired, host: &str) {
-        if self.generation == Some(state.generation) {
+    fn refresh(&mut self, state: &Desired, applied: &Arc<BTreeMap<u32, String>>) {
+        if self.generation == Some(state.generation) && Arc::ptr_eq(&self.applied, applied) {
             return;
         }
         self.generation = Some(state.generation);
-        self.by_interface.clear();
-        self.names.clear();
+        self.applied = applied.clone();
+        self.by_ifindex.clear();
         let Ok(valid) = &state.valid else { return };
         let nets: HashMap<&str, &Network> = valid
             .networks
             .iter()
             .map(|n| (n.name.as_str(), n))
             .collect();
-        for p in valid.ports.iter().filter(|p| p.host == host) {
+        let ports: HashMap<&str, &Port> =
+            valid.ports.iter().map(|p| (p.name.as_str(), p)).collect();
+        for (ifindex, name) in applied.iter() {
+            let Some(p) = ports.get(name.as_str()) else {
+                continue; // deleted: its entry goes with the next apply
+            };
             if let Some(n) = nets.get(p.network.as_str()) {
-                self.by_interface.insert(
-                    p.interface.clone(),
+                self.by_ifindex.insert(
+                    *ifindex,
                     Arc::new(Local {
-                        port: p.clone(),
+                        port: (*p).clone(),
                         network: (*n).clone(),
                     }),
                 );
             }
         }
     }
-
-    fn by_ifindex(&mut self, ifindex: u32) -> Option<Arc<Local>> {
-        let name = match self.names.entry(ifindex) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(netdev::name_of(ifindex)?),
-        };
-        self.by_interface.get(name.as_str()).cloned()
-    }
 }
 
 pub struct Service {
     tap: AsyncFd<OwnedFd>,
-    host: String,
     desired: watch::Receiver<Arc<Desired>>,
+    applied: watch::Receiver<Applied>,
     counters: Arc<Counters>,
     ports: Ports,
     metadata: metadata::Metadata,
@@ -148,8 +147,8 @@ fn kind_of(f: &[u8]) -> Option<Kind> {
 impl Service {
     pub fn new(
         tap: OwnedFd,
-        host: String,
         desired: watch::Receiver<Arc<Desired>>,
+        applied: watch::Receiver<Applied>,
         counters: Arc<Counters>,
         metadata: metadata::Config,
     ) -> io::Result<Service> {
@@ -158,8 +157,8 @@ impl Service {
             // as long as the AsyncFd that owns it.
             tap: unsafe { AsyncFd::register_with_interest(tap, tokio::io::Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)?,
-            host,
             desired,
+            applied,
             counters,
             ports: Ports::default(),
             metadata: metadata::Metadata::new(metadata),
@@ -215,9 +214,8 @@ impl Service {
             self.counters.count("steering", "not_steered");
             return;
         };
-        let state = self.desired.borrow().clone();
-        self.ports.refresh(&state, &self.host);
-        let Some(local) = self.ports.by_ifindex(ifindex) else {
+        self.refresh();
+        let Some(local) = self.ports.by_ifindex.get(&ifindex).cloned() else {
             self.counters.count("steering", "unknown_port");
             return;
         };
@@ -273,14 +271,21 @@ impl Service {
 
     /// An unsolicited advertisement to every local port of a network with
     /// an IPv6 subnet.
-    fn advertise(&mut self) {
+    fn refresh(&mut self) {
         let state = self.desired.borrow().clone();
-        self.ports.refresh(&state, &self.host);
-        let ports: Vec<Arc<Local>> = self.ports.by_interface.values().cloned().collect();
-        for local in ports {
-            let Some(ifindex) = netdev::ifindex(&local.port.interface) else {
-                continue;
-            };
+        let applied = self.applied.borrow().ports.clone();
+        self.ports.refresh(&state, &applied);
+    }
+
+    fn advertise(&mut self) {
+        self.refresh();
+        let ports: Vec<(u32, Arc<Local>)> = self
+            .ports
+            .by_ifindex
+            .iter()
+            .map(|(i, l)| (*i, l.clone()))
+            .collect();
+        for (ifindex, local) in ports {
             if let Some(adv) = ra::advert_for(&local.network, gateway_mac(local.network.vni)) {
                 self.counters.count("ra", "unsolicited");
                 self.send(&ra::unsolicited(&adv, steer_mac(ifindex)), "ra");

@@ -133,15 +133,9 @@ pub fn run() -> Result<()> {
         memory.bytes_per_flow
     );
 
-    let date = String::from_utf8(
-        Command::new("date")
-            .arg("-u")
-            .arg("+%Y-%m-%d %H:%M UTC")
-            .output()?
-            .stdout,
-    )?;
+    let date = utc_now()?;
     let results = serde_json::json!({
-        "date": date.trim(),
+        "date": date,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "criterion_ns": criterion,
         "pps": runs,
@@ -397,4 +391,12 @@ fn results_markdown(r: &serde_json::Value) -> String {
         md.push_str(&format!("| {name} | {shown} |\n"));
     }
     md
+}
+
+/// Now, as the results files date a run: `2026-12-01 13:33 UTC`.
+pub fn utc_now() -> Result<String> {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }

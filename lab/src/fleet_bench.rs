@@ -14,7 +14,6 @@
 //! host and per etcd member: the figures for 100 agents are those of 100
 //! hosts' work on 2 cores.
 use std::{
-    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -311,14 +310,9 @@ pub fn run() -> Result<()> {
     let ((real_p50, real_p99), (real_written, real_bulk)) = real_agents()?;
     println!("  p50 {real_p50:.1} ms, p99 {real_p99:.1} ms; 10,000 ports: written in {real_written:.0} ms, in all three kernels {real_bulk:.0} ms after the first write");
 
-    let date = String::from_utf8(
-        Command::new("date")
-            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-            .output()?
-            .stdout,
-    )?;
+    let date = crate::bench::utc_now()?;
     let results = json!({
-        "date": date.trim(),
+        "date": date,
         "agents": AGENTS,
         "cold_start_ms": cold.as_secs_f64() * 1e3,
         "one_port_ms": {"p50": one_p50, "p99": one_p99, "max": one_max},
@@ -343,7 +337,7 @@ pub fn run() -> Result<()> {
          | writes through one agent | {one_writer:.0}/s |\n\
          | writes through three agents at once | {three_writers:.0}/s in all ({refused} sent again after a 503) |\n\
          | {AGENTS} agents' first list and apply | {:.0} ms |\n",
-        date.trim(),
+        date,
         floor_one.0,
         floor_one.1,
         bulk.as_secs_f64() * 1e3,

@@ -7,7 +7,6 @@
 //! is measured. Results in benches/results/gateway.{json,md}.
 use std::{
     io::{Read, Write},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -187,14 +186,9 @@ pub fn run() -> Result<()> {
     println!("  one client: {rps1:.0} requests/s; 8 at once: {rps8:.0} requests/s; agent CPU {md_cpu_us:.0} µs each");
     lab.cleanup();
 
-    let date = String::from_utf8(
-        Command::new("date")
-            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-            .output()?
-            .stdout,
-    )?;
+    let date = crate::bench::utc_now()?;
     let results = json!({
-        "date": date.trim(),
+        "date": date,
         "dhcp": {"transactions_per_s": tps, "agent_cpu_us_per_transaction": cpu_us},
         "metadata": {"requests_per_s_one_client": rps1, "requests_per_s_eight_clients": rps8,
                      "agent_cpu_us_per_request": md_cpu_us},
@@ -211,7 +205,7 @@ pub fn run() -> Result<()> {
          | DHCP transactions (DISCOVER to OFFER, one VM, 64 outstanding) | {tps:.0}/s, agent CPU {cpu_us:.1} µs each |\n\
          | metadata requests (a TCP connection each), one client | {rps1:.0}/s |\n\
          | metadata requests, 8 clients at once | {rps8:.0}/s, agent CPU {md_cpu_us:.0} µs each |\n",
-        date.trim()
+        date
     );
     std::fs::write(out.join("gateway.md"), &md)?;
     println!("{md}");

@@ -5,9 +5,7 @@
 use std::net::Ipv6Addr;
 
 use cloison_dataplane::{MacAddr, Network};
-use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv6Packet, UdpPacket,
-};
+use smoltcp::wire::{IpAddress, IpProtocol, UdpPacket};
 
 const INFORMATION_REQUEST: u8 = 11;
 const REPLY: u8 = 7;
@@ -96,14 +94,10 @@ pub fn answer(
     src_mac: [u8; 6],
     frame: &[u8],
 ) -> Result<Vec<u8>, Unanswered> {
-    let eth = EthernetFrame::new_checked(frame).map_err(|_| Unanswered::Malformed)?;
-    if eth.ethertype() != EthernetProtocol::Ipv6 {
-        return Err(Unanswered::Malformed);
-    }
-    if eth.src_addr().0 != vm_mac {
-        return Err(Unanswered::NotThePortsMac);
-    }
-    let ip = Ipv6Packet::new_checked(eth.payload()).map_err(|_| Unanswered::Malformed)?;
+    let ip = super::ipv6_from_vm(frame, vm_mac).map_err(|e| match e {
+        super::NotFromVm::Malformed => Unanswered::Malformed,
+        super::NotFromVm::NotThePortsMac => Unanswered::NotThePortsMac,
+    })?;
     if ip.next_header() != IpProtocol::Udp {
         return Err(Unanswered::Malformed);
     }

@@ -12,3 +12,26 @@ pub mod ra;
 pub mod serve;
 
 pub use serve::{Counters, Service};
+
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, Ipv6Packet};
+
+/// Why a frame is not an IPv6 packet from the port's VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NotFromVm {
+    Malformed,
+    NotThePortsMac,
+}
+
+/// The IPv6 packet of `frame`, an Ethernet frame the VM whose MAC is
+/// `vm_mac` sent (lengths checked).
+pub(crate) fn ipv6_from_vm(frame: &[u8], vm_mac: [u8; 6]) -> Result<Ipv6Packet<&[u8]>, NotFromVm> {
+    let eth = EthernetFrame::new_checked(frame).map_err(|_| NotFromVm::Malformed)?;
+    if eth.ethertype() != EthernetProtocol::Ipv6 {
+        return Err(NotFromVm::Malformed);
+    }
+    if eth.src_addr().0 != vm_mac {
+        return Err(NotFromVm::NotThePortsMac);
+    }
+    let payload = &frame[EthernetFrame::<&[u8]>::header_len()..];
+    Ipv6Packet::new_checked(payload).map_err(|_| NotFromVm::Malformed)
+}

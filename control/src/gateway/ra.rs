@@ -100,14 +100,10 @@ pub fn answer(
     src_mac: [u8; 6],
     frame: &[u8],
 ) -> Result<Vec<u8>, Unanswered> {
-    let eth = EthernetFrame::new_checked(frame).map_err(|_| Unanswered::Malformed)?;
-    if eth.ethertype() != EthernetProtocol::Ipv6 {
-        return Err(Unanswered::Malformed);
-    }
-    if eth.src_addr().0 != vm_mac {
-        return Err(Unanswered::NotThePortsMac);
-    }
-    let ip = Ipv6Packet::new_checked(eth.payload()).map_err(|_| Unanswered::Malformed)?;
+    let ip = super::ipv6_from_vm(frame, vm_mac).map_err(|e| match e {
+        super::NotFromVm::Malformed => Unanswered::Malformed,
+        super::NotFromVm::NotThePortsMac => Unanswered::NotThePortsMac,
+    })?;
     if ip.next_header() != IpProtocol::Icmpv6 || ip.hop_limit() != 255 {
         return Err(Unanswered::Malformed);
     }

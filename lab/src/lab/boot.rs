@@ -39,6 +39,11 @@ esac
 exit 0
 "#;
 
+/// Where `ip netns exec` finds a namespace's own /etc files.
+const NETNS_ETC: &str = "/etc/netns";
+/// Whether this process made `NETNS_ETC` (then it removes it when done).
+static MADE_NETNS_ETC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A DHCP client running in a VM, stopped (by its process id) on drop.
 pub struct DhcpClient {
     child: Option<Child>,
@@ -85,6 +90,11 @@ impl Drop for DhcpClient {
         }
         if let Some(d) = &self.netns_etc {
             let _ = std::fs::remove_dir_all(d);
+            if MADE_NETNS_ETC.load(std::sync::atomic::Ordering::Relaxed) {
+                // The last client out removes /etc/netns too (it fails
+                // while another's directory is still in it).
+                let _ = std::fs::remove_dir(NETNS_ETC);
+            }
         }
         let _ = std::fs::remove_file(&self.log);
     }
@@ -171,7 +181,11 @@ impl Lab {
     /// (`ip netns exec` mounts /etc/netns/NS/ over /etc).
     pub fn dhclient(&self, vm: &str) -> Result<DhcpClient> {
         let ns = self.vm(vm).ns.clone();
-        let etc = PathBuf::from("/etc/netns").join(&ns);
+        if !std::path::Path::new(NETNS_ETC).exists() {
+            std::fs::create_dir(NETNS_ETC)?;
+            MADE_NETNS_ETC.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let etc = PathBuf::from(NETNS_ETC).join(&ns);
         std::fs::create_dir_all(&etc)?;
         std::fs::write(etc.join("resolv.conf"), "")?;
         let lease = self.client_file(vm, "dhclient.leases");

@@ -148,7 +148,7 @@ pub fn answer(
     udp[8..].copy_from_slice(&reply);
     UdpPacket::new_unchecked(&mut udp[..])
         .fill_checksum(&IpAddress::Ipv6(server), &IpAddress::Ipv6(src));
-    Ok(super::ra::ipv6_frame(
+    Ok(super::ipv6_frame(
         src_mac,
         vm_mac,
         server,

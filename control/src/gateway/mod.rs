@@ -13,7 +13,12 @@ pub mod serve;
 
 pub use serve::{Counters, Service};
 
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, Ipv6Packet};
+use std::net::Ipv6Addr;
+
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv6Packet,
+    Ipv6Repr,
+};
 
 /// Why a frame is not an IPv6 packet from the port's VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,4 +39,35 @@ pub(crate) fn ipv6_from_vm(frame: &[u8], vm_mac: [u8; 6]) -> Result<Ipv6Packet<&
     }
     let payload = &frame[EthernetFrame::<&[u8]>::header_len()..];
     Ipv6Packet::new_checked(payload).map_err(|_| NotFromVm::Malformed)
+}
+
+/// An Ethernet frame carrying `payload` in IPv6.
+pub(crate) fn ipv6_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next_header: IpProtocol,
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(src_mac),
+        dst_addr: EthernetAddress(dst_mac),
+        ethertype: EthernetProtocol::Ipv6,
+    };
+    let ip = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header,
+        payload_len: payload.len(),
+        hop_limit,
+    };
+    let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + payload.len()];
+    let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
+    eth.emit(&mut f);
+    let mut p = Ipv6Packet::new_unchecked(f.payload_mut());
+    ip.emit(&mut p);
+    p.payload_mut().copy_from_slice(payload);
+    buf
 }

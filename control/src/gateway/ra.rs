@@ -9,10 +9,7 @@ use std::net::Ipv6Addr;
 
 use cloison_dataplane::{MacAddr, Network};
 use ipnet::{IpNet, Ipv6Net};
-use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv6Packet, IpProtocol,
-    Ipv6Packet, Ipv6Repr,
-};
+use smoltcp::wire::{Icmpv6Packet, IpProtocol};
 
 /// How long the gateway is a default router (s): three times the period.
 pub const ROUTER_LIFETIME: u16 = 1800;
@@ -183,7 +180,7 @@ pub fn message(adv: &Advert, dst: Ipv6Addr) -> Vec<u8> {
 
 fn frame_of(adv: &Advert, src_mac: [u8; 6], dst: Ipv6Addr, dst_mac: [u8; 6]) -> Vec<u8> {
     let body = message(adv, dst);
-    ipv6_frame(
+    super::ipv6_frame(
         src_mac,
         dst_mac,
         adv.source(),
@@ -192,37 +189,6 @@ fn frame_of(adv: &Advert, src_mac: [u8; 6], dst: Ipv6Addr, dst_mac: [u8; 6]) -> 
         255,
         &body,
     )
-}
-
-/// An Ethernet frame carrying `payload` in IPv6.
-pub(super) fn ipv6_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    next_header: IpProtocol,
-    hop_limit: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let eth = EthernetRepr {
-        src_addr: EthernetAddress(src_mac),
-        dst_addr: EthernetAddress(dst_mac),
-        ethertype: EthernetProtocol::Ipv6,
-    };
-    let ip = Ipv6Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header,
-        payload_len: payload.len(),
-        hop_limit,
-    };
-    let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + payload.len()];
-    let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
-    eth.emit(&mut f);
-    let mut p = Ipv6Packet::new_unchecked(f.payload_mut());
-    ip.emit(&mut p);
-    p.payload_mut().copy_from_slice(payload);
-    buf
 }
 
 #[cfg(test)]

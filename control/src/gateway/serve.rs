@@ -178,10 +178,7 @@ impl Service {
                     // (the readiness was cleared first: nothing is missed).
                     loop {
                         match read(self.tap.get_ref(), &mut buf) {
-                            Ok(n) => {
-                                let frame = buf[..n].to_vec();
-                                self.handle(&frame);
-                            }
+                            Ok(n) => self.handle(&buf[..n]),
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(e) => return Err(e),

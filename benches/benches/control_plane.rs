@@ -67,6 +67,7 @@ fn fleet() -> Snapshot {
         networks,
         security_groups: vec![],
         ports,
+        routers: vec![],
     }
 }
 

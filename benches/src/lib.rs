@@ -137,6 +137,7 @@ pub fn sg_snapshot(rules: usize) -> Snapshot {
             port("a3", "pa3", A3, "10.0.0.3", names(&web)),
         ],
         security_groups: client.into_iter().chain(web).collect(),
+        routers: vec![],
     }
 }
 

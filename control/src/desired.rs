@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use cloison_dataplane::{
     validate::{self, Class, Valid, Violation},
-    Host, Network, Port, Remote, SecurityGroup, Snapshot,
+    Host, Network, Port, Remote, Router, SecurityGroup, Snapshot,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
@@ -22,10 +22,17 @@ pub enum Kind {
     Network,
     SecurityGroup,
     Port,
+    Router,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Host, Kind::Network, Kind::SecurityGroup, Kind::Port];
+    pub const ALL: [Kind; 5] = [
+        Kind::Host,
+        Kind::Network,
+        Kind::SecurityGroup,
+        Kind::Port,
+        Kind::Router,
+    ];
 
     /// The collection's name in paths (`/v1/{path}/{name}`).
     pub fn path(self) -> &'static str {
@@ -34,6 +41,7 @@ impl Kind {
             Kind::Network => "networks",
             Kind::SecurityGroup => "security-groups",
             Kind::Port => "ports",
+            Kind::Router => "routers",
         }
     }
 
@@ -69,6 +77,7 @@ impl Kind {
                 "hostname",
                 "instance_id",
             ],
+            Kind::Router => &["tenant", "networks", "snat"],
         }
     }
 
@@ -78,6 +87,7 @@ impl Kind {
             Kind::Network => "network",
             Kind::SecurityGroup => "security group",
             Kind::Port => "port",
+            Kind::Router => "router",
         }
     }
 }
@@ -144,6 +154,7 @@ pub enum Object {
     Network(Network),
     SecurityGroup(SecurityGroup),
     Port(Port),
+    Router(Router),
 }
 
 impl Object {
@@ -153,6 +164,7 @@ impl Object {
             Object::Network(_) => Kind::Network,
             Object::SecurityGroup(_) => Kind::SecurityGroup,
             Object::Port(_) => Kind::Port,
+            Object::Router(_) => Kind::Router,
         }
     }
 
@@ -162,6 +174,7 @@ impl Object {
             Object::Network(o) => &o.name,
             Object::SecurityGroup(o) => &o.name,
             Object::Port(o) => &o.name,
+            Object::Router(o) => &o.name,
         }
     }
 
@@ -242,6 +255,7 @@ fn typed(kind: Kind, v: Value) -> Result<Object, Refusal> {
         Kind::Network => Object::Network(of(v, kind)?),
         Kind::SecurityGroup => Object::SecurityGroup(of(v, kind)?),
         Kind::Port => Object::Port(of(v, kind)?),
+        Kind::Router => Object::Router(of(v, kind)?),
     })
 }
 
@@ -253,6 +267,7 @@ pub fn parse_stored(kind: Kind, bytes: &[u8]) -> Result<Object, serde_json::Erro
         Kind::Network => Object::Network(serde_json::from_slice(bytes)?),
         Kind::SecurityGroup => Object::SecurityGroup(serde_json::from_slice(bytes)?),
         Kind::Port => Object::Port(serde_json::from_slice(bytes)?),
+        Kind::Router => Object::Router(serde_json::from_slice(bytes)?),
     })
 }
 
@@ -302,6 +317,7 @@ fn snapshot_of(objects: &Objects) -> Snapshot {
             Object::Network(o) => s.networks.push(o.clone()),
             Object::SecurityGroup(o) => s.security_groups.push(o.clone()),
             Object::Port(o) => s.ports.push(o.clone()),
+            Object::Router(o) => s.routers.push(o.clone()),
         }
     }
     s
@@ -387,6 +403,12 @@ impl Desired {
             Kind::Network => ports()
                 .filter(|p| p.network == name)
                 .map(|p| p.name.as_str())
+                .chain(self.list(Kind::Router).filter_map(|r| match &r.object {
+                    Object::Router(r) if r.networks.iter().any(|n| n == name) => {
+                        Some(r.name.as_str())
+                    }
+                    _ => None,
+                }))
                 .collect(),
             Kind::SecurityGroup => {
                 let mut u: Vec<&str> = ports()
@@ -408,7 +430,7 @@ impl Desired {
                 }));
                 u
             }
-            Kind::Port => vec![],
+            Kind::Port | Kind::Router => vec![],
         };
         (!users.is_empty()).then(|| format!("{kind} {name} is in use by {}", users.join(", ")))
     }

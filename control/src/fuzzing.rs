@@ -1,6 +1,7 @@
 //! The API bodies' harness, shared by the cargo-fuzz target (`fuzz/`) and
-//! its smoke run in the tests: the first byte picks the collection, the
-//! rest is the body of a PUT. A body either is refused with a reason or
+//! its smoke run in the tests: the first byte picks the collection (its
+//! low four bits) and a new or the existing name (bit 4), the rest is the
+//! body of a PUT. A body either is refused with a reason or
 //! parses into an object that reads back from the store as itself; applied
 //! to a state, the object is accepted (the state validates) or refused, and
 //! never panics anything.
@@ -14,7 +15,7 @@ pub fn base() -> Desired {
         (
             Kind::Network,
             "n",
-            r#"{"tenant": "t", "vni": 7, "subnets": ["10.0.0.0/24", "fd00::/64"]}"#,
+            r#"{"tenant": "t", "vni": 7, "subnets": ["10.0.0.0/24", "fd00::/64"], "gateway_ips": ["10.0.0.254"]}"#,
         ),
         (
             Kind::SecurityGroup,
@@ -26,6 +27,7 @@ pub fn base() -> Desired {
             "p",
             r#"{"network": "n", "host": "hv1", "interface": "tap1", "mac": "02:00:00:00:00:01", "ips": ["10.0.0.1"], "security_groups": ["g"]}"#,
         ),
+        (Kind::Router, "r", r#"{"tenant": "t", "networks": ["n"]}"#),
     ] {
         let o = parse_body(kind, name, body.as_bytes()).expect("a valid literal");
         d = d.with(kind, name, Some(o)).expect("a valid state");
@@ -35,7 +37,7 @@ pub fn base() -> Desired {
 
 /// PUT bodies, the first byte choosing the collection as the target reads it.
 pub fn seeds() -> Vec<Vec<u8>> {
-    let bodies: [(u8, &str); 10] = [
+    let bodies: [(u8, &str); 12] = [
         (0, r#"{"underlay_ip": "192.0.2.9"}"#),
         (16, r#"{"underlay_ip": "192.0.2.1", "name": "hv1"}"#),
         (
@@ -70,6 +72,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
             2,
             r#"{"tenant": "t", "rules": [{"direction": "ingress", "protocol": "icmp", "ports": "1-2"}]}"#,
         ),
+        (4, r#"{"tenant": "t", "networks": []}"#),
+        (20, r#"{"tenant": "t", "networks": ["n", "n"], "snat": true}"#),
     ];
     bodies
         .iter()
@@ -81,11 +85,16 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The collection a first byte picks.
+pub fn kind_of(k: u8) -> Kind {
+    Kind::ALL[(k & 0x0f) as usize % Kind::ALL.len()]
+}
+
 pub fn api_body(base: &Desired, data: &[u8]) {
     let Some((&k, body)) = data.split_first() else {
         return;
     };
-    let kind = Kind::ALL[k as usize % Kind::ALL.len()];
+    let kind = kind_of(k);
     // Half of the time a new object, half of the time the existing one.
     let name = match (k >> 4 & 1, kind) {
         (0, _) => "x",
@@ -93,6 +102,7 @@ pub fn api_body(base: &Desired, data: &[u8]) {
         (_, Kind::Network) => "n",
         (_, Kind::SecurityGroup) => "g",
         (_, Kind::Port) => "p",
+        (_, Kind::Router) => "r",
     };
     let Ok(object) = parse_body(kind, name, body) else {
         return;
@@ -129,7 +139,7 @@ mod tests {
         }
         let valid = seeds
             .iter()
-            .filter(|s| parse_body(Kind::ALL[s[0] as usize % 4], "x", &s[1..]).is_ok())
+            .filter(|s| parse_body(kind_of(s[0]), "x", &s[1..]).is_ok())
             .count();
         assert!(valid >= 6, "{valid} seeds parse");
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {

@@ -166,6 +166,13 @@ pub fn fits(valid: &Valid) -> Result<(), String> {
             ("remote_allow", t.remote_allow.len(), l.remote_allow, false),
             ("sg addrs", t.sg.addrs.len(), l.sg_addrs, true),
             ("sg rules", t.sg.rules.len(), l.sg_rules, true),
+            (
+                "router interfaces",
+                t.router_ifaces.len(),
+                l.router_ifaces,
+                true,
+            ),
+            ("routes", t.routes.len(), l.routes, false),
         ];
         for (what, compiled, counted, exact) in checks {
             if compiled > counted || (exact && compiled != counted) {

@@ -23,7 +23,7 @@ pub mod validate;
 pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
 pub use snapshot::{
     AddressPair, Direction, Ethertype, Host, HostRoute, MacAddr, Network, Port, PortRange,
-    Protocol, Remote, Rule, SecurityGroup, Snapshot,
+    Protocol, Remote, Router, Rule, SecurityGroup, Snapshot,
 };
 pub use validate::{validate, Valid, Violation};
 

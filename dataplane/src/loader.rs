@@ -584,6 +584,8 @@ impl Dataplane {
                 networks: read_hash::<maps::Networks>(e)?,
                 vteps: read_hash::<maps::Vteps>(e)?,
                 remote_allow: read_lpm::<maps::RemoteAllow>(e)?,
+                router_ifaces: read_hash::<maps::RouterIfaces>(e)?,
+                routes: read_lpm::<maps::Routes>(e)?,
                 sg: crate::policy::SgTables {
                     addrs: read_lpm::<maps::SgAddrs>(e)?,
                     rules: read_lpm::<maps::SgRules>(e)?,
@@ -640,6 +642,10 @@ impl Dataplane {
                 Table::Forward => write_hash::<maps::Forward>(e, &d.forward.changed)?,
                 Table::AddrAllow => write_lpm::<maps::AntiSpoof>(e, &d.addr_allow.changed)?,
                 Table::RemoteAllow => write_lpm::<maps::RemoteAllow>(e, &d.remote_allow.changed)?,
+                Table::Routes => write_lpm::<maps::Routes>(e, &d.routes.changed)?,
+                Table::RouterIfaces => {
+                    write_hash::<maps::RouterIfaces>(e, &d.router_ifaces.changed)?
+                }
                 Table::Ports => write_hash::<maps::Ports>(e, &d.ports.changed)?,
             },
             Step::Delete(t) => match t {
@@ -651,6 +657,10 @@ impl Dataplane {
                 Table::Forward => delete_hash::<maps::Forward>(e, &d.forward.stale)?,
                 Table::AddrAllow => delete_lpm::<maps::AntiSpoof>(e, &d.addr_allow.stale)?,
                 Table::RemoteAllow => delete_lpm::<maps::RemoteAllow>(e, &d.remote_allow.stale)?,
+                Table::Routes => delete_lpm::<maps::Routes>(e, &d.routes.stale)?,
+                Table::RouterIfaces => {
+                    delete_hash::<maps::RouterIfaces>(e, &d.router_ifaces.stale)?
+                }
                 Table::Ports => delete_hash::<maps::Ports>(e, &d.ports.stale)?,
             },
             Step::Detach(ifindex) => {

@@ -76,13 +76,17 @@ pub enum Table {
     Neighbours,
     RemoteAllow,
     Forward,
+    Routes,
+    RouterIfaces,
     AddrAllow,
     Ports,
 }
 
 impl Table {
     /// In the order they are written; deleted in the reverse one.
-    pub const WRITE_ORDER: [Table; 9] = [
+    /// A router's interface (where routing starts) comes after its routes
+    /// and what they lead to.
+    pub const WRITE_ORDER: [Table; 11] = [
         Table::SgAddrs,
         Table::SgRules,
         Table::Networks,
@@ -90,6 +94,8 @@ impl Table {
         Table::Neighbours,
         Table::RemoteAllow,
         Table::Forward,
+        Table::Routes,
+        Table::RouterIfaces,
         Table::AddrAllow,
         Table::Ports,
     ];
@@ -106,6 +112,8 @@ pub struct Diffs {
     pub forward: Diff<ForwardKey, ForwardEntry>,
     pub addr_allow: Diff<(u32, AddrKey), AddrAllow>,
     pub remote_allow: Diff<(u32, RemoteAddrKey), AddrAllow>,
+    pub routes: Diff<(u32, RouteKey), RouteEntry>,
+    pub router_ifaces: Diff<u32, RouterIface>,
     pub ports: Diff<u32, PortInfo>,
 }
 
@@ -124,6 +132,8 @@ impl Diffs {
             Table::Forward => s(&self.forward),
             Table::AddrAllow => s(&self.addr_allow),
             Table::RemoteAllow => s(&self.remote_allow),
+            Table::Routes => s(&self.routes),
+            Table::RouterIfaces => s(&self.router_ifaces),
             Table::Ports => s(&self.ports),
         }
     }
@@ -213,9 +223,18 @@ fn purge(current: &Current, want: &Compiled) -> Purge {
                 n.ct_tenant_quota < old.ct_tenant_quota || n.ct_port_quota < old.ct_port_quota;
         }
     }
+    // A routed flow lives in its router's zone: what leaves a network
+    // leaves it there too.
+    let router_zone = |vni: u32| have.router_ifaces.get(&vni).map(|r| ROUTER_ZONE | r.router);
+    let mut ends = |vni: u32, addr: [u8; 16], bits: u32| {
+        p.ends.push((vni, addr, bits));
+        if let Some(z) = router_zone(vni) {
+            p.ends.push((z, addr, bits));
+        }
+    };
     for (k, v) in &have.neighbours {
         if t.neighbours.get(k) != Some(v) {
-            p.ends.push((k.vni, k.addr, 128));
+            ends(k.vni, k.addr, 128);
         }
     }
     for ((bits, k), v) in &have.addr_allow {
@@ -223,13 +242,26 @@ fn purge(current: &Current, want: &Compiled) -> Purge {
             continue;
         };
         if t.addr_allow.get(&(*bits, *k)) != Some(v) {
-            p.ends.push((port.vni, k.addr, bits - 32));
+            ends(port.vni, k.addr, bits - 32);
         }
     }
     for ((bits, k), v) in &have.remote_allow {
         if t.remote_allow.get(&(*bits, *k)) != Some(v) {
-            p.ends
-                .push((u32::from_be_bytes(k.vni_be), k.addr, bits - 32));
+            ends(u32::from_be_bytes(k.vni_be), k.addr, bits - 32);
+        }
+    }
+    // A network that leaves its router (or whose route changed): the
+    // router's flows with an end in it; a router gone: its whole zone.
+    for ((bits, k), v) in &have.routes {
+        if t.routes.get(&(*bits, *k)) != Some(v) {
+            let zone = ROUTER_ZONE | u32::from_be_bytes(k.router_be);
+            p.ends.push((zone, k.addr, bits - 32));
+        }
+    }
+    let kept: BTreeSet<u32> = t.router_ifaces.values().map(|r| r.router).collect();
+    for r in have.router_ifaces.values() {
+        if !kept.contains(&r.router) {
+            p.zones.insert(ROUTER_ZONE | r.router);
         }
     }
     p
@@ -266,6 +298,8 @@ pub fn plan(current: &Current, want: &Compiled) -> Plan {
     diffs.forward = diff(&have.forward, &t.forward);
     diffs.addr_allow = diff(&have.addr_allow, &t.addr_allow);
     diffs.remote_allow = diff(&have.remote_allow, &t.remote_allow);
+    diffs.routes = diff(&have.routes, &t.routes);
+    diffs.router_ifaces = diff(&have.router_ifaces, &t.router_ifaces);
     diffs.ports = diff(&have.ports, &t.ports);
 
     let mut steps = Vec::new();
@@ -353,6 +387,8 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
                 Table::Forward => write(&mut t.forward, &d.forward),
                 Table::AddrAllow => write(&mut t.addr_allow, &d.addr_allow),
                 Table::RemoteAllow => write(&mut t.remote_allow, &d.remote_allow),
+                Table::Routes => write(&mut t.routes, &d.routes),
+                Table::RouterIfaces => write(&mut t.router_ifaces, &d.router_ifaces),
                 Table::Ports => write(&mut t.ports, &d.ports),
             },
             Step::Delete(table) => match table {
@@ -364,6 +400,8 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
                 Table::Forward => delete(&mut t.forward, &d.forward),
                 Table::AddrAllow => delete(&mut t.addr_allow, &d.addr_allow),
                 Table::RemoteAllow => delete(&mut t.remote_allow, &d.remote_allow),
+                Table::Routes => delete(&mut t.routes, &d.routes),
+                Table::RouterIfaces => delete(&mut t.router_ifaces, &d.router_ifaces),
                 Table::Ports => delete(&mut t.ports, &d.ports),
             },
             Step::Detach(i) => {

@@ -425,6 +425,20 @@ impl SecurityGroup {
     }
 }
 
+/// A tenant's router: it joins `networks` (their `gateway_ips` are its
+/// addresses) and routes between them on every host (distributed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Router {
+    pub name: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// Source NAT to the host's external IP for traffic leaving every
+    /// tenant network (not in this version: refused).
+    #[serde(default)]
+    pub snat: bool,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     #[serde(default)]
@@ -435,9 +449,37 @@ pub struct Snapshot {
     pub security_groups: Vec<SecurityGroup>,
     #[serde(default)]
     pub ports: Vec<Port>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routers: Vec<Router>,
 }
 
 impl Snapshot {
+    /// The router that joins each network one joins (at most one: the
+    /// validator sees to it).
+    pub fn router_of(&self) -> HashMap<&str, &Router> {
+        self.routers
+            .iter()
+            .flat_map(|r| r.networks.iter().map(move |n| (n.as_str(), r)))
+            .collect()
+    }
+
+    /// The networks a host with ports in `networks` takes part in: those,
+    /// and every other network of their routers (it routes to them).
+    pub fn with_routed<'a>(
+        &'a self,
+        networks: impl IntoIterator<Item = &'a str>,
+    ) -> std::collections::BTreeSet<&'a str> {
+        let router_of = self.router_of();
+        let mut out = std::collections::BTreeSet::new();
+        for n in networks {
+            out.insert(n);
+            if let Some(r) = router_of.get(n) {
+                out.extend(r.networks.iter().map(String::as_str));
+            }
+        }
+        out
+    }
+
     /// [`crate::validate::validate`] of a copy of this snapshot.
     pub fn validated(&self) -> Result<crate::validate::Valid, crate::validate::Violation> {
         crate::validate::validate(self.clone())

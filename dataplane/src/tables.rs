@@ -34,6 +34,10 @@ pub struct Tables {
     pub vteps: BTreeMap<VtepKey, u32>,
     /// (prefix length, key) of the LPM trie: remote ports' own addresses.
     pub remote_allow: BTreeMap<(u32, RemoteAddrKey), AddrAllow>,
+    /// Networks joined by a router, by VNI.
+    pub router_ifaces: BTreeMap<u32, RouterIface>,
+    /// (prefix length, key) of the LPM trie: each router's subnets.
+    pub routes: BTreeMap<(u32, RouteKey), RouteEntry>,
     pub sg: crate::policy::SgTables,
 }
 
@@ -103,6 +107,42 @@ pub fn remote_key(vni: u32, net: IpNet) -> (u32, RemoteAddrKey) {
             addr: key.addr,
         },
     )
+}
+
+/// LPM key for `net` in router `router`'s routes.
+pub fn route_key(router: u32, net: IpNet) -> (u32, RouteKey) {
+    let (bits, key) = addr_key(0, net);
+    (
+        bits,
+        RouteKey {
+            router_be: router.to_be_bytes(),
+            addr: key.addr,
+        },
+    )
+}
+
+/// Each router's id on this host (its routes' key, its conntrack zone
+/// with [`ROUTER_ZONE`]): a hash of its name, so the same on every apply
+/// and every host, moved on by one on a collision (in name order).
+pub fn router_ids<'a>(routers: impl IntoIterator<Item = &'a str>) -> BTreeMap<&'a str, u32> {
+    let mut names: Vec<&str> = routers.into_iter().collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut used = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for name in names {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in name.bytes() {
+            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        // 1..=2^31-1: never 0, never with the zone bit.
+        let mut id = h % (ROUTER_ZONE - 1) + 1;
+        while !used.insert(id) {
+            id = id % (ROUTER_ZONE - 1) + 1;
+        }
+        out.insert(name, id);
+    }
+    out
 }
 
 /// Caps on the fair shares of the conntrack table: an operator may hold a
@@ -205,13 +245,14 @@ pub fn compile(
         local.insert(&p.name, (iface, next));
     }
 
-    // Networks this host takes part in: those with a port attached here.
-    let mut active = BTreeSet::new();
-    for p in &snap.ports {
-        if local.contains_key(p.name.as_str()) {
-            active.insert(p.network.as_str());
-        }
-    }
+    // Networks this host takes part in: those with a port attached here,
+    // and the other networks of their routers (routed to from here).
+    let active = snap.with_routed(
+        snap.ports
+            .iter()
+            .filter(|p| local.contains_key(p.name.as_str()))
+            .map(|p| p.network.as_str()),
+    );
 
     // Conntrack shares: each tenant on this host an equal part of the table
     // (see port_share for its ports).
@@ -426,7 +467,6 @@ pub fn compile(
                     vtep,
                 },
             );
-            t.vteps.insert(VtepKey { vni, addr: vtep }, 1);
             if p.port_security {
                 // Where its frames may come from at decapsulation: its own
                 // addresses, as its host's anti-spoofing has them.
@@ -439,6 +479,74 @@ pub fn compile(
                         },
                     );
                 }
+            }
+        }
+    }
+    // Who may send VXLAN into each network: the hosts with a port in it or,
+    // routed, in another network of its router.
+    let router_of = snap.router_of();
+    let mut hosts_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for p in &snap.ports {
+        hosts_of
+            .entry(p.network.as_str())
+            .or_default()
+            .insert(p.host.as_str());
+    }
+    for n in active.iter().filter(|n| t.networks.contains_key(&nets[*n].vni)) {
+        let group: Vec<&str> = match router_of.get(n) {
+            Some(r) => r.networks.iter().map(String::as_str).collect(),
+            None => vec![n],
+        };
+        for h in group.iter().flat_map(|m| hosts_of.get(m).into_iter().flatten()) {
+            if *h != host {
+                t.vteps.insert(
+                    VtepKey {
+                        vni: nets[n].vni,
+                        addr: host_ip[h],
+                    },
+                    1,
+                );
+            }
+        }
+    }
+
+    // The routers of those networks: their interfaces and routes.
+    let routers: Vec<&Router> = snap
+        .routers
+        .iter()
+        .filter(|r| r.networks.iter().any(|n| active.contains(n.as_str())))
+        .collect();
+    let ids = router_ids(routers.iter().map(|r| r.name.as_str()));
+    for r in routers {
+        let id = ids[r.name.as_str()];
+        for n in r.networks.iter().map(|n| nets[n.as_str()]) {
+            let mut rif = RouterIface {
+                router: id,
+                flags: 0,
+                gw4: [0; 4],
+                gw6: [0; 16],
+            };
+            for gw in &n.gateway_ips {
+                match gw {
+                    IpAddr::V4(a) => {
+                        rif.flags |= RIF_F_V4;
+                        rif.gw4 = a.octets();
+                    }
+                    IpAddr::V6(a) => {
+                        rif.flags |= RIF_F_V6;
+                        rif.gw6 = a.octets();
+                    }
+                }
+            }
+            t.router_ifaces.insert(n.vni, rif);
+            for sn in &n.subnets {
+                t.routes.insert(
+                    route_key(id, sn.trunc()),
+                    RouteEntry {
+                        vni: n.vni,
+                        mtu: n.mtu,
+                    },
+                );
             }
         }
     }

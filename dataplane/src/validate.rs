@@ -179,6 +179,7 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
             return conflict(format!("network {} given twice", n.name));
         }
     }
+    check_routers(s, &nets)?;
     let mut groups = HashMap::with_capacity(s.security_groups.len());
     for g in &s.security_groups {
         check_name("security group", &g.name)?;
@@ -350,6 +351,79 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
     Ok(())
 }
 
+/// Networks one router joins at most.
+pub const MAX_NETWORKS_PER_ROUTER: usize = 64;
+
+/// Routers: each joins existing networks of its own tenant, each network on
+/// one router at most, with an address of the router (a gateway) in it, and
+/// no two of its networks' subnets overlapping (an address is routed to one
+/// network).
+fn check_routers(s: &Snapshot, nets: &HashMap<&str, &Network>) -> Result<(), Violation> {
+    let mut names = HashSet::new();
+    let mut joined: HashMap<&str, &str> = HashMap::new();
+    for r in &s.routers {
+        check_name("router", &r.name)?;
+        check_name("tenant", &r.tenant)?;
+        if !names.insert(r.name.as_str()) {
+            return conflict(format!("router {} given twice", r.name));
+        }
+        if r.snat {
+            return invalid(format!(
+                "router {}: snat is not available in this version (routing between the \
+                 router's networks is)",
+                r.name
+            ));
+        }
+        if r.networks.len() > MAX_NETWORKS_PER_ROUTER {
+            return invalid(format!(
+                "router {}: {} networks, at most {MAX_NETWORKS_PER_ROUTER}",
+                r.name,
+                r.networks.len()
+            ));
+        }
+        let mut subnets: Vec<(&ipnet::IpNet, &str)> = Vec::new();
+        for (i, n) in r.networks.iter().enumerate() {
+            if r.networks[..i].contains(n) {
+                return invalid(format!("router {}: network {n} given twice", r.name));
+            }
+            let Some(net) = nets.get(n.as_str()) else {
+                return conflict(format!("router {}: no network {n}", r.name));
+            };
+            if net.tenant != r.tenant {
+                return conflict(format!(
+                    "router {}: network {n} belongs to another tenant",
+                    r.name
+                ));
+            }
+            if let Some(other) = joined.insert(n.as_str(), r.name.as_str()) {
+                return conflict(format!(
+                    "router {}: network {n} is already on router {other}",
+                    r.name
+                ));
+            }
+            if net.gateway_ips.is_empty() {
+                return conflict(format!(
+                    "router {}: network {n} has no gateway_ips (the router's addresses there)",
+                    r.name
+                ));
+            }
+            for sn in &net.subnets {
+                if let Some((o, on)) = subnets
+                    .iter()
+                    .find(|(o, _)| o.contains(&sn.network()) || sn.contains(&o.network()))
+                {
+                    return conflict(format!(
+                        "router {}: subnet {sn} of {n} overlaps {o} of {on}",
+                        r.name
+                    ));
+                }
+            }
+            subnets.extend(net.subnets.iter().map(|sn| (sn, n.as_str())));
+        }
+    }
+    Ok(())
+}
+
 pub const MAX_DNS_SERVERS: usize = 5;
 pub const MAX_HOST_ROUTES: usize = 20;
 
@@ -443,6 +517,8 @@ pub struct HostLoad {
     pub remote_allow: usize,
     pub sg_addrs: usize,
     pub sg_rules: usize,
+    pub router_ifaces: usize,
+    pub routes: usize,
 }
 
 /// Neighbour entries a port brings: its IPs and its link-local address.
@@ -484,6 +560,12 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
             n.secured_all += a;
         }
     }
+    let router_of = s.router_of();
+    let subnets_of: HashMap<&str, usize> = s
+        .networks
+        .iter()
+        .map(|n| (n.name.as_str(), n.subnets.len()))
+        .collect();
     let compiler = policy::Compiler::new(s);
     let mut sg_size: BTreeMap<policy::PolicySet, (usize, usize)> = BTreeMap::new();
     let mut out: BTreeMap<&str, HostLoad> = s
@@ -499,8 +581,8 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
         let Some(load) = out.get_mut(host) else {
             continue;
         };
-        let active: BTreeSet<&str> = ports.iter().map(|p| p.network.as_str()).collect();
-        let tenants: BTreeSet<&str> = active
+        let own: BTreeSet<&str> = ports.iter().map(|p| p.network.as_str()).collect();
+        let tenants: BTreeSet<&str> = own
             .iter()
             .filter_map(|n| tenant_of.get(n).map(|t| t.0))
             .collect();
@@ -511,14 +593,43 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
             .collect();
         load.ports = ports.len();
         load.tenants = tenants.len();
-        load.networks = active.len();
+        // Its networks and their routers' other networks (see tables.rs).
+        let active = s.with_routed(own.iter().copied());
         for n in &active {
+            if nets.get(n).is_none_or(|net| net.ports == 0) {
+                continue;
+            }
             if let Some(net) = nets.get(n) {
+                load.networks += 1;
                 load.forward += net.ports;
                 load.neighbours += net.neighbours;
-                load.vteps += net.hosts.len() - usize::from(net.hosts.contains(host));
                 load.remote_allow += net.secured_all - net.secured.get(host).copied().unwrap_or(0);
             }
+            let senders: HashSet<&str> = match router_of.get(n) {
+                Some(r) => r
+                    .networks
+                    .iter()
+                    .filter_map(|m| nets.get(m.as_str()))
+                    .flat_map(|m| m.hosts.iter().copied())
+                    .collect(),
+                None => nets
+                    .get(n)
+                    .map(|net| net.hosts.clone())
+                    .unwrap_or_default(),
+            };
+            load.vteps += senders.len() - usize::from(senders.contains(host));
+        }
+        for r in s
+            .routers
+            .iter()
+            .filter(|r| r.networks.iter().any(|n| active.contains(n.as_str())))
+        {
+            load.router_ifaces += r.networks.len();
+            load.routes += r
+                .networks
+                .iter()
+                .filter_map(|n| subnets_of.get(n.as_str()))
+                .sum::<usize>();
         }
         load.addr_allow = ports
             .iter()
@@ -538,7 +649,7 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
 
 fn check_capacity(s: &Snapshot) -> Result<(), Violation> {
     for (host, l) in host_loads(s) {
-        let limits: [(&str, usize, u32); 10] = [
+        let limits: [(&str, usize, u32); 12] = [
             ("ports", l.ports, MAX_PORTS),
             ("tenants", l.tenants, MAX_TENANTS),
             ("networks", l.networks, MAX_NETWORKS),
@@ -565,6 +676,12 @@ fn check_capacity(s: &Snapshot) -> Result<(), Violation> {
             ),
             ("security-group address entries", l.sg_addrs, MAX_SG_ADDRS),
             ("security-group rule entries", l.sg_rules, MAX_SG_RULES),
+            (
+                "router interfaces (networks of its routers)",
+                l.router_ifaces,
+                MAX_NETWORKS,
+            ),
+            ("routes (subnets of its routers)", l.routes, MAX_ROUTES),
         ];
         for (what, n, max) in limits {
             if n > max as usize {

@@ -105,6 +105,7 @@ fn base() -> Snapshot {
             hostname: None,
             instance_id: None,
         }],
+        routers: vec![],
     }
 }
 

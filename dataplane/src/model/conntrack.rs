@@ -23,6 +23,7 @@ impl Model<'_> {
         &self,
         f: &[u8],
         p: &Parsed,
+        zone: u32,
         s: Option<(u32, PortInfo)>,
         r: Option<(u32, PortInfo)>,
     ) -> Result<(), DropReason> {
@@ -31,7 +32,6 @@ impl Model<'_> {
             return Ok(());
         }
         let owner = s.or(r).expect("one end is secured").1;
-        let zone = owner.vni;
         let now = now_ns();
         let fkey = (zone, p.frag_id, p.src, p.dst, p.proto);
         if p.later_fragment {

@@ -32,6 +32,7 @@ mod forward;
 mod parse;
 mod policy;
 mod proxy;
+mod route;
 mod service;
 mod spoof;
 mod uplink;
@@ -73,6 +74,8 @@ pub struct Model<'a> {
     members: BTreeMap<String, Vec<IpNet>>,
     pub epoch: u32,
     ct: RefCell<BTreeMap<ModelCtKey, ModelCt>>,
+    /// The snapshot's routers touching this host's networks.
+    routers: Vec<route::ModelRouter>,
     /// First fragments allowed: when, and the tenant charged.
     frags: RefCell<BTreeMap<ModelFragKey, (u64, u32)>>,
 }
@@ -120,6 +123,7 @@ impl<'a> Model<'a> {
             epoch: 0,
             ct: RefCell::new(BTreeMap::new()),
             frags: RefCell::new(BTreeMap::new()),
+            routers: Vec::new(),
         };
         m.set_policy(snap, ifindex);
         m
@@ -131,6 +135,25 @@ impl<'a> Model<'a> {
         self.epoch += 1;
         self.rules.clear();
         self.members.clear();
+        self.routers = snap
+            .routers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| route::ModelRouter {
+                zone: ROUTER_ZONE | (i as u32 + 1),
+                nets: r
+                    .networks
+                    .iter()
+                    .filter_map(|n| snap.networks.iter().find(|x| &x.name == n))
+                    .map(|n| route::RoutedNet {
+                        vni: n.vni,
+                        mtu: n.mtu,
+                        subnets: n.subnets.clone(),
+                        gateways: n.gateway_ips.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
         for p in &snap.ports {
             for g in &p.security_groups {
                 let m = self.members.entry(g.clone()).or_default();
@@ -240,6 +263,9 @@ impl<'a> Model<'a> {
         if service::for_agent(&p, &port)? {
             return Ok(Verdict::ToAgent);
         }
+        if parse::mac(f, 0) == gateway_mac(port.vni) {
+            return self.route(f, &p, ifindex, &port);
+        }
         let fwd = self.forward_from(f, ifindex, &port)?;
         let local = fwd.kind == FWD_LOCAL;
         let receiver = if local && fwd.flags & PORT_F_SECURITY != 0 {
@@ -250,7 +276,7 @@ impl<'a> Model<'a> {
         };
         let sender = secure.then_some((ifindex, port));
         if sender.is_some() || receiver.is_some() {
-            self.enforce(f, &p, sender, receiver)?;
+            self.enforce(f, &p, port.vni, sender, receiver)?;
         }
         if local {
             return Ok(Verdict::ToPort(fwd.ifindex));

@@ -7,7 +7,7 @@ use cloison_abi::{
 
 use super::{
     parse::{be16, mac, parse, v4_mapped},
-    Model, Verdict,
+    route, Model, Verdict,
 };
 
 impl Model<'_> {
@@ -71,13 +71,8 @@ impl Model<'_> {
             Some(e) if e.kind == FWD_LOCAL => e,
             _ => return Err(VxlanUnknownDestination),
         };
-        let sender = match self.forward(vni, mac(f, 56)) {
-            Some(e) if e.kind == FWD_REMOTE && e.vtep == src => e,
-            _ => return Err(VxlanSpoofedSource),
-        };
-        if sender.flags & PORT_F_SECURITY != 0 {
-            // A sender with port security: from its own addresses only.
-            let addr: [u8; 16] = match be16(f, 62) {
+        let inner_src = || -> Result<[u8; 16], DropReason> {
+            Ok(match be16(f, 62) {
                 0x0800 => v4_mapped(f.get(76..80).ok_or(VxlanTruncated)?),
                 0x86dd => f
                     .get(72..88)
@@ -85,11 +80,24 @@ impl Model<'_> {
                     .try_into()
                     .expect("16 bytes"),
                 _ => return Err(VxlanSpoofedSourceIp),
+            })
+        };
+        let zone = if route::from_gateway(&f[50..], vni) {
+            // Routed on its sender's host.
+            self.routed_from(vni, src, inner_src()?, be16(f, 62) == 0x0800)?
+        } else {
+            let sender = match self.forward(vni, mac(f, 56)) {
+                Some(e) if e.kind == FWD_REMOTE && e.vtep == src => e,
+                _ => return Err(VxlanSpoofedSource),
             };
-            if self.remote_mac(vni, addr) != Some(mac(f, 56)) {
-                return Err(VxlanSpoofedSourceIp);
+            if sender.flags & PORT_F_SECURITY != 0 {
+                // A sender with port security: from its own addresses only.
+                if self.remote_mac(vni, inner_src()?) != Some(mac(f, 56)) {
+                    return Err(VxlanSpoofedSourceIp);
+                }
             }
-        }
+            vni
+        };
         if dst.flags & PORT_F_SECURITY != 0 {
             let info = *self.tables.ports.get(&dst.ifindex).ok_or(UnknownPort)?;
             let inner = &f[50..];
@@ -97,7 +105,7 @@ impl Model<'_> {
             if p.l3 == 0x0806 {
                 return Err(UnsupportedEthertype);
             }
-            self.enforce(inner, &p, None, Some((dst.ifindex, info)))?;
+            self.enforce(inner, &p, zone, None, Some((dst.ifindex, info)))?;
         }
         Ok(Verdict::ToPort(dst.ifindex))
     }

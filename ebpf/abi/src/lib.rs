@@ -43,6 +43,9 @@ pub const MAX_REMOTE_ALLOW: u32 = 262144;
 /// (policy, class, direction, protocol, port prefix) → allow.
 pub const MAX_SG_ADDRS: u32 = 262144;
 pub const MAX_SG_RULES: u32 = 1048576;
+/// Routes of the routers on one host: one per subnet of each network the
+/// host's routers join.
+pub const MAX_ROUTES: u32 = 65536;
 
 /// How a map is stored in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +172,10 @@ map_table! {
     /// Each port slot's theoretical arrival time (ns) of its next frame to
     /// the agent (the rate limit's state).
     ServiceRate / SERVICE_RATE = "CL_SVC_RATE", Array, u32 => u64, MAX_PORTS;
+    /// Networks joined by a router, by VNI: the router and its addresses there.
+    RouterIfaces / ROUTER_IFACES = "CL_RIFACES", Hash, u32 => RouterIface, MAX_NETWORKS;
+    /// Each router's networks by (router, prefix): where it routes an address.
+    Routes / ROUTES = "CL_ROUTES", LpmTrie, RouteKey => RouteEntry, MAX_ROUTES;
 }
 
 /// Maps of earlier releases whose layout changed (so they were renamed):
@@ -253,6 +260,49 @@ pub struct ServiceConfig {
     pub burst_ns: u64,
 }
 const _: () = assert!(size_of::<ServiceConfig>() == 24);
+
+/// Conntrack zone of routed flows: the router's id on this host with this
+/// bit set (a network's zone is its VNI, 24 bits). Both ends of a routed
+/// flow are in different networks of one router: one zone for the two
+/// directions, on every host that sees it, and never another tenant's.
+pub const ROUTER_ZONE: u32 = 1 << 31;
+
+/// Bits of [`RouterIface::flags`]: the router has an address of that family
+/// in the network (routes that family from it).
+pub const RIF_F_V4: u32 = 1;
+pub const RIF_F_V6: u32 = 2;
+
+/// A network joined by a router (value of `CL_RIFACES`, by VNI): the
+/// router's id on this host and its addresses in the network (its
+/// `gateway_ips`), the source of the router's ICMP errors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouterIface {
+    pub router: u32,
+    pub flags: u32,
+    pub gw4: [u8; 4],
+    pub gw6: [u8; 16],
+}
+const _: () = assert!(size_of::<RouterIface>() == 28);
+
+/// Key of `CL_ROUTES`, an LPM trie: (router, address) with the prefix length
+/// counting the 32 router bits first; IPv4 IPv4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteKey {
+    pub router_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<RouteKey>() == 20);
+
+/// Where a router sends an address: into network `vni`, whose MTU is `mtu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteEntry {
+    pub vni: u32,
+    pub mtu: u32,
+}
+const _: () = assert!(size_of::<RouteEntry>() == 8);
 
 /// A local port, keyed by the ifindex of its host-side interface.
 #[repr(C)]
@@ -407,8 +457,9 @@ const _: () = assert!(size_of::<SgRuleKey>() == 12);
 pub const SG_RULE_FIXED_BITS: u32 = 72;
 
 /// A conntrack key: the flow's two ends in a canonical order (so both
-/// directions find one entry), inside its network (zone = VNI), so tenants
-/// with the same addresses never share an entry. IPv4 is IPv4-mapped.
+/// directions find one entry), inside its network (zone = VNI) or, routed,
+/// its router ([`ROUTER_ZONE`]), so tenants with the same addresses never
+/// share an entry. IPv4 is IPv4-mapped.
 /// ICMP echo: the identifier is the requester's port, 0 the responder's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -699,6 +750,11 @@ drop_reasons! {
     ServiceRateLimited = "service_rate_limited",
     NoServiceAgent = "no_service_agent",
     ServiceBadAnswer = "service_bad_answer",
+    NotRouted = "not_routed",
+    NoRoute = "no_route",
+    RouteNoNeighbour = "route_no_neighbour",
+    ToRouter = "to_router",
+    TtlExceeded = "ttl_exceeded",
 }
 const _: () = assert!(DropReason::COUNT <= MAX_DROP_REASONS);
 
@@ -727,6 +783,9 @@ mod pod {
     unsafe impl aya::Pod for RemoteAddrKey {}
     unsafe impl aya::Pod for PortDropKey {}
     unsafe impl aya::Pod for ServiceConfig {}
+    unsafe impl aya::Pod for RouterIface {}
+    unsafe impl aya::Pod for RouteKey {}
+    unsafe impl aya::Pod for RouteEntry {}
 }
 
 #[cfg(test)]

@@ -30,6 +30,12 @@ pub const NEXT_ENCAP: u32 = 5;
 pub const NEXT_LOCAL: u32 = 6;
 /// To the agent's gateway services.
 pub const NEXT_SERVICE: u32 = 7;
+/// Routed with a TTL / hop limit that runs out: ICMP time exceeded back.
+pub const NEXT_TIME_EXCEEDED_V4: u32 = 8;
+pub const NEXT_TIME_EXCEEDED_V6: u32 = 9;
+/// `arg` of `NEXT_TOO_BIG_*`: the router says so (from its address),
+/// rather than the destination network.
+pub const TOO_BIG_ROUTED: u32 = 1;
 
 impl Next {
     #[inline(always)]
@@ -47,6 +53,9 @@ pub struct Decision {
     pub next: Next,
     /// Where forwarding sends the frame (`NEXT_LOCAL`, `NEXT_ENCAP`, too big).
     pub peer: ForwardEntry,
+    /// The network it is delivered in and its flow's conntrack zone: the
+    /// port's own, or the router's for a routed frame.
+    pub out: Out,
     pub parsed: Parsed,
 }
 
@@ -65,6 +74,13 @@ impl Decision {
     }
 }
 
+/// Where a frame from a port goes on, network-wise (see [`Decision::out`]).
+#[derive(Clone, Copy)]
+pub struct Out {
+    pub vni: u32,
+    pub zone: u32,
+}
+
 /// The two ends of a flow as the stateful check sees them.
 pub struct Ends {
     /// The flow's network: its conntrack zone.
@@ -80,6 +96,8 @@ pub struct Ends {
 pub struct Delivery {
     pub port: ForwardEntry,
     pub vni: u32,
+    /// The flow's conntrack zone: the network's, or its router's if routed.
+    pub zone: u32,
     pub inner_proto: u16,
 }
 

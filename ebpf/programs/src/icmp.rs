@@ -1,7 +1,11 @@
-//! ICMP "fragmentation needed" (IPv4 with DF) and ICMPv6 "packet too big"
-//! sent back to a VM whose packet does not fit the network MTU. The frame is
-//! turned into the error in place: headers inserted in front of the original
-//! IP packet, which is then cut to a fixed quote.
+//! ICMP errors sent back to a VM: "fragmentation needed" (IPv4 with DF) and
+//! ICMPv6 "packet too big" for a packet that does not fit the network MTU
+//! (or, routed, the destination network's: then from the router's
+//! address), and "time exceeded" from the router's address for a routed
+//! packet whose TTL or hop limit runs out. The frame is turned into the
+//! error in place: headers inserted in front of the original IP packet,
+//! which is then cut to a fixed quote (a shorter one is padded with zeros;
+//! its own header says its length).
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_REDIRECT},
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
@@ -11,8 +15,19 @@ use cloison_abi::{DropReason, PortInfo};
 
 use crate::{
     hdr::*,
-    maps::{count_drop, count_to_vm},
+    maps::{count_drop, count_to_vm, route, router_iface},
 };
+
+/// Which error.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// Too big for the network: from the destination's address.
+    TooBig,
+    /// Too big for the routed-to network: from the router's address.
+    TooBigRouted,
+    /// A routed packet's TTL or hop limit ran out: from the router's address.
+    TimeExceeded,
+}
 
 /// Bytes of the offending packet quoted in the error. Networks have an MTU of
 /// at least 576 (validated by the controller), so every oversized packet has
@@ -35,19 +50,25 @@ struct V6Error {
 }
 
 #[inline(always)]
-pub fn too_big(
+pub fn error(
     ctx: &TcContext,
     ifindex: u32,
     port: &PortInfo,
     v4: bool,
+    error: Error,
 ) -> Result<i32, DropReason> {
+    let reason = if error == Error::TimeExceeded {
+        DropReason::TtlExceeded
+    } else {
+        DropReason::MtuExceeded
+    };
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let (vm_mac, peer_mac) = unsafe { ((*eth).src, (*eth).dst) };
-    let (src, dst) = if v4 {
+    let (src, mut dst) = if v4 {
         let ip: *mut Ipv4Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv4)?;
         let ip = unsafe { &*ip };
-        if be16(ip.frag) & 0x4000 == 0 {
+        if error != Error::TimeExceeded && be16(ip.frag) & 0x4000 == 0 {
             // No DF: the VM did not ask for path MTU discovery; nothing to tell it.
             return Err(DropReason::MtuExceeded);
         }
@@ -57,20 +78,28 @@ pub fn too_big(
         let ip = unsafe { &*ip };
         (ip.src, ip.dst)
     };
+    let mut mtu = port.mtu;
+    if error != Error::TooBig {
+        // From the router's address in the sender's network.
+        let rif = router_iface(port.vni).ok_or(reason)?;
+        if error == Error::TooBigRouted {
+            mtu = route(rif.router, dst).ok_or(reason)?.mtu;
+        }
+        dst = if v4 { v4_mapped(rif.gw4) } else { rif.gw6 };
+    }
 
     let ip_hdr_len = if v4 { 20 } else { 40 };
     ctx.adjust_room((ip_hdr_len + 8) as i32, BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| DropReason::MtuExceeded)?;
+        .map_err(|_| reason)?;
     let total = ETH_LEN + ip_hdr_len + ICMP_LEN;
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, total as u32, 0) } != 0 {
-        return Err(DropReason::MtuExceeded);
+        return Err(reason);
     }
-    ctx.pull_data(total as u32)
-        .map_err(|_| DropReason::MtuExceeded)?;
+    ctx.pull_data(total as u32).map_err(|_| reason)?;
     let c = Cursor::new(ctx.data(), ctx.data_end());
-    let mtu = port.mtu;
+    let time = error == Error::TimeExceeded;
     if v4 {
-        let f: *mut V4Error = c.at(0).ok_or(DropReason::MtuExceeded)?;
+        let f: *mut V4Error = c.at(0).ok_or(reason)?;
         let f = unsafe { &mut *f };
         f.eth.dst = vm_mac;
         f.eth.src = peer_mac;
@@ -85,17 +114,23 @@ pub fn too_big(
         f.ip.csum = [0; 2];
         f.ip.src = [dst[12], dst[13], dst[14], dst[15]];
         f.ip.dst = [src[12], src[13], src[14], src[15]];
-        f.icmp.ty = 3;
-        f.icmp.code = 4;
         f.icmp.csum = [0; 2];
-        let m = (mtu as u16).to_be_bytes();
-        f.icmp.rest = [0, 0, m[0], m[1]];
+        if time {
+            f.icmp.ty = 11;
+            f.icmp.code = 0;
+            f.icmp.rest = [0; 4];
+        } else {
+            f.icmp.ty = 3;
+            f.icmp.code = 4;
+            let m = (mtu as u16).to_be_bytes();
+            f.icmp.rest = [0, 0, m[0], m[1]];
+        }
         let ip_sum = csum_packet::<20>(&c, ETH_LEN)?;
         f.ip.csum = csum_fold(ip_sum).to_be_bytes();
         let sum = csum_packet::<ICMP_LEN>(&c, ETH_LEN + 20)?;
         f.icmp.csum = csum_fold(sum).to_be_bytes();
     } else {
-        let f: *mut V6Error = c.at(0).ok_or(DropReason::MtuExceeded)?;
+        let f: *mut V6Error = c.at(0).ok_or(reason)?;
         let f = unsafe { &mut *f };
         f.eth.dst = vm_mac;
         f.eth.src = peer_mac;
@@ -106,10 +141,10 @@ pub fn too_big(
         f.ip.hop_limit = 64;
         f.ip.src = dst;
         f.ip.dst = src;
-        f.icmp.ty = 2;
+        f.icmp.ty = if time { 3 } else { 2 };
         f.icmp.code = 0;
         f.icmp.csum = [0; 2];
-        f.icmp.rest = mtu.to_be_bytes();
+        f.icmp.rest = if time { [0; 4] } else { mtu.to_be_bytes() };
         // Pseudo header addresses and the body are contiguous.
         let sum = csum_packet::<{ 32 + ICMP_LEN }>(&c, ETH_LEN + 8)?
             + ICMP_LEN as u32
@@ -118,7 +153,7 @@ pub fn too_big(
     }
     // The original packet is dropped (counted here, once: a failure above is
     // counted by the entry point instead), its error delivered.
-    count_drop(DropReason::MtuExceeded, port.slot);
+    count_drop(reason, port.slot);
     count_to_vm(port.slot, total as u32);
     unsafe { bpf_redirect(ifindex, 0) };
     Ok(TC_ACT_REDIRECT)

@@ -24,6 +24,7 @@ mod pipeline;
 mod policy;
 mod port;
 mod proxy;
+mod route;
 mod service;
 mod spoof;
 mod uplink;

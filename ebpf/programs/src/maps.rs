@@ -83,6 +83,14 @@ pub static CL_SERVICE: Array<ServiceConfig> = Array::pinned(1, 0);
 #[map]
 pub static CL_SVC_RATE: Array<u64> = Array::pinned(MAX_PORTS, 0);
 
+/// Networks joined by a router: the router's id and addresses there.
+#[map]
+pub static CL_RIFACES: HashMap<u32, RouterIface> = HashMap::pinned(MAX_NETWORKS, 0);
+
+/// Each router's networks, by (router, prefix).
+#[map]
+pub static CL_ROUTES: LpmTrie<RouteKey, RouteEntry> = LpmTrie::pinned(MAX_ROUTES, 0);
+
 /// Per-CPU working memory (see [`Scratch`]). Programs on one CPU run in
 /// softirq context one at a time, so one slot per CPU is never shared.
 #[map]
@@ -184,4 +192,23 @@ pub fn forward(vni: u32, mac: [u8; 6]) -> Option<ForwardEntry> {
 pub fn neighbour(vni: u32, addr: [u8; 16]) -> Option<[u8; 6]> {
     let key = NeighbourKey { vni, addr };
     CL_NEIGH.get_ptr(&key).map(|n| unsafe { (*n).mac })
+}
+
+/// Where router `router` sends `addr`: the network holding it.
+#[inline(always)]
+pub fn route(router: u32, addr: [u8; 16]) -> Option<RouteEntry> {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        32 + 128,
+        RouteKey {
+            router_be: router.to_be_bytes(),
+            addr,
+        },
+    );
+    CL_ROUTES.get(&key).copied()
+}
+
+/// The router joining network `vni`, if one does.
+#[inline(always)]
+pub fn router_iface(vni: u32) -> Option<RouterIface> {
+    CL_RIFACES.get_ptr(&vni).map(|r| unsafe { *r })
 }

@@ -3,8 +3,10 @@
 //! `Result<_, DropReason>`; here an `Err(reason)` becomes a counted drop.
 //!
 //! VM egress (TC on the port): port → parse → anti-spoofing → local answers
-//! (ARP, ND) → the agent's services (DHCP, RS, metadata) → forwarding → the stateful check (conntrack, then the rules for
-//! what conntrack does not know) → encap, local delivery, or an ICMP error.
+//! (ARP, ND) → the agent's services (DHCP, RS, metadata) → forwarding (or
+//! the router, for the gateway MAC) → the stateful check (conntrack, then
+//! the rules for what conntrack does not know) → encap, local delivery, or
+//! an ICMP error.
 //! Underlay ingress (XDP or TC on the uplink, one code over [`Packet`]):
 //! uplink checks → the receiver's stateful check → decap → delivery.
 //! The agent's answers (TC on its service tap): to the port they name.
@@ -52,9 +54,9 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
                 NEXT_ARP => arp(ctx, d.ifindex, &d.port),
                 NEXT_ND => pack(proxy::nd(ctx, &d.port, d.ifindex)),
                 NEXT_SERVICE => steer(ctx, d.ifindex, &d.port),
-                NEXT_TOO_BIG_V4 => too_big(ctx, d.ifindex, &d.port, true),
-                NEXT_TOO_BIG_V6 => too_big(ctx, d.ifindex, &d.port, false),
-                NEXT_ENCAP => encap(ctx, d.port.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed)),
+                NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 | NEXT_TIME_EXCEEDED_V4
+                | NEXT_TIME_EXCEEDED_V6 => icmp_error(ctx, d.ifindex, &d.port, d.next),
+                NEXT_ENCAP => encap(ctx, d.out.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed)),
                 NEXT_LOCAL => forward::deliver(&d.peer, ctx.len()) as Packed,
                 _ => d.next.arg as i32 as Packed,
             }
@@ -122,7 +124,7 @@ fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, Drop
     if service::wanted(port, p)? {
         return Ok(Next::of(NEXT_SERVICE, 0));
     }
-    forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer)
+    forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer, &mut d.out)
 }
 
 /// ARP: the sender fields checked (with port security), then answered.
@@ -157,8 +159,16 @@ pub fn from_agent(ctx: &TcContext) -> i32 {
 }
 
 #[inline(never)]
-fn too_big(ctx: &TcContext, ifindex: u32, port: &PortInfo, v4: bool) -> Packed {
-    pack(icmp::too_big(ctx, ifindex, port, v4))
+fn icmp_error(ctx: &TcContext, ifindex: u32, port: &PortInfo, next: Next) -> Packed {
+    let v4 = next.kind == NEXT_TOO_BIG_V4 || next.kind == NEXT_TIME_EXCEEDED_V4;
+    let error = if next.kind == NEXT_TIME_EXCEEDED_V4 || next.kind == NEXT_TIME_EXCEEDED_V6 {
+        icmp::Error::TimeExceeded
+    } else if next.arg == TOO_BIG_ROUTED {
+        icmp::Error::TooBigRouted
+    } else {
+        icmp::Error::TooBig
+    };
+    pack(icmp::error(ctx, ifindex, port, v4, error))
 }
 
 #[inline(never)]
@@ -177,7 +187,7 @@ fn from_port_checked(ctx: &TcContext, d: &Decision) -> Packed {
         return 0;
     }
     let ends = Ends {
-        zone: d.port.vni,
+        zone: d.out.zone,
         sender: if sender_secure {
             &d.port
         } else {
@@ -189,13 +199,13 @@ fn from_port_checked(ctx: &TcContext, d: &Decision) -> Packed {
     stateful(&c, &d.parsed, &ends)
 }
 
-/// The stateful check of a decapsulated frame of network `vni` for local
-/// port `ifindex`, which has port security (its forwarding entry says so);
+/// The stateful check of a decapsulated frame of conntrack zone `zone` (its
+/// network's, or its router's) for local port `ifindex`, which has port security (its forwarding entry says so);
 /// `c` starts at the inner Ethernet header, `pkt_len` counts from there. The
 /// port's entry is looked up only if rules are checked (a new flow, or one
 /// to check again), not for an established flow.
 #[inline(never)]
-fn to_port_checked(c: &Cursor, pkt_len: usize, ifindex: u32, vni: u32) -> Packed {
+fn to_port_checked(c: &Cursor, pkt_len: usize, ifindex: u32, zone: u32) -> Packed {
     let sc = match scratch() {
         Ok(s) => s,
         Err(e) => return pack(Err(e)),
@@ -208,7 +218,7 @@ fn to_port_checked(c: &Cursor, pkt_len: usize, ifindex: u32, vni: u32) -> Packed
         return pack(Err(DropReason::UnsupportedEthertype));
     }
     let ends = Ends {
-        zone: vni,
+        zone,
         sender: core::ptr::null(),
         receiver_ifindex: ifindex,
     };
@@ -307,7 +317,7 @@ pub fn from_underlay<P: Packet>(pkt: &P) -> P::Verdict {
                 let inner = Cursor::new(c.data + VXLAN_ENCAP_LEN, c.end);
                 let inner_len = len as usize - VXLAN_ENCAP_LEN;
                 if let Err(reason) =
-                    unpack(to_port_checked(&inner, inner_len, d.port.ifindex, d.vni))
+                    unpack(to_port_checked(&inner, inner_len, d.port.ifindex, d.zone))
                 {
                     count_drop(reason, d.port.slot);
                     return P::DROP;

@@ -2,7 +2,8 @@
 //! passes untouched; VXLAN is accepted only from a VTEP that has the network,
 //! with valid flags, for a local port of that network, from a MAC that lives
 //! behind the sending VTEP and (for a sender with port security) from one of
-//! that port's addresses. Everything else aimed at our VXLAN port is dropped
+//! that port's addresses; a routed frame (from the gateway MAC) from the
+//! address of a port of the router's other networks behind that VTEP. Everything else aimed at our VXLAN port is dropped
 //! with its reason. The pipeline decapsulates as its hook allows.
 use cloison_abi::*;
 
@@ -10,6 +11,7 @@ use crate::{
     decision::Delivery,
     hdr::*,
     maps::{forward, remote_mac, CL_CONFIG, CL_NETWORKS, CL_VTEPS},
+    route,
 };
 
 /// `Ok(None)`: not for the overlay, hand to the host stack.
@@ -107,6 +109,17 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
         Some(f) if f.kind == FWD_LOCAL => f,
         _ => return Err(DropReason::VxlanUnknownDestination),
     };
+    if mac_eq(&inner.src, &gateway_mac(vni)) {
+        // Routed on the sender's host: from the router's other networks.
+        let src = inner_source(c, be16(inner.proto))?;
+        let zone = route::routed_sender(vni, &ip.src, src)?;
+        return Ok(Some(Delivery {
+            port,
+            vni,
+            zone,
+            inner_proto: be16(inner.proto),
+        }));
+    }
     let sender = match forward(vni, inner.src) {
         Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, &ip.src) => f,
         _ => return Err(DropReason::VxlanSpoofedSource),
@@ -115,21 +128,7 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
         // The sender has port security: its frames come from its own
         // addresses only, here too (its host checked them; a forged VXLAN
         // frame would not be).
-        let src: [u8; 16] = match be16(inner.proto) {
-            ETH_P_IP => {
-                let a: *mut [u8; 4] = c
-                    .at(VXLAN_ENCAP_LEN + ETH_LEN + 12)
-                    .ok_or(DropReason::VxlanTruncated)?;
-                v4_mapped(unsafe { *a })
-            }
-            ETH_P_IPV6 => {
-                let a: *mut [u8; 16] = c
-                    .at(VXLAN_ENCAP_LEN + ETH_LEN + 8)
-                    .ok_or(DropReason::VxlanTruncated)?;
-                unsafe { *a }
-            }
-            _ => return Err(DropReason::VxlanSpoofedSourceIp),
-        };
+        let src = inner_source(c, be16(inner.proto))?;
         match remote_mac(vni, src) {
             Some(mac) if mac_eq(&mac, &inner.src) => {}
             _ => return Err(DropReason::VxlanSpoofedSourceIp),
@@ -138,6 +137,27 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
     Ok(Some(Delivery {
         port,
         vni,
+        zone: vni,
         inner_proto: be16(inner.proto),
     }))
+}
+
+/// The inner frame's source address (IPv4-mapped for IPv4).
+#[inline(always)]
+fn inner_source(c: &Cursor, proto: u16) -> Result<[u8; 16], DropReason> {
+    match proto {
+        ETH_P_IP => {
+            let a: *mut [u8; 4] = c
+                .at(VXLAN_ENCAP_LEN + ETH_LEN + 12)
+                .ok_or(DropReason::VxlanTruncated)?;
+            Ok(v4_mapped(unsafe { *a }))
+        }
+        ETH_P_IPV6 => {
+            let a: *mut [u8; 16] = c
+                .at(VXLAN_ENCAP_LEN + ETH_LEN + 8)
+                .ok_or(DropReason::VxlanTruncated)?;
+            Ok(unsafe { *a })
+        }
+        _ => Err(DropReason::VxlanSpoofedSourceIp),
+    }
 }

@@ -1,0 +1,146 @@
+//! The router stage: a frame a VM sends to its network's gateway MAC (and
+//! not to the agent's services) is routed here, on the VM's own host, by
+//! the router that joins the network: the destination address gives the
+//! router's network that holds it, the neighbour table its MAC there, and
+//! forwarding the port (local or behind a VTEP). The frame leaves from the
+//! destination network's gateway MAC with its TTL or hop limit decremented;
+//! one that runs out, or does not fit the destination network, gets an
+//! ICMP error from the router's address instead. The flow is tracked in the
+//! router's zone (one for both directions, on every host it crosses).
+//!
+//! Underlay side: a routed frame arrives from the gateway MAC of its
+//! network; [`routed_sender`] finds the remote port it came from by its
+//! source address (the router's other networks) and holds it to that
+//! port's host.
+use aya_ebpf::programs::TcContext;
+use cloison_abi::*;
+
+use crate::{
+    decision::*,
+    hdr::*,
+    maps::{forward, neighbour, remote_mac, route, router_iface},
+    parse::{Parsed, L3},
+};
+
+/// Whether `a` is an IPv6 link-local address (fe80::/10): never routed.
+#[inline(always)]
+fn link_local(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
+/// Routes a frame from `port` to its gateway MAC: fills `peer` and `out`,
+/// rewrites the Ethernet header and the TTL, and says what comes next.
+#[inline(always)]
+pub fn from_port(
+    ctx: &TcContext,
+    c: &Cursor,
+    port: &PortInfo,
+    p: &Parsed,
+    peer: &mut ForwardEntry,
+    out: &mut Out,
+) -> Result<Next, DropReason> {
+    let rif = router_iface(port.vni).ok_or(DropReason::NotRouted)?;
+    let v4 = p.l3 == L3::Ipv4;
+    let family = match p.l3 {
+        L3::Ipv4 => RIF_F_V4,
+        L3::Ipv6 => RIF_F_V6,
+        _ => 0,
+    };
+    if rif.flags & family == 0 {
+        return Err(DropReason::NotRouted);
+    }
+    let to_gateway = if v4 {
+        eq16(&p.dst, &v4_mapped(rif.gw4))
+    } else {
+        eq16(&p.dst, &rif.gw6)
+    };
+    if to_gateway {
+        return Err(DropReason::ToRouter);
+    }
+    if !v4 && (link_local(&p.src) || link_local(&p.dst)) {
+        return Err(DropReason::NoRoute);
+    }
+    let r = route(rif.router, p.dst).ok_or(DropReason::NoRoute)?;
+    if r.vni == port.vni {
+        return Err(DropReason::NoRoute);
+    }
+    let mac = neighbour(r.vni, p.dst).ok_or(DropReason::RouteNoNeighbour)?;
+    let gw_out = gateway_mac(r.vni);
+    if mac_eq(&mac, &gw_out) {
+        // Another of the router's own addresses (or the metadata one).
+        return Err(DropReason::ToRouter);
+    }
+    let fwd = forward(r.vni, mac).ok_or(DropReason::RouteNoNeighbour)?;
+    *peer = fwd;
+    out.vni = r.vni;
+    out.zone = ROUTER_ZONE | rif.router;
+
+    let ttl_at = if v4 { ETH_LEN + 8 } else { ETH_LEN + 7 };
+    let ttl: *mut u8 = c.at(ttl_at).ok_or(DropReason::TruncatedEthernet)?;
+    if unsafe { *ttl } <= 1 {
+        // No error about an ICMP error (RFC 1812 4.3.2.7).
+        if crate::conntrack::is_icmp_error(p) {
+            return Err(DropReason::TtlExceeded);
+        }
+        let kind = if v4 {
+            NEXT_TIME_EXCEEDED_V4
+        } else {
+            NEXT_TIME_EXCEEDED_V6
+        };
+        return Ok(Next::of(kind, 0));
+    }
+    if crate::forward::segment_len(ctx, c, p) > r.mtu as usize {
+        let kind = if v4 {
+            NEXT_TOO_BIG_V4
+        } else {
+            NEXT_TOO_BIG_V6
+        };
+        return Ok(Next::of(kind, TOO_BIG_ROUTED));
+    }
+
+    let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
+    unsafe {
+        (*eth).dst = mac;
+        (*eth).src = gw_out;
+        *ttl -= 1;
+    }
+    if v4 {
+        // RFC 1624: the TTL is the high byte of its 16-bit word.
+        let ip: *mut Ipv4Hdr = c.at(ETH_LEN).ok_or(DropReason::TruncatedIpv4)?;
+        let sum = u16::from_be_bytes(unsafe { (*ip).csum }) as u32 + 0x0100;
+        let sum = (sum + (sum >> 16)) as u16;
+        unsafe { (*ip).csum = sum.to_be_bytes() };
+    }
+    let kind = if fwd.kind == FWD_LOCAL {
+        NEXT_LOCAL
+    } else {
+        NEXT_ENCAP
+    };
+    Ok(Next::of(kind, 0))
+}
+
+/// The sender of a routed frame that came in VXLAN for network `vni` from
+/// VTEP `vtep` (its inner source MAC is the network's gateway MAC): the
+/// remote port that has its source address `src` in another of the
+/// router's networks, which must live behind that VTEP.
+#[inline(always)]
+pub fn routed_sender(vni: u32, vtep: &[u8; 4], src: [u8; 16]) -> Result<u32, DropReason> {
+    let rif = router_iface(vni).ok_or(DropReason::VxlanSpoofedSource)?;
+    if link_local(&src) {
+        return Err(DropReason::VxlanSpoofedSourceIp);
+    }
+    let r = match route(rif.router, src) {
+        Some(r) if r.vni != vni => r,
+        _ => return Err(DropReason::VxlanSpoofedSourceIp),
+    };
+    let mac = match remote_mac(r.vni, src) {
+        Some(m) => m,
+        None => neighbour(r.vni, src).ok_or(DropReason::VxlanSpoofedSourceIp)?,
+    };
+    match forward(r.vni, mac) {
+        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, vtep) => {
+            Ok(ROUTER_ZONE | rif.router)
+        }
+        _ => Err(DropReason::VxlanSpoofedSourceIp),
+    }
+}

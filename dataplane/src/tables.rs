@@ -699,6 +699,63 @@ mod tests {
     }
 
     #[test]
+    fn a_router_brings_its_other_networks_their_routes_and_senders() {
+        let mut s = snap();
+        s.networks[0].gateway_ips = vec!["10.0.0.254".parse().unwrap()];
+        s.networks.push(
+            serde_json::from_value(serde_json::json!({"name": "db", "tenant": "t", "vni": 8,
+                "subnets": ["10.1.0.0/24", "fd00:8::/64"], "gateway_ips": ["10.1.0.1", "fd00:8::1"], "mtu": 1400}))
+            .unwrap(),
+        );
+        // db's only port is on hv2, with no port of n there... but p2 is.
+        s.ports.push(
+            serde_json::from_value(serde_json::json!({"name": "d", "network": "db", "host": "hv2",
+                "interface": "tapd", "mac": "02:00:00:00:01:01", "ips": ["10.1.0.5"]}))
+            .unwrap(),
+        );
+        let before = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
+        assert!(before.tables.routes.is_empty() && before.tables.router_ifaces.is_empty());
+        assert!(!before.tables.networks.contains_key(&8), "db is not this host's business");
+        s.routers = vec![serde_json::from_value(
+            serde_json::json!({"name": "r", "tenant": "t", "networks": ["n", "db"]}),
+        )
+        .unwrap()];
+        let c = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
+        let t = &c.tables;
+        let id = router_ids(["r"])["r"];
+        assert_eq!(t.router_ifaces.len(), 2);
+        let db = t.router_ifaces[&8];
+        assert_eq!((db.router, db.flags, db.gw4), (id, RIF_F_V4 | RIF_F_V6, [10, 1, 0, 1]));
+        assert_eq!(t.router_ifaces[&7].flags, RIF_F_V4);
+        assert_eq!(t.routes.len(), 3, "10.0.0.0/24, 10.1.0.0/24, fd00:8::/64");
+        assert_eq!(
+            t.routes[&route_key(id, "10.1.0.0/24".parse().unwrap())],
+            RouteEntry { vni: 8, mtu: 1400 }
+        );
+        // d is reachable from here: its forwarding and neighbour entries,
+        // and hv2 may send into n (routed from db) and into db.
+        let d = ForwardKey {
+            vni: 8,
+            mac: [2, 0, 0, 0, 1, 1],
+            _pad: [0; 2],
+        };
+        assert_eq!(t.forward[&d].kind, FWD_REMOTE);
+        for vni in [7, 8] {
+            assert!(t.vteps.contains_key(&VtepKey {
+                vni,
+                addr: [192, 0, 2, 2]
+            }));
+        }
+        // Ids are a function of the names alone, distinct, never 0 and
+        // never with the zone bit.
+        let ids = router_ids(["a", "b", "c", "r"]);
+        assert_eq!(ids["r"], id);
+        let set: BTreeSet<u32> = ids.values().copied().collect();
+        assert_eq!(set.len(), 4);
+        assert!(set.iter().all(|i| *i != 0 && i & ROUTER_ZONE == 0));
+    }
+
+    #[test]
     fn mac_addresses_parse_and_print() {
         let m: MacAddr = "02:aB:00:00:00:ff".parse().unwrap();
         assert_eq!(m.to_string(), "02:ab:00:00:00:ff");

@@ -712,6 +712,70 @@ mod tests {
         validate(s).unwrap_err().class
     }
 
+    /// BASE with a second network of tenant t and a router joining both.
+    fn routed() -> Snapshot {
+        let mut s = snap(BASE);
+        s.networks[0].gateway_ips = vec!["10.0.0.254".parse().unwrap()];
+        s.networks.push(
+            serde_json::from_value(serde_json::json!({"name": "db", "tenant": "t", "vni": 8,
+                "subnets": ["10.1.0.0/24"], "gateway_ips": ["10.1.0.1"]}))
+            .unwrap(),
+        );
+        s.routers = vec![serde_json::from_value(
+            serde_json::json!({"name": "r", "tenant": "t", "networks": ["n", "db"]}),
+        )
+        .unwrap()];
+        s
+    }
+
+    #[test]
+    fn routers_join_their_tenants_networks_once_without_overlaps() {
+        assert!(validate(routed()).is_ok());
+        let cases: [(&str, Class, fn(&mut Snapshot)); 8] = [
+            ("a missing network", Class::Conflict, |s| {
+                s.routers[0].networks.push("nope".into())
+            }),
+            ("another tenant's network", Class::Conflict, |s| {
+                s.networks[1].tenant = "u".into()
+            }),
+            ("a network on two routers", Class::Conflict, |s| {
+                let mut r = s.routers[0].clone();
+                r.name = "r2".into();
+                r.networks = vec!["db".into()];
+                s.routers.push(r);
+            }),
+            ("overlapping subnets", Class::Conflict, |s| {
+                s.networks[1].subnets = vec!["10.0.0.0/16".parse().unwrap()];
+                s.networks[1].gateway_ips = vec!["10.0.1.1".parse().unwrap()];
+            }),
+            ("a network without a gateway", Class::Conflict, |s| {
+                s.networks[1].gateway_ips.clear()
+            }),
+            ("snat (not in this version)", Class::Invalid, |s| s.routers[0].snat = true),
+            ("a bad name", Class::Invalid, |s| s.routers[0].name = "R".into()),
+            ("a network given twice", Class::Invalid, |s| {
+                s.routers[0].networks.push("n".into())
+            }),
+        ];
+        for (what, class, change) in cases {
+            let mut s = routed();
+            change(&mut s);
+            assert_eq!(class_of(s), class, "{what}");
+        }
+        // The same subnets on two tenants' routers are fine.
+        let mut s = routed();
+        s.networks.push(
+            serde_json::from_value(serde_json::json!({"name": "n2", "tenant": "u", "vni": 9,
+                "subnets": ["10.0.0.0/24"], "gateway_ips": ["10.0.0.254"]}))
+            .unwrap(),
+        );
+        s.routers.push(
+            serde_json::from_value(serde_json::json!({"name": "u-r", "tenant": "u", "networks": ["n2"]}))
+                .unwrap(),
+        );
+        assert!(validate(s).is_ok());
+    }
+
     #[test]
     fn classes_of_violations() {
         assert!(validate(snap(BASE)).is_ok());

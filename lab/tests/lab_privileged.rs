@@ -1032,3 +1032,101 @@ fn privileged_a_vm_flooding_its_gateway_leaves_the_others_served() {
     assert_eq!(metric("ra", "malformed"), 1, "the off-link solicitation");
     assert_eq!(metric("dhcpv4", "answered"), 2, "a1's DISCOVER and REQUEST");
 }
+
+/// `traceroute -n` from a VM: each hop's address (`*` for none).
+fn traceroute(lab: &Lab, from: &str, to: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &lab.vm(from).ns, "traceroute", "-n", "-q", "1", "-w", "1", "-m", "4",
+            to,
+        ])
+        .output()
+        .expect("traceroute (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "traceroute: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn privileged_routers_route_between_a_tenants_networks_only() {
+    let mut lab = lab();
+    lab.add_routers().expect("routers");
+    lab.start_agents().expect("agents");
+    lab.apply_via_agents().expect("state, routers included, through the API");
+
+    // Tenant a, a-net <-> a-db: on one host (a1 -> ad1) and across hosts
+    // (a1 -> ad2, a2 -> ad1), both ways, IPv4 and IPv6, ping, TCP, UDP.
+    for (from, to) in [
+        ("a1", "10.1.0.11"),
+        ("a1", "10.1.0.12"),
+        ("a2", "10.1.0.11"),
+        ("ad2", "10.0.0.1"),
+        ("ad1", "10.0.0.3"),
+        ("a1", "fd00:2::11"),
+        ("ad2", "fd00:1::2"),
+    ] {
+        assert!(
+            lab.ping(from, to, 2),
+            "{from} -> {to}, routed; drops: hv1 {:?}, hv2 {:?}",
+            lab.drops("hv1"),
+            lab.drops("hv2")
+        );
+    }
+    let marker = b"cloison-routed-tenant-a";
+    let caps: Vec<_> = ["bd1", "bd2", "b1", "b2"]
+        .iter()
+        .map(|v| Capture::start(&lab.vm(v).ns).expect("capture"))
+        .collect();
+    for (from, to) in [("a1", "ad1"), ("a1", "ad2"), ("ad2", "a1"), ("ad1", "a2")] {
+        let got = tcp_echo(&lab, from, to, marker).expect("routed tcp");
+        assert_eq!(got, marker, "TCP {from} -> {to}");
+        let got = udp_echo(&lab, from, to, marker).expect("routed udp");
+        assert_eq!(got, marker, "UDP {from} -> {to}");
+    }
+    // Tenant b has the same addresses and MACs behind its own router.
+    let marker_b = b"cloison-routed-tenant-b";
+    let got = tcp_echo(&lab, "b1", "bd2", marker_b).expect("tenant b routed tcp");
+    assert_eq!(got, marker_b);
+    for cap in caps {
+        let frames = cap.finish().expect("capture");
+        assert!(
+            !frames.iter().any(|f| contains(f, marker)),
+            "tenant b saw tenant a's routed traffic"
+        );
+    }
+    // Tenant b's packets to 10.1.0.11 reach bd1, never ad1 (a server
+    // there only): nothing answers.
+    let addr: IpAddr = "10.1.0.11".parse().unwrap();
+    assert!(
+        !tcp_ok(&lab, "b1", "ad1", addr, 5002),
+        "tenant b reached tenant a's ad1"
+    );
+    assert!(tcp_ok(&lab, "b1", "bd1", addr, 5002), "b1 -> bd1");
+
+    // A network on no router stays unreachable, counted where it is tried.
+    let before = lab.drops("hv1").expect("drops");
+    assert!(!lab.ping("a1", "10.2.0.21", 1), "a-iso is on no router");
+    assert!(!lab.ping("ai1", "10.0.0.1", 1), "nor routed from");
+    let after = lab.drops("hv1").expect("drops");
+    let moved = |r: DropReason| after.get(&r).unwrap_or(&0) > before.get(&r).unwrap_or(&0);
+    assert!(moved(DropReason::NoRoute), "no_route counted on hv1: {after:?}");
+
+    // traceroute: the router is the first hop (its time exceeded, from
+    // its address in the sender's network), the destination the second.
+    assert_eq!(
+        traceroute(&lab, "a1", "10.1.0.12"),
+        ["10.0.0.254", "10.1.0.12"],
+        "a1's traceroute to ad2"
+    );
+    assert!(
+        lab.drops("hv1").expect("drops")[&DropReason::TtlExceeded] > 0,
+        "ttl_exceeded counted"
+    );
+}

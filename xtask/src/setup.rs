@@ -60,6 +60,8 @@ const PACKAGES: &[Package] = &[
     pkg("busybox", "busybox"),
     pkg("isc-dhcp-client", "dhclient"),
     pkg("curl", "curl"),
+    // Routing: the lab checks the router hop with a real traceroute.
+    pkg("traceroute", "traceroute"),
     pkg(
         "fonts-dejavu-core",
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

@@ -35,7 +35,7 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// One object: KIND is host, network, security-group or port.
+    /// One object: KIND is host, network, security-group, port or router.
     Get {
         kind: String,
         name: String,
@@ -70,7 +70,8 @@ fn kind(s: &str) -> Result<Kind> {
         "network" => Kind::Network,
         "security-group" | "sg" => Kind::SecurityGroup,
         "port" => Kind::Port,
-        _ => bail!("unknown kind {s:?}: host, network, security-group or port"),
+        "router" => Kind::Router,
+        _ => bail!("unknown kind {s:?}: host, network, security-group, port or router"),
     };
     Ok(k)
 }
@@ -227,7 +228,7 @@ async fn apply(c: &Client, file: &PathBuf, json: bool) -> Result<()> {
             .with_context(|| format!("object {i} has no name"))?;
         all.push((kind(&k)?, name, v));
     }
-    // Hosts, networks, groups, ports: what is referred to goes first.
+    // Hosts, networks, groups, ports, routers: what is referred to goes first.
     // Groups may name each other: within their turn, a conflict is retried
     // once the others are in.
     let mut results = Vec::new();

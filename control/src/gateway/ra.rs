@@ -1,7 +1,8 @@
 //! IPv6 router advertisements for a network's ports: answered to router
 //! solicitations and sent periodically, from the gateway's link-local
-//! address. They carry each /64 subnet as a prefix for SLAAC (on-link,
-//! autonomous), the MTU, the DNS servers (RDNSS, RFC 8106, and the "other
+//! address. They carry each subnet as an on-link prefix, autonomous (for
+//! SLAAC) where the port's address in it is the one SLAAC makes (its
+//! EUI-64 address in a /64: any other would be refused as spoofed), the MTU, the DNS servers (RDNSS, RFC 8106, and the "other
 //! configuration" flag so that clients ask stateless DHCPv6 for them), and
 //! a router lifetime only when the network has an IPv6 gateway: without
 //! one, the gateway is no default router.
@@ -25,6 +26,8 @@ pub struct Advert {
     /// The gateway's MAC (its link-local address is made from it).
     pub gateway_mac: [u8; 6],
     pub prefixes: Vec<Ipv6Net>,
+    /// The prefixes SLAAC may use (see [`Advert::for_port`]).
+    pub autonomous: Vec<Ipv6Net>,
     pub default_router: bool,
     pub mtu: u32,
     pub dns_servers: Vec<Ipv6Addr>,
@@ -36,6 +39,19 @@ pub struct Advert {
 impl Advert {
     pub fn source(&self) -> Ipv6Addr {
         MacAddr(self.gateway_mac).link_local()
+    }
+
+    /// The advertisement for one port: a prefix is autonomous only where
+    /// the port's address is its SLAAC (EUI-64) address there.
+    pub fn for_port(mut self, ips: &[std::net::IpAddr], mac: MacAddr) -> Advert {
+        let iid = &mac.link_local().octets()[8..];
+        self.autonomous.retain(|p| {
+            ips.iter().any(|ip| match ip {
+                std::net::IpAddr::V6(a) => p.contains(a) && &a.octets()[8..] == iid,
+                std::net::IpAddr::V4(_) => false,
+            })
+        });
+        self
     }
 }
 
@@ -60,6 +76,11 @@ pub fn advert_for(network: &Network, gateway_mac: [u8; 6]) -> Option<Advert> {
     Some(Advert {
         gateway_mac,
         default_router: network.gateway_ips.iter().any(|g| v6(g).is_some()),
+        autonomous: prefixes
+            .iter()
+            .copied()
+            .filter(|p| p.prefix_len() == 64)
+            .collect(),
         prefixes,
         mtu: network.mtu,
         dns_servers: network.dns_servers.iter().filter_map(v6).collect(),
@@ -160,8 +181,8 @@ pub fn message(adv: &Advert, dst: Ipv6Addr) -> Vec<u8> {
     m.extend(adv.mtu.to_be_bytes());
     for p in &adv.prefixes {
         m.extend([3, 4, p.prefix_len()]);
-        // On-link; autonomous where SLAAC can make an address (a /64).
-        m.push(if p.prefix_len() == 64 { 0xc0 } else { 0x80 });
+        // On-link; autonomous where SLAAC makes the port's address.
+        m.push(if adv.autonomous.contains(p) { 0xc0 } else { 0x80 });
         m.extend(VALID_LIFETIME.to_be_bytes());
         m.extend(PREFERRED_LIFETIME.to_be_bytes());
         m.extend([0; 4]);
@@ -288,6 +309,23 @@ mod tests {
             Ipv6Addr::from(<[u8; 16]>::try_from(&rdnss[8..24]).unwrap()),
             "fd00:1::53".parse::<Ipv6Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn slaac_only_where_it_makes_the_ports_address() {
+        let adv = advert_for(&network(), GW).unwrap();
+        let mac = MacAddr(VM);
+        let iid = &mac.link_local().octets()[8..];
+        let mut eui = [0u8; 16];
+        eui[..8].copy_from_slice(&"fd00:1::".parse::<Ipv6Addr>().unwrap().octets()[..8]);
+        eui[8..].copy_from_slice(iid);
+        let slaac = adv.clone().for_port(&[Ipv6Addr::from(eui).into()], mac);
+        assert_eq!(slaac.autonomous, slaac.prefixes);
+        let fixed = adv.for_port(&["fd00:1::5".parse().unwrap()], mac);
+        assert!(fixed.autonomous.is_empty());
+        let (_, _, m) = parsed(&unsolicited(&fixed, TAP));
+        let prefix = &m[16 + 16..16 + 16 + 4];
+        assert_eq!(prefix, &[3, 4, 64, 0x80], "on-link, not autonomous");
     }
 
     #[test]

@@ -235,7 +235,9 @@ impl Service {
                 }
             }
             Some(Kind::Solicitation) => {
-                let Some(adv) = ra::advert_for(&local.network, gw) else {
+                let Some(adv) = ra::advert_for(&local.network, gw)
+                    .map(|a| a.for_port(&local.port.ips, local.port.mac))
+                else {
                     self.counters.count("ra", "no_ipv6_subnet");
                     return;
                 };
@@ -283,7 +285,9 @@ impl Service {
             .map(|(i, l)| (*i, l.clone()))
             .collect();
         for (ifindex, local) in ports {
-            if let Some(adv) = ra::advert_for(&local.network, gateway_mac(local.network.vni)) {
+            if let Some(adv) = ra::advert_for(&local.network, gateway_mac(local.network.vni))
+                .map(|a| a.for_port(&local.port.ips, local.port.mac))
+            {
                 self.counters.count("ra", "unsolicited");
                 self.send(&ra::unsolicited(&adv, steer_mac(ifindex)), "ra");
             }

@@ -178,6 +178,9 @@ impl Lab {
         for p in &snap.ports {
             add("port", serde_json::to_value(p)?);
         }
+        for r in &snap.routers {
+            add("router", serde_json::to_value(r)?);
+        }
         Ok(serde_json::Value::Array(out))
     }
 
@@ -211,12 +214,15 @@ impl Lab {
         for p in &snap.ports {
             objects.push(("ports", p.name.clone(), serde_json::to_value(p)?));
         }
+        for r in &snap.routers {
+            objects.push(("routers", r.name.clone(), serde_json::to_value(r)?));
+        }
         let c = self.agent_client(host);
         rt.block_on(async {
             let mut generation = 0;
             // Groups may name groups put later: those are retried once
             // the others are in.
-            for phase in ["hosts", "networks", "security-groups", "ports"] {
+            for phase in ["hosts", "networks", "security-groups", "ports", "routers"] {
                 let mut todo: Vec<&(&str, String, serde_json::Value)> =
                     objects.iter().filter(|o| o.0 == phase).collect();
                 while !todo.is_empty() {

@@ -231,18 +231,26 @@ impl Lab {
     }
 
     fn add_vm(&mut self, name: &str, host: usize, idx: u8) -> Result<()> {
+        self.add_vm_in(name, host, idx, 0)
+    }
+
+    /// A VM of tenant `name[0]` in its network `net`: 0 is `{t}-net`
+    /// (10.0.0.0/24, fd00:1::/64), 1 `{t}-db` (10.1.0.0/24, fd00:2::/64),
+    /// 2 `{t}-iso` (10.2.0.0/24, fd00:3::/64); address `idx` there.
+    fn add_vm_in(&mut self, name: &str, host: usize, idx: u8, net: u8) -> Result<()> {
         let tenant = name.chars().next().unwrap_or('a');
         let hv = self.ns(&format!("hv{host}"));
         let ns = self.add_ns(name)?;
         let port_if = format!("t{name}");
-        let mac = MacAddr([0x02, 0, 0, 0, 0, idx]);
-        let ip = Ipv4Addr::new(10, 0, 0, idx);
+        let mac = MacAddr([0x02, 0, 0, 0, net, idx]);
+        let ip = Ipv4Addr::new(10, net, 0, idx);
+        let prefix = 1 + net as u16;
         let ip6: std::net::Ipv6Addr = if self.booting {
             // SLAAC's: the /64 prefix and the MAC's EUI-64 interface id.
             let ll = mac.link_local().segments();
-            std::net::Ipv6Addr::new(0xfd00, 1, 0, 0, ll[4], ll[5], ll[6], ll[7])
+            std::net::Ipv6Addr::new(0xfd00, prefix, 0, 0, ll[4], ll[5], ll[6], ll[7])
         } else {
-            format!("fd00:1::{idx}").parse()?
+            format!("fd00:{prefix}::{idx}").parse()?
         };
         sh(&[
             "ip", "-n", &hv, "link", "add", &port_if, "type", "veth", "peer", "name", "eth0",
@@ -300,7 +308,7 @@ impl Lab {
         }
         self.snapshot.ports.push(Port {
             name: name.to_string(),
-            network: format!("{tenant}-net"),
+            network: format!("{tenant}-{}", ["net", "db", "iso"][net as usize]),
             host: format!("hv{host}"),
             interface: port_if.clone(),
             mac,
@@ -321,6 +329,78 @@ impl Lab {
             ip,
             ip6,
         });
+        Ok(())
+    }
+
+    /// Routers, before agents or an apply: each tenant gets a second
+    /// network, `{t}-db` (VNI 1101/1102, 10.1.0.0/24 and fd00:2::/64,
+    /// gateway .1 and ::1), with VMs `{t}d1` on hv1 (10.1.0.11) and `{t}d2`
+    /// on hv2 (10.1.0.12), the same addresses and MACs in both tenants, and
+    /// a router `{t}-r` joining `{t}-net` (gateway 10.0.0.254, fd00:1::fe)
+    /// and `{t}-db`. Tenant a also has `a-iso` (VNI 1201, 10.2.0.0/24) on no
+    /// router, with VM ai1 on hv2 (10.2.0.21). Every VM routes through its
+    /// gateway.
+    pub fn add_routers(&mut self) -> Result<()> {
+        if self.booting {
+            bail!("add_routers is for a lab whose VMs have their addresses");
+        }
+        let net = |name: &str, tenant: &str, vni: u32, v4: &str, v6: &str, gws: [&str; 2]| {
+            Ok::<_, anyhow::Error>(Network {
+                name: name.into(),
+                tenant: tenant.into(),
+                vni,
+                subnets: vec![v4.parse()?, v6.parse()?],
+                mtu: 1450,
+                gateway_ips: vec![gws[0].parse()?, gws[1].parse()?],
+                dhcp: true,
+                dns_servers: vec![],
+                host_routes: vec![],
+            })
+        };
+        for (t, vni) in [("a", 1101), ("b", 1102)] {
+            let tenant = format!("tenant-{t}");
+            let n = self
+                .snapshot
+                .networks
+                .iter_mut()
+                .find(|n| n.name == format!("{t}-net"))
+                .expect("the lab's networks");
+            n.gateway_ips = vec!["10.0.0.254".parse()?, "fd00:1::fe".parse()?];
+            self.snapshot.networks.push(net(
+                &format!("{t}-db"),
+                &tenant,
+                vni,
+                "10.1.0.0/24",
+                "fd00:2::/64",
+                ["10.1.0.1", "fd00:2::1"],
+            )?);
+            self.snapshot.routers.push(cloison_dataplane::Router {
+                name: format!("{t}-r"),
+                tenant,
+                networks: vec![format!("{t}-net"), format!("{t}-db")],
+                snat: false,
+            });
+            self.add_vm_in(&format!("{t}d1"), 1, 11, 1)?;
+            self.add_vm_in(&format!("{t}d2"), 2, 12, 1)?;
+        }
+        self.snapshot.networks.push(net(
+            "a-iso",
+            "tenant-a",
+            1201,
+            "10.2.0.0/24",
+            "fd00:3::/64",
+            ["10.2.0.1", "fd00:3::1"],
+        )?);
+        self.add_vm_in("ai1", 2, 21, 2)?;
+        for v in &self.vms {
+            let (gw4, gw6) = match v.ip.octets()[1] {
+                0 => ("10.0.0.254", "fd00:1::fe"),
+                1 => ("10.1.0.1", "fd00:2::1"),
+                _ => ("10.2.0.1", "fd00:3::1"),
+            };
+            sh(&["ip", "-n", &v.ns, "route", "add", "default", "via", gw4])?;
+            sh(&["ip", "-n", &v.ns, "-6", "route", "add", "default", "via", gw6])?;
+        }
         Ok(())
     }
 

@@ -37,8 +37,18 @@ fn paths(c: &mut Criterion) {
     let local = udp((A1, IP_A1), (A3, IP_A3), 40000, 64);
     let remote = udp((A1, IP_A1), (A2, IP_A2), 40000, 64);
     let decap = vxlan(&udp((A2, IP_A2), (A1, IP_A1), 40001, 64));
+    // Routed: a1 to the gateway MAC, for d1 (here) and d2 (on hv2).
+    let gw = cloison_abi::gateway_mac(1001);
+    let routed_local = udp((A1, IP_A1), (gw, [10, 1, 0, 5]), 40002, 64);
+    let routed_remote = udp((A1, IP_A1), (gw, [10, 1, 0, 6]), 40002, 64);
     // Establish the flows first: the benches measure the established path.
-    for (f, up) in [(&local, false), (&remote, false), (&decap, true)] {
+    for (f, up) in [
+        (&local, false),
+        (&remote, false),
+        (&decap, true),
+        (&routed_local, false),
+        (&routed_remote, false),
+    ] {
         let r = if up {
             dp.test_run_uplink(UplinkHook::Xdp, up0, f)
         } else {
@@ -53,6 +63,17 @@ fn paths(c: &mut Criterion) {
             |n| dp.test_run_port_repeat(pa1, &local, n),
             TC_ACT_REDIRECT,
         )
+    });
+    // Switched beside routed, both on fresh input each run (a routed frame
+    // is rewritten: test-run would route the rewritten one again).
+    g.bench_function("port_to_local_port_fresh", |b| {
+        single(b, || dp.test_run_port(pa1, &local, 0), TC_ACT_REDIRECT)
+    });
+    g.bench_function("port_routed_to_local_port", |b| {
+        single(b, || dp.test_run_port(pa1, &routed_local, 0), TC_ACT_REDIRECT)
+    });
+    g.bench_function("port_routed_to_remote_encap", |b| {
+        single(b, || dp.test_run_port(pa1, &routed_remote, 0), TC_ACT_REDIRECT)
     });
     g.bench_function("port_to_remote_encap", |b| {
         single(b, || dp.test_run_port(pa1, &remote, 0), TC_ACT_REDIRECT)

@@ -174,11 +174,42 @@ pub fn paths_snapshot() -> Snapshot {
     a2.mac = MacAddr(A2);
     a2.ips = vec!["10.0.0.2".parse().expect("address")];
     s.ports.push(a2);
+    // A second network on a router with the first: d1 (pd1) here, d2 on hv2.
+    s.networks[0].gateway_ips = vec!["10.0.0.254".parse().expect("address")];
+    let mut db = s.networks[0].clone();
+    db.name = "db".into();
+    db.vni = 1002;
+    db.subnets = vec!["10.1.0.0/24".parse().expect("subnet")];
+    db.gateway_ips = vec!["10.1.0.1".parse().expect("address")];
+    s.networks.push(db);
+    for (name, host, iface, mac, ip) in [
+        ("d1", "hv1", "pd1", D1, "10.1.0.5"),
+        ("d2", "hv2", "pd2", D2, "10.1.0.6"),
+    ] {
+        let mut d = s.ports[0].clone();
+        d.name = name.into();
+        d.network = "db".into();
+        d.host = host.into();
+        d.interface = iface.into();
+        d.mac = MacAddr(mac);
+        d.ips = vec![ip.parse().expect("address")];
+        s.ports.push(d);
+    }
+    s.routers = vec![cloison_dataplane::Router {
+        name: "r".into(),
+        tenant: "t".into(),
+        networks: vec!["net".into(), "db".into()],
+        snat: false,
+    }];
     for p in &mut s.ports {
         p.security_groups = vec!["open".into()];
     }
     s
 }
+
+/// The routed ports of [`paths_snapshot`]: d1 here, d2 on hv2.
+pub const D1: [u8; 6] = [2, 0, 0, 0, 1, 1];
+pub const D2: [u8; 6] = [2, 0, 0, 0, 1, 2];
 
 /// A UDP datagram between two MACs/addresses of the bench network.
 pub fn udp(

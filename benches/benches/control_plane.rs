@@ -16,6 +16,7 @@ const HOSTS: u32 = 100;
 fn fleet() -> Snapshot {
     let hosts = (1..=HOSTS)
         .map(|h| Host {
+            external_ip: None,
             name: format!("hv{h}"),
             underlay_ip: std::net::Ipv4Addr::new(192, 0, 2 + (h / 250) as u8, (h % 250) as u8 + 1),
         })
@@ -63,6 +64,7 @@ fn fleet() -> Snapshot {
         }
     }
     Snapshot {
+        floating_ips: vec![],
         hosts,
         networks,
         security_groups: vec![],

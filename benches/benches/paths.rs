@@ -70,10 +70,18 @@ fn paths(c: &mut Criterion) {
         single(b, || dp.test_run_port(pa1, &local, 0), TC_ACT_REDIRECT)
     });
     g.bench_function("port_routed_to_local_port", |b| {
-        single(b, || dp.test_run_port(pa1, &routed_local, 0), TC_ACT_REDIRECT)
+        single(
+            b,
+            || dp.test_run_port(pa1, &routed_local, 0),
+            TC_ACT_REDIRECT,
+        )
     });
     g.bench_function("port_routed_to_remote_encap", |b| {
-        single(b, || dp.test_run_port(pa1, &routed_remote, 0), TC_ACT_REDIRECT)
+        single(
+            b,
+            || dp.test_run_port(pa1, &routed_remote, 0),
+            TC_ACT_REDIRECT,
+        )
     });
     g.bench_function("port_to_remote_encap", |b| {
         single(b, || dp.test_run_port(pa1, &remote, 0), TC_ACT_REDIRECT)

@@ -117,7 +117,9 @@ pub fn sg_snapshot(rules: usize) -> Snapshot {
         instance_id: None,
     };
     Snapshot {
+        floating_ips: vec![],
         hosts: vec![Host {
+            external_ip: None,
             name: "hv1".into(),
             underlay_ip: "192.0.2.1".parse().expect("address"),
         }],
@@ -160,6 +162,7 @@ pub const A2: [u8; 6] = [2, 0, 0, 0, 0, 2];
 pub fn paths_snapshot() -> Snapshot {
     let mut s = sg_snapshot(1);
     s.hosts.push(Host {
+        external_ip: None,
         name: "hv2".into(),
         underlay_ip: "192.0.2.2".parse().expect("address"),
     });

@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use cloison_dataplane::{
     validate::{self, Class, Valid, Violation},
-    Host, Network, Port, Remote, Router, SecurityGroup, Snapshot,
+    FloatingIp, Host, Network, Port, Remote, Router, SecurityGroup, Snapshot,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
@@ -23,15 +23,17 @@ pub enum Kind {
     SecurityGroup,
     Port,
     Router,
+    FloatingIp,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Host,
         Kind::Network,
         Kind::SecurityGroup,
         Kind::Port,
         Kind::Router,
+        Kind::FloatingIp,
     ];
 
     /// The collection's name in paths (`/v1/{path}/{name}`).
@@ -42,6 +44,7 @@ impl Kind {
             Kind::SecurityGroup => "security-groups",
             Kind::Port => "ports",
             Kind::Router => "routers",
+            Kind::FloatingIp => "floating-ips",
         }
     }
 
@@ -53,7 +56,7 @@ impl Kind {
     /// are accepted as they were returned).
     pub fn fields(self) -> &'static [&'static str] {
         match self {
-            Kind::Host => &["underlay_ip"],
+            Kind::Host => &["underlay_ip", "external_ip"],
             Kind::Network => &[
                 "tenant",
                 "vni",
@@ -78,6 +81,7 @@ impl Kind {
                 "instance_id",
             ],
             Kind::Router => &["tenant", "networks", "snat"],
+            Kind::FloatingIp => &["tenant", "ip", "port"],
         }
     }
 
@@ -88,6 +92,7 @@ impl Kind {
             Kind::SecurityGroup => "security group",
             Kind::Port => "port",
             Kind::Router => "router",
+            Kind::FloatingIp => "floating IP",
         }
     }
 }
@@ -155,6 +160,7 @@ pub enum Object {
     SecurityGroup(SecurityGroup),
     Port(Port),
     Router(Router),
+    FloatingIp(FloatingIp),
 }
 
 impl Object {
@@ -165,6 +171,7 @@ impl Object {
             Object::SecurityGroup(_) => Kind::SecurityGroup,
             Object::Port(_) => Kind::Port,
             Object::Router(_) => Kind::Router,
+            Object::FloatingIp(_) => Kind::FloatingIp,
         }
     }
 
@@ -175,6 +182,7 @@ impl Object {
             Object::SecurityGroup(o) => &o.name,
             Object::Port(o) => &o.name,
             Object::Router(o) => &o.name,
+            Object::FloatingIp(o) => &o.name,
         }
     }
 
@@ -256,6 +264,7 @@ fn typed(kind: Kind, v: Value) -> Result<Object, Refusal> {
         Kind::SecurityGroup => Object::SecurityGroup(of(v, kind)?),
         Kind::Port => Object::Port(of(v, kind)?),
         Kind::Router => Object::Router(of(v, kind)?),
+        Kind::FloatingIp => Object::FloatingIp(of(v, kind)?),
     })
 }
 
@@ -268,6 +277,7 @@ pub fn parse_stored(kind: Kind, bytes: &[u8]) -> Result<Object, serde_json::Erro
         Kind::SecurityGroup => Object::SecurityGroup(serde_json::from_slice(bytes)?),
         Kind::Port => Object::Port(serde_json::from_slice(bytes)?),
         Kind::Router => Object::Router(serde_json::from_slice(bytes)?),
+        Kind::FloatingIp => Object::FloatingIp(serde_json::from_slice(bytes)?),
     })
 }
 
@@ -318,6 +328,7 @@ fn snapshot_of(objects: &Objects) -> Snapshot {
             Object::SecurityGroup(o) => s.security_groups.push(o.clone()),
             Object::Port(o) => s.ports.push(o.clone()),
             Object::Router(o) => s.routers.push(o.clone()),
+            Object::FloatingIp(o) => s.floating_ips.push(o.clone()),
         }
     }
     s
@@ -430,7 +441,14 @@ impl Desired {
                 }));
                 u
             }
-            Kind::Port | Kind::Router => vec![],
+            Kind::Port => self
+                .list(Kind::FloatingIp)
+                .filter_map(|r| match &r.object {
+                    Object::FloatingIp(f) if f.port == name => Some(f.name.as_str()),
+                    _ => None,
+                })
+                .collect(),
+            Kind::Router | Kind::FloatingIp => vec![],
         };
         (!users.is_empty()).then(|| format!("{kind} {name} is in use by {}", users.join(", ")))
     }

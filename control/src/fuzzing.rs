@@ -27,7 +27,12 @@ pub fn base() -> Desired {
             "p",
             r#"{"network": "n", "host": "hv1", "interface": "tap1", "mac": "02:00:00:00:00:01", "ips": ["10.0.0.1"], "security_groups": ["g"]}"#,
         ),
-        (Kind::Router, "r", r#"{"tenant": "t", "networks": ["n"]}"#),
+        (Kind::Router, "r", r#"{"tenant": "t", "networks": ["n"], "snat": true}"#),
+        (
+            Kind::FloatingIp,
+            "f",
+            r#"{"tenant": "t", "ip": "198.51.100.20", "port": "p"}"#,
+        ),
     ] {
         let o = parse_body(kind, name, body.as_bytes()).expect("a valid literal");
         d = d.with(kind, name, Some(o)).expect("a valid state");
@@ -37,7 +42,7 @@ pub fn base() -> Desired {
 
 /// PUT bodies, the first byte choosing the collection as the target reads it.
 pub fn seeds() -> Vec<Vec<u8>> {
-    let bodies: [(u8, &str); 12] = [
+    let bodies: [(u8, &str); 14] = [
         (0, r#"{"underlay_ip": "192.0.2.9"}"#),
         (16, r#"{"underlay_ip": "192.0.2.1", "name": "hv1"}"#),
         (
@@ -73,7 +78,12 @@ pub fn seeds() -> Vec<Vec<u8>> {
             r#"{"tenant": "t", "rules": [{"direction": "ingress", "protocol": "icmp", "ports": "1-2"}]}"#,
         ),
         (4, r#"{"tenant": "t", "networks": []}"#),
-        (20, r#"{"tenant": "t", "networks": ["n", "n"], "snat": true}"#),
+        (
+            20,
+            r#"{"tenant": "t", "networks": ["n", "n"], "snat": true}"#,
+        ),
+        (5, r#"{"tenant": "t", "ip": "198.51.100.21", "port": "p"}"#),
+        (21, r#"{"tenant": "t", "ip": "224.0.0.1", "port": "nope"}"#),
     ];
     bodies
         .iter()
@@ -103,6 +113,7 @@ pub fn api_body(base: &Desired, data: &[u8]) {
         (_, Kind::SecurityGroup) => "g",
         (_, Kind::Port) => "p",
         (_, Kind::Router) => "r",
+        (_, Kind::FloatingIp) => "f",
     };
     let Ok(object) = parse_body(kind, name, body) else {
         return;

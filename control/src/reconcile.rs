@@ -42,6 +42,8 @@ pub struct Config {
     /// behind the port programs once the dataplane is loaded, and each
     /// port's limit on it.
     pub service_tap: Option<(String, u32, cloison_abi::ServiceConfig)>,
+    /// Where floating-IP and SNAT traffic leaves and enters the host.
+    pub external: Option<String>,
 }
 
 /// How often a failed apply is retried (and pending ports looked for, in
@@ -159,6 +161,13 @@ fn apply(
                     if let Err(e) = dp.attach_service(name, *ifindex, *limit) {
                         set_programs(applied, format!("service tap: {e}"));
                         tracing::error!(error = %e, "attach the service tap");
+                        return false;
+                    }
+                }
+                if let Some(name) = &cfg.external {
+                    if let Err(e) = dp.attach_external(name) {
+                        set_programs(applied, format!("external interface: {e}"));
+                        tracing::error!(error = %e, "attach the external interface");
                         return false;
                     }
                 }

@@ -22,8 +22,8 @@ pub mod validate;
 
 pub use loader::{ApplyReport, Dataplane, Stats, UplinkHook};
 pub use snapshot::{
-    AddressPair, Direction, Ethertype, Host, HostRoute, MacAddr, Network, Port, PortRange,
-    Protocol, Remote, Router, Rule, SecurityGroup, Snapshot,
+    AddressPair, Direction, Ethertype, FloatingIp, Host, HostRoute, MacAddr, Network, Port,
+    PortRange, Protocol, Remote, Router, Rule, SecurityGroup, Snapshot,
 };
 pub use validate::{validate, Valid, Violation};
 

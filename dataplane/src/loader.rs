@@ -245,7 +245,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(BPF_OBJECT)
             .map_err(|e| Error::kernel("load the BPF object")(e.into()))?;
-        for name in [P::PORT, P::UPLINK_TC, P::SERVICE] {
+        for name in [P::PORT, P::UPLINK_TC, P::SERVICE, P::EXTERNAL] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|e| Error::kernel(format!("verify {name}"))(e.into()))?;
@@ -362,6 +362,8 @@ impl Dataplane {
                     P::UPLINK_TC
                 } else if name.starts_with("service-") {
                     P::SERVICE
+                } else if name.starts_with("external-") {
+                    P::EXTERNAL
                 } else {
                     P::PORT
                 };
@@ -512,6 +514,64 @@ impl Dataplane {
         })
     }
 
+    /// Attaches the external interface's program (floating IPs and SNAT
+    /// replies back to their ports) to `name`, first of its TC ingress
+    /// programs (whatever it does not take goes on to the uplink's, or the
+    /// host), and writes where outbound NAT goes.
+    pub fn attach_external(&mut self, name: &str) -> Result<(), Error> {
+        self.writable("attach the external interface")?;
+        let ifindex = netdev::ifindex(name).ok_or_else(|| {
+            Error::Invalid(format!("external interface {name} does not exist"))
+        })?;
+        let mac = netdev::mac(name)
+            .ok_or_else(|| Error::Invalid(format!("external interface {name} has no MAC")))?;
+        let want = format!("external-{ifindex}");
+        for (link, path) in self.pinned_links()? {
+            if link.starts_with("external-") && link != want {
+                fs::remove_file(&path).map_err(Error::io(format!("unpin {}", path.display())))?;
+            }
+        }
+        let path = link_dir(&self.pin_dir).join(&want);
+        if !path.exists() {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, P::EXTERNAL)?;
+            let id = prog
+                .attach_with_options(
+                    name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(|err| Error::kernel(format!("attach to {name}"))(err.into()))?;
+            pin_tc_link(prog, id, &path)?;
+        }
+        let mut m: Array<&mut MapData, ExternalConfig> =
+            typed_mut::<_, maps::External>(&mut self.ebpf)?;
+        let ip = m.get(&0, 0).map_or([0; 4], |x| x.ip);
+        m.set(
+            0,
+            ExternalConfig {
+                ifindex,
+                ip,
+                mac,
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .map_err(|err| Error::kernel("write the external config")(err.into()))
+    }
+
+    /// What `CL_EXTERNAL` holds.
+    pub fn external(&self) -> Result<ExternalConfig, Error> {
+        external_ref(&self.ebpf)?
+            .get(&0, 0)
+            .map_err(|err| Error::kernel("read the external config")(err.into()))
+    }
+
+    /// Runs the external interface's program on `frame` (from the outside).
+    pub fn test_run_external(&self, ifindex: u32, frame: &[u8]) -> Result<RunResult, Error> {
+        let prog: &SchedClassifier = program_ref(&self.ebpf, P::EXTERNAL)?;
+        run_tc(prog, ifindex, frame, 0, 1)
+    }
+
     /// Writes `CL_SERVICE` (where steered frames go, and each port's limit).
     pub fn set_service(&mut self, c: ServiceConfig) -> Result<(), Error> {
         self.writable("write the service config")?;
@@ -586,6 +646,9 @@ impl Dataplane {
                 remote_allow: read_lpm::<maps::RemoteAllow>(e)?,
                 router_ifaces: read_hash::<maps::RouterIfaces>(e)?,
                 routes: read_lpm::<maps::Routes>(e)?,
+                fips: read_hash::<maps::FloatingIps>(e)?,
+                port_fips: read_hash::<maps::PortFloatingIps>(e)?,
+                external_ip: external_ref(e)?.get(&0, 0).map_or([0; 4], |x| x.ip),
                 sg: crate::policy::SgTables {
                     addrs: read_lpm::<maps::SgAddrs>(e)?,
                     rules: read_lpm::<maps::SgRules>(e)?,
@@ -628,6 +691,14 @@ impl Dataplane {
                     let _ = drops.remove(k);
                 }
             }
+            Step::ExternalIp(ip) => {
+                let mut m: Array<&mut MapData, ExternalConfig> =
+                    typed_mut::<_, maps::External>(e)?;
+                let mut x = m.get(&0, 0).unwrap_or_default();
+                x.ip = *ip;
+                m.set(0, x, 0)
+                    .map_err(|err| Error::kernel("write the external IP")(err.into()))?;
+            }
             Step::Config(c) => {
                 let mut cfg: Array<&mut MapData, HostConfig> = typed_mut::<_, maps::Config>(e)?;
                 cfg.set(0, *c, 0)
@@ -643,6 +714,10 @@ impl Dataplane {
                 Table::AddrAllow => write_lpm::<maps::AntiSpoof>(e, &d.addr_allow.changed)?,
                 Table::RemoteAllow => write_lpm::<maps::RemoteAllow>(e, &d.remote_allow.changed)?,
                 Table::Routes => write_lpm::<maps::Routes>(e, &d.routes.changed)?,
+                Table::FloatingIps => write_hash::<maps::FloatingIps>(e, &d.fips.changed)?,
+                Table::PortFloatingIps => {
+                    write_hash::<maps::PortFloatingIps>(e, &d.port_fips.changed)?
+                }
                 Table::RouterIfaces => {
                     write_hash::<maps::RouterIfaces>(e, &d.router_ifaces.changed)?
                 }
@@ -658,6 +733,10 @@ impl Dataplane {
                 Table::AddrAllow => delete_lpm::<maps::AntiSpoof>(e, &d.addr_allow.stale)?,
                 Table::RemoteAllow => delete_lpm::<maps::RemoteAllow>(e, &d.remote_allow.stale)?,
                 Table::Routes => delete_lpm::<maps::Routes>(e, &d.routes.stale)?,
+                Table::FloatingIps => delete_hash::<maps::FloatingIps>(e, &d.fips.stale)?,
+                Table::PortFloatingIps => {
+                    delete_hash::<maps::PortFloatingIps>(e, &d.port_fips.stale)?
+                }
                 Table::RouterIfaces => {
                     delete_hash::<maps::RouterIfaces>(e, &d.router_ifaces.stale)?
                 }
@@ -923,7 +1002,46 @@ impl Dataplane {
             }
         }
         set_counters::<maps::FragUse>(&mut self.ebpf, &frag_use, MAX_TENANTS)?;
-        Ok(gone.len() + frag_gone.len())
+
+        // SNAT mappings of a port gone or handed to another, or of an
+        // address purged: a later port on the ifindex must not get them.
+        let mapped = |zone: u32, inside: [u8; 4]| {
+            purge.covers(zone, &crate::tables::ip16(std::net::Ipv4Addr::from(inside).into()))
+        };
+        let rev: HashMap<&MapData, SnatRevKey, SnatRevEntry> =
+            typed_ref::<_, maps::SnatReverse>(&self.ebpf)?;
+        let rev_gone: Vec<SnatRevKey> = rev
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| {
+                ports
+                    .get(&v.ifindex)
+                    .is_none_or(|p| purge.slots.contains(&p.slot))
+                    || mapped(v.zone, v.inside)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let fwd: HashMap<&MapData, SnatKey, SnatEntry> = typed_ref::<_, maps::Snat>(&self.ebpf)?;
+        let fwd_gone: Vec<SnatKey> = fwd
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| mapped(k.zone, k.inside))
+            .collect();
+        {
+            let mut m: HashMap<&mut MapData, SnatRevKey, SnatRevEntry> =
+                typed_mut::<_, maps::SnatReverse>(&mut self.ebpf)?;
+            for k in &rev_gone {
+                let _ = m.remove(k);
+            }
+        }
+        {
+            let mut m: HashMap<&mut MapData, SnatKey, SnatEntry> =
+                typed_mut::<_, maps::Snat>(&mut self.ebpf)?;
+            for k in &fwd_gone {
+                let _ = m.remove(k);
+            }
+        }
+        Ok(gone.len() + frag_gone.len() + rev_gone.len())
     }
 
     /// Runs the port program on `frame` as if it arrived from the VM on
@@ -1151,6 +1269,10 @@ where
     T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
 {
     map_mut(ebpf, M::NAME)
+}
+
+fn external_ref(ebpf: &Ebpf) -> Result<Array<&MapData, ExternalConfig>, Error> {
+    typed_ref::<_, maps::External>(ebpf)
 }
 
 fn read_hash<M: MapDef>(ebpf: &Ebpf) -> Result<BTreeMap<M::Key, M::Value>, Error>

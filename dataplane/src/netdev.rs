@@ -1,5 +1,6 @@
 //! Interface facts from the calling thread's network namespace (ioctl, not
 //! sysfs: sysfs shows the namespace it was mounted in, not the thread's).
+use std::str::FromStr;
 use std::{ffi::CString, io};
 
 use crate::tables::Iface;
@@ -164,4 +165,10 @@ mod tests {
         assert!(!info("bonding", "").xdp_sees_wire_frames());
         assert!(!info("veth", "0000:00:01.0").xdp_sees_wire_frames());
     }
+}
+
+/// The MAC address of interface `name`.
+pub fn mac(name: &str) -> Option<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
+    crate::snapshot::MacAddr::from_str(text.trim()).ok().map(|m| m.0)
 }

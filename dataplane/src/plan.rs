@@ -80,13 +80,16 @@ pub enum Table {
     RouterIfaces,
     AddrAllow,
     Ports,
+    FloatingIps,
+    PortFloatingIps,
 }
 
 impl Table {
     /// In the order they are written; deleted in the reverse one.
     /// A router's interface (where routing starts) comes after its routes
     /// and what they lead to.
-    pub const WRITE_ORDER: [Table; 11] = [
+    /// Floating IPs name ports: after them.
+    pub const WRITE_ORDER: [Table; 13] = [
         Table::SgAddrs,
         Table::SgRules,
         Table::Networks,
@@ -98,6 +101,8 @@ impl Table {
         Table::RouterIfaces,
         Table::AddrAllow,
         Table::Ports,
+        Table::FloatingIps,
+        Table::PortFloatingIps,
     ];
 }
 
@@ -115,6 +120,8 @@ pub struct Diffs {
     pub routes: Diff<(u32, RouteKey), RouteEntry>,
     pub router_ifaces: Diff<u32, RouterIface>,
     pub ports: Diff<u32, PortInfo>,
+    pub fips: Diff<[u8; 4], FloatingIn>,
+    pub port_fips: Diff<u32, FloatingOut>,
 }
 
 impl Diffs {
@@ -135,6 +142,8 @@ impl Diffs {
             Table::Routes => s(&self.routes),
             Table::RouterIfaces => s(&self.router_ifaces),
             Table::Ports => s(&self.ports),
+            Table::FloatingIps => s(&self.fips),
+            Table::PortFloatingIps => s(&self.port_fips),
         }
     }
 }
@@ -144,6 +153,8 @@ pub enum Step {
     /// Zero the counters of these port slots (a slot that changes hands).
     ResetCounters(Vec<u32>),
     Config(HostConfig),
+    /// The host's external IP (SNAT's source) in `CL_EXTERNAL`.
+    ExternalIp([u8; 4]),
     /// Write the table's new and changed entries.
     Write(Table),
     /// Unpin (detach) the port program from this ifindex: only once its
@@ -273,7 +284,7 @@ impl Plan {
         self.steps
             .iter()
             .map(|s| match s {
-                Step::Config(_) => 1,
+                Step::Config(_) | Step::ExternalIp(_) => 1,
                 Step::Write(t) => self.diffs.sizes(*t).0,
                 Step::Delete(t) => self.diffs.sizes(*t).1,
                 _ => 0,
@@ -301,6 +312,8 @@ pub fn plan(current: &Current, want: &Compiled) -> Plan {
     diffs.routes = diff(&have.routes, &t.routes);
     diffs.router_ifaces = diff(&have.router_ifaces, &t.router_ifaces);
     diffs.ports = diff(&have.ports, &t.ports);
+    diffs.fips = diff(&have.fips, &t.fips);
+    diffs.port_fips = diff(&have.port_fips, &t.port_fips);
 
     let mut steps = Vec::new();
     let fresh: Vec<u32> = want
@@ -319,6 +332,9 @@ pub fn plan(current: &Current, want: &Compiled) -> Plan {
     };
     if current.config != Some(config) {
         steps.push(Step::Config(config));
+    }
+    if have.external_ip != t.external_ip {
+        steps.push(Step::ExternalIp(t.external_ip));
     }
     for table in Table::WRITE_ORDER {
         if diffs.sizes(table).0 > 0 {
@@ -378,6 +394,7 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
         match step {
             Step::ResetCounters(_) | Step::Uplink => {}
             Step::Config(c) => out.config = Some(*c),
+            Step::ExternalIp(ip) => out.tables.external_ip = *ip,
             Step::Write(table) => match table {
                 Table::SgAddrs => write(&mut t.sg.addrs, &d.sg_addrs),
                 Table::SgRules => write(&mut t.sg.rules, &d.sg_rules),
@@ -389,6 +406,8 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
                 Table::RemoteAllow => write(&mut t.remote_allow, &d.remote_allow),
                 Table::Routes => write(&mut t.routes, &d.routes),
                 Table::RouterIfaces => write(&mut t.router_ifaces, &d.router_ifaces),
+                Table::FloatingIps => write(&mut t.fips, &d.fips),
+                Table::PortFloatingIps => write(&mut t.port_fips, &d.port_fips),
                 Table::Ports => write(&mut t.ports, &d.ports),
             },
             Step::Delete(table) => match table {
@@ -402,6 +421,8 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
                 Table::RemoteAllow => delete(&mut t.remote_allow, &d.remote_allow),
                 Table::Routes => delete(&mut t.routes, &d.routes),
                 Table::RouterIfaces => delete(&mut t.router_ifaces, &d.router_ifaces),
+                Table::FloatingIps => delete(&mut t.fips, &d.fips),
+                Table::PortFloatingIps => delete(&mut t.port_fips, &d.port_fips),
                 Table::Ports => delete(&mut t.ports, &d.ports),
             },
             Step::Detach(i) => {

@@ -99,6 +99,10 @@ impl MacAddr {
 pub struct Host {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
+    /// The host's address on the external network: the source of its
+    /// VMs' SNATed traffic (none: no SNAT on this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -433,10 +437,19 @@ pub struct Router {
     pub tenant: String,
     #[serde(default)]
     pub networks: Vec<String>,
-    /// Source NAT to the host's external IP for traffic leaving every
-    /// tenant network (not in this version: refused).
+    /// Source NAT to the host's external IP for traffic to addresses of
+    /// none of the router's networks.
     #[serde(default)]
     pub snat: bool,
+}
+
+/// A 1:1 NAT of a port's first IPv4 address, at the port's host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FloatingIp {
+    pub name: String,
+    pub tenant: String,
+    pub ip: Ipv4Addr,
+    pub port: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,6 +464,8 @@ pub struct Snapshot {
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routers: Vec<Router>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub floating_ips: Vec<FloatingIp>,
 }
 
 impl Snapshot {

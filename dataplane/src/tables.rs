@@ -38,6 +38,11 @@ pub struct Tables {
     pub router_ifaces: BTreeMap<u32, RouterIface>,
     /// (prefix length, key) of the LPM trie: each router's subnets.
     pub routes: BTreeMap<(u32, RouteKey), RouteEntry>,
+    /// Floating IPs of local ports, by the floating IP and by the port.
+    pub fips: BTreeMap<[u8; 4], FloatingIn>,
+    pub port_fips: BTreeMap<u32, FloatingOut>,
+    /// The host's external IP (SNAT's source), 0.0.0.0 for none.
+    pub external_ip: [u8; 4],
     pub sg: crate::policy::SgTables,
 }
 
@@ -492,12 +497,18 @@ pub fn compile(
             .or_default()
             .insert(p.host.as_str());
     }
-    for n in active.iter().filter(|n| t.networks.contains_key(&nets[*n].vni)) {
+    for n in active
+        .iter()
+        .filter(|n| t.networks.contains_key(&nets[*n].vni))
+    {
         let group: Vec<&str> = match router_of.get(n) {
             Some(r) => r.networks.iter().map(String::as_str).collect(),
             None => vec![n],
         };
-        for h in group.iter().flat_map(|m| hosts_of.get(m).into_iter().flatten()) {
+        for h in group
+            .iter()
+            .flat_map(|m| hosts_of.get(m).into_iter().flatten())
+        {
             if *h != host {
                 t.vteps.insert(
                     VtepKey {
@@ -522,7 +533,7 @@ pub fn compile(
         for n in r.networks.iter().map(|n| nets[n.as_str()]) {
             let mut rif = RouterIface {
                 router: id,
-                flags: 0,
+                flags: if r.snat { RIF_F_SNAT } else { 0 },
                 gw4: [0; 4],
                 gw6: [0; 16],
             };
@@ -549,6 +560,39 @@ pub fn compile(
                 );
             }
         }
+    }
+    // Floating IPs of this host's attached ports.
+    t.external_ip = me.external_ip.map_or([0; 4], |ip| ip.octets());
+    let router_of = snap.router_of();
+    for f in &snap.floating_ips {
+        let Some(p) = snap.ports.iter().find(|p| p.name == f.port) else {
+            continue;
+        };
+        let (Some(&(iface, _)), Some(r)) = (
+            local.get(p.name.as_str()),
+            router_of.get(p.network.as_str()),
+        ) else {
+            continue;
+        };
+        let Some(IpAddr::V4(inner)) = p.ips.iter().find(|ip| ip.is_ipv4()) else {
+            continue;
+        };
+        let inner = inner.octets();
+        t.fips.insert(
+            f.ip.octets(),
+            FloatingIn {
+                ifindex: iface.ifindex,
+                inner,
+                zone: ROUTER_ZONE | ids[r.name.as_str()],
+            },
+        );
+        t.port_fips.insert(
+            iface.ifindex,
+            FloatingOut {
+                ip: f.ip.octets(),
+                inner,
+            },
+        );
     }
     out.local_ports.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -709,13 +753,18 @@ mod tests {
         );
         // db's only port is on hv2, with no port of n there... but p2 is.
         s.ports.push(
-            serde_json::from_value(serde_json::json!({"name": "d", "network": "db", "host": "hv2",
-                "interface": "tapd", "mac": "02:00:00:00:01:01", "ips": ["10.1.0.5"]}))
+            serde_json::from_value(
+                serde_json::json!({"name": "d", "network": "db", "host": "hv2",
+                "interface": "tapd", "mac": "02:00:00:00:01:01", "ips": ["10.1.0.5"]}),
+            )
             .unwrap(),
         );
         let before = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
         assert!(before.tables.routes.is_empty() && before.tables.router_ifaces.is_empty());
-        assert!(!before.tables.networks.contains_key(&8), "db is not this host's business");
+        assert!(
+            !before.tables.networks.contains_key(&8),
+            "db is not this host's business"
+        );
         s.routers = vec![serde_json::from_value(
             serde_json::json!({"name": "r", "tenant": "t", "networks": ["n", "db"]}),
         )
@@ -725,7 +774,10 @@ mod tests {
         let id = router_ids(["r"])["r"];
         assert_eq!(t.router_ifaces.len(), 2);
         let db = t.router_ifaces[&8];
-        assert_eq!((db.router, db.flags, db.gw4), (id, RIF_F_V4 | RIF_F_V6, [10, 1, 0, 1]));
+        assert_eq!(
+            (db.router, db.flags, db.gw4),
+            (id, RIF_F_V4 | RIF_F_V6, [10, 1, 0, 1])
+        );
         assert_eq!(t.router_ifaces[&7].flags, RIF_F_V4);
         assert_eq!(t.routes.len(), 3, "10.0.0.0/24, 10.1.0.0/24, fd00:8::/64");
         assert_eq!(

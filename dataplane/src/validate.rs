@@ -126,6 +126,7 @@ pub fn validate(snap: Snapshot) -> Result<Valid, Violation> {
 fn check_objects(s: &Snapshot) -> Result<(), Violation> {
     let mut hosts = HashSet::with_capacity(s.hosts.len());
     let mut underlay = HashMap::with_capacity(s.hosts.len());
+    let mut external = HashMap::new();
     for h in &s.hosts {
         check_name("host", &h.name)?;
         if !hosts.insert(h.name.as_str()) {
@@ -136,6 +137,20 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
                 "host {}: underlay IP {} is already host {other}'s",
                 h.name, h.underlay_ip
             ));
+        }
+        if let Some(ip) = h.external_ip {
+            if !public_unicast(ip) {
+                return invalid(format!(
+                    "host {}: external IP {ip} is not a unicast address",
+                    h.name
+                ));
+            }
+            if let Some(other) = external.insert(ip, &h.name) {
+                return conflict(format!(
+                    "host {}: external IP {ip} is already host {other}'s",
+                    h.name
+                ));
+            }
         }
     }
     let mut vnis = HashMap::with_capacity(s.networks.len());
@@ -348,6 +363,87 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
                 message,
             })?;
     }
+    check_floating_ips(s, &nets, &external)?;
+    Ok(())
+}
+
+/// An address that may stand for a host or a VM outside: not unspecified,
+/// loopback, multicast or broadcast.
+fn public_unicast(ip: std::net::Ipv4Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast())
+}
+
+/// Floating IPs: each of its port's tenant, for a port with an IPv4
+/// address on a network joined by a router, one per port, none twice and
+/// none a host's external IP.
+fn check_floating_ips(
+    s: &Snapshot,
+    nets: &HashMap<&str, &Network>,
+    external: &HashMap<std::net::Ipv4Addr, &String>,
+) -> Result<(), Violation> {
+    if s.floating_ips.is_empty() {
+        return Ok(());
+    }
+    let ports: HashMap<&str, &Port> = s.ports.iter().map(|p| (p.name.as_str(), p)).collect();
+    let routed: HashSet<&str> = s
+        .routers
+        .iter()
+        .flat_map(|r| r.networks.iter().map(String::as_str))
+        .collect();
+    let (mut names, mut ips, mut of_port) = (HashSet::new(), HashMap::new(), HashMap::new());
+    for f in &s.floating_ips {
+        check_name("floating IP", &f.name)?;
+        check_name("tenant", &f.tenant)?;
+        if !names.insert(f.name.as_str()) {
+            return conflict(format!("floating IP {} given twice", f.name));
+        }
+        if !public_unicast(f.ip) {
+            return invalid(format!(
+                "floating IP {}: {} is not a unicast address",
+                f.name, f.ip
+            ));
+        }
+        if let Some(other) = ips.insert(f.ip, &f.name) {
+            return conflict(format!(
+                "floating IP {}: {} is already floating IP {other}",
+                f.name, f.ip
+            ));
+        }
+        if let Some(h) = external.get(&f.ip) {
+            return conflict(format!(
+                "floating IP {}: {} is host {h}'s external IP",
+                f.name, f.ip
+            ));
+        }
+        let Some(p) = ports.get(f.port.as_str()) else {
+            return conflict(format!("floating IP {}: no port {}", f.name, f.port));
+        };
+        let net = nets[p.network.as_str()];
+        if net.tenant != f.tenant {
+            return conflict(format!(
+                "floating IP {}: port {} belongs to another tenant",
+                f.name, f.port
+            ));
+        }
+        if !p.ips.iter().any(IpAddr::is_ipv4) {
+            return conflict(format!(
+                "floating IP {}: port {} has no IPv4 address",
+                f.name, f.port
+            ));
+        }
+        if !routed.contains(net.name.as_str()) {
+            return conflict(format!(
+                "floating IP {}: network {} of port {} is on no router",
+                f.name, net.name, f.port
+            ));
+        }
+        if let Some(other) = of_port.insert(f.port.as_str(), &f.name) {
+            return conflict(format!(
+                "floating IP {}: port {} already has floating IP {other}",
+                f.name, f.port
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -366,13 +462,6 @@ fn check_routers(s: &Snapshot, nets: &HashMap<&str, &Network>) -> Result<(), Vio
         check_name("tenant", &r.tenant)?;
         if !names.insert(r.name.as_str()) {
             return conflict(format!("router {} given twice", r.name));
-        }
-        if r.snat {
-            return invalid(format!(
-                "router {}: snat is not available in this version (routing between the \
-                 router's networks is)",
-                r.name
-            ));
         }
         if r.networks.len() > MAX_NETWORKS_PER_ROUTER {
             return invalid(format!(
@@ -612,10 +701,7 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
                     .filter_map(|m| nets.get(m.as_str()))
                     .flat_map(|m| m.hosts.iter().copied())
                     .collect(),
-                None => nets
-                    .get(n)
-                    .map(|net| net.hosts.clone())
-                    .unwrap_or_default(),
+                None => nets.get(n).map(|net| net.hosts.clone()).unwrap_or_default(),
             };
             load.vteps += senders.len() - usize::from(senders.contains(host));
         }
@@ -731,7 +817,7 @@ mod tests {
     #[test]
     fn routers_join_their_tenants_networks_once_without_overlaps() {
         assert!(validate(routed()).is_ok());
-        let cases: [(&str, Class, fn(&mut Snapshot)); 8] = [
+        let cases: [(&str, Class, fn(&mut Snapshot)); 7] = [
             ("a missing network", Class::Conflict, |s| {
                 s.routers[0].networks.push("nope".into())
             }),
@@ -751,8 +837,9 @@ mod tests {
             ("a network without a gateway", Class::Conflict, |s| {
                 s.networks[1].gateway_ips.clear()
             }),
-            ("snat (not in this version)", Class::Invalid, |s| s.routers[0].snat = true),
-            ("a bad name", Class::Invalid, |s| s.routers[0].name = "R".into()),
+            ("a bad name", Class::Invalid, |s| {
+                s.routers[0].name = "R".into()
+            }),
             ("a network given twice", Class::Invalid, |s| {
                 s.routers[0].networks.push("n".into())
             }),
@@ -770,10 +857,60 @@ mod tests {
             .unwrap(),
         );
         s.routers.push(
-            serde_json::from_value(serde_json::json!({"name": "u-r", "tenant": "u", "networks": ["n2"]}))
-                .unwrap(),
+            serde_json::from_value(
+                serde_json::json!({"name": "u-r", "tenant": "u", "networks": ["n2"]}),
+            )
+            .unwrap(),
         );
         assert!(validate(s).is_ok());
+    }
+
+    #[test]
+    fn floating_ips_are_their_ports_tenants_on_a_router_once() {
+        let fip = |s: &mut Snapshot, name: &str, ip: &str, port: &str| {
+            s.floating_ips.push(
+                serde_json::from_value(
+                    serde_json::json!({"name": name, "tenant": "t", "ip": ip, "port": port}),
+                )
+                .unwrap(),
+            )
+        };
+        let mut ok = routed();
+        ok.hosts[0].external_ip = Some("198.51.100.11".parse().unwrap());
+        fip(&mut ok, "f1", "198.51.100.20", "p1");
+        assert!(validate(ok.clone()).is_ok());
+        let cases: [(&str, Class, fn(&mut Snapshot)); 8] = [
+            ("a missing port", Class::Conflict, |s| s.floating_ips[0].port = "nope".into()),
+            ("another tenant's port", Class::Conflict, |s| {
+                s.floating_ips[0].tenant = "u".into()
+            }),
+            ("a port on no router", Class::Conflict, |s| s.routers.clear()),
+            ("a port without IPv4", Class::Conflict, |s| s.ports[0].ips.clear()),
+            ("a host's external IP", Class::Conflict, |s| {
+                s.floating_ips[0].ip = "198.51.100.11".parse().unwrap()
+            }),
+            ("not unicast", Class::Invalid, |s| {
+                s.floating_ips[0].ip = "224.0.0.1".parse().unwrap()
+            }),
+            ("two for one port", Class::Conflict, |s| {
+                let mut f = s.floating_ips[0].clone();
+                f.name = "f2".into();
+                f.ip = "198.51.100.21".parse().unwrap();
+                s.floating_ips.push(f);
+            }),
+            ("two hosts with one external IP", Class::Conflict, |s| {
+                s.hosts[1].external_ip = s.hosts[0].external_ip
+            }),
+        ];
+        for (what, class, change) in cases {
+            let mut s = ok.clone();
+            change(&mut s);
+            assert_eq!(class_of(s), class, "{what}");
+        }
+        // The same address twice.
+        let mut s = ok.clone();
+        fip(&mut s, "f2", "198.51.100.20", "p2");
+        assert_eq!(class_of(s), Class::Conflict, "an address given twice");
     }
 
     #[test]
@@ -1052,6 +1189,7 @@ mod tests {
         let mut s = Snapshot::default();
         for h in 0..hosts {
             s.hosts.push(Host {
+                external_ip: None,
                 name: format!("hv{h}"),
                 underlay_ip: std::net::Ipv4Addr::new(192, 0, 2, h as u8 + 1),
             });

@@ -70,12 +70,15 @@ fn base() -> Snapshot {
     )
     .expect("group");
     Snapshot {
+        floating_ips: vec![],
         hosts: vec![
             Host {
+                external_ip: None,
                 name: "hv1".into(),
                 underlay_ip: "192.0.2.1".parse().expect("address"),
             },
             Host {
+                external_ip: None,
                 name: "hv2".into(),
                 underlay_ip: "192.0.2.2".parse().expect("address"),
             },

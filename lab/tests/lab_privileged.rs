@@ -1037,7 +1037,17 @@ fn privileged_a_vm_flooding_its_gateway_leaves_the_others_served() {
 fn traceroute(lab: &Lab, from: &str, to: &str) -> Vec<String> {
     let out = std::process::Command::new("ip")
         .args([
-            "netns", "exec", &lab.vm(from).ns, "traceroute", "-n", "-q", "1", "-w", "1", "-m", "4",
+            "netns",
+            "exec",
+            &lab.vm(from).ns,
+            "traceroute",
+            "-n",
+            "-q",
+            "1",
+            "-w",
+            "1",
+            "-m",
+            "4",
             to,
         ])
         .output()
@@ -1059,7 +1069,8 @@ fn privileged_routers_route_between_a_tenants_networks_only() {
     let mut lab = lab();
     lab.add_routers().expect("routers");
     lab.start_agents().expect("agents");
-    lab.apply_via_agents().expect("state, routers included, through the API");
+    lab.apply_via_agents()
+        .expect("state, routers included, through the API");
 
     // Tenant a, a-net <-> a-db: on one host (a1 -> ad1) and across hosts
     // (a1 -> ad2, a2 -> ad1), both ways, IPv4 and IPv6, ping, TCP, UDP.
@@ -1116,7 +1127,10 @@ fn privileged_routers_route_between_a_tenants_networks_only() {
     assert!(!lab.ping("ai1", "10.0.0.1", 1), "nor routed from");
     let after = lab.drops("hv1").expect("drops");
     let moved = |r: DropReason| after.get(&r).unwrap_or(&0) > before.get(&r).unwrap_or(&0);
-    assert!(moved(DropReason::NoRoute), "no_route counted on hv1: {after:?}");
+    assert!(
+        moved(DropReason::NoRoute),
+        "no_route counted on hv1: {after:?}"
+    );
 
     // traceroute: the router is the first hop (its time exceeded, from
     // its address in the sender's network), the destination the second.

@@ -25,6 +25,8 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         "icmp",
         "uplink",
         "service",
+        "route",
+        "nat",
     ];
     let mut m: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     m.insert("hdr", BTreeSet::new());

@@ -35,7 +35,7 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// One object: KIND is host, network, security-group, port or router.
+    /// One object: KIND is host, network, security-group, port, router or floating-ip.
     Get {
         kind: String,
         name: String,
@@ -71,7 +71,10 @@ fn kind(s: &str) -> Result<Kind> {
         "security-group" | "sg" => Kind::SecurityGroup,
         "port" => Kind::Port,
         "router" => Kind::Router,
-        _ => bail!("unknown kind {s:?}: host, network, security-group, port or router"),
+        "floating-ip" | "fip" => Kind::FloatingIp,
+        _ => bail!(
+            "unknown kind {s:?}: host, network, security-group, port, router or floating-ip"
+        ),
     };
     Ok(k)
 }

@@ -58,6 +58,10 @@ struct Args {
     /// auto (XDP where the driver has native XDP), xdp or tc.
     #[arg(long, default_value = "auto")]
     uplink_hook: UplinkHook,
+    /// Where floating-IP and SNAT traffic leaves and enters the host
+    /// (default: the uplink).
+    #[arg(long)]
+    external_interface: Option<String>,
     /// Where maps and links are pinned (a bpffs directory).
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
@@ -230,6 +234,10 @@ fn run(args: Args) -> Result<()> {
     // The gateway services' tap: what the port programs steer to the agent.
     let tap = cloison_dataplane::service::ServiceTap::open(&args.name)
         .context("create the service tap (DHCP, router advertisements, metadata)")?;
+    let external = args
+        .external_interface
+        .clone()
+        .unwrap_or_else(|| uplink.clone());
     let cfg = reconcile::Config {
         host: args.name.clone(),
         uplink,
@@ -241,6 +249,7 @@ fn run(args: Args) -> Result<()> {
             tap.ifindex,
             cloison_dataplane::service::config(tap.ifindex, args.gateway_rate, args.gateway_burst),
         )),
+        external: Some(external),
     };
     let service = {
         let _in_rt = rt.enter();

@@ -182,7 +182,11 @@ pub fn message(adv: &Advert, dst: Ipv6Addr) -> Vec<u8> {
     for p in &adv.prefixes {
         m.extend([3, 4, p.prefix_len()]);
         // On-link; autonomous where SLAAC makes the port's address.
-        m.push(if adv.autonomous.contains(p) { 0xc0 } else { 0x80 });
+        m.push(if adv.autonomous.contains(p) {
+            0xc0
+        } else {
+            0x80
+        });
         m.extend(VALID_LIFETIME.to_be_bytes());
         m.extend(PREFERRED_LIFETIME.to_be_bytes());
         m.extend([0; 4]);

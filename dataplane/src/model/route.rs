@@ -87,9 +87,7 @@ impl Model<'_> {
         if dst_mac == gateway_mac(there.vni) {
             return Err(ToRouter);
         }
-        let fwd = self
-            .forward(there.vni, dst_mac)
-            .ok_or(RouteNoNeighbour)?;
+        let fwd = self.forward(there.vni, dst_mac).ok_or(RouteNoNeighbour)?;
         let ttl = if v4 { f[22] } else { f[21] };
         let icmp_error = match (v4, p.proto) {
             (true, 1) => matches!(p.icmp_type, 3 | 11 | 12),

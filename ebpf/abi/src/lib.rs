@@ -46,6 +46,14 @@ pub const MAX_SG_RULES: u32 = 1048576;
 /// Routes of the routers on one host: one per subnet of each network the
 /// host's routers join.
 pub const MAX_ROUTES: u32 = 65536;
+/// Floating IPs of one host's ports.
+pub const MAX_FLOATING_IPS: u32 = 16384;
+/// Source-NAT mappings of one host (each way).
+pub const MAX_SNAT: u32 = 262144;
+/// External ports SNAT hands out: above Linux's default ephemeral range
+/// (32768-60999), so no mapping takes a port of the host's own connections.
+pub const SNAT_PORT_MIN: u16 = 61000;
+pub const SNAT_PORT_MAX: u16 = 65535;
 
 /// How a map is stored in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +184,16 @@ map_table! {
     RouterIfaces / ROUTER_IFACES = "CL_RIFACES", Hash, u32 => RouterIface, MAX_NETWORKS;
     /// Each router's networks by (router, prefix): where it routes an address.
     Routes / ROUTES = "CL_ROUTES", LpmTrie, RouteKey => RouteEntry, MAX_ROUTES;
+    /// The external interface and the host's external IP, one entry.
+    External / EXTERNAL = "CL_EXTERNAL", Array, u32 => ExternalConfig, 1;
+    /// Floating IPs of local ports, by the floating IP (inbound).
+    FloatingIps / FLOATING_IPS = "CL_FIPS", Hash, [u8; 4] => FloatingIn, MAX_FLOATING_IPS;
+    /// Floating IPs of local ports, by the port's ifindex (outbound).
+    PortFloatingIps / PORT_FLOATING_IPS = "CL_PORT_FIPS", Hash, u32 => FloatingOut, MAX_FLOATING_IPS;
+    /// SNAT mappings by the inside flow.
+    Snat / SNAT = "CL_SNAT", LruHash, SnatKey => SnatEntry, MAX_SNAT;
+    /// SNAT mappings by the outside flow (the reply's view).
+    SnatReverse / SNAT_REVERSE = "CL_SNAT_REV", LruHash, SnatRevKey => SnatRevEntry, MAX_SNAT;
 }
 
 /// Maps of earlier releases whose layout changed (so they were renamed):
@@ -190,6 +208,7 @@ pub mod program_names {
     pub const UPLINK_XDP: &str = "cl_uplink_xdp";
     pub const UPLINK_TC: &str = "cl_uplink_tc";
     pub const SERVICE: &str = "cl_service";
+    pub const EXTERNAL: &str = "cl_external";
 }
 
 /// Bits of [`PortInfo::flags`].
@@ -271,6 +290,93 @@ pub const ROUTER_ZONE: u32 = 1 << 31;
 /// in the network (routes that family from it).
 pub const RIF_F_V4: u32 = 1;
 pub const RIF_F_V6: u32 = 2;
+/// The router source-NATs its networks' traffic to the outside.
+pub const RIF_F_SNAT: u32 = 4;
+
+/// Where traffic to and from the outside goes (the one entry of
+/// `CL_EXTERNAL`): the external interface (0: none), its MAC, the host's
+/// external IP (SNAT's source; 0.0.0.0: no SNAT on this host).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ExternalConfig {
+    pub ifindex: u32,
+    pub ip: [u8; 4],
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<ExternalConfig>() == 16);
+
+/// A floating IP's local port (value of `CL_FIPS`): the port, its address
+/// the floating IP stands for, the conntrack zone of its flows (its
+/// router's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FloatingIn {
+    pub ifindex: u32,
+    pub inner: [u8; 4],
+    pub zone: u32,
+}
+const _: () = assert!(size_of::<FloatingIn>() == 12);
+
+/// A local port's floating IP (value of `CL_PORT_FIPS`): traffic from
+/// `inner` to the outside leaves from `ip`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FloatingOut {
+    pub ip: [u8; 4],
+    pub inner: [u8; 4],
+}
+const _: () = assert!(size_of::<FloatingOut>() == 8);
+
+/// A source-NATed flow as its inside end sees it: (zone, protocol, inside
+/// address and port, outside address and port). ICMP echo: the
+/// identifier as the inside port, 0 as the outside one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnatKey {
+    pub zone: u32,
+    pub inside: [u8; 4],
+    pub outside: [u8; 4],
+    pub inside_port: [u8; 2],
+    pub outside_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<SnatKey>() == 20);
+
+/// The external port a flow was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnatEntry {
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<SnatEntry>() == 4);
+
+/// A source-NATed flow as the outside sees it (the host's external IP
+/// implied): (protocol, external port, outside address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnatRevKey {
+    pub outside: [u8; 4],
+    pub port: [u8; 2],
+    pub outside_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<SnatRevKey>() == 12);
+
+/// Whose a mapping is: the inside end and its port, zone and flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnatRevEntry {
+    pub ifindex: u32,
+    pub zone: u32,
+    pub inside: [u8; 4],
+    pub inside_port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<SnatRevEntry>() == 16);
 
 /// A network joined by a router (value of `CL_RIFACES`, by VNI): the
 /// router's id on this host and its addresses in the network (its
@@ -755,6 +861,10 @@ drop_reasons! {
     RouteNoNeighbour = "route_no_neighbour",
     ToRouter = "to_router",
     TtlExceeded = "ttl_exceeded",
+    NoExternal = "no_external",
+    SnatExhausted = "snat_exhausted",
+    ExternalUnreachable = "external_unreachable",
+    NatFragment = "nat_fragment",
 }
 const _: () = assert!(DropReason::COUNT <= MAX_DROP_REASONS);
 
@@ -786,6 +896,13 @@ mod pod {
     unsafe impl aya::Pod for RouterIface {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteEntry {}
+    unsafe impl aya::Pod for ExternalConfig {}
+    unsafe impl aya::Pod for FloatingIn {}
+    unsafe impl aya::Pod for FloatingOut {}
+    unsafe impl aya::Pod for SnatKey {}
+    unsafe impl aya::Pod for SnatEntry {}
+    unsafe impl aya::Pod for SnatRevKey {}
+    unsafe impl aya::Pod for SnatRevEntry {}
 }
 
 #[cfg(test)]

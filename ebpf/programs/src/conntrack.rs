@@ -174,11 +174,7 @@ pub fn advance(e: &mut CtEntry, p: &Parsed, reply: bool, now: u64) {
 
 #[inline(always)]
 pub fn is_icmp_error(p: &Parsed) -> bool {
-    match (p.l3, p.proto) {
-        (L3::Ipv4, IPPROTO_ICMP) => matches!(p.icmp_type, 3 | 11 | 12),
-        (L3::Ipv6, IPPROTO_ICMPV6) => matches!(p.icmp_type, 1..=4),
-        _ => false,
-    }
+    p.is_icmp_error()
 }
 
 /// An ICMP error passes only if the packet it quotes belongs to a flow that

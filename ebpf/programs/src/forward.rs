@@ -1,6 +1,5 @@
 //! Forwarding by (VNI, destination MAC): a local port gets the frame by
-//! redirect, a remote one inside VXLAN; a frame to the gateway MAC goes to
-//! the router stage. Oversized packets for a remote port get an ICMP error
+//! redirect, a remote one inside VXLAN. Oversized packets for a remote port get an ICMP error
 //! back instead of a silent drop.
 use aya_ebpf::programs::TcContext;
 use cloison_abi::*;
@@ -10,8 +9,7 @@ use crate::{
     hdr::*,
     maps::{count_to_vm, forward},
     packet::redirect_tc,
-    parse::{Parsed, L3},
-    route,
+    parse::{segment_len, Parsed, L3},
 };
 
 /// Delivers a frame from a port's TC hook into a local port's VM.
@@ -28,15 +26,9 @@ pub fn from_port(
     port: &PortInfo,
     p: &Parsed,
     peer: &mut ForwardEntry,
-    out: &mut Out,
 ) -> Result<Next, DropReason> {
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let dst = unsafe { (*eth).dst };
-    out.vni = port.vni;
-    out.zone = port.vni;
-    if mac_eq(&dst, &gateway_mac(port.vni)) {
-        return route::from_port(ctx, c, port, p, peer, out);
-    }
     if is_multicast_mac(&dst) {
         return Err(if mac_eq(&dst, &[0xff; 6]) {
             DropReason::Broadcast
@@ -61,22 +53,4 @@ pub fn from_port(
         return Ok(Next::of(kind, 0));
     }
     Ok(Next::of(NEXT_ENCAP, 0))
-}
-
-/// The IP length of the packets this frame will be on the wire: a GSO frame
-/// is judged by its segment size, not its total length.
-#[inline(always)]
-pub fn segment_len(ctx: &TcContext, c: &Cursor, p: &Parsed) -> usize {
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
-    if gso_size == 0 || p.l3 == L3::Arp {
-        return p.ip_len;
-    }
-    let l4_hdr = match p.proto {
-        IPPROTO_TCP => match c.at::<TcpHdr>(p.l4_off) {
-            Some(t) => ((unsafe { (*t).off } >> 4) as usize) * 4,
-            None => 20,
-        },
-        _ => 8,
-    };
-    (p.l4_off - ETH_LEN) + l4_hdr + gso_size
 }

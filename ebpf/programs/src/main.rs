@@ -18,6 +18,7 @@ mod forward;
 mod hdr;
 mod icmp;
 mod maps;
+mod nat;
 mod packet;
 mod parse;
 mod pipeline;
@@ -61,6 +62,13 @@ pub fn cl_uplink_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn cl_service(ctx: TcContext) -> i32 {
     pipeline::from_agent(&ctx)
+}
+
+/// TC ingress of the external interface: floating IPs and SNAT replies
+/// back to their ports, the rest on.
+#[classifier]
+pub fn cl_external(ctx: TcContext) -> i32 {
+    pipeline::from_outside(&ctx)
 }
 
 #[cfg(not(test))]

@@ -91,6 +91,25 @@ pub static CL_RIFACES: HashMap<u32, RouterIface> = HashMap::pinned(MAX_NETWORKS,
 #[map]
 pub static CL_ROUTES: LpmTrie<RouteKey, RouteEntry> = LpmTrie::pinned(MAX_ROUTES, 0);
 
+/// The external interface and the host's external IP.
+#[map]
+pub static CL_EXTERNAL: Array<ExternalConfig> = Array::pinned(1, 0);
+
+/// Floating IPs of local ports, by the floating IP.
+#[map]
+pub static CL_FIPS: HashMap<[u8; 4], FloatingIn> = HashMap::pinned(MAX_FLOATING_IPS, 0);
+
+/// Floating IPs of local ports, by the port's ifindex.
+#[map]
+pub static CL_PORT_FIPS: HashMap<u32, FloatingOut> = HashMap::pinned(MAX_FLOATING_IPS, 0);
+
+/// SNAT mappings by the inside flow, and by the outside one.
+#[map]
+pub static CL_SNAT: LruHashMap<SnatKey, SnatEntry> = LruHashMap::pinned(MAX_SNAT, 0);
+
+#[map]
+pub static CL_SNAT_REV: LruHashMap<SnatRevKey, SnatRevEntry> = LruHashMap::pinned(MAX_SNAT, 0);
+
 /// Per-CPU working memory (see [`Scratch`]). Programs on one CPU run in
 /// softirq context one at a time, so one slot per CPU is never shared.
 #[map]

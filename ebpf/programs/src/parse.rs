@@ -63,6 +63,36 @@ pub struct Parsed {
     pub ip_len: usize,
 }
 
+impl Parsed {
+    /// An ICMP or ICMPv6 error message (it quotes another packet).
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        match (self.l3, self.proto) {
+            (L3::Ipv4, IPPROTO_ICMP) => matches!(self.icmp_type, 3 | 11 | 12),
+            (L3::Ipv6, IPPROTO_ICMPV6) => matches!(self.icmp_type, 1..=4),
+            _ => false,
+        }
+    }
+}
+
+/// The IP length of the packets this frame will be on the wire: a GSO frame
+/// is judged by its segment size, not its total length.
+#[inline(always)]
+pub fn segment_len(ctx: &aya_ebpf::programs::TcContext, c: &Cursor, p: &Parsed) -> usize {
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    if gso_size == 0 || p.l3 == L3::Arp {
+        return p.ip_len;
+    }
+    let l4_hdr = match p.proto {
+        IPPROTO_TCP => match c.at::<TcpHdr>(p.l4_off) {
+            Some(t) => ((unsafe { (*t).off } >> 4) as usize) * 4,
+            None => 20,
+        },
+        _ => 8,
+    };
+    (p.l4_off - ETH_LEN) + l4_hdr + gso_size
+}
+
 #[inline(always)]
 pub fn ethernet(c: &Cursor) -> Result<(&EthHdr, u16), DropReason> {
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;

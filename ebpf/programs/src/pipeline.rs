@@ -10,12 +10,14 @@
 //! Underlay ingress (XDP or TC on the uplink, one code over [`Packet`]):
 //! uplink checks → the receiver's stateful check → decap → delivery.
 //! The agent's answers (TC on its service tap): to the port they name.
+//! The outside (TC on the external interface): NAT back, the port's rules,
+//! delivery.
 //!
 //! Functions marked `inline(never)` are BPF calls of their own: each gets its
 //! own stack frame, so that no call chain reaches the 512-byte BPF stack, and
 //! returns one register ([`Packed`]).
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 use cloison_abi::*;
@@ -27,9 +29,10 @@ use crate::{
     hdr::*,
     icmp,
     maps::{count_drop, count_to_vm, scratch, CL_CONFIG, CL_PORTS, NO_SLOT},
-    packet::{pull_headers, Packet},
+    nat,
+    packet::{self, pull_headers, Packet},
     parse::{self, Parsed, L3},
-    policy, port, proxy, service, spoof, uplink, vxlan,
+    policy, port, proxy, route, service, spoof, uplink, vxlan,
 };
 
 /// Everything a VM sends, from the TC hook on its port.
@@ -42,7 +45,7 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
         first
     } else {
         let sg = match d.next.kind {
-            NEXT_LOCAL | NEXT_ENCAP | NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 => {
+            NEXT_LOCAL | NEXT_ENCAP | NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 | NEXT_EXTERNAL => {
                 from_port_checked(ctx, d)
             }
             _ => 0,
@@ -54,10 +57,13 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
                 NEXT_ARP => arp(ctx, d.ifindex, &d.port),
                 NEXT_ND => pack(proxy::nd(ctx, &d.port, d.ifindex)),
                 NEXT_SERVICE => steer(ctx, d.ifindex, &d.port),
-                NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 | NEXT_TIME_EXCEEDED_V4
+                NEXT_TOO_BIG_V4
+                | NEXT_TOO_BIG_V6
+                | NEXT_TIME_EXCEEDED_V4
                 | NEXT_TIME_EXCEEDED_V6 => icmp_error(ctx, d.ifindex, &d.port, d.next),
                 NEXT_ENCAP => encap(ctx, d.out.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed)),
                 NEXT_LOCAL => forward::deliver(&d.peer, ctx.len()) as Packed,
+                NEXT_EXTERNAL => external(ctx, d.ifindex, d.out.zone),
                 _ => d.next.arg as i32 as Packed,
             }
         }
@@ -124,7 +130,15 @@ fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, Drop
     if service::wanted(port, p)? {
         return Ok(Next::of(NEXT_SERVICE, 0));
     }
-    forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer, &mut d.out)
+    d.out = Out {
+        vni: port.vni,
+        zone: port.vni,
+    };
+    let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
+    if mac_eq(unsafe { &(*eth).dst }, &gateway_mac(port.vni)) {
+        return route::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer, &mut d.out);
+    }
+    forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer)
 }
 
 /// ARP: the sender fields checked (with port security), then answered.
@@ -169,6 +183,70 @@ fn icmp_error(ctx: &TcContext, ifindex: u32, port: &PortInfo, next: Next) -> Pac
         icmp::Error::TooBig
     };
     pack(icmp::error(ctx, ifindex, port, v4, error))
+}
+
+/// Out to the external interface (NAT). A mapping is free again once
+/// conntrack no longer tracks its flow.
+#[inline(never)]
+fn external(ctx: &TcContext, ifindex: u32, zone: u32) -> Packed {
+    pack(nat::outbound(ctx, ifindex, zone, snat_flow_live))
+}
+
+#[inline(always)]
+fn snat_flow_live(rk: &SnatRevKey, r: &SnatRevEntry) -> bool {
+    let Ok(sc) = scratch() else {
+        return true;
+    };
+    conntrack::key(
+        &mut sc.key,
+        r.zone,
+        rk.proto,
+        &v4_mapped(r.inside),
+        (
+            u16::from_be_bytes(r.inside_port),
+            u16::from_be_bytes(rk.outside_port),
+        ),
+        &v4_mapped(rk.outside),
+    );
+    conntrack::live(&sc.key, conntrack::now()).is_some()
+}
+
+/// Everything that enters by the external interface (TC ingress there):
+/// ARP for floating IPs answered, NATed flows translated back and then
+/// checked against the port's ingress rules, the rest on untouched (the
+/// next program, or the host).
+#[inline(always)]
+pub fn from_outside(ctx: &TcContext) -> i32 {
+    pull_headers(ctx, 0);
+    let res = match nat::inbound(ctx) {
+        Ok(nat::Inbound::Pass) => return TC_ACT_UNSPEC,
+        Ok(nat::Inbound::Answered) => return TC_ACT_REDIRECT,
+        Ok(nat::Inbound::Deliver(fwd, zone)) => deliver_inbound(ctx, &fwd, zone),
+        Err((reason, slot)) => Err((reason, slot)),
+    };
+    match res {
+        Ok(v) => v,
+        Err((reason, slot)) => {
+            count_drop(reason, slot);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn deliver_inbound(
+    ctx: &TcContext,
+    fwd: &ForwardEntry,
+    zone: u32,
+) -> Result<i32, (DropReason, u32)> {
+    if fwd.flags & PORT_F_SECURITY != 0 {
+        pull_headers(ctx, 0);
+        let c = Cursor::new(ctx.data(), ctx.data_end());
+        unpack(to_port_checked(&c, ctx.len() as usize, fwd.ifindex, zone))
+            .map_err(|e| (e, fwd.slot))?;
+    }
+    count_to_vm(fwd.slot, ctx.len());
+    Ok(packet::redirect_tc(fwd, true))
 }
 
 #[inline(never)]

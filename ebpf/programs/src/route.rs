@@ -8,6 +8,9 @@
 //! ICMP error from the router's address instead. The flow is tracked in the
 //! router's zone (one for both directions, on every host it crosses).
 //!
+//! An IPv4 address of no network of the router goes to the outside (see
+//! `nat`) when the port has a floating IP or the router source-NATs.
+//!
 //! Underlay side: a routed frame arrives from the gateway MAC of its
 //! network; [`routed_sender`] finds the remote port it came from by its
 //! source address (the router's other networks) and holds it to that
@@ -18,8 +21,8 @@ use cloison_abi::*;
 use crate::{
     decision::*,
     hdr::*,
-    maps::{forward, neighbour, remote_mac, route, router_iface},
-    parse::{Parsed, L3},
+    maps::{forward, neighbour, remote_mac, route, router_iface, CL_EXTERNAL, CL_PORT_FIPS},
+    parse::{segment_len, Parsed, L3},
 };
 
 /// Whether `a` is an IPv6 link-local address (fe80::/10): never routed.
@@ -34,6 +37,7 @@ fn link_local(a: &[u8; 16]) -> bool {
 pub fn from_port(
     ctx: &TcContext,
     c: &Cursor,
+    ifindex: u32,
     port: &PortInfo,
     p: &Parsed,
     peer: &mut ForwardEntry,
@@ -60,7 +64,21 @@ pub fn from_port(
     if !v4 && (link_local(&p.src) || link_local(&p.dst)) {
         return Err(DropReason::NoRoute);
     }
-    let r = route(rif.router, p.dst).ok_or(DropReason::NoRoute)?;
+    let ttl_at = if v4 { ETH_LEN + 8 } else { ETH_LEN + 7 };
+    let ttl: *mut u8 = c.at(ttl_at).ok_or(DropReason::TruncatedEthernet)?;
+    let r = match route(rif.router, p.dst) {
+        Some(r) => r,
+        None if v4 => {
+            // To the outside (NAT), if the port or its router may go there.
+            leaves(ifindex, &rif, p)?;
+            out.zone = ROUTER_ZONE | rif.router;
+            if unsafe { *ttl } <= 1 {
+                return time_exceeded(p, v4);
+            }
+            return Ok(Next::of(NEXT_EXTERNAL, 0));
+        }
+        None => return Err(DropReason::NoRoute),
+    };
     if r.vni == port.vni {
         return Err(DropReason::NoRoute);
     }
@@ -75,26 +93,11 @@ pub fn from_port(
     out.vni = r.vni;
     out.zone = ROUTER_ZONE | rif.router;
 
-    let ttl_at = if v4 { ETH_LEN + 8 } else { ETH_LEN + 7 };
-    let ttl: *mut u8 = c.at(ttl_at).ok_or(DropReason::TruncatedEthernet)?;
     if unsafe { *ttl } <= 1 {
-        // No error about an ICMP error (RFC 1812 4.3.2.7).
-        if crate::conntrack::is_icmp_error(p) {
-            return Err(DropReason::TtlExceeded);
-        }
-        let kind = if v4 {
-            NEXT_TIME_EXCEEDED_V4
-        } else {
-            NEXT_TIME_EXCEEDED_V6
-        };
-        return Ok(Next::of(kind, 0));
+        return time_exceeded(p, v4);
     }
-    if crate::forward::segment_len(ctx, c, p) > r.mtu as usize {
-        let kind = if v4 {
-            NEXT_TOO_BIG_V4
-        } else {
-            NEXT_TOO_BIG_V6
-        };
+    if segment_len(ctx, c, p) > r.mtu as usize {
+        let kind = if v4 { NEXT_TOO_BIG_V4 } else { NEXT_TOO_BIG_V6 };
         return Ok(Next::of(kind, TOO_BIG_ROUTED));
     }
 
@@ -119,6 +122,46 @@ pub fn from_port(
     Ok(Next::of(kind, 0))
 }
 
+/// A TTL that runs out: the router's ICMP error, except about an ICMP
+/// error (RFC 1812 4.3.2.7).
+#[inline(always)]
+fn time_exceeded(p: &Parsed, v4: bool) -> Result<Next, DropReason> {
+    if p.is_icmp_error() {
+        return Err(DropReason::TtlExceeded);
+    }
+    let kind = if v4 {
+        NEXT_TIME_EXCEEDED_V4
+    } else {
+        NEXT_TIME_EXCEEDED_V6
+    };
+    Ok(Next::of(kind, 0))
+}
+
+/// Whether an IPv4 frame of port `ifindex` (whose router is `rif`) to an
+/// address of no network of the router goes to the outside: from the
+/// port's floating IP (its first IPv4 address only), or SNATed if the
+/// router does and the host has an external IP.
+#[inline(always)]
+fn leaves(ifindex: u32, rif: &RouterIface, p: &Parsed) -> Result<(), DropReason> {
+    let ext = CL_EXTERNAL.get(0).ok_or(DropReason::NoRoute)?;
+    if let Some(f) = CL_PORT_FIPS.get_ptr(&ifindex) {
+        if eq16(&v4_mapped(unsafe { (*f).inner }), &p.src) {
+            return if ext.ifindex == 0 {
+                Err(DropReason::NoExternal)
+            } else {
+                Ok(())
+            };
+        }
+    }
+    if rif.flags & RIF_F_SNAT == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    if ext.ifindex == 0 || ext.ip == [0; 4] {
+        return Err(DropReason::NoExternal);
+    }
+    Ok(())
+}
+
 /// The sender of a routed frame that came in VXLAN for network `vni` from
 /// VTEP `vtep` (its inner source MAC is the network's gateway MAC): the
 /// remote port that has its source address `src` in another of the
@@ -138,9 +181,7 @@ pub fn routed_sender(vni: u32, vtep: &[u8; 4], src: [u8; 16]) -> Result<u32, Dro
         None => neighbour(r.vni, src).ok_or(DropReason::VxlanSpoofedSourceIp)?,
     };
     match forward(r.vni, mac) {
-        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, vtep) => {
-            Ok(ROUTER_ZONE | rif.router)
-        }
+        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, vtep) => Ok(ROUTER_ZONE | rif.router),
         _ => Err(DropReason::VxlanSpoofedSourceIp),
     }
 }

@@ -210,6 +210,7 @@ impl Lab {
         plug(&ul, &sw, &hv, underlay_ip(i), self.wire)?;
         let name = format!("hv{i}");
         self.snapshot.hosts.push(Host {
+            external_ip: None,
             name: name.clone(),
             underlay_ip: underlay_ip(i),
         });
@@ -399,7 +400,9 @@ impl Lab {
                 _ => ("10.2.0.1", "fd00:3::1"),
             };
             sh(&["ip", "-n", &v.ns, "route", "add", "default", "via", gw4])?;
-            sh(&["ip", "-n", &v.ns, "-6", "route", "add", "default", "via", gw6])?;
+            sh(&[
+                "ip", "-n", &v.ns, "-6", "route", "add", "default", "via", gw6,
+            ])?;
         }
         Ok(())
     }
@@ -607,6 +610,7 @@ impl Lab {
             ])?;
         }
         self.snapshot.hosts.push(Host {
+            external_ip: None,
             name: "hv3".into(),
             underlay_ip: underlay_ip(3),
         });

@@ -1,6 +1,5 @@
 //! Interface facts from the calling thread's network namespace (ioctl, not
 //! sysfs: sysfs shows the namespace it was mounted in, not the thread's).
-use std::str::FromStr;
 use std::{ffi::CString, io};
 
 use crate::tables::Iface;
@@ -167,8 +166,29 @@ mod tests {
     }
 }
 
-/// The MAC address of interface `name`.
+/// The MAC address of interface `name` in this thread's namespace
+/// (SIOCGIFHWADDR: /sys shows the namespace it was mounted in).
 pub fn mac(name: &str) -> Option<[u8; 6]> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
-    crate::snapshot::MacAddr::from_str(text.trim()).ok().map(|m| m.0)
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Some(mac)
 }

@@ -181,6 +181,9 @@ impl Lab {
         for r in &snap.routers {
             add("router", serde_json::to_value(r)?);
         }
+        for f in &snap.floating_ips {
+            add("floating-ip", serde_json::to_value(f)?);
+        }
         Ok(serde_json::Value::Array(out))
     }
 
@@ -217,12 +220,22 @@ impl Lab {
         for r in &snap.routers {
             objects.push(("routers", r.name.clone(), serde_json::to_value(r)?));
         }
+        for f in &snap.floating_ips {
+            objects.push(("floating-ips", f.name.clone(), serde_json::to_value(f)?));
+        }
         let c = self.agent_client(host);
         rt.block_on(async {
             let mut generation = 0;
             // Groups may name groups put later: those are retried once
             // the others are in.
-            for phase in ["hosts", "networks", "security-groups", "ports", "routers"] {
+            for phase in [
+                "hosts",
+                "networks",
+                "security-groups",
+                "ports",
+                "routers",
+                "floating-ips",
+            ] {
                 let mut todo: Vec<&(&str, String, serde_json::Value)> =
                     objects.iter().filter(|o| o.0 == phase).collect();
                 while !todo.is_empty() {

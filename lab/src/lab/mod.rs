@@ -407,6 +407,55 @@ impl Lab {
         Ok(())
     }
 
+    /// The outside, after `add_routers` and before the agents: a namespace
+    /// `out` whose bridge has 198.51.100.1/24 (the outside's server), each
+    /// host plugged into it by `ext0` (198.51.100.1{i}/24: the host's
+    /// `external_ip`, its agent's `--external-interface`); both tenants'
+    /// routers SNAT, and ad2 (hv2) has floating IP 198.51.100.20.
+    pub fn add_outside(&mut self) -> Result<()> {
+        if self.snapshot.routers.is_empty() {
+            bail!("add_outside needs the routers of add_routers");
+        }
+        let out = self.add_ns("out")?;
+        switch(&out)?;
+        sh(&["ip", "-n", &out, "addr", "add", "198.51.100.1/24", "dev", "br0"])?;
+        for (i, host) in self.hosts.clone().iter().enumerate() {
+            let (hv, dev) = (self.ns(host), format!("x{}", i + 1));
+            sh(&[
+                "ip", "-n", &out, "link", "add", &dev, "type", "veth", "peer", "name", "ext0",
+                "netns", &hv,
+            ])?;
+            sh(&["ip", "-n", &out, "link", "set", &dev, "master", "br0", "up"])?;
+            // A NIC's wire, as the uplink's.
+            sh(&[
+                "ip", "netns", "exec", &out, "ethtool", "-K", &dev, "gro", "on", "tx", "off",
+            ])?;
+            let ip = Ipv4Addr::new(198, 51, 100, 11 + i as u8);
+            sh(&["ip", "-n", &hv, "addr", "add", &format!("{ip}/24"), "dev", "ext0"])?;
+            sh(&["ip", "-n", &hv, "link", "set", "ext0", "up"])?;
+            self.snapshot
+                .hosts
+                .iter_mut()
+                .find(|h| &h.name == host)
+                .expect("the lab's host")
+                .external_ip = Some(ip);
+            self.agent_args
+                .entry(host.clone())
+                .or_default()
+                .extend(["--external-interface".to_string(), "ext0".to_string()]);
+        }
+        for r in &mut self.snapshot.routers {
+            r.snat = true;
+        }
+        self.snapshot.floating_ips.push(cloison_dataplane::FloatingIp {
+            name: "ad2-fip".into(),
+            tenant: "tenant-a".into(),
+            ip: Ipv4Addr::new(198, 51, 100, 20),
+            port: "ad2".into(),
+        });
+        Ok(())
+    }
+
     pub fn vm(&self, name: &str) -> &Vm {
         self.vms.iter().find(|v| v.name == name).expect("lab VM")
     }

@@ -27,7 +27,11 @@ pub fn base() -> Desired {
             "p",
             r#"{"network": "n", "host": "hv1", "interface": "tap1", "mac": "02:00:00:00:00:01", "ips": ["10.0.0.1"], "security_groups": ["g"]}"#,
         ),
-        (Kind::Router, "r", r#"{"tenant": "t", "networks": ["n"], "snat": true}"#),
+        (
+            Kind::Router,
+            "r",
+            r#"{"tenant": "t", "networks": ["n"], "snat": true}"#,
+        ),
         (
             Kind::FloatingIp,
             "f",

@@ -520,9 +520,8 @@ impl Dataplane {
     /// host), and writes where outbound NAT goes.
     pub fn attach_external(&mut self, name: &str) -> Result<(), Error> {
         self.writable("attach the external interface")?;
-        let ifindex = netdev::ifindex(name).ok_or_else(|| {
-            Error::Invalid(format!("external interface {name} does not exist"))
-        })?;
+        let ifindex = netdev::ifindex(name)
+            .ok_or_else(|| Error::Invalid(format!("external interface {name} does not exist")))?;
         let mac = netdev::mac(name)
             .ok_or_else(|| Error::Invalid(format!("external interface {name} has no MAC")))?;
         let want = format!("external-{ifindex}");
@@ -692,8 +691,7 @@ impl Dataplane {
                 }
             }
             Step::ExternalIp(ip) => {
-                let mut m: Array<&mut MapData, ExternalConfig> =
-                    typed_mut::<_, maps::External>(e)?;
+                let mut m: Array<&mut MapData, ExternalConfig> = typed_mut::<_, maps::External>(e)?;
                 let mut x = m.get(&0, 0).unwrap_or_default();
                 x.ip = *ip;
                 m.set(0, x, 0)
@@ -1006,7 +1004,10 @@ impl Dataplane {
         // SNAT mappings of a port gone or handed to another, or of an
         // address purged: a later port on the ifindex must not get them.
         let mapped = |zone: u32, inside: [u8; 4]| {
-            purge.covers(zone, &crate::tables::ip16(std::net::Ipv4Addr::from(inside).into()))
+            purge.covers(
+                zone,
+                &crate::tables::ip16(std::net::Ipv4Addr::from(inside).into()),
+            )
         };
         let rev: HashMap<&MapData, SnatRevKey, SnatRevEntry> =
             typed_ref::<_, maps::SnatReverse>(&self.ebpf)?;

@@ -880,12 +880,18 @@ mod tests {
         fip(&mut ok, "f1", "198.51.100.20", "p1");
         assert!(validate(ok.clone()).is_ok());
         let cases: [(&str, Class, fn(&mut Snapshot)); 8] = [
-            ("a missing port", Class::Conflict, |s| s.floating_ips[0].port = "nope".into()),
+            ("a missing port", Class::Conflict, |s| {
+                s.floating_ips[0].port = "nope".into()
+            }),
             ("another tenant's port", Class::Conflict, |s| {
                 s.floating_ips[0].tenant = "u".into()
             }),
-            ("a port on no router", Class::Conflict, |s| s.routers.clear()),
-            ("a port without IPv4", Class::Conflict, |s| s.ports[0].ips.clear()),
+            ("a port on no router", Class::Conflict, |s| {
+                s.routers.clear()
+            }),
+            ("a port without IPv4", Class::Conflict, |s| {
+                s.ports[0].ips.clear()
+            }),
             ("a host's external IP", Class::Conflict, |s| {
                 s.floating_ips[0].ip = "198.51.100.11".parse().unwrap()
             }),

@@ -1176,7 +1176,8 @@ fn outside_server(
             Ok(peers)
         })
     });
-    rx.recv_timeout(Duration::from_secs(5)).expect("server listening");
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server listening");
     h
 }
 
@@ -1207,10 +1208,12 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
     // ad2 (floating IP 198.51.100.20) serves TCP 5001 and answers pings to
     // anyone; nothing else comes in.
     lab.snapshot.security_groups.push(
-        serde_json::from_value(serde_json::json!({"name": "a-public", "tenant": "tenant-a", "rules": [
+        serde_json::from_value(
+            serde_json::json!({"name": "a-public", "tenant": "tenant-a", "rules": [
             {"direction": "ingress", "protocol": "tcp", "ports": "5001"},
             {"direction": "ingress", "protocol": "icmp"},
-            {"direction": "egress"}]}))
+            {"direction": "egress"}]}),
+        )
         .unwrap(),
     );
     lab.set_groups(&[("ad2", "a-public")]);
@@ -1233,8 +1236,16 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
     let (from_hv1, fip): (Vec<&std::net::SocketAddr>, Vec<&std::net::SocketAddr>) = peers
         .iter()
         .partition(|p| p.ip().to_string() == "198.51.100.11");
-    assert_eq!(from_hv1.len(), 2, "a1 and b1 from hv1's external IP: {peers:?}");
-    assert_ne!(from_hv1[0].port(), from_hv1[1].port(), "two tenants, two ports");
+    assert_eq!(
+        from_hv1.len(),
+        2,
+        "a1 and b1 from hv1's external IP: {peers:?}"
+    );
+    assert_ne!(
+        from_hv1[0].port(),
+        from_hv1[1].port(),
+        "two tenants, two ports"
+    );
     for p in &from_hv1 {
         assert!(
             (cloison_abi::SNAT_PORT_MIN..=cloison_abi::SNAT_PORT_MAX).contains(&p.port()),
@@ -1254,16 +1265,31 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
         "198.51.100.12",
         "a2 from hv2's external IP"
     );
-    assert!(lab.ping("a1", "198.51.100.1", 2), "ping the outside, SNATed");
+    assert!(
+        lab.ping("a1", "198.51.100.1", 2),
+        "ping the outside, SNATed"
+    );
 
     // The outside reaches ad2 by its floating IP, where its group allows.
     let ping_fip = std::process::Command::new("ip")
         .args([
-            "netns", "exec", &out, "ping", "-q", "-c", "2", "-W", "1", "198.51.100.20",
+            "netns",
+            "exec",
+            &out,
+            "ping",
+            "-q",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "198.51.100.20",
         ])
-        .status()
+        .output()
         .expect("ping");
-    assert!(ping_fip.success(), "the outside pings ad2's floating IP");
+    assert!(
+        ping_fip.status.success(),
+        "the outside pings ad2's floating IP"
+    );
     let got = tcp_echo_from_outside(&lab, &out, "ad2", 5001).expect("outside -> ad2:5001");
     assert_eq!(got, b"outside");
     assert!(
@@ -1272,7 +1298,11 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
     );
     let drops = lab.drops("hv2").expect("drops");
     assert!(
-        drops.get(&DropReason::SgIngressDenied).copied().unwrap_or(0) > 0,
+        drops
+            .get(&DropReason::SgIngressDenied)
+            .copied()
+            .unwrap_or(0)
+            > 0,
         "the refusal counted: {drops:?}"
     );
 }

@@ -22,6 +22,8 @@ pub enum At {
     Uplink(UplinkHook),
     /// The agent's service tap: an answer of its gateway services.
     Service,
+    /// The external interface (the test bed's uplink): from the outside.
+    External,
 }
 
 /// A check of an output frame (parsed, and its bytes).
@@ -193,6 +195,18 @@ pub fn routed(out: &[u8], input: &[u8]) -> bool {
     same && csum_ok && out[ttl] + 1 == input[ttl]
 }
 
+/// Whether `out` is `input` from the outside translated back for a port:
+/// to a port's MAC from a gateway MAC, the TTL one less, the source as sent
+/// (the row's check says which address and port it now goes to).
+fn nat_back(out: &[u8], input: &[u8]) -> bool {
+    let gw = cloison_abi::gateway_mac(0);
+    out.len() == input.len()
+        && out.len() >= 34
+        && out[6..9] == gw[..3]
+        && out[26..30] == input[26..30]
+        && out[22] + 1 == input[22]
+}
+
 /// Whether what the kernel did is what `v` says: the same verdict, and a
 /// redirect's output where `v` says it goes (routed: see [`routed`]).
 pub fn agrees(seen: &Seen, v: Verdict, input: &[u8]) -> Result<(), String> {
@@ -217,6 +231,20 @@ pub fn agrees(seen: &Seen, v: Verdict, input: &[u8]) -> Result<(), String> {
                 Err("redirected, but not back to the sender's MAC".into())
             }
         }
+        (Seen::Redirect(out), Verdict::ToExternal) => {
+            // NATed: the destination as sent, the TTL one less (the row's
+            // check says from which address and port).
+            let ok = out.len() == input.len()
+                && out.len() >= 34
+                && out[12..14] == [0x08, 0x00]
+                && out[30..34] == input[30..34]
+                && out[22] + 1 == input[22];
+            if ok {
+                Ok(())
+            } else {
+                Err("redirected, but not the frame NATed to the outside".into())
+            }
+        }
         (Seen::Redirect(out), Verdict::ToAgent) => {
             let steered = out.len() == input.len()
                 && out.len() >= 12
@@ -239,7 +267,7 @@ pub fn agrees(seen: &Seen, v: Verdict, input: &[u8]) -> Result<(), String> {
                 && out[6..9] == cloison_abi::gateway_mac(0)[..3]
                 && out[..6] == input[..6]
                 && out[12..] == input[12..];
-            if *out == want || answered || routed(out, input) {
+            if *out == want || answered || routed(out, input) || nat_back(out, input) {
                 Ok(())
             } else {
                 Err(format!(
@@ -283,6 +311,14 @@ fn kernel(dp: &Dataplane, c: &Case) -> Result<Seen, String> {
                 .map_err(|e| e.to_string())?;
             seen(dp, &r, &before, TC_ACT_REDIRECT, u32::MAX)
         }
+        At::External => {
+            let ext = dp.external().map_err(|e| e.to_string())?.ifindex;
+            let r = dp
+                .test_run_external(ext, &c.input)
+                .map_err(|e| e.to_string())?;
+            // TC_ACT_UNSPEC: on to the next program or the host.
+            seen(dp, &r, &before, TC_ACT_REDIRECT, u32::MAX)
+        }
     }
 }
 
@@ -316,6 +352,7 @@ pub fn run_case(dp: &Dataplane, model: &Model, c: &Case) -> Result<(), String> {
         }
         At::Uplink(_) => model.uplink(&c.input),
         At::Service => model.service_answer(&c.input),
+        At::External => model.external(&c.input),
     };
     if modelled != c.expect {
         return Err(format!("model: {modelled:?}, expected {:?}", c.expect));
@@ -373,6 +410,15 @@ pub fn differ(
                 dp.test_run_uplink(hook, up0, frame),
                 model.uplink(frame),
                 codes,
+            )
+        }
+        At::External => {
+            let ext = dp.external().map_err(|e| e.to_string())?.ifindex;
+            (
+                dp.test_run_external(ext, frame),
+                model.external(frame),
+                // TC_ACT_UNSPEC (-1): on to the next program or the host.
+                (TC_ACT_REDIRECT, u32::MAX),
             )
         }
         At::Service => {

@@ -72,9 +72,9 @@ fn kind(s: &str) -> Result<Kind> {
         "port" => Kind::Port,
         "router" => Kind::Router,
         "floating-ip" | "fip" => Kind::FloatingIp,
-        _ => bail!(
-            "unknown kind {s:?}: host, network, security-group, port, router or floating-ip"
-        ),
+        _ => {
+            bail!("unknown kind {s:?}: host, network, security-group, port, router or floating-ip")
+        }
     };
     Ok(k)
 }

@@ -29,6 +29,7 @@ use crate::{
 
 mod conntrack;
 mod forward;
+mod nat;
 mod parse;
 mod policy;
 mod proxy;
@@ -53,6 +54,9 @@ pub enum Verdict {
     /// To the agent's gateway services (its service tap), the port's
     /// ifindex in the destination MAC.
     ToAgent,
+    /// Out of the external interface, NATed (from a floating IP or the
+    /// host's external IP).
+    ToExternal,
     Drop(DropReason),
 }
 
@@ -61,7 +65,11 @@ impl Verdict {
     pub fn redirected(self) -> bool {
         matches!(
             self,
-            Verdict::ToPort(_) | Verdict::Back | Verdict::ToVtep(_) | Verdict::ToAgent
+            Verdict::ToPort(_)
+                | Verdict::Back
+                | Verdict::ToVtep(_)
+                | Verdict::ToAgent
+                | Verdict::ToExternal
         )
     }
 }
@@ -76,6 +84,13 @@ pub struct Model<'a> {
     ct: RefCell<BTreeMap<ModelCtKey, ModelCt>>,
     /// The snapshot's routers touching this host's networks.
     routers: Vec<route::ModelRouter>,
+    /// Floating IPs of this host's ports.
+    fips: Vec<nat::ModelFip>,
+    /// SNAT mappings the model handed out.
+    snat: RefCell<nat::ModelSnat>,
+    /// Whether the external interface's program is attached (the agent's
+    /// `--external-interface`): set by whoever attached it.
+    pub external: bool,
     /// First fragments allowed: when, and the tenant charged.
     frags: RefCell<BTreeMap<ModelFragKey, (u64, u32)>>,
 }
@@ -124,6 +139,9 @@ impl<'a> Model<'a> {
             ct: RefCell::new(BTreeMap::new()),
             frags: RefCell::new(BTreeMap::new()),
             routers: Vec::new(),
+            fips: Vec::new(),
+            snat: RefCell::new(BTreeMap::new()),
+            external: false,
         };
         m.set_policy(snap, ifindex);
         m
@@ -141,6 +159,7 @@ impl<'a> Model<'a> {
             .enumerate()
             .map(|(i, r)| route::ModelRouter {
                 zone: ROUTER_ZONE | (i as u32 + 1),
+                snat: r.snat,
                 nets: r
                     .networks
                     .iter()
@@ -152,6 +171,34 @@ impl<'a> Model<'a> {
                         gateways: n.gateway_ips.clone(),
                     })
                     .collect(),
+            })
+            .collect();
+        self.fips = snap
+            .floating_ips
+            .iter()
+            .filter_map(|f| {
+                let p = snap.ports.iter().find(|p| p.name == f.port)?;
+                let ifindex =
+                    ifindex(&p.interface).filter(|i| self.tables.ports.contains_key(i))?;
+                let inner = p.ips.iter().find_map(|ip| match ip {
+                    IpAddr::V4(a) => Some(*a),
+                    IpAddr::V6(_) => None,
+                })?;
+                let zone = self
+                    .routers
+                    .iter()
+                    .find(|r| {
+                        r.nets
+                            .iter()
+                            .any(|n| n.vni == self.tables.ports[&ifindex].vni)
+                    })?
+                    .zone;
+                Some(nat::ModelFip {
+                    ip: f.ip,
+                    ifindex,
+                    inner,
+                    zone,
+                })
             })
             .collect();
         for p in &snap.ports {

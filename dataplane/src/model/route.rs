@@ -31,6 +31,7 @@ pub(crate) struct RoutedNet {
 #[derive(Clone, Debug)]
 pub(crate) struct ModelRouter {
     pub zone: u32,
+    pub snat: bool,
     pub nets: Vec<RoutedNet>,
 }
 
@@ -79,7 +80,13 @@ impl Model<'_> {
         if link_local(src) || link_local(dst) {
             return Err(NoRoute);
         }
-        let there = router.holding(dst).ok_or(NoRoute)?;
+        let Some(there) = router.holding(dst) else {
+            return if v4 {
+                self.to_outside(f, p, ifindex, port, router.zone, router.snat)
+            } else {
+                Err(NoRoute)
+            };
+        };
         if there.vni == port.vni {
             return Err(NoRoute);
         }

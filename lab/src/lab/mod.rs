@@ -418,7 +418,16 @@ impl Lab {
         }
         let out = self.add_ns("out")?;
         switch(&out)?;
-        sh(&["ip", "-n", &out, "addr", "add", "198.51.100.1/24", "dev", "br0"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &out,
+            "addr",
+            "add",
+            "198.51.100.1/24",
+            "dev",
+            "br0",
+        ])?;
         for (i, host) in self.hosts.clone().iter().enumerate() {
             let (hv, dev) = (self.ns(host), format!("x{}", i + 1));
             sh(&[
@@ -431,7 +440,16 @@ impl Lab {
                 "ip", "netns", "exec", &out, "ethtool", "-K", &dev, "gro", "on", "tx", "off",
             ])?;
             let ip = Ipv4Addr::new(198, 51, 100, 11 + i as u8);
-            sh(&["ip", "-n", &hv, "addr", "add", &format!("{ip}/24"), "dev", "ext0"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &hv,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "ext0",
+            ])?;
             sh(&["ip", "-n", &hv, "link", "set", "ext0", "up"])?;
             self.snapshot
                 .hosts
@@ -447,12 +465,14 @@ impl Lab {
         for r in &mut self.snapshot.routers {
             r.snat = true;
         }
-        self.snapshot.floating_ips.push(cloison_dataplane::FloatingIp {
-            name: "ad2-fip".into(),
-            tenant: "tenant-a".into(),
-            ip: Ipv4Addr::new(198, 51, 100, 20),
-            port: "ad2".into(),
-        });
+        self.snapshot
+            .floating_ips
+            .push(cloison_dataplane::FloatingIp {
+                name: "ad2-fip".into(),
+                tenant: "tenant-a".into(),
+                ip: Ipv4Addr::new(198, 51, 100, 20),
+                port: "ad2".into(),
+            });
         Ok(())
     }
 

@@ -142,30 +142,6 @@ pub fn enter_netns(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::DriverInfo;
-
-    fn info(driver: &str, bus_info: &str) -> DriverInfo {
-        DriverInfo {
-            driver: driver.into(),
-            bus_info: bus_info.into(),
-        }
-    }
-
-    #[test]
-    fn xdp_only_where_frames_come_off_a_wire() {
-        assert!(info("ixgbe", "0000:03:00.0").xdp_sees_wire_frames());
-        assert!(info("mlx5_core", "0000:81:00.1").xdp_sees_wire_frames());
-        assert!(info("virtio_net", "0000:00:04.0").xdp_sees_wire_frames());
-        assert!(!info("veth", "").xdp_sees_wire_frames());
-        assert!(!info("tun", "tap").xdp_sees_wire_frames());
-        assert!(!info("bridge", "N/A").xdp_sees_wire_frames());
-        assert!(!info("bonding", "").xdp_sees_wire_frames());
-        assert!(!info("veth", "0000:00:01.0").xdp_sees_wire_frames());
-    }
-}
-
 /// The MAC address of interface `name` in this thread's namespace
 /// (SIOCGIFHWADDR: /sys shows the namespace it was mounted in).
 pub fn mac(name: &str) -> Option<[u8; 6]> {
@@ -191,4 +167,28 @@ pub fn mac(name: &str) -> Option<[u8; 6]> {
         *m = *b as u8;
     }
     Some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DriverInfo;
+
+    fn info(driver: &str, bus_info: &str) -> DriverInfo {
+        DriverInfo {
+            driver: driver.into(),
+            bus_info: bus_info.into(),
+        }
+    }
+
+    #[test]
+    fn xdp_only_where_frames_come_off_a_wire() {
+        assert!(info("ixgbe", "0000:03:00.0").xdp_sees_wire_frames());
+        assert!(info("mlx5_core", "0000:81:00.1").xdp_sees_wire_frames());
+        assert!(info("virtio_net", "0000:00:04.0").xdp_sees_wire_frames());
+        assert!(!info("veth", "").xdp_sees_wire_frames());
+        assert!(!info("tun", "tap").xdp_sees_wire_frames());
+        assert!(!info("bridge", "N/A").xdp_sees_wire_frames());
+        assert!(!info("bonding", "").xdp_sees_wire_frames());
+        assert!(!info("veth", "0000:00:01.0").xdp_sees_wire_frames());
+    }
 }

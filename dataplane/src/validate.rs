@@ -798,6 +798,9 @@ mod tests {
         validate(s).unwrap_err().class
     }
 
+    /// A change to a valid state, what it is, and the class it must be refused with.
+    type Change = (&'static str, Class, fn(&mut Snapshot));
+
     /// BASE with a second network of tenant t and a router joining both.
     fn routed() -> Snapshot {
         let mut s = snap(BASE);
@@ -817,7 +820,7 @@ mod tests {
     #[test]
     fn routers_join_their_tenants_networks_once_without_overlaps() {
         assert!(validate(routed()).is_ok());
-        let cases: [(&str, Class, fn(&mut Snapshot)); 7] = [
+        let cases: [Change; 7] = [
             ("a missing network", Class::Conflict, |s| {
                 s.routers[0].networks.push("nope".into())
             }),
@@ -879,7 +882,7 @@ mod tests {
         ok.hosts[0].external_ip = Some("198.51.100.11".parse().unwrap());
         fip(&mut ok, "f1", "198.51.100.20", "p1");
         assert!(validate(ok.clone()).is_ok());
-        let cases: [(&str, Class, fn(&mut Snapshot)); 8] = [
+        let cases: [Change; 8] = [
             ("a missing port", Class::Conflict, |s| {
                 s.floating_ips[0].port = "nope".into()
             }),

@@ -11,17 +11,16 @@
 //! An IPv4 address of no network of the router goes to the outside (see
 //! `nat`) when the port has a floating IP or the router source-NATs.
 //!
-//! Underlay side: a routed frame arrives from the gateway MAC of its
-//! network; [`routed_sender`] finds the remote port it came from by its
-//! source address (the router's other networks) and holds it to that
-//! port's host.
+//! Underlay side (the uplink stage): a routed frame arrives from the
+//! gateway MAC of its network, and is held to the host of the port its
+//! source address belongs to.
 use aya_ebpf::programs::TcContext;
 use cloison_abi::*;
 
 use crate::{
     decision::*,
     hdr::*,
-    maps::{forward, neighbour, remote_mac, route, router_iface, CL_EXTERNAL, CL_PORT_FIPS},
+    maps::{forward, neighbour, route, router_iface, CL_EXTERNAL, CL_PORT_FIPS},
     parse::{segment_len, Parsed, L3},
 };
 
@@ -160,28 +159,4 @@ fn leaves(ifindex: u32, rif: &RouterIface, p: &Parsed) -> Result<(), DropReason>
         return Err(DropReason::NoExternal);
     }
     Ok(())
-}
-
-/// The sender of a routed frame that came in VXLAN for network `vni` from
-/// VTEP `vtep` (its inner source MAC is the network's gateway MAC): the
-/// remote port that has its source address `src` in another of the
-/// router's networks, which must live behind that VTEP.
-#[inline(always)]
-pub fn routed_sender(vni: u32, vtep: &[u8; 4], src: [u8; 16]) -> Result<u32, DropReason> {
-    let rif = router_iface(vni).ok_or(DropReason::VxlanSpoofedSource)?;
-    if link_local(&src) {
-        return Err(DropReason::VxlanSpoofedSourceIp);
-    }
-    let r = match route(rif.router, src) {
-        Some(r) if r.vni != vni => r,
-        _ => return Err(DropReason::VxlanSpoofedSourceIp),
-    };
-    let mac = match remote_mac(r.vni, src) {
-        Some(m) => m,
-        None => neighbour(r.vni, src).ok_or(DropReason::VxlanSpoofedSourceIp)?,
-    };
-    match forward(r.vni, mac) {
-        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, vtep) => Ok(ROUTER_ZONE | rif.router),
-        _ => Err(DropReason::VxlanSpoofedSourceIp),
-    }
 }

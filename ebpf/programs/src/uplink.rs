@@ -10,8 +10,7 @@ use cloison_abi::*;
 use crate::{
     decision::Delivery,
     hdr::*,
-    maps::{forward, remote_mac, CL_CONFIG, CL_NETWORKS, CL_VTEPS},
-    route,
+    maps::{forward, neighbour, remote_mac, route, router_iface, CL_CONFIG, CL_NETWORKS, CL_VTEPS},
 };
 
 /// `Ok(None)`: not for the overlay, hand to the host stack.
@@ -112,7 +111,7 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
     if mac_eq(&inner.src, &gateway_mac(vni)) {
         // Routed on the sender's host: from the router's other networks.
         let src = inner_source(c, be16(inner.proto))?;
-        let zone = route::routed_sender(vni, &ip.src, src)?;
+        let zone = routed_sender(vni, &ip.src, src)?;
         return Ok(Some(Delivery {
             port,
             vni,
@@ -158,6 +157,36 @@ fn inner_source(c: &Cursor, proto: u16) -> Result<[u8; 16], DropReason> {
                 .ok_or(DropReason::VxlanTruncated)?;
             Ok(unsafe { *a })
         }
+        _ => Err(DropReason::VxlanSpoofedSourceIp),
+    }
+}
+
+/// Whether `a` is an IPv6 link-local address (fe80::/10).
+#[inline(always)]
+fn link_local(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
+/// The sender of a routed frame that came in VXLAN for network `vni` from
+/// VTEP `vtep` (its inner source MAC is the network's gateway MAC): the
+/// remote port that has its source address `src` in another of the
+/// router's networks, which must live behind that VTEP.
+#[inline(always)]
+fn routed_sender(vni: u32, vtep: &[u8; 4], src: [u8; 16]) -> Result<u32, DropReason> {
+    let rif = router_iface(vni).ok_or(DropReason::VxlanSpoofedSource)?;
+    if link_local(&src) {
+        return Err(DropReason::VxlanSpoofedSourceIp);
+    }
+    let r = match route(rif.router, src) {
+        Some(r) if r.vni != vni => r,
+        _ => return Err(DropReason::VxlanSpoofedSourceIp),
+    };
+    let mac = match remote_mac(r.vni, src) {
+        Some(m) => m,
+        None => neighbour(r.vni, src).ok_or(DropReason::VxlanSpoofedSourceIp)?,
+    };
+    match forward(r.vni, mac) {
+        Some(f) if f.kind == FWD_REMOTE && ip4_eq(&f.vtep, vtep) => Ok(ROUTER_ZONE | rif.router),
         _ => Err(DropReason::VxlanSpoofedSourceIp),
     }
 }

@@ -30,6 +30,8 @@ fn paths(c: &mut Criterion) {
         UplinkHook::Xdp,
     )
     .expect("apply");
+    dp.attach_external(cloison_testkit::testbed::UPLINK)
+        .expect("the uplink as the external interface");
     let dp = dp;
     let pa1 = netdev::ifindex("pa1").expect("pa1");
     let up0 = netdev::ifindex("up0").expect("up0");
@@ -41,6 +43,8 @@ fn paths(c: &mut Criterion) {
     let gw = cloison_abi::gateway_mac(1001);
     let routed_local = udp((A1, IP_A1), (gw, [10, 1, 0, 5]), 40002, 64);
     let routed_remote = udp((A1, IP_A1), (gw, [10, 1, 0, 6]), 40002, 64);
+    // To the outside (192.0.2.2, the test bed's next hop): SNATed.
+    let snat = udp((A1, IP_A1), (gw, [192, 0, 2, 2]), 40003, 64);
     // Establish the flows first: the benches measure the established path.
     for (f, up) in [
         (&local, false),
@@ -48,6 +52,7 @@ fn paths(c: &mut Criterion) {
         (&decap, true),
         (&routed_local, false),
         (&routed_remote, false),
+        (&snat, false),
     ] {
         let r = if up {
             dp.test_run_uplink(UplinkHook::Xdp, up0, f)
@@ -82,6 +87,25 @@ fn paths(c: &mut Criterion) {
             || dp.test_run_port(pa1, &routed_remote, 0),
             TC_ACT_REDIRECT,
         )
+    });
+    g.bench_function("port_snat_to_external", |b| {
+        single(b, || dp.test_run_port(pa1, &snat, 0), TC_ACT_REDIRECT)
+    });
+    // The reply to the mapping the kernel made for it.
+    let out = dp.test_run_port(pa1, &snat, 0).expect("SNAT");
+    let port = u16::from_be_bytes([out.frame[34], out.frame[35]]);
+    let reply = udp(
+        ([2, 0xaa, 0, 0, 0, 2], [192, 0, 2, 2]),
+        ([2, 0xbb, 0, 0, 0, 1], EXTERNAL_IP),
+        9,
+        64,
+    );
+    let mut reply = reply;
+    reply[36..38].copy_from_slice(&port.to_be_bytes());
+    // (The UDP checksum is 0: no checksum to fix for the new port.)
+    reply[40..42].copy_from_slice(&[0, 0]);
+    g.bench_function("external_snat_reply_to_port", |b| {
+        single(b, || dp.test_run_external(up0, &reply), TC_ACT_REDIRECT)
     });
     g.bench_function("port_to_remote_encap", |b| {
         single(b, || dp.test_run_port(pa1, &remote, 0), TC_ACT_REDIRECT)

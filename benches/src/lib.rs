@@ -202,13 +202,18 @@ pub fn paths_snapshot() -> Snapshot {
         name: "r".into(),
         tenant: "t".into(),
         networks: vec!["net".into(), "db".into()],
-        snat: false,
+        snat: true,
     }];
+    // SNAT to 192.0.2.101 (the test bed's uplink as the external interface).
+    s.hosts[0].external_ip = Some(EXTERNAL_IP.into());
     for p in &mut s.ports {
         p.security_groups = vec!["open".into()];
     }
     s
 }
+
+/// hv1's external IP in [`paths_snapshot`].
+pub const EXTERNAL_IP: [u8; 4] = [192, 0, 2, 101];
 
 /// The routed ports of [`paths_snapshot`]: d1 here, d2 on hv2.
 pub const D1: [u8; 6] = [2, 0, 0, 0, 1, 1];

@@ -808,6 +808,50 @@ mod tests {
     }
 
     #[test]
+    fn a_floating_ip_is_where_its_port_is() {
+        let mut s = snap();
+        s.networks[0].gateway_ips = vec!["10.0.0.254".parse().unwrap()];
+        s.hosts[0].external_ip = Some("198.51.100.11".parse().unwrap());
+        s.routers = vec![serde_json::from_value(
+            serde_json::json!({"name": "r", "tenant": "t", "networks": ["n"], "snat": true}),
+        )
+        .unwrap()];
+        s.floating_ips = vec![serde_json::from_value(
+            serde_json::json!({"name": "f", "tenant": "t", "ip": "198.51.100.20", "port": "p1"}),
+        )
+        .unwrap()];
+        let c = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
+        let t = &c.tables;
+        assert_eq!(t.external_ip, [198, 51, 100, 11]);
+        let fip = t.fips[&[198, 51, 100, 20]];
+        assert_eq!((fip.ifindex, fip.inner), (10, [10, 0, 0, 1]));
+        assert_eq!(fip.zone, ROUTER_ZONE | router_ids(["r"])["r"]);
+        assert_eq!(t.port_fips[&10].ip, [198, 51, 100, 20]);
+        assert_eq!(t.router_ifaces[&7].flags & RIF_F_SNAT, RIF_F_SNAT);
+        // p1 moves to hv2: its floating IP goes with it.
+        s.ports[0].host = "hv2".into();
+        let c = compiled(&s, &BTreeMap::new(), ConntrackLimits::default()).unwrap();
+        assert!(c.tables.fips.is_empty() && c.tables.port_fips.is_empty());
+        let valid = crate::validate::validate(s).unwrap();
+        let hv2 = compile(
+            &valid,
+            "hv2",
+            2,
+            |n| (n == "tap1").then_some(Iface {
+                ifindex: 20,
+                veth: true,
+                host_device: false,
+            }),
+            &BTreeMap::new(),
+            ConntrackLimits::default(),
+            MAX_CONNTRACK,
+        )
+        .unwrap();
+        assert_eq!(hv2.tables.fips[&[198, 51, 100, 20]].ifindex, 20);
+        assert_eq!(hv2.tables.external_ip, [0; 4], "hv2 has no external IP");
+    }
+
+    #[test]
     fn mac_addresses_parse_and_print() {
         let m: MacAddr = "02:aB:00:00:00:ff".parse().unwrap();
         assert_eq!(m.to_string(), "02:ab:00:00:00:ff");

@@ -837,11 +837,13 @@ mod tests {
             &valid,
             "hv2",
             2,
-            |n| (n == "tap1").then_some(Iface {
-                ifindex: 20,
-                veth: true,
-                host_device: false,
-            }),
+            |n| {
+                (n == "tap1").then_some(Iface {
+                    ifindex: 20,
+                    veth: true,
+                    host_device: false,
+                })
+            },
             &BTreeMap::new(),
             ConntrackLimits::default(),
             MAX_CONNTRACK,

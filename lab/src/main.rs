@@ -18,6 +18,9 @@ fn main() -> ExitCode {
         }
         Some("bench") => cloison_lab::bench::run(),
         Some("plot") => cloison_lab::bench::plot_results(),
+        Some("demo") if args.get(1).map(String::as_str) == Some("--routing") => {
+            cloison_lab::demo::run_routing()
+        }
         Some("demo") if args.get(1).map(String::as_str) == Some("--fleet") => {
             cloison_lab::demo::run_fleet()
         }

@@ -1145,61 +1145,6 @@ fn privileged_routers_route_between_a_tenants_networks_only() {
     );
 }
 
-/// A TCP server in namespace `ns` on `addr:port` that echoes `conns`
-/// connections; joined, the peers it saw.
-fn outside_server(
-    ns: &str,
-    addr: &str,
-    port: u16,
-    conns: usize,
-) -> std::thread::JoinHandle<anyhow::Result<Vec<std::net::SocketAddr>>> {
-    let (ns, addr) = (ns.to_string(), addr.to_string());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        in_netns(&ns, move || {
-            let l = std::net::TcpListener::bind((addr.as_str(), port))?;
-            tx.send(()).ok();
-            let mut peers = Vec::new();
-            let mut streams = Vec::new();
-            // All connections are accepted (held open together) first.
-            for _ in 0..conns {
-                let (s, peer) = l.accept()?;
-                peers.push(peer);
-                streams.push(s);
-            }
-            for mut s in streams {
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                let mut buf = [0u8; 64];
-                let n = s.read(&mut buf)?;
-                s.write_all(&buf[..n])?;
-            }
-            Ok(peers)
-        })
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("server listening");
-    h
-}
-
-/// Connects from VM `vm` to `addr:port`; the stream, once connected.
-fn connect_from(lab: &Lab, vm: &str, addr: &str, port: u16) -> anyhow::Result<std::net::TcpStream> {
-    let addr: std::net::SocketAddr = format!("{addr}:{port}").parse()?;
-    in_netns(&lab.vm(vm).ns, move || {
-        Ok(std::net::TcpStream::connect_timeout(
-            &addr,
-            Duration::from_secs(3),
-        )?)
-    })
-}
-
-fn echo(mut s: std::net::TcpStream, msg: &[u8]) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(msg).expect("write");
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf).expect("echo");
-    buf
-}
-
 #[test]
 fn privileged_the_outside_through_snat_and_floating_ips() {
     let mut lab = lab();
@@ -1225,7 +1170,7 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
     // SNAT: a1 and b1 (hv1, the same address in two tenants) hold a
     // connection to the outside at once: both from hv1's external IP, on
     // two ports of SNAT's range; a2 (hv2) from hv2's.
-    let server = outside_server(&out, "198.51.100.1", 7000, 3);
+    let server = tcp_server_in(&out, "198.51.100.1", 7000, 3);
     let a = connect_from(&lab, "a1", "198.51.100.1", 7000).expect("a1 out, SNATed");
     let b = connect_from(&lab, "b1", "198.51.100.1", 7000).expect("b1 out, SNATed");
     let c = connect_from(&lab, "ad2", "198.51.100.1", 7000).expect("ad2 out, floating IP");
@@ -1257,7 +1202,7 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
         "198.51.100.20",
         "ad2 leaves from its floating IP"
     );
-    let server = outside_server(&out, "198.51.100.1", 7001, 1);
+    let server = tcp_server_in(&out, "198.51.100.1", 7001, 1);
     let s = connect_from(&lab, "a2", "198.51.100.1", 7001).expect("a2 out");
     assert_eq!(echo(s, b"a2"), b"a2");
     assert_eq!(
@@ -1290,10 +1235,11 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
         ping_fip.status.success(),
         "the outside pings ad2's floating IP"
     );
-    let got = tcp_echo_from_outside(&lab, &out, "ad2", 5001).expect("outside -> ad2:5001");
+    let got =
+        tcp_echo_from_ns(&lab, &out, "198.51.100.20", "ad2", 5001).expect("outside -> ad2:5001");
     assert_eq!(got, b"outside");
     assert!(
-        tcp_echo_from_outside(&lab, &out, "ad2", 5002).is_err(),
+        tcp_echo_from_ns(&lab, &out, "198.51.100.20", "ad2", 5002).is_err(),
         "ad2's group keeps TCP 5002 closed to the outside"
     );
     let drops = lab.drops("hv2").expect("drops");
@@ -1305,46 +1251,4 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
             > 0,
         "the refusal counted: {drops:?}"
     );
-}
-
-/// A TCP echo from the outside namespace to VM `vm`'s floating IP, its
-/// server on `port` in the VM.
-fn tcp_echo_from_outside(lab: &Lab, out: &str, vm: &str, port: u16) -> anyhow::Result<Vec<u8>> {
-    let ns = lab.vm(vm).ns.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
-        in_netns(&ns, move || {
-            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
-            l.set_nonblocking(true)?;
-            tx.send(()).ok();
-            let end = std::time::Instant::now() + Duration::from_secs(3);
-            loop {
-                match l.accept() {
-                    Ok((mut s, _)) => {
-                        s.set_nonblocking(false)?;
-                        let mut buf = [0u8; 64];
-                        let n = s.read(&mut buf)?;
-                        s.write_all(&buf[..n])?;
-                        return Ok(());
-                    }
-                    Err(_) if std::time::Instant::now() < end => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        })
-    });
-    rx.recv_timeout(Duration::from_secs(5))?;
-    let addr: std::net::SocketAddr = format!("198.51.100.20:{port}").parse()?;
-    let got = in_netns(out, move || {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(b"outside")?;
-        let mut buf = vec![0u8; 7];
-        s.read_exact(&mut buf)?;
-        Ok(buf)
-    });
-    let _ = server.join();
-    got
 }

@@ -432,3 +432,100 @@ pub fn ping_result(child: std::process::Child) -> (u32, u32) {
         .collect();
     (nums[0], nums[1])
 }
+
+/// A TCP server in namespace `ns` on `addr:port` that echoes `conns`
+/// connections; joined, the peers it saw.
+pub fn tcp_server_in(
+    ns: &str,
+    addr: &str,
+    port: u16,
+    conns: usize,
+) -> std::thread::JoinHandle<Result<Vec<std::net::SocketAddr>>> {
+    let (ns, addr) = (ns.to_string(), addr.to_string());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            let l = std::net::TcpListener::bind((addr.as_str(), port))?;
+            tx.send(()).ok();
+            let mut peers = Vec::new();
+            let mut streams = Vec::new();
+            // All connections are accepted (held open together) first.
+            for _ in 0..conns {
+                let (s, peer) = l.accept()?;
+                peers.push(peer);
+                streams.push(s);
+            }
+            for mut s in streams {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf)?;
+                s.write_all(&buf[..n])?;
+            }
+            Ok(peers)
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server listening");
+    h
+}
+
+/// Connects from VM `vm` to `addr:port`; the stream, once connected.
+pub fn connect_from(lab: &Lab, vm: &str, addr: &str, port: u16) -> Result<std::net::TcpStream> {
+    let addr: std::net::SocketAddr = format!("{addr}:{port}").parse()?;
+    in_netns(&lab.vm(vm).ns, move || {
+        Ok(std::net::TcpStream::connect_timeout(
+            &addr,
+            Duration::from_secs(3),
+        )?)
+    })
+}
+
+pub fn echo(mut s: std::net::TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(msg).expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).expect("echo");
+    buf
+}
+
+/// A TCP echo from namespace `out` to `addr:port` (an address of VM `vm`
+/// as the outside sees it, a floating IP), its server in the VM.
+pub fn tcp_echo_from_ns(lab: &Lab, out: &str, addr: &str, vm: &str, port: u16) -> Result<Vec<u8>> {
+    let ns = lab.vm(vm).ns.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            l.set_nonblocking(true)?;
+            tx.send(()).ok();
+            let end = std::time::Instant::now() + Duration::from_secs(3);
+            loop {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false)?;
+                        let mut buf = [0u8; 64];
+                        let n = s.read(&mut buf)?;
+                        s.write_all(&buf[..n])?;
+                        return Ok(());
+                    }
+                    Err(_) if std::time::Instant::now() < end => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(5))?;
+    let addr: std::net::SocketAddr = format!("{addr}:{port}").parse()?;
+    let got = in_netns(out, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"outside")?;
+        let mut buf = vec![0u8; 7];
+        s.read_exact(&mut buf)?;
+        Ok(buf)
+    });
+    let _ = server.join();
+    got
+}

@@ -148,9 +148,8 @@ fn routing(summary: &mut Summary) -> Result<()> {
         lab::tcp_echo_to(&lab, "b1", "ad1", addr, 5002, b"x", Duration::from_secs(1)).is_err();
     let own = lab::tcp_echo_to(&lab, "b1", "bd1", addr, 5002, b"x", Duration::from_secs(1)).is_ok();
     println!(
-        "  TCP b1 -> 10.1.0.11: {} (tenant b's bd1{}), tenant a's ad1 {}",
+        "  TCP b1 -> 10.1.0.11: {} (tenant b's bd1), tenant a's ad1 {}",
         if own { "ok" } else { "FAIL" },
-        "",
         if cross { "not reached" } else { "REACHED" }
     );
     let out = Command::new("ip")

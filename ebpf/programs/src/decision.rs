@@ -97,7 +97,6 @@ pub struct Ends {
 /// A decapsulated frame's destination (the uplink stage's answer).
 pub struct Delivery {
     pub port: ForwardEntry,
-    pub vni: u32,
     /// The flow's conntrack zone: the network's, or its router's if routed.
     pub zone: u32,
     pub inner_proto: u16,

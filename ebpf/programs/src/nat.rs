@@ -183,13 +183,11 @@ fn snat_port(
         match CL_SNAT_REV.get_ptr(&rev(port)) {
             Some(r) if unsafe { *r } == mine => return Ok(port),
             // Evicted: take it back if it is free.
-            None => {
-                if CL_SNAT_REV
-                    .insert(&rev(port), &mine, BPF_NOEXIST as u64)
-                    .is_ok()
-                {
-                    return Ok(port);
-                }
+            None if CL_SNAT_REV
+                .insert(&rev(port), &mine, BPF_NOEXIST as u64)
+                .is_ok() =>
+            {
+                return Ok(port)
             }
             _ => {}
         }

@@ -114,7 +114,6 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
         let zone = routed_sender(vni, &ip.src, src)?;
         return Ok(Some(Delivery {
             port,
-            vni,
             zone,
             inner_proto: be16(inner.proto),
         }));
@@ -135,7 +134,6 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
     }
     Ok(Some(Delivery {
         port,
-        vni,
         zone: vni,
         inner_proto: be16(inner.proto),
     }))

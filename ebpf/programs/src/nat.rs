@@ -13,23 +13,18 @@
 //! CHECKSUM_PARTIAL packet's pseudo-header); every write goes through a
 //! helper, so no packet pointer is kept across one.
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_REDIRECT,
-    },
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    helpers::generated::bpf_redirect,
     programs::TcContext,
 };
 use cloison_abi::*;
-use core::{ffi::c_void, mem::size_of};
 
 use crate::{
     hdr::*,
     maps::{forward, CL_EXTERNAL, CL_FIPS, CL_PORTS, CL_PORT_FIPS, CL_SNAT, CL_SNAT_REV, NO_SLOT},
+    packet::{next_hop, redirect_to, Refusals},
 };
 
-const AF_INET: u8 = 2;
 /// Ports SNAT tries for a new flow before it counts the table exhausted.
 const SNAT_TRIES: u32 = 16;
 
@@ -253,61 +248,38 @@ pub fn outbound(
         }
     };
 
-    let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
-    let fib = unsafe {
-        zero(slot.as_mut_ptr());
-        &mut *slot.as_mut_ptr()
-    };
-    fib.family = AF_INET;
-    fib.l4_protocol = f.proto;
-    fib.ifindex = ext.ifindex;
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    fib.__bindgen_anon_1.tot_len = if gso {
+    let len = if gso {
         0
     } else {
         (ctx.len() - ETH_LEN as u32) as u16
     };
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.dst);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut c_void,
-            fib,
-            size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    } as u32;
-    let resolved = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => true,
-        BPF_FIB_LKUP_RET_NO_NEIGH => false,
-        BPF_FIB_LKUP_RET_FWD_DISABLED => {
-            fib.ifindex = ext.ifindex;
-            false
-        }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::MtuExceeded),
-        _ => return Err(DropReason::ExternalUnreachable),
+    let dport = if f.proto == IPPROTO_ICMP {
+        0
+    } else {
+        u16::from_be_bytes(f.dport)
     };
     // Tenant traffic leaves only through the external interface.
-    if fib.ifindex != ext.ifindex {
-        return Err(DropReason::ExternalUnreachable);
-    }
-    rewrite(ctx, &f, 12, f.src, src, port)?;
+    let why = Refusals {
+        unreachable: DropReason::ExternalUnreachable,
+        elsewhere: DropReason::ExternalUnreachable,
+    };
     let mut eth = [0u8; 12];
-    let mut i = 0;
-    while i < 6 {
-        eth[i] = fib.dmac[i];
-        eth[6 + i] = fib.smac[i];
-        i += 1;
+    let resolved = next_hop(
+        ctx,
+        ext.ifindex,
+        f.proto,
+        dport,
+        len,
+        (src, f.dst),
+        why,
+        &mut eth,
+    )?;
+    rewrite(ctx, &f, 12, f.src, src, port)?;
+    if resolved {
+        ctx.store(0, &eth, 0).map_err(|_| DropReason::NatFragment)?;
     }
-    ctx.store(0, &eth, 0).map_err(|_| DropReason::NatFragment)?;
-    unsafe {
-        if resolved {
-            bpf_redirect(fib.ifindex, 0);
-        } else {
-            bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0);
-        }
-    }
-    Ok(TC_ACT_REDIRECT)
+    Ok(redirect_to(ext.ifindex, resolved))
 }
 
 /// What the external interface's program does with a packet.

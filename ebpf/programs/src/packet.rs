@@ -5,11 +5,15 @@
 //! port's GSO and partial checksums need an skb).
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, xdp_action,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
         BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT,
         TC_ACT_SHOT,
     },
-    helpers::generated::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    helpers::generated::{
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_head,
+    },
     programs::{TcContext, XdpContext},
 };
 use cloison_abi::{DropReason, ForwardEntry, PORT_F_VETH, VXLAN_ENCAP_LEN};
@@ -150,6 +154,91 @@ impl Packet for Xdp<'_> {
     fn redirect_to(&self, port: &ForwardEntry) -> u32 {
         unsafe { bpf_redirect(port.ifindex, 0) as u32 }
     }
+}
+
+/// Why a next hop was not found: no route (`unreachable`), or one out of
+/// another interface than `ifindex` (`elsewhere`).
+pub struct Refusals {
+    pub unreachable: DropReason,
+    pub elsewhere: DropReason,
+}
+
+/// The next hop of an IPv4 packet (`proto`, to `dport` if UDP/TCP, `len`
+/// bytes of IP, 0 for a GSO packet: the helper then checks the skb's
+/// segments) from `src` to `dst`, out of `ifindex` only, from the kernel's
+/// FIB: its Ethernet addresses written to `eth` (destination, source) and
+/// true, or false when they are not known yet (the neighbour unresolved,
+/// or the host not forwarding on that interface): then `redirect_to`
+/// leaves it to `bpf_redirect_neigh`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn next_hop(
+    ctx: &TcContext,
+    ifindex: u32,
+    proto: u8,
+    dport: u16,
+    len: u16,
+    (src, dst): ([u8; 4], [u8; 4]),
+    why: Refusals,
+    eth: &mut [u8; 12],
+) -> Result<bool, DropReason> {
+    let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
+    // In place (see hdr::zero): mem::zeroed() would be a memset call.
+    let fib = unsafe {
+        zero(slot.as_mut_ptr());
+        &mut *slot.as_mut_ptr()
+    };
+    fib.family = 2; // AF_INET
+    fib.l4_protocol = proto;
+    fib.dport = dport.to_be();
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_1.tot_len = len;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut core::ffi::c_void,
+            fib,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    let resolved = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        // The helper refuses hosts with forwarding off on the interface;
+        // the kernel then resolves the next hop itself, out of it.
+        BPF_FIB_LKUP_RET_FWD_DISABLED => {
+            fib.ifindex = ifindex;
+            false
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::MtuExceeded),
+        _ => return Err(why.unreachable),
+    };
+    if fib.ifindex != ifindex {
+        return Err(why.elsewhere);
+    }
+    let mut i = 0;
+    while i < 6 {
+        eth[i] = fib.dmac[i];
+        eth[6 + i] = fib.smac[i];
+        i += 1;
+    }
+    Ok(resolved)
+}
+
+/// Sends the packet out of `ifindex` to its next hop: as it is if
+/// `resolved` (its MACs written), else through the kernel's neighbours.
+#[inline(always)]
+pub fn redirect_to(ifindex: u32, resolved: bool) -> i32 {
+    unsafe {
+        if resolved {
+            bpf_redirect(ifindex, 0);
+        } else {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0);
+        }
+    }
+    TC_ACT_REDIRECT
 }
 
 /// Makes the headers of the frame starting `base` bytes into the packet

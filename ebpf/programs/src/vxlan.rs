@@ -1,24 +1,22 @@
 //! VXLAN (RFC 7348) encapsulation towards a remote VTEP over the IPv4
 //! underlay. The next hop comes from the kernel FIB; an unresolved neighbour
 //! is left to `bpf_redirect_neigh` so the first packet is not lost.
-use core::{ffi::c_void, mem::size_of};
-
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        TC_ACT_REDIRECT,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use cloison_abi::{DropReason, VXLAN_ENCAP_LEN, VXLAN_PORT};
 
-use crate::{hdr::*, maps::CL_CONFIG, parse::Parsed};
+use crate::{
+    hdr::*,
+    maps::CL_CONFIG,
+    packet::{next_hop, redirect_to, Refusals},
+    parse::Parsed,
+};
 
-const AF_INET: u8 = 2;
 /// Outer UDP source ports: the ephemeral range, chosen by the inner flow hash.
 const SPORT_MIN: u32 = 49152;
 const SPORT_RANGE: u64 = 16384;
@@ -79,50 +77,29 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
     let inner_len = ctx.len();
     let outer_ip_len = inner_len + (VXLAN_ENCAP_LEN - ETH_LEN) as u32;
 
-    let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
-    // In place (see hdr::zero): mem::zeroed() would be a memset call.
-    let fib = unsafe {
-        zero(slot.as_mut_ptr());
-        &mut *slot.as_mut_ptr()
-    };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.dport = VXLAN_PORT.to_be();
-    fib.ifindex = cfg.uplink_ifindex;
-    // The helper checks tot_len against the uplink's MTU. A GSO packet is
-    // judged by its segments (checked against the network MTU before
-    // this stage): with tot_len 0 the helper checks the skb itself, GSO
-    // aware. Without this, every TSO burst of a VM was refused as soon as
-    // the uplink forwarded (and the helper got that far).
+    // The helper checks the length against the uplink's MTU. A GSO packet
+    // is judged by its segments (checked against the network MTU before
+    // this stage): with 0 the helper checks the skb itself, GSO aware.
+    // Without this, every TSO burst of a VM was refused as soon as the
+    // uplink forwarded (and the helper got that far).
     let gso = unsafe { (*skb).gso_size } != 0;
-    fib.__bindgen_anon_1.tot_len = if gso { 0 } else { outer_ip_len as u16 };
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.vtep);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            skb as *mut c_void,
-            fib,
-            size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    } as u32;
-    let resolved = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => true,
-        BPF_FIB_LKUP_RET_NO_NEIGH => false,
-        // The helper refuses hosts with forwarding off on the uplink; the
-        // kernel then resolves the next hop itself, out of the uplink.
-        BPF_FIB_LKUP_RET_FWD_DISABLED => {
-            fib.ifindex = cfg.uplink_ifindex;
-            false
-        }
-        // The network's MTU plus the encapsulation exceeds the uplink's.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::MtuExceeded),
-        _ => return Err(DropReason::UnderlayUnreachable),
-    };
+    let len = if gso { 0 } else { outer_ip_len as u16 };
     // Tenant traffic leaves only through the uplink, whatever the routes say.
-    if fib.ifindex != cfg.uplink_ifindex {
-        return Err(DropReason::UnderlayNotUplink);
-    }
+    let why = Refusals {
+        unreachable: DropReason::UnderlayUnreachable,
+        elsewhere: DropReason::UnderlayNotUplink,
+    };
+    let mut eth = [0u8; 12];
+    let resolved = next_hop(
+        ctx,
+        cfg.uplink_ifindex,
+        IPPROTO_UDP,
+        VXLAN_PORT,
+        len,
+        (cfg.vtep, vtep),
+        why,
+        &mut eth,
+    )?;
 
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let inner: *mut [u8; 14] = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
@@ -136,9 +113,8 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
         inner_eth: unsafe { *inner },
     };
     let mut i = 0;
-    while i < 6 {
-        o.eth[i] = fib.dmac[i];
-        o.eth[6 + i] = fib.smac[i];
+    while i < 12 {
+        o.eth[i] = eth[i];
         i += 1;
     }
     o.eth[12] = 0x08;
@@ -184,12 +160,5 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
     ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::EncapFailed)?;
     ctx.store(0, &o, 0).map_err(|_| DropReason::EncapFailed)?;
-    unsafe {
-        if resolved {
-            bpf_redirect(fib.ifindex, 0);
-        } else {
-            bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0);
-        }
-    }
-    Ok(TC_ACT_REDIRECT)
+    Ok(redirect_to(cfg.uplink_ifindex, resolved))
 }

@@ -112,7 +112,7 @@ fn routing(summary: &mut Summary) -> Result<()> {
             {"direction": "ingress", "protocol": "icmp"}, {"direction": "egress"}]}))?);
     lab.set_groups(&[("ad2", "a-public")]);
     lab.start_agents()?;
-    iaas_applies_quiet(&lab)?;
+    apply_file(&lab, false)?;
     println!("  routers a-r, b-r (snat: true); floating IP 198.51.100.20 -> ad2; hv1, hv2 external IPs 198.51.100.11, .12");
 
     let mut ok = 0;
@@ -152,27 +152,7 @@ fn routing(summary: &mut Summary) -> Result<()> {
         if own { "ok" } else { "FAIL" },
         if cross { "not reached" } else { "REACHED" }
     );
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.vm("a2").ns,
-            "traceroute",
-            "-n",
-            "-q",
-            "1",
-            "-w",
-            "1",
-            "-m",
-            "4",
-            "10.1.0.11",
-        ])
-        .output()?;
-    let hops: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect();
+    let hops = lab::traceroute(&lab, "a2", "10.1.0.11")?;
     println!("  traceroute a2 (hv2) -> ad1 (hv1): {}", hops.join(" -> "));
     let traced = hops == ["10.0.0.254", "10.1.0.11"];
     summary.add(
@@ -243,8 +223,9 @@ fn routing(summary: &mut Summary) -> Result<()> {
     Ok(())
 }
 
-/// `iaas_applies` without its listing (the routing part's lab).
-fn iaas_applies_quiet(lab: &Lab) -> Result<()> {
+/// Every object of the lab's state to each host's cloisond, with
+/// `cloisonctl apply -f`, waiting for each to converge.
+fn apply_file(lab: &Lab, verbose: bool) -> Result<()> {
     let file = std::env::temp_dir().join(format!("{}-objects.json", lab.tag));
     std::fs::write(&file, serde_json::to_vec_pretty(&lab.objects_file()?)?)?;
     let path = file.display().to_string();
@@ -255,6 +236,12 @@ fn iaas_applies_quiet(lab: &Lab) -> Result<()> {
             bail!(
                 "cloisonctl apply on {host}: {}",
                 String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if verbose {
+            println!(
+                "  {host}: {} objects applied",
+                String::from_utf8_lossy(&out.stdout).lines().count()
             );
         }
         lab.wait_agent(&host)?;
@@ -375,25 +362,7 @@ fn cloisonctl(lab: &Lab, host: &str, args: &[&str]) -> Result<std::process::Outp
 
 fn iaas_applies(lab: &Lab) -> Result<()> {
     step("the IaaS side: every object to each host's cloisond, with cloisonctl apply -f");
-    let file = std::env::temp_dir().join(format!("{}-objects.json", lab.tag));
-    std::fs::write(&file, serde_json::to_vec_pretty(&lab.objects_file()?)?)?;
-    let path = file.display().to_string();
-    for host in lab.hosts.clone() {
-        let out = cloisonctl(lab, &host, &["apply", "-f", &path])?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&file);
-            bail!(
-                "cloisonctl apply on {host}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        println!(
-            "  {host}: {} objects applied",
-            String::from_utf8_lossy(&out.stdout).lines().count()
-        );
-        lab.wait_agent(&host)?;
-    }
-    let _ = std::fs::remove_file(&file);
+    apply_file(lab, true)?;
     for args in [vec!["list", "ports"], vec!["status"]] {
         println!("  $ cloisonctl {}", args.join(" "));
         let out = cloisonctl(lab, "hv1", &args)?;

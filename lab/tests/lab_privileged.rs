@@ -1033,37 +1033,6 @@ fn privileged_a_vm_flooding_its_gateway_leaves_the_others_served() {
     assert_eq!(metric("dhcpv4", "answered"), 2, "a1's DISCOVER and REQUEST");
 }
 
-/// `traceroute -n` from a VM: each hop's address (`*` for none).
-fn traceroute(lab: &Lab, from: &str, to: &str) -> Vec<String> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.vm(from).ns,
-            "traceroute",
-            "-n",
-            "-q",
-            "1",
-            "-w",
-            "1",
-            "-m",
-            "4",
-            to,
-        ])
-        .output()
-        .expect("traceroute (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "traceroute: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
-}
-
 #[test]
 fn privileged_routers_route_between_a_tenants_networks_only() {
     let mut lab = lab();
@@ -1135,7 +1104,7 @@ fn privileged_routers_route_between_a_tenants_networks_only() {
     // traceroute: the router is the first hop (its time exceeded, from
     // its address in the sender's network), the destination the second.
     assert_eq!(
-        traceroute(&lab, "a1", "10.1.0.12"),
+        traceroute(&lab, "a1", "10.1.0.12").expect("traceroute"),
         ["10.0.0.254", "10.1.0.12"],
         "a1's traceroute to ad2"
     );

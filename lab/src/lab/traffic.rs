@@ -529,3 +529,33 @@ pub fn tcp_echo_from_ns(lab: &Lab, out: &str, addr: &str, vm: &str, port: u16) -
     let _ = server.join();
     got
 }
+
+/// `traceroute -n` from VM `from` to `to` (UDP probes, one per hop, 4 hops
+/// at most): each hop's address, `*` for none.
+pub fn traceroute(lab: &Lab, from: &str, to: &str) -> Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.vm(from).ns,
+            "traceroute",
+            "-n",
+            "-q",
+            "1",
+            "-w",
+            "1",
+            "-m",
+            "4",
+            to,
+        ])
+        .output()
+        .context("traceroute (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("traceroute: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect())
+}

@@ -164,13 +164,6 @@ fn apply(
                         return false;
                     }
                 }
-                if let Some(name) = &cfg.external {
-                    if let Err(e) = dp.attach_external(name) {
-                        set_programs(applied, format!("external interface: {e}"));
-                        tracing::error!(error = %e, "attach the external interface");
-                        return false;
-                    }
-                }
                 *slot = Some(dp)
             }
             Err(e) => {
@@ -204,6 +197,14 @@ fn apply(
         );
         return true; // nothing to do until the host object exists
     }
+    // The external interface (floating IPs, SNAT), on every turn until it
+    // is attached (it may appear later); its failure keeps nothing else
+    // from being applied.
+    let external = cfg.external.as_ref().and_then(|name| {
+        dp.attach_external(name)
+            .err()
+            .map(|e| format!("external interface {name}: {e}"))
+    });
     let started = Instant::now();
     let generation = state.generation;
     match dp.apply(valid, &cfg.host, &cfg.uplink, cfg.hook) {
@@ -221,9 +222,15 @@ fn apply(
             if !r.refused.is_empty() {
                 tracing::warn!(refused = ?r.refused, "ports not attached");
             }
+            if let Some(e) = &external {
+                tracing::error!(error = %e, "the external interface");
+            }
             applied.send_replace(Applied {
                 generation,
-                programs: "attached".into(),
+                programs: match &external {
+                    None => "attached".into(),
+                    Some(e) => format!("attached; {e}"),
+                },
                 pending_ports: r.pending.clone(),
                 refused_ports: r.refused.clone(),
                 ports: Arc::new(r.local_ports.iter().cloned().collect()),
@@ -239,7 +246,7 @@ fn apply(
                     "applied"
                 );
             }
-            true
+            external.is_none()
         }
         Err(e) => {
             set_programs(applied, format!("apply failed: {e}"));

@@ -275,7 +275,11 @@ fn privileged_api_contract() {
         ("group in use", rt.block_on(c.delete("/v1/security-groups/web")).unwrap(), (409, "conflict")),
         ("unknown object", rt.block_on(c.get("/v1/ports/nope")).unwrap(), (404, "not_found")),
         ("delete unknown", rt.block_on(c.delete("/v1/ports/nope")).unwrap(), (404, "not_found")),
-        ("unknown collection", rt.block_on(c.get("/v1/routers")).unwrap(), (404, "not_found")),
+        ("unknown collection", rt.block_on(c.get("/v1/vpn-services")).unwrap(), (404, "not_found")),
+        ("a router on another tenant's network", raw(hyper::Method::PUT, "/v1/routers/r1", br#"{"tenant": "evil", "networks": ["acme-net"]}"#), (409, "conflict")),
+        ("a router on a network without gateway_ips", raw(hyper::Method::PUT, "/v1/routers/r1", br#"{"tenant": "acme", "networks": ["acme-net"]}"#), (409, "conflict")),
+        ("a floating IP of no port", raw(hyper::Method::PUT, "/v1/floating-ips/f1", br#"{"tenant": "acme", "ip": "198.51.100.20", "port": "nope"}"#), (409, "conflict")),
+        ("a multicast floating IP", raw(hyper::Method::PUT, "/v1/floating-ips/f1", br#"{"tenant": "acme", "ip": "224.0.0.1", "port": "vm1"}"#), (400, "invalid")),
     ];
     // An oversized body: the agent answers 413 without reading it all (and
     // closes), so the writer may see its write fail; read the answer anyway.

@@ -563,7 +563,6 @@ pub fn compile(
     }
     // Floating IPs of this host's attached ports.
     t.external_ip = me.external_ip.map_or([0; 4], |ip| ip.octets());
-    let router_of = snap.router_of();
     for f in &snap.floating_ips {
         let Some(p) = snap.ports.iter().find(|p| p.name == f.port) else {
             continue;

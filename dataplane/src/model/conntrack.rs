@@ -40,12 +40,7 @@ impl Model<'_> {
                 _ => Err(FragmentUnknown),
             };
         }
-        let icmp_error = match (v4, p.proto) {
-            (true, 1) => matches!(p.icmp_type, 3 | 11 | 12),
-            (false, 58) => matches!(p.icmp_type, 1..=4),
-            _ => false,
-        };
-        if icmp_error {
+        if p.is_icmp_error() {
             return self.related(f, p, zone, now);
         }
         // Informational ICMP other than echo: no flow; the rules decide

@@ -13,7 +13,7 @@ use cloison_abi::{
 };
 
 use super::{
-    parse::{be16, mac, parse, Parsed},
+    parse::{be16, parse, Parsed},
     Model, Verdict,
 };
 
@@ -72,12 +72,7 @@ impl Model<'_> {
             None => {}
         }
         if f[22] <= 1 {
-            let icmp_error = p.proto == 1 && matches!(p.icmp_type, 3 | 11 | 12);
-            return if icmp_error {
-                Err(TtlExceeded)
-            } else {
-                Ok(Verdict::Back)
-            };
+            return super::route::time_exceeded(p);
         }
         if port.flags & PORT_F_SECURITY != 0 {
             self.enforce(f, p, zone, Some((ifindex, *port)), None)?;
@@ -182,7 +177,6 @@ impl Model<'_> {
             let q = parse(&inner)?;
             self.enforce(&inner, &q, zone, None, Some((ifindex, info)))?;
         }
-        let _ = mac;
         Ok(Verdict::ToPort(ifindex))
     }
 }

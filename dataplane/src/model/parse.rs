@@ -34,6 +34,17 @@ pub(crate) struct Parsed {
     pub ip_len: usize,
 }
 
+impl Parsed {
+    /// An ICMP or ICMPv6 error message (it quotes another packet).
+    pub fn is_icmp_error(&self) -> bool {
+        match (self.l3, self.proto) {
+            (0x0800, 1) => matches!(self.icmp_type, 3 | 11 | 12),
+            (0x86dd, 58) => matches!(self.icmp_type, 1..=4),
+            _ => false,
+        }
+    }
+}
+
 pub(crate) fn parse(f: &[u8]) -> Result<Parsed, DropReason> {
     if f.len() < 14 {
         return Err(TruncatedEthernet);

@@ -96,17 +96,8 @@ impl Model<'_> {
         }
         let fwd = self.forward(there.vni, dst_mac).ok_or(RouteNoNeighbour)?;
         let ttl = if v4 { f[22] } else { f[21] };
-        let icmp_error = match (v4, p.proto) {
-            (true, 1) => matches!(p.icmp_type, 3 | 11 | 12),
-            (false, 58) => matches!(p.icmp_type, 1..=4),
-            _ => false,
-        };
         if ttl <= 1 {
-            return if icmp_error {
-                Err(TtlExceeded)
-            } else {
-                Ok(Verdict::Back)
-            };
+            return time_exceeded(p);
         }
         let secure = port.flags & PORT_F_SECURITY != 0;
         let sender = secure.then_some((ifindex, *port));
@@ -166,6 +157,16 @@ impl Model<'_> {
             Some(e) if e.kind == FWD_REMOTE && e.vtep == vtep => Ok(router.zone),
             _ => Err(VxlanSpoofedSourceIp),
         }
+    }
+}
+
+/// A routed packet whose TTL runs out: the router's ICMP error back, never
+/// one about an ICMP error.
+pub(super) fn time_exceeded(p: &Parsed) -> Result<Verdict, DropReason> {
+    if p.is_icmp_error() {
+        Err(TtlExceeded)
+    } else {
+        Ok(Verdict::Back)
     }
 }
 

@@ -209,6 +209,12 @@ pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, lo]) }
 }
 
+/// Whether `a` is an IPv6 link-local address (fe80::/10): never routed.
+#[inline(always)]
+pub fn link_local(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
 #[inline(always)]
 pub fn is_zero16(a: &[u8; 16]) -> bool {
     let p = a.as_ptr() as *const u64;

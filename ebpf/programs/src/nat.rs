@@ -248,12 +248,6 @@ pub fn outbound(
         }
     };
 
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    let len = if gso {
-        0
-    } else {
-        (ctx.len() - ETH_LEN as u32) as u16
-    };
     let dport = if f.proto == IPPROTO_ICMP {
         0
     } else {
@@ -270,7 +264,7 @@ pub fn outbound(
         ext.ifindex,
         f.proto,
         dport,
-        len,
+        (ctx.len() - ETH_LEN as u32) as u16,
         (src, f.dst),
         why,
         &mut eth,

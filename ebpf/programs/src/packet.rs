@@ -164,8 +164,7 @@ pub struct Refusals {
 }
 
 /// The next hop of an IPv4 packet (`proto`, to `dport` if UDP/TCP, `len`
-/// bytes of IP, 0 for a GSO packet: the helper then checks the skb's
-/// segments) from `src` to `dst`, out of `ifindex` only, from the kernel's
+/// bytes of IP) from `src` to `dst`, out of `ifindex` only, from the kernel's
 /// FIB: its Ethernet addresses written to `eth` (destination, source) and
 /// true, or false when they are not known yet (the neighbour unresolved,
 /// or the host not forwarding on that interface): then `redirect_to`
@@ -192,7 +191,13 @@ pub fn next_hop(
     fib.l4_protocol = proto;
     fib.dport = dport.to_be();
     fib.ifindex = ifindex;
-    fib.__bindgen_anon_1.tot_len = len;
+    // The helper checks the length against the interface's MTU. A GSO
+    // packet is judged by its segments (checked against the network MTU
+    // before): with 0 the helper checks the skb itself, GSO aware. Without
+    // this, every TSO burst of a VM was refused as soon as the host
+    // forwarded (and the helper got that far).
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    fib.__bindgen_anon_1.tot_len = if gso { 0 } else { len };
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     let rc = unsafe {

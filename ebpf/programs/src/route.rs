@@ -24,12 +24,6 @@ use crate::{
     parse::{segment_len, Parsed, L3},
 };
 
-/// Whether `a` is an IPv6 link-local address (fe80::/10): never routed.
-#[inline(always)]
-fn link_local(a: &[u8; 16]) -> bool {
-    a[0] == 0xfe && a[1] & 0xc0 == 0x80
-}
-
 /// Routes a frame from `port` to its gateway MAC: fills `peer` and `out`,
 /// rewrites the Ethernet header and the TTL, and says what comes next.
 #[inline(always)]

@@ -159,12 +159,6 @@ fn inner_source(c: &Cursor, proto: u16) -> Result<[u8; 16], DropReason> {
     }
 }
 
-/// Whether `a` is an IPv6 link-local address (fe80::/10).
-#[inline(always)]
-fn link_local(a: &[u8; 16]) -> bool {
-    a[0] == 0xfe && a[1] & 0xc0 == 0x80
-}
-
 /// The sender of a routed frame that came in VXLAN for network `vni` from
 /// VTEP `vtep` (its inner source MAC is the network's gateway MAC): the
 /// remote port that has its source address `src` in another of the

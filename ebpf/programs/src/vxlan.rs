@@ -73,17 +73,9 @@ pub fn flow_hash(p: &Parsed) -> u32 {
 #[inline(always)]
 pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32, DropReason> {
     let cfg = CL_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
-    let skb = ctx.skb.skb;
     let inner_len = ctx.len();
     let outer_ip_len = inner_len + (VXLAN_ENCAP_LEN - ETH_LEN) as u32;
 
-    // The helper checks the length against the uplink's MTU. A GSO packet
-    // is judged by its segments (checked against the network MTU before
-    // this stage): with 0 the helper checks the skb itself, GSO aware.
-    // Without this, every TSO burst of a VM was refused as soon as the
-    // uplink forwarded (and the helper got that far).
-    let gso = unsafe { (*skb).gso_size } != 0;
-    let len = if gso { 0 } else { outer_ip_len as u16 };
     // Tenant traffic leaves only through the uplink, whatever the routes say.
     let why = Refusals {
         unreachable: DropReason::UnderlayUnreachable,
@@ -95,7 +87,7 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
         cfg.uplink_ifindex,
         IPPROTO_UDP,
         VXLAN_PORT,
-        len,
+        outer_ip_len as u16,
         (cfg.vtep, vtep),
         why,
         &mut eth,

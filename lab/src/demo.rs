@@ -115,7 +115,6 @@ fn routing(summary: &mut Summary) -> Result<()> {
     apply_file(&lab, false)?;
     println!("  routers a-r, b-r (snat: true); floating IP 198.51.100.20 -> ad2; hv1, hv2 external IPs 198.51.100.11, .12");
 
-    let mut ok = 0;
     let checks = [
         ("a1", "10.1.0.11", "a-net -> a-db on hv1"),
         (
@@ -130,14 +129,7 @@ fn routing(summary: &mut Summary) -> Result<()> {
             "tenant b, the same addresses, its own router",
         ),
     ];
-    for (from, to, what) in checks {
-        let reached = lab.ping(from, to, 2);
-        ok += reached as usize;
-        println!(
-            "  ping {from} -> {to:<10} {:<4} {what}",
-            if reached { "ok" } else { "FAIL" }
-        );
-    }
+    let ok = pings(&lab, &checks, 2);
     let iso = !lab.ping("a1", "10.2.0.21", 1);
     println!(
         "  ping a1 -> 10.2.0.21  {} a-iso is on no router",
@@ -178,22 +170,7 @@ fn routing(summary: &mut Summary) -> Result<()> {
     for (vm, p) in ["a1", "b1", "ad2"].iter().zip(&peers) {
         println!("  {vm} (10.x) -> the outside's 198.51.100.1:7000: it sees {p}");
     }
-    let fip_ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &outside,
-            "ping",
-            "-q",
-            "-c",
-            "2",
-            "-W",
-            "1",
-            "198.51.100.20",
-        ])
-        .output()?
-        .status
-        .success();
+    let fip_ping = lab::ping_in(&outside, "198.51.100.20", 2);
     let open = lab::tcp_echo_from_ns(&lab, &outside, "198.51.100.20", "ad2", 5001).is_ok();
     let closed = lab::tcp_echo_from_ns(&lab, &outside, "198.51.100.20", "ad2", 5002).is_err();
     println!(
@@ -481,6 +458,21 @@ fn boot(lab: &Lab, summary: &mut Summary) -> Result<Vec<lab::DhcpClient>> {
     Ok(clients)
 }
 
+/// Each (from, to, what) ping, `count` echoes, printed: how many were
+/// answered.
+fn pings(lab: &Lab, checks: &[(&str, &str, &str)], count: u32) -> usize {
+    let mut ok = 0;
+    for (from, to, what) in checks {
+        let reached = lab.ping(from, to, count);
+        ok += reached as usize;
+        println!(
+            "  ping {from} -> {to:<10} {:<4} {what}",
+            if reached { "ok" } else { "FAIL" }
+        );
+    }
+    ok
+}
+
 fn traffic(lab: &Lab, summary: &mut Summary) {
     step("traffic within each tenant");
     let a1_ip6 = lab.vm("a1").ip6.to_string();
@@ -495,15 +487,7 @@ fn traffic(lab: &Lab, summary: &mut Summary) {
         ),
         ("a1", "10.0.0.9", "tenant a -> kernel VXLAN peer"),
     ];
-    let mut ok = 0;
-    for (from, to, what) in checks {
-        let reached = lab.ping(from, to, 3);
-        ok += reached as usize;
-        println!(
-            "  ping {from} -> {to:<10} {:<4} {what}",
-            if reached { "ok" } else { "FAIL" }
-        );
-    }
+    let ok = pings(lab, &checks, 3);
     let msg = b"hello from tenant a";
     let tcp = lab::tcp_echo(lab, "a1", "a2", msg).is_ok_and(|g| g == msg);
     println!("  TCP a1 -> a2 echo: {}", if tcp { "ok" } else { "FAIL" });

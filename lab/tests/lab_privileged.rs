@@ -1185,25 +1185,8 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
     );
 
     // The outside reaches ad2 by its floating IP, where its group allows.
-    let ping_fip = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &out,
-            "ping",
-            "-q",
-            "-c",
-            "2",
-            "-W",
-            "1",
-            "198.51.100.20",
-        ])
-        .output()
-        .expect("ping");
-    assert!(
-        ping_fip.status.success(),
-        "the outside pings ad2's floating IP"
-    );
+    let ping_fip = ping_in(&out, "198.51.100.20", 2);
+    assert!(ping_fip, "the outside pings ad2's floating IP");
     let got =
         tcp_echo_from_ns(&lab, &out, "198.51.100.20", "ad2", 5001).expect("outside -> ad2:5001");
     assert_eq!(got, b"outside");

@@ -90,6 +90,29 @@ pub fn default_group(tenant: &str, prefix: &str) -> SecurityGroup {
     }
 }
 
+/// `ping` from namespace `ns` to an address; true when every echo was
+/// answered.
+pub fn ping_in(ns: &str, to: &str, count: u32) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            to,
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
 pub fn underlay_ip(host: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, host as u8)
 }
@@ -583,25 +606,7 @@ impl Lab {
 
     /// `ping` from one VM to an address; true when every echo was answered.
     pub fn ping(&self, from: &str, to: &str, count: u32) -> bool {
-        let ns = &self.vm(from).ns;
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "ping",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                to,
-            ])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+        ping_in(&self.vm(from).ns, to, count)
     }
 
     /// Adds a third host whose VTEP is the Linux kernel's own VXLAN device,

@@ -17,6 +17,10 @@ use crate::Error;
 static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloison-bench"));
 
+/// The template headers the generator writes into every frame (Ethernet,
+/// IPv4 without options, UDP).
+const HDR: usize = 14 + 20 + 8;
+
 pub struct Traffic {
     ebpf: Ebpf,
 }
@@ -84,12 +88,40 @@ impl Traffic {
         packets: u32,
         flows: u32,
     ) -> Result<Duration, Error> {
+        self.send_flows(ifindex, frame, packets, (flows, 1))
+    }
+
+    /// [`send`](Self::send) with `flows` = (source ports, destination
+    /// ports): each destination port, from the frame's, after a whole round
+    /// of source ports; the sink counts destination ports up to 1,032.
+    pub fn send_flows(
+        &mut self,
+        ifindex: u32,
+        frame: &[u8],
+        packets: u32,
+        flows: (u32, u32),
+    ) -> Result<Duration, Error> {
+        if frame.len() < HDR || frame[12..14] != [8, 0] || frame[14] != 0x45 || frame[23] != 17 {
+            return Err(Error::Invalid(
+                "the generator takes Ethernet + IPv4 (no options) + UDP frames".into(),
+            ));
+        }
         {
             let mut f: Array<_, u32> =
                 Array::try_from(self.ebpf.map_mut("BENCH_FLOWS").expect("bench map"))
                     .map_err(|e| Error::kernel("BENCH_FLOWS")(e.into()))?;
-            f.set(0, flows, 0)
-                .map_err(|e| Error::kernel("write BENCH_FLOWS")(e.into()))?;
+            for (i, n) in [flows.0, flows.1].into_iter().enumerate() {
+                f.set(i as u32, n, 0)
+                    .map_err(|e| Error::kernel("write BENCH_FLOWS")(e.into()))?;
+            }
+        }
+        {
+            let mut t: Array<_, [u8; HDR]> =
+                Array::try_from(self.ebpf.map_mut("BENCH_TEMPLATE").expect("bench map"))
+                    .map_err(|e| Error::kernel("BENCH_TEMPLATE")(e.into()))?;
+            let h: [u8; HDR] = frame[..HDR].try_into().expect("checked length");
+            t.set(0, h, 0)
+                .map_err(|e| Error::kernel("write BENCH_TEMPLATE")(e.into()))?;
         }
         let p: &Xdp = self
             .ebpf

@@ -209,6 +209,7 @@ fn lab_pps(name: &str, hook: Option<UplinkHook>) -> Result<Vec<crate::pps::PpsRu
                 setup: name,
                 from_ns: &from,
                 to_ns: &to,
+                sink_if: "eth0",
                 sender_port: (&port.0, &port.1),
             };
             let mut r = crate::pps::measure(&at, &frame, packets, flows)?;

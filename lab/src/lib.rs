@@ -10,3 +10,4 @@ pub mod lab;
 pub mod memory;
 pub mod plot;
 pub mod pps;
+pub mod routing_bench;

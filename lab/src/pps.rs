@@ -60,23 +60,37 @@ pub fn udp_frame(
     f
 }
 
-/// Where a measurement runs: from the VM in namespace `from_ns` to the VM
-/// in `to_ns`; `sender_port` is the sending VM's port on its host
-/// (namespace, interface), which must take XDP-transmitted frames (NAPI).
+/// Where a measurement runs: from the VM in namespace `from_ns` to
+/// interface `sink_if` (a VM's eth0) in `to_ns`; `sender_port` is the
+/// sending VM's port on its host (namespace, interface), which must take
+/// XDP-transmitted frames (NAPI).
 #[derive(Clone, Copy, Debug)]
 pub struct Between<'a> {
     pub setup: &'a str,
     pub from_ns: &'a str,
     pub to_ns: &'a str,
+    pub sink_if: &'a str,
     pub sender_port: (&'a str, &'a str),
 }
 
 /// One measurement: `packets` copies of `frame` over `flows` flows.
 pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Result<PpsRun> {
+    measure_flows(at, frame, packets, (flows, 1))
+}
+
+/// One measurement: `packets` copies of `frame` over `flows` = (source
+/// ports, destination ports from the frame's): `flows.0 * flows.1` flows.
+pub fn measure_flows(
+    at: &Between,
+    frame: &[u8],
+    packets: u32,
+    flows: (u32, u32),
+) -> Result<PpsRun> {
     let Between {
         setup,
         from_ns,
         to_ns,
+        sink_if,
         sender_port,
     } = *at;
     sh(&[
@@ -90,10 +104,10 @@ pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Res
         "gro",
         "on",
     ])?;
-    let to = to_ns.to_string();
+    let (to, sink_if) = (to_ns.to_string(), sink_if.to_string());
     let mut traffic = crate::lab::in_netns(&to, move || {
         let mut t = Traffic::load()?;
-        t.attach_sink("eth0")?;
+        t.attach_sink(&sink_if)?;
         Ok(t)
     })
     .context("sink")?;
@@ -105,7 +119,7 @@ pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Res
     let cpu_before = busy_cpu_seconds()?;
     let (traffic, _) = crate::lab::in_netns(&from, move || {
         let eth0 = netdev::ifindex("eth0").context("the sender's eth0")?;
-        let took = traffic.send(eth0, &frame, packets, flows)?;
+        let took = traffic.send_flows(eth0, &frame, packets, flows)?;
         Ok((traffic, took))
     })?;
     // Frames still in flight reach the sink shortly: the run ends when its
@@ -129,7 +143,7 @@ pub fn measure_once(at: &Between, frame: &[u8], packets: u32, flows: u32) -> Res
     Ok(PpsRun {
         setup: setup.to_string(),
         frame_bytes,
-        flows,
+        flows: flows.0 * flows.1.max(1),
         sent: packets as u64,
         delivered,
         seconds,

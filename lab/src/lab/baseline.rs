@@ -103,29 +103,81 @@ impl KernelBaseline {
         b._namespaces.add(&vm3)?;
         b._namespaces.add(&out)?;
         for (i, hv) in [&hv1, &hv2].into_iter().enumerate() {
-            let (me, other) = (underlay_ip(i + 1).to_string(), underlay_ip(2 - i).to_string());
+            let (me, other) = (
+                underlay_ip(i + 1).to_string(),
+                underlay_ip(2 - i).to_string(),
+            );
             cloison_testkit::netns::bridge(hv, "br1").map_err(anyhow::Error::msg)?;
             vxlan_on_bridge(hv, "vx1", 1101, "br1", &me, &other)?;
         }
-        vm_on_bridge(&hv1, "br0", "tap0", &b.vm1, "02:00:00:00:00:01", "10.0.0.1/24")?;
-        vm_on_bridge(&hv2, "br0", "tap0", &b.vm2, "02:00:00:00:00:02", "10.0.0.2/24")?;
-        vm_on_bridge(&hv2, "br1", "tap1", &vm3, "02:00:00:00:01:12", "10.1.0.12/24")?;
+        vm_on_bridge(
+            &hv1,
+            "br0",
+            "tap0",
+            &b.vm1,
+            "02:00:00:00:00:01",
+            "10.0.0.1/24",
+        )?;
+        vm_on_bridge(
+            &hv2,
+            "br0",
+            "tap0",
+            &b.vm2,
+            "02:00:00:00:00:02",
+            "10.0.0.2/24",
+        )?;
+        vm_on_bridge(
+            &hv2,
+            "br1",
+            "tap1",
+            &vm3,
+            "02:00:00:00:01:12",
+            "10.1.0.12/24",
+        )?;
         let router_mac = MacAddr(Self::ROUTER_MAC).to_string();
         for (br, addr) in [("br0", "10.0.0.254/24"), ("br1", "10.1.0.1/24")] {
             sh(&["ip", "-n", &hv1, "link", "set", br, "address", &router_mac])?;
             sh(&["ip", "-n", &hv1, "addr", "add", addr, "dev", br])?;
         }
         sh(&[
-            "ip", "-n", &hv1, "link", "add", "ext0", "type", "veth", "peer", "name", "x1",
-            "netns", &out,
+            "ip", "-n", &hv1, "link", "add", "ext0", "type", "veth", "peer", "name", "x1", "netns",
+            &out,
         ])?;
-        sh(&["ip", "-n", &hv1, "addr", "add", "198.51.100.11/24", "dev", "ext0"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &hv1,
+            "addr",
+            "add",
+            "198.51.100.11/24",
+            "dev",
+            "ext0",
+        ])?;
         sh(&["ip", "-n", &hv1, "link", "set", "ext0", "up"])?;
-        sh(&["ip", "-n", &out, "addr", "add", "198.51.100.1/24", "dev", "x1"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &out,
+            "addr",
+            "add",
+            "198.51.100.1/24",
+            "dev",
+            "x1",
+        ])?;
         sh(&["ip", "-n", &out, "link", "set", "x1", "up"])?;
         // As the lab's outside: a NIC's wire.
-        sh(&["ip", "netns", "exec", &out, "ethtool", "-K", "x1", "gro", "on", "tx", "off"])?;
-        sh(&["ip", "netns", "exec", &hv1, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        sh(&[
+            "ip", "netns", "exec", &out, "ethtool", "-K", "x1", "gro", "on", "tx", "off",
+        ])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &hv1,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
         // Neighbours known, as they are once traffic runs.
         let x1 = MacAddr(super::in_netns(&out, || netdev::mac("x1").context("x1"))?).to_string();
         for (ip, mac, dev) in [
@@ -134,7 +186,17 @@ impl KernelBaseline {
             ("198.51.100.1", x1.as_str(), "ext0"),
         ] {
             sh(&[
-                "ip", "-n", &hv1, "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud",
+                "ip",
+                "-n",
+                &hv1,
+                "neigh",
+                "replace",
+                ip,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
                 "permanent",
             ])?;
         }
@@ -148,7 +210,11 @@ impl KernelBaseline {
                      oifname \"ext0\" masquerade
                    }}
                  }}",
-                vm_rules(&[("tap0", "02:00:00:00:00:01", "10.0.0.1")], "10.0.0.1", peers)
+                vm_rules(
+                    &[("tap0", "02:00:00:00:00:01", "10.0.0.1")],
+                    "10.0.0.1",
+                    peers
+                )
             ),
         )?;
         nft(

@@ -33,28 +33,32 @@ pub struct Memory {
     pub bytes_per_flow: f64,
 }
 
+/// What `bpftool` reports of the map pinned at `pin`.
+pub fn pinned_map(pin: &Path) -> Result<MapMemory> {
+    let o = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .context("bpftool")?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .with_context(|| format!("bpftool on {}", pin.display()))?;
+    Ok(MapMemory {
+        name: v["name"].as_str().unwrap_or("?").to_string(),
+        kind: v["type"].as_str().unwrap_or("?").to_string(),
+        max_entries: v["max_entries"].as_u64().unwrap_or(0),
+        bytes: v["bytes_memlock"].as_u64().unwrap_or(0),
+        bytes_per_entry: v["bytes_memlock"].as_u64().unwrap_or(0) as f64
+            / v["max_entries"].as_u64().unwrap_or(1).max(1) as f64,
+    })
+}
+
 fn maps(pin_dir: &Path) -> Result<Vec<MapMemory>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(pin_dir)? {
         let p = e?.path();
-        if !p.is_file() {
-            continue;
+        if p.is_file() {
+            out.push(pinned_map(&p)?);
         }
-        let o = Command::new("bpftool")
-            .args(["-j", "map", "show", "pinned"])
-            .arg(&p)
-            .output()
-            .context("bpftool")?;
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-            .with_context(|| format!("bpftool on {}", p.display()))?;
-        out.push(MapMemory {
-            name: v["name"].as_str().unwrap_or("?").to_string(),
-            kind: v["type"].as_str().unwrap_or("?").to_string(),
-            max_entries: v["max_entries"].as_u64().unwrap_or(0),
-            bytes: v["bytes_memlock"].as_u64().unwrap_or(0),
-            bytes_per_entry: v["bytes_memlock"].as_u64().unwrap_or(0) as f64
-                / v["max_entries"].as_u64().unwrap_or(1).max(1) as f64,
-        });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)

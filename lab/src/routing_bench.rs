@@ -143,16 +143,8 @@ fn cloison_flow_maps(lab: &Lab, host: &str) -> Result<Vec<(String, f64)>> {
     }
     let mut out = Vec::new();
     for p in found {
-        let o = std::process::Command::new("bpftool")
-            .args(["-j", "map", "show", "pinned"])
-            .arg(&p)
-            .output()
-            .context("bpftool")?;
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-            .with_context(|| format!("bpftool on {}", p.display()))?;
-        let bytes = v["bytes_memlock"].as_f64().context("bytes_memlock")?;
-        let max = v["max_entries"].as_f64().context("max_entries")?;
-        out.push((v["name"].as_str().unwrap_or("?").to_string(), bytes / max));
+        let m = crate::memory::pinned_map(&p)?;
+        out.push((m.name, m.bytes_per_entry));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     anyhow::ensure!(

@@ -135,35 +135,17 @@ impl KernelBaseline {
             "10.1.0.12/24",
         )?;
         let router_mac = MacAddr(Self::ROUTER_MAC).to_string();
-        for (br, addr) in [("br0", "10.0.0.254/24"), ("br1", "10.1.0.1/24")] {
+        for (br, cidr) in [("br0", "10.0.0.254/24"), ("br1", "10.1.0.1/24")] {
             sh(&["ip", "-n", &hv1, "link", "set", br, "address", &router_mac])?;
-            sh(&["ip", "-n", &hv1, "addr", "add", addr, "dev", br])?;
+            addr(&hv1, cidr, br)?;
         }
         sh(&[
             "ip", "-n", &hv1, "link", "add", "ext0", "type", "veth", "peer", "name", "x1", "netns",
             &out,
         ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &hv1,
-            "addr",
-            "add",
-            "198.51.100.11/24",
-            "dev",
-            "ext0",
-        ])?;
+        addr(&hv1, "198.51.100.11/24", "ext0")?;
         sh(&["ip", "-n", &hv1, "link", "set", "ext0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &out,
-            "addr",
-            "add",
-            "198.51.100.1/24",
-            "dev",
-            "x1",
-        ])?;
+        addr(&out, "198.51.100.1/24", "x1")?;
         sh(&["ip", "-n", &out, "link", "set", "x1", "up"])?;
         // As the lab's outside: a NIC's wire.
         sh(&[
@@ -295,16 +277,16 @@ fn vxlan_on_bridge(hv: &str, dev: &str, vni: u32, br: &str, me: &str, other: &st
     Ok(())
 }
 
-/// A VM (namespace `vm`, its eth0 with `mac` and `addr`, MTU 1450) whose
+/// A VM (namespace `vm`, its eth0 with `mac` and `cidr`, MTU 1450) whose
 /// port `tap` is on bridge `br` of host namespace `hv`.
-fn vm_on_bridge(hv: &str, br: &str, tap: &str, vm: &str, mac: &str, addr: &str) -> Result<()> {
+fn vm_on_bridge(hv: &str, br: &str, tap: &str, vm: &str, mac: &str, cidr: &str) -> Result<()> {
     sh(&[
         "ip", "-n", hv, "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", vm,
     ])?;
     sh(&["ip", "-n", hv, "link", "set", tap, "master", br, "up"])?;
     sh(&["ip", "-n", vm, "link", "set", "eth0", "mtu", "1450"])?;
     sh(&["ip", "-n", vm, "link", "set", "eth0", "address", mac])?;
-    sh(&["ip", "-n", vm, "addr", "add", addr, "dev", "eth0"])?;
+    addr(vm, cidr, "eth0")?;
     sh(&["ip", "-n", vm, "link", "set", "eth0", "up"])?;
     Ok(())
 }

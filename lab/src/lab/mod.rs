@@ -295,16 +295,7 @@ impl Lab {
             mtu,
         ])?;
         if !self.booting {
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            addr(&ns, &format!("{ip}/24"), "eth0")?;
             sh(&[
                 "ip",
                 "-n",
@@ -441,16 +432,7 @@ impl Lab {
         }
         let out = self.add_ns("out")?;
         switch(&out)?;
-        sh(&[
-            "ip",
-            "-n",
-            &out,
-            "addr",
-            "add",
-            "198.51.100.1/24",
-            "dev",
-            "br0",
-        ])?;
+        addr(&out, "198.51.100.1/24", "br0")?;
         for (i, host) in self.hosts.clone().iter().enumerate() {
             let (hv, dev) = (self.ns(host), format!("x{}", i + 1));
             sh(&[
@@ -463,16 +445,7 @@ impl Lab {
                 "ip", "netns", "exec", &out, "ethtool", "-K", &dev, "gro", "on", "tx", "off",
             ])?;
             let ip = Ipv4Addr::new(198, 51, 100, 11 + i as u8);
-            sh(&[
-                "ip",
-                "-n",
-                &hv,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "ext0",
-            ])?;
+            addr(&hv, &format!("{ip}/24"), "ext0")?;
             sh(&["ip", "-n", &hv, "link", "set", "ext0", "up"])?;
             self.snapshot
                 .hosts
@@ -648,7 +621,7 @@ impl Lab {
             "1450",
             "up",
         ])?;
-        sh(&["ip", "-n", &kv, "addr", "add", "10.0.0.9/24", "dev", "vx0"])?;
+        addr(&kv, "10.0.0.9/24", "vx0")?;
         // The kernel peer is told where tenant a's ports live, as a
         // controller would program it (no flooding, no learning).
         for v in self.vms.clone().iter().filter(|v| v.tenant == 'a') {

@@ -12,6 +12,12 @@ pub fn sh(args: &[&str]) -> Result<String> {
     cloison_testkit::netns::sh(args).map_err(anyhow::Error::msg)
 }
 
+/// Adds address `cidr` to interface `dev` of namespace `ns`.
+pub(super) fn addr(ns: &str, cidr: &str, dev: &str) -> Result<()> {
+    sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev])?;
+    Ok(())
+}
+
 /// Network namespaces made by the lab, deleted (last made first) on drop.
 #[derive(Default)]
 pub(super) struct Namespaces(cloison_testkit::netns::Namespaces);

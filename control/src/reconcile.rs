@@ -222,6 +222,12 @@ fn apply(
             if !r.refused.is_empty() {
                 tracing::warn!(refused = ?r.refused, "ports not attached");
             }
+            if !r.announced.is_empty() {
+                tracing::info!(floating_ips = ?r.announced, "floating IPs announced (gratuitous ARP)");
+            }
+            for w in &r.warnings {
+                tracing::warn!(warning = %w, "apply");
+            }
             if let Some(e) = &external {
                 tracing::error!(error = %e, "the external interface");
             }

@@ -100,6 +100,13 @@ pub struct ApplyReport {
     /// The ports whose entries this apply wrote, by the ifindex of their
     /// interface: what the port programs know each interface as.
     pub local_ports: Vec<(u32, String)>,
+    /// Floating IPs this apply brought to this host, announced with a
+    /// gratuitous ARP out of the external interface.
+    pub announced: Vec<std::net::Ipv4Addr>,
+    /// What went wrong without leaving the maps incomplete (an
+    /// announcement not sent: the outside learns the address when its
+    /// neighbour entry expires instead).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -436,7 +443,40 @@ impl Dataplane {
         if !plan.purge.is_empty() {
             report.purged = self.gc(&plan.purge)?;
         }
+        let arrived: Vec<[u8; 4]> = plan
+            .diffs
+            .fips
+            .changed
+            .iter()
+            .map(|(ip, _)| *ip)
+            .filter(|ip| !current.tables.fips.contains_key(ip))
+            .collect();
+        if !arrived.is_empty() {
+            self.announce(&arrived, &mut report);
+        }
         Ok(report)
+    }
+
+    /// A gratuitous ARP out of the external interface for each floating IP
+    /// that has just come to this host (a port created here or moved
+    /// here): the outside's neighbour caches then send its traffic here at
+    /// once, not to the host it left when their entries expire. Without an
+    /// external interface attached there is no one to tell yet.
+    fn announce(&mut self, ips: &[[u8; 4]], report: &mut ApplyReport) {
+        let ext = match self.external() {
+            Ok(x) if x.ifindex != 0 => x,
+            _ => return,
+        };
+        for ip in ips {
+            let arp = netdev::gratuitous_arp(ext.mac, *ip);
+            match netdev::send_frame(ext.ifindex, &arp) {
+                Ok(()) => report.announced.push((*ip).into()),
+                Err(e) => report.warnings.push(format!(
+                    "announce floating IP {}: {e}",
+                    std::net::Ipv4Addr::from(*ip)
+                )),
+            }
+        }
     }
 
     /// How many map entries an apply of `snap` would write or delete: 0 when

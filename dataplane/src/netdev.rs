@@ -169,9 +169,75 @@ pub fn mac(name: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
+/// Sends one Ethernet frame out of interface `ifindex` of this thread's
+/// namespace (AF_PACKET; the frame carries its own header).
+pub fn send_frame(ifindex: u32, frame: &[u8]) -> io::Result<()> {
+    if frame.len() < 14 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "short frame"));
+    }
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    let res = if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    unsafe { libc::close(fd) };
+    res
+}
+
+/// A gratuitous ARP request announcing that `ip` is at `mac` (sender and
+/// target address both `ip`, broadcast): what a host sends when an address
+/// moves to it, so that the segment's neighbour caches follow at once
+/// instead of when their entries expire.
+pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend([0xff; 6]);
+    f.extend(mac);
+    f.extend([0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend(mac);
+    f.extend(ip);
+    f.extend([0; 6]);
+    f.extend(ip);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::DriverInfo;
+
+    #[test]
+    fn a_gratuitous_arp_is_a_request_for_its_own_address() {
+        let f = super::gratuitous_arp([2, 0, 0, 0, 0, 7], [198, 51, 100, 20]);
+        assert_eq!(f.len(), 42);
+        assert_eq!(f[..6], [0xff; 6], "broadcast");
+        assert_eq!(f[12..14], [0x08, 0x06], "ARP");
+        assert_eq!(f[20..22], [0, 1], "a request");
+        assert_eq!(
+            f[22..28],
+            f[6..12],
+            "sender hardware address: the source MAC"
+        );
+        assert_eq!(f[28..32], f[38..42], "sender address = target address");
+        assert_eq!(f[28..32], [198, 51, 100, 20]);
+    }
 
     fn info(driver: &str, bus_info: &str) -> DriverInfo {
         DriverInfo {

@@ -1276,3 +1276,77 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
         "the refusal counted: {drops:?}"
     );
 }
+
+/// A floating IP follows its port to another host: the new host announces
+/// it (gratuitous ARP), so the outside's neighbour cache points at it at
+/// once, and the outside reaches the VM there, where its group allows; the
+/// VM leaves from its floating IP there too.
+#[test]
+fn privileged_a_floating_ip_follows_its_port_to_another_host() {
+    let mut lab = lab();
+    lab.add_routers().expect("routers");
+    lab.add_outside().expect("the outside");
+    lab.snapshot.security_groups.push(
+        serde_json::from_value(
+            serde_json::json!({"name": "a-public", "tenant": "tenant-a", "rules": [
+            {"direction": "ingress", "protocol": "tcp", "ports": "5001"},
+            {"direction": "ingress", "protocol": "icmp"},
+            {"direction": "egress"}]}),
+        )
+        .unwrap(),
+    );
+    lab.set_groups(&[("ad2", "a-public")]);
+    lab.start_agents().expect("agents");
+    lab.apply_via_agents().expect("apply");
+    let out = lab.ns("out");
+    assert!(
+        ping_in(&out, "198.51.100.20", 2),
+        "ad2's floating IP on hv2"
+    );
+    let ext_mac = |host: &str| {
+        let v: serde_json::Value = serde_json::from_str(
+            &sh(&["ip", "-n", &lab.ns(host), "-j", "link", "show", "ext0"]).unwrap(),
+        )
+        .unwrap();
+        v[0]["address"].as_str().unwrap().to_string()
+    };
+    let outside_sees = || {
+        let v: serde_json::Value = serde_json::from_str(
+            &sh(&["ip", "-n", &out, "-j", "neigh", "show", "198.51.100.20"]).unwrap(),
+        )
+        .unwrap();
+        v[0]["lladdr"].as_str().unwrap_or("").to_string()
+    };
+    let (hv1_mac, hv2_mac) = (ext_mac("hv1"), ext_mac("hv2"));
+    assert_eq!(outside_sees(), hv2_mac, "the outside learnt hv2 by ARP");
+
+    lab.move_vm("ad2", "hv1").expect("move ad2");
+    lab.apply_via_agents().expect("ad2's port on hv1");
+    // Announced at once: the entry the outside had (fresh, not expired)
+    // now names hv1.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while outside_sees() != hv1_mac && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        outside_sees(),
+        hv1_mac,
+        "the outside's neighbour entry for the floating IP names hv1 (hv2 is {hv2_mac})"
+    );
+    assert!(ping_in(&out, "198.51.100.20", 2), "the floating IP on hv1");
+    let got =
+        tcp_echo_from_ns(&lab, &out, "198.51.100.20", "ad2", 5001).expect("outside -> ad2:5001");
+    assert_eq!(got, b"outside");
+    assert!(
+        tcp_echo_from_ns(&lab, &out, "198.51.100.20", "ad2", 5002).is_err(),
+        "its group still keeps TCP 5002 closed"
+    );
+    let server = tcp_server_in(&out, "198.51.100.1", 7002, 1);
+    let c = connect_from(&lab, "ad2", "198.51.100.1", 7002).expect("ad2 out from hv1");
+    assert_eq!(echo(c, b"ad2"), b"ad2");
+    assert_eq!(
+        server.join().unwrap().expect("server")[0].ip().to_string(),
+        "198.51.100.20",
+        "ad2 leaves hv1 from its floating IP"
+    );
+}

@@ -472,6 +472,27 @@ impl Lab {
         Ok(())
     }
 
+    /// A VM moves to `host` as in a live migration: its port's interface
+    /// goes to that host's namespace (the VM keeps its eth0, addresses and
+    /// neighbours) and its port object names the new host; `apply` next.
+    pub fn move_vm(&mut self, name: &str, host: &str) -> Result<()> {
+        let (from, to) = (self.ns(&self.vm(name).host), self.ns(host));
+        let port_if = self.vm(name).port_if.clone();
+        sh(&["ip", "-n", &from, "link", "set", &port_if, "netns", &to])?;
+        sh(&["ip", "-n", &to, "link", "set", &port_if, "up"])?;
+        if let Some(v) = self.vms.iter_mut().find(|v| v.name == name) {
+            v.host = host.to_string();
+        }
+        let p = self
+            .snapshot
+            .ports
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no port {name}"))?;
+        p.host = host.to_string();
+        Ok(())
+    }
+
     pub fn vm(&self, name: &str) -> &Vm {
         self.vms.iter().find(|v| v.name == name).expect("lab VM")
     }

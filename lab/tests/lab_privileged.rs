@@ -1350,3 +1350,54 @@ fn privileged_a_floating_ip_follows_its_port_to_another_host() {
         "ad2 leaves hv1 from its floating IP"
     );
 }
+
+/// ICMP errors from beyond the outside about SNATed flows reach their VM:
+/// a TCP stream from a1 to a network behind a link of MTU 1280 completes
+/// (the outside's frag needed, sent to hv1's external IP, is translated
+/// back, so a1 learns the path MTU; without it the stream stalls), and
+/// traceroute through SNAT sees the hops beyond the router.
+#[test]
+fn privileged_icmp_errors_from_beyond_the_outside_reach_the_vm() {
+    let mut lab = lab();
+    lab.add_routers().expect("routers");
+    lab.add_outside().expect("the outside");
+    let far = lab.add_far_network().expect("the far network");
+    lab.start_agents().expect("agents");
+    lab.apply_via_agents().expect("apply");
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        cloison_lab::lab::in_netns(&far, move || {
+            let l = std::net::TcpListener::bind(("203.0.113.1", 7100))?;
+            tx.send(()).ok();
+            let (mut s, peer) = l.accept()?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+            let mut got = vec![0u8; 200_000];
+            std::io::Read::read_exact(&mut s, &mut got)?;
+            std::io::Write::write_all(&mut s, b"ok")?;
+            Ok(peer)
+        })
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("server listening");
+    let mut c = connect_from(&lab, "a1", "203.0.113.1", 7100).expect("a1 to the far network");
+    c.set_write_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(&mut c, &vec![0x5a; 200_000]).expect("200 kB out");
+    let mut ok = [0u8; 2];
+    std::io::Read::read_exact(&mut c, &mut ok)
+        .expect("the far end read it all: a1 learnt the path MTU through SNAT");
+    assert_eq!(&ok, b"ok");
+    let peer = server.join().unwrap().expect("server");
+    assert_eq!(peer.ip().to_string(), "198.51.100.11", "SNATed: {peer}");
+    let mtu = sh(&["ip", "-n", &lab.vm("a1").ns, "route", "get", "203.0.113.1"]).unwrap();
+    assert!(mtu.contains("mtu 1280"), "a1's route cache: {mtu}");
+
+    assert_eq!(
+        traceroute(&lab, "a1", "203.0.113.1").expect("traceroute"),
+        ["10.0.0.254", "198.51.100.1", "203.0.113.1"],
+        "a1's traceroute through SNAT"
+    );
+}

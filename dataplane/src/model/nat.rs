@@ -133,6 +133,9 @@ impl Model<'_> {
             Err(_) if fip.is_none() => return Ok(Verdict::Host),
             Err(e) => return Err(e),
         };
+        if p.proto == 1 && matches!(p.icmp_type, 3 | 11) {
+            return self.error_back(f, &p, fip.copied());
+        }
         match natable(f, &p) {
             Ok(()) => {}
             Err(_) if fip.is_none() => return Ok(Verdict::Host),
@@ -167,6 +170,70 @@ impl Model<'_> {
                 (ifindex, zone)
             }
         };
+        self.deliver_back(f, inner, ifindex, zone)
+    }
+
+    /// An ICMP error from the outside about a NATed flow, as API.md says:
+    /// the quoted packet left from the floating IP `fip`, or from the
+    /// external IP on a port of a mapping; the error and the packet it
+    /// quotes are translated back for the port, which takes it as related
+    /// to the flow. Anything else is the host's (to the external IP), or
+    /// dropped (to a floating IP).
+    fn error_back(
+        &self,
+        f: &[u8],
+        p: &Parsed,
+        fip: Option<ModelFip>,
+    ) -> Result<Verdict, DropReason> {
+        let not_ours = match fip {
+            Some(_) => Err(IcmpErrorUnrelated),
+            None => Ok(Verdict::Host),
+        };
+        let q = p.l4_off + 8;
+        let to: [u8; 4] = match fip {
+            Some(x) => x.ip.octets(),
+            None => self.tables.external_ip,
+        };
+        if be16(f, 20) & 0x3fff != 0 || f.len() < q + 28 || f[q] != 0x45 || f[q + 12..q + 16] != to
+        {
+            return not_ours;
+        }
+        let (proto, outside) = (f[q + 9], [f[q + 16], f[q + 17], f[q + 18], f[q + 19]]);
+        // The quoted packet's NATed port: where it is, it, the outside's.
+        let (port_at, ext, outside_port) = match proto {
+            6 | 17 => (q + 20, be16(f, q + 20), be16(f, q + 22)),
+            1 if f[q + 20] == 8 => (q + 24, be16(f, q + 24), 0),
+            _ => return not_ours,
+        };
+        let (ifindex, zone, inside, inside_port) = match fip {
+            Some(x) => (x.ifindex, x.zone, x.inner.octets(), None),
+            None => {
+                let Some(&(zone, inside, inside_port, ifindex)) =
+                    self.snat.borrow().get(&(proto, outside, outside_port, ext))
+                else {
+                    return not_ours;
+                };
+                (ifindex, zone, inside, Some(inside_port))
+            }
+        };
+        let mut inner = f.to_vec();
+        inner[30..34].copy_from_slice(&inside);
+        inner[q + 12..q + 16].copy_from_slice(&inside);
+        if let Some(port) = inside_port {
+            inner[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+        }
+        self.deliver_back(f, inner, ifindex, zone)
+    }
+
+    /// `inner`, what frame `f` from the outside becomes inside, to local
+    /// port `ifindex` through its ingress rules in conntrack zone `zone`.
+    fn deliver_back(
+        &self,
+        f: &[u8],
+        mut inner: Vec<u8>,
+        ifindex: u32,
+        zone: u32,
+    ) -> Result<Verdict, DropReason> {
         let info = *self.tables.ports.get(&ifindex).ok_or(UnknownPort)?;
         if f[22] <= 1 {
             return Err(TtlExceeded);

@@ -5,7 +5,8 @@
 //! the host's external IP with an external port allocated for the flow.
 //! The way back (TC ingress of the external interface, `cl_external`): ARP
 //! for the floating IPs answered; a packet to a floating IP, or to the
-//! external IP for a mapped flow, translated back (the pipeline then checks
+//! external IP for a mapped flow, and an ICMP error about either,
+//! translated back (the pipeline then checks
 //! the port's ingress rules, conntrack in the router's zone, and delivers). Anything else goes
 //! on untouched (the host's own traffic, the uplink's program after this).
 //!
@@ -320,6 +321,11 @@ pub fn inbound(ctx: &TcContext) -> Result<Inbound, (DropReason, u32)> {
     if fip.is_none() && (!ip4_eq(&dst, &ext.ip) || ext.ip == [0; 4]) {
         return Ok(Inbound::Pass);
     }
+    if proto == IPPROTO_ICMP {
+        if let Some(v) = icmp_error_back(ctx, &c, fip, ext)? {
+            return Ok(v);
+        }
+    }
     let f = match flow(&c) {
         Ok(f) => f,
         // Not a flow NAT knows: the host's own, if to its address.
@@ -364,6 +370,126 @@ pub fn inbound(ctx: &TcContext) -> Result<Inbound, (DropReason, u32)> {
         }
     };
     translate_back(ctx, &f, &t)
+}
+
+/// An ICMP error from the outside (destination unreachable, frag needed
+/// included; time exceeded) about a flow NAT translated: its quoted packet
+/// left from the floating IP, or from the external IP on a mapped port.
+/// Translated back for the port, the quoted packet too (its source address
+/// and port, its header checksum, the ICMP checksum), so that a VM learns
+/// its path MTU through NAT and traceroute sees the hops beyond; the
+/// pipeline then lets it in only as related to the flow it tracks. `None`:
+/// not an ICMP error.
+#[inline(always)]
+fn icmp_error_back(
+    ctx: &TcContext,
+    c: &Cursor,
+    fip: Option<FloatingIn>,
+    ext: &ExternalConfig,
+) -> Result<Option<Inbound>, (DropReason, u32)> {
+    let ip: *mut Ipv4Hdr = c.at(ETH_LEN).ok_or((DropReason::TruncatedIpv4, NO_SLOT))?;
+    let (vihl, frag, ttl, src, dst) = unsafe {
+        let ip = &*ip;
+        (ip.vihl, ip.frag, ip.ttl, ip.src, ip.dst)
+    };
+    let l4 = ETH_LEN + ((vihl & 0x0f) as usize) * 4;
+    let Some(h) = c.at::<[u8; 8]>(l4) else {
+        return Ok(None);
+    };
+    let ty = unsafe { (*h)[0] };
+    if ty != 3 && ty != 11 {
+        return Ok(None);
+    }
+    let not_ours = match fip {
+        Some(_) => Err((DropReason::IcmpErrorUnrelated, NO_SLOT)),
+        // The host's own, if about one of its flows.
+        None => Ok(Some(Inbound::Pass)),
+    };
+    let q = l4 + 8;
+    let (Some(qip), Some(qp)) = (c.at::<Ipv4Hdr>(q), c.at::<[u8; 8]>(q + 20)) else {
+        return not_ours;
+    };
+    let (q_vihl, q_proto, q_src, q_dst, qp) = unsafe {
+        let qip = &*qip;
+        (qip.vihl, qip.proto, qip.src, qip.dst, *qp)
+    };
+    let to = if fip.is_some() { dst } else { ext.ip };
+    if be16(frag) & 0x3fff != 0 || q_vihl != 0x45 || !ip4_eq(&q_src, &to) {
+        return not_ours;
+    }
+    // Where the quoted packet has the port NAT gave it (from its L4
+    // header), that port, and the outside's.
+    let (port_at, ext_port, outside_port) = match q_proto {
+        IPPROTO_TCP | IPPROTO_UDP => (0usize, [qp[0], qp[1]], [qp[2], qp[3]]),
+        IPPROTO_ICMP if qp[0] == ICMP_ECHO_REQUEST => (4, [qp[4], qp[5]], [0, 0]),
+        _ => return not_ours,
+    };
+    let t = match fip {
+        Some(fi) => Target {
+            ifindex: fi.ifindex,
+            inside: fi.inner,
+            inside_port: None,
+            zone: fi.zone,
+        },
+        None => {
+            let rk = SnatRevKey {
+                outside: q_dst,
+                port: ext_port,
+                outside_port,
+                proto: q_proto,
+                _pad: [0; 3],
+            };
+            let Some(r) = CL_SNAT_REV.get_ptr(&rk) else {
+                return not_ours;
+            };
+            let r = unsafe { *r };
+            Target {
+                ifindex: r.ifindex,
+                inside: r.inside,
+                inside_port: Some(r.inside_port),
+                zone: r.zone,
+            }
+        }
+    };
+    let e = (DropReason::NatFragment, NO_SLOT);
+    let csum = l4 + 2;
+    let (a, b) = (
+        u32::from_ne_bytes(to) as u64,
+        u32::from_ne_bytes(t.inside) as u64,
+    );
+    let old_sum: [u8; 2] = ctx.load(q + 10).map_err(|_| e)?;
+    ctx.l3_csum_replace(q + 10, a, b, 4).map_err(|_| e)?;
+    let new_sum: [u8; 2] = ctx.load(q + 10).map_err(|_| e)?;
+    ctx.store(q + 12, &t.inside, 0).map_err(|_| e)?;
+    ctx.l4_csum_replace(csum, a, b, 4).map_err(|_| e)?;
+    let (a, b) = (
+        u16::from_ne_bytes(old_sum) as u64,
+        u16::from_ne_bytes(new_sum) as u64,
+    );
+    ctx.l4_csum_replace(csum, a, b, 2).map_err(|_| e)?;
+    if let Some(new) = t.inside_port {
+        ctx.store(q + 20 + port_at, &new, 0).map_err(|_| e)?;
+        let (a, b) = (
+            u16::from_ne_bytes(ext_port) as u64,
+            u16::from_ne_bytes(new) as u64,
+        );
+        ctx.l4_csum_replace(csum, a, b, 2).map_err(|_| e)?;
+    }
+    let f = Flow {
+        src,
+        dst,
+        ttl,
+        proto: IPPROTO_ICMP,
+        l4,
+        sport: [0, 0],
+        dport: [0, 0],
+        icmp_type: ty,
+    };
+    let t = Target {
+        inside_port: None,
+        ..t
+    };
+    translate_back(ctx, &f, &t).map(Some)
 }
 
 /// Translates an inbound packet back for its port: addresses, port, TTL,

@@ -472,6 +472,58 @@ impl Lab {
         Ok(())
     }
 
+    /// A network beyond the outside, after `add_outside`: namespace `far`
+    /// (203.0.113.1/24, MTU 1500) behind the outside, which routes to it
+    /// over a link whose outside end has MTU 1280 (so the outside answers
+    /// a larger packet with DF set with frag needed); the hosts route
+    /// 203.0.113.0/24 via the outside (198.51.100.1).
+    pub fn add_far_network(&mut self) -> Result<String> {
+        let out = self.ns("out");
+        let far = self.add_ns("far")?;
+        sh(&[
+            "ip", "-n", &out, "link", "add", "f0", "type", "veth", "peer", "name", "eth0", "netns",
+            &far,
+        ])?;
+        sh(&["ip", "-n", &out, "link", "set", "f0", "mtu", "1280", "up"])?;
+        addr(&out, "203.0.113.254/24", "f0")?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &out,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        addr(&far, "203.0.113.1/24", "eth0")?;
+        sh(&["ip", "-n", &far, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &far,
+            "route",
+            "add",
+            "default",
+            "via",
+            "203.0.113.254",
+        ])?;
+        for host in self.hosts.clone() {
+            sh(&[
+                "ip",
+                "-n",
+                &self.ns(&host),
+                "route",
+                "add",
+                "203.0.113.0/24",
+                "via",
+                "198.51.100.1",
+                "dev",
+                "ext0",
+            ])?;
+        }
+        Ok(far)
+    }
+
     /// A VM moves to `host` as in a live migration: its port's interface
     /// goes to that host's namespace (the VM keeps its eth0, addresses and
     /// neighbours) and its port object names the new host; `apply` next.

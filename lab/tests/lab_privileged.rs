@@ -1123,6 +1123,10 @@ fn privileged_routers_route_between_a_tenants_networks_only() {
         ("ad1", "10.0.0.3"),
         ("a1", "fd00:2::11"),
         ("ad2", "fd00:1::2"),
+        // The router answers pings of its own addresses.
+        ("a1", "10.0.0.254"),
+        ("ad2", "10.1.0.1"),
+        ("a1", "fd00:1::fe"),
     ] {
         assert!(
             lab.ping(from, to, 2),

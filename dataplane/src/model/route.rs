@@ -75,7 +75,18 @@ impl Model<'_> {
             .ok_or(NotRouted)?;
         let (src, dst) = (to_ip(p.src, v4), to_ip(p.dst, v4));
         if dst == *gateway {
-            return Err(ToRouter);
+            // The router answers pings of its address (as it answers ARP
+            // and ND), not anything else sent to it.
+            let echo = if v4 {
+                (p.proto, p.icmp_type) == (1, 8)
+            } else {
+                (p.proto, p.icmp_type) == (58, 128)
+            };
+            return if echo && !p.first_fragment && !p.later_fragment {
+                Ok(Verdict::Back)
+            } else {
+                Err(ToRouter)
+            };
         }
         if link_local(src) || link_local(dst) {
             return Err(NoRoute);

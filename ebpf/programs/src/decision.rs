@@ -35,6 +35,8 @@ pub const NEXT_TIME_EXCEEDED_V4: u32 = 8;
 pub const NEXT_TIME_EXCEEDED_V6: u32 = 9;
 /// To the outside, through the external interface (NAT).
 pub const NEXT_EXTERNAL: u32 = 10;
+/// An echo request to the router's address: answered back to the port.
+pub const NEXT_ROUTER_ECHO: u32 = 11;
 /// `arg` of `NEXT_TOO_BIG_*`: the router says so (from its address),
 /// rather than the destination network.
 pub const TOO_BIG_ROUTED: u32 = 1;

@@ -11,11 +11,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use cloison_abi::{DropReason, PortInfo};
+use cloison_abi::{gateway_mac, DropReason, PortInfo};
 
 use crate::{
     hdr::*,
     maps::{count_drop, count_to_vm, route, router_iface},
+    parse::{Parsed, L3},
 };
 
 /// Which error.
@@ -155,6 +156,63 @@ pub fn error(
     // counted by the entry point instead), its error delivered.
     count_drop(reason, port.slot);
     count_to_vm(port.slot, total as u32);
+    unsafe { bpf_redirect(ifindex, 0) };
+    Ok(TC_ACT_REDIRECT)
+}
+
+/// The router's answer to an echo request from `port` to its address:
+/// the request turned into the reply in place (addresses swapped, which
+/// leaves the IP and pseudo-header sums as they are; the type changed,
+/// its checksum mended), from the network's gateway MAC, back to the port.
+#[inline(always)]
+pub fn echo_reply(
+    ctx: &TcContext,
+    ifindex: u32,
+    port: &PortInfo,
+    p: &Parsed,
+) -> Result<i32, DropReason> {
+    let e = DropReason::TruncatedL4;
+    let v4 = p.l3 == L3::Ipv4;
+    // Parsed may live in map memory: bound the offset the verifier sees.
+    if p.l4_off > crate::parse::MAX_L4_OFFSET {
+        return Err(e);
+    }
+    let (src_at, len) = if v4 {
+        (ETH_LEN + 12, 4)
+    } else {
+        (ETH_LEN + 8, 16)
+    };
+    let src: [u8; 16] = ctx.load(src_at).map_err(|_| e)?;
+    let dst: [u8; 16] = ctx.load(src_at + len).map_err(|_| e)?;
+    if v4 {
+        ctx.store::<[u8; 4]>(src_at, &[dst[0], dst[1], dst[2], dst[3]], 0)
+            .map_err(|_| e)?;
+        ctx.store::<[u8; 4]>(src_at + 4, &[src[0], src[1], src[2], src[3]], 0)
+            .map_err(|_| e)?;
+    } else {
+        ctx.store(src_at, &dst, 0).map_err(|_| e)?;
+        ctx.store(src_at + 16, &src, 0).map_err(|_| e)?;
+    }
+    let (request, reply) = if v4 {
+        (ICMP_ECHO_REQUEST, 0u8)
+    } else {
+        (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+    };
+    let code: [u8; 1] = ctx.load(p.l4_off + 1).map_err(|_| e)?;
+    let (from, to) = (
+        u16::from_ne_bytes([request, code[0]]) as u64,
+        u16::from_ne_bytes([reply, code[0]]) as u64,
+    );
+    ctx.l4_csum_replace(p.l4_off + 2, from, to, 2)
+        .map_err(|_| e)?;
+    ctx.store(p.l4_off, &reply, 0).map_err(|_| e)?;
+    let gw = gateway_mac(port.vni);
+    let m = port.mac;
+    let eth = [
+        m[0], m[1], m[2], m[3], m[4], m[5], gw[0], gw[1], gw[2], gw[3], gw[4], gw[5],
+    ];
+    ctx.store(0, &eth, 0).map_err(|_| e)?;
+    count_to_vm(port.slot, ctx.len());
     unsafe { bpf_redirect(ifindex, 0) };
     Ok(TC_ACT_REDIRECT)
 }

@@ -64,6 +64,7 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
                 NEXT_ENCAP => encap(ctx, d.out.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed)),
                 NEXT_LOCAL => forward::deliver(&d.peer, ctx.len()) as Packed,
                 NEXT_EXTERNAL => external(ctx, d.ifindex, d.out.zone),
+                NEXT_ROUTER_ECHO => router_echo(ctx, d.ifindex, &d.port, &d.parsed),
                 _ => d.next.arg as i32 as Packed,
             }
         }
@@ -183,6 +184,11 @@ fn icmp_error(ctx: &TcContext, ifindex: u32, port: &PortInfo, next: Next) -> Pac
         icmp::Error::TooBig
     };
     pack(icmp::error(ctx, ifindex, port, v4, error))
+}
+
+#[inline(never)]
+fn router_echo(ctx: &TcContext, ifindex: u32, port: &PortInfo, p: &Parsed) -> Packed {
+    pack(icmp::echo_reply(ctx, ifindex, port, p))
 }
 
 /// Out to the external interface (NAT). A mapping is free again once

@@ -52,7 +52,18 @@ pub fn from_port(
         eq16(&p.dst, &rif.gw6)
     };
     if to_gateway {
-        return Err(DropReason::ToRouter);
+        // A ping of the router's address is answered, as ARP and ND are,
+        // on the VM's host; anything else to the router is dropped.
+        let echo = if v4 {
+            p.proto == IPPROTO_ICMP && p.icmp_type == ICMP_ECHO_REQUEST
+        } else {
+            p.proto == IPPROTO_ICMPV6 && p.icmp_type == ICMPV6_ECHO_REQUEST
+        };
+        return if echo && !p.first_fragment && !p.later_fragment {
+            Ok(Next::of(NEXT_ROUTER_ECHO, 0))
+        } else {
+            Err(DropReason::ToRouter)
+        };
     }
     if !v4 && (link_local(&p.src) || link_local(&p.dst)) {
         return Err(DropReason::NoRoute);

@@ -1190,13 +1190,13 @@ fn privileged_routers_route_between_a_tenants_networks_only() {
     );
 }
 
-#[test]
-fn privileged_the_outside_through_snat_and_floating_ips() {
+/// The routers' lab with the outside, before its agents: ad2 (floating IP
+/// 198.51.100.20) serves TCP 5001 and answers pings to anyone; nothing else
+/// comes in.
+fn outside_lab() -> Lab {
     let mut lab = lab();
     lab.add_routers().expect("routers");
     lab.add_outside().expect("the outside");
-    // ad2 (floating IP 198.51.100.20) serves TCP 5001 and answers pings to
-    // anyone; nothing else comes in.
     lab.snapshot.security_groups.push(
         serde_json::from_value(
             serde_json::json!({"name": "a-public", "tenant": "tenant-a", "rules": [
@@ -1207,6 +1207,12 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
         .unwrap(),
     );
     lab.set_groups(&[("ad2", "a-public")]);
+    lab
+}
+
+#[test]
+fn privileged_the_outside_through_snat_and_floating_ips() {
+    let mut lab = outside_lab();
     lab.start_agents().expect("agents");
     lab.apply_via_agents()
         .expect("state, floating IP included, through the API");
@@ -1287,19 +1293,7 @@ fn privileged_the_outside_through_snat_and_floating_ips() {
 /// VM leaves from its floating IP there too.
 #[test]
 fn privileged_a_floating_ip_follows_its_port_to_another_host() {
-    let mut lab = lab();
-    lab.add_routers().expect("routers");
-    lab.add_outside().expect("the outside");
-    lab.snapshot.security_groups.push(
-        serde_json::from_value(
-            serde_json::json!({"name": "a-public", "tenant": "tenant-a", "rules": [
-            {"direction": "ingress", "protocol": "tcp", "ports": "5001"},
-            {"direction": "ingress", "protocol": "icmp"},
-            {"direction": "egress"}]}),
-        )
-        .unwrap(),
-    );
-    lab.set_groups(&[("ad2", "a-public")]);
+    let mut lab = outside_lab();
     lab.start_agents().expect("agents");
     lab.apply_via_agents().expect("apply");
     let out = lab.ns("out");

@@ -297,6 +297,29 @@ struct Target {
     zone: u32,
 }
 
+impl Target {
+    #[inline(always)]
+    fn floating(fi: &FloatingIn) -> Target {
+        Target {
+            ifindex: fi.ifindex,
+            inside: fi.inner,
+            inside_port: None,
+            zone: fi.zone,
+        }
+    }
+
+    /// A SNAT mapping's inside end.
+    #[inline(always)]
+    fn mapped(r: &SnatRevEntry) -> Target {
+        Target {
+            ifindex: r.ifindex,
+            inside: r.inside,
+            inside_port: Some(r.inside_port),
+            zone: r.zone,
+        }
+    }
+}
+
 /// A packet that entered by the external interface: `Err` with the port
 /// slot to count the drop on.
 #[inline(always)]
@@ -333,12 +356,7 @@ pub fn inbound(ctx: &TcContext) -> Result<Inbound, (DropReason, u32)> {
         Err(e) => return Err((e, NO_SLOT)),
     };
     let t = match fip {
-        Some(fi) => Target {
-            ifindex: fi.ifindex,
-            inside: fi.inner,
-            inside_port: None,
-            zone: fi.zone,
-        },
+        Some(fi) => Target::floating(&fi),
         None => {
             if proto == IPPROTO_ICMP && f.icmp_type != ICMP_ECHO_REPLY {
                 return Ok(Inbound::Pass);
@@ -360,13 +378,7 @@ pub fn inbound(ctx: &TcContext) -> Result<Inbound, (DropReason, u32)> {
             let Some(r) = CL_SNAT_REV.get_ptr(&rk) else {
                 return Ok(Inbound::Pass);
             };
-            let r = unsafe { *r };
-            Target {
-                ifindex: r.ifindex,
-                inside: r.inside,
-                inside_port: Some(r.inside_port),
-                zone: r.zone,
-            }
+            Target::mapped(unsafe { &*r })
         }
     };
     translate_back(ctx, &f, &t)
@@ -425,12 +437,7 @@ fn icmp_error_back(
         _ => return not_ours,
     };
     let t = match fip {
-        Some(fi) => Target {
-            ifindex: fi.ifindex,
-            inside: fi.inner,
-            inside_port: None,
-            zone: fi.zone,
-        },
+        Some(fi) => Target::floating(&fi),
         None => {
             let rk = SnatRevKey {
                 outside: q_dst,
@@ -442,13 +449,7 @@ fn icmp_error_back(
             let Some(r) = CL_SNAT_REV.get_ptr(&rk) else {
                 return not_ours;
             };
-            let r = unsafe { *r };
-            Target {
-                ifindex: r.ifindex,
-                inside: r.inside,
-                inside_port: Some(r.inside_port),
-                zone: r.zone,
-            }
+            Target::mapped(unsafe { &*r })
         }
     };
     let e = (DropReason::NatFragment, NO_SLOT);

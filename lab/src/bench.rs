@@ -143,24 +143,35 @@ pub fn run() -> Result<()> {
         "udp_request_response": {"cloison": rr_cloison, "kernel": rr_kernel},
         "memory": memory,
     });
-    let dir = std::path::Path::new("benches/results");
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join("latest.json"),
-        serde_json::to_vec_pretty(&results)?,
-    )?;
+    write_results("latest", &results, &results_markdown(&results))?;
+    let dir = std::path::Path::new(RESULTS);
     crate::plot::pps(&results, &dir.join("pps.png"))?;
     crate::plot::scaling(&results, &dir.join("scaling.png"))?;
-    let md = results_markdown(&results);
-    std::fs::write(dir.join("latest.md"), &md)?;
+    step("written: benches/results/pps.png, scaling.png");
+    Ok(())
+}
+
+/// Where the benches write their results.
+const RESULTS: &str = "benches/results";
+
+/// Writes a bench's results as `benches/results/{stem}.json` and its
+/// table as `{stem}.md`, and shows the table.
+pub fn write_results(stem: &str, results: &serde_json::Value, md: &str) -> Result<()> {
+    let dir = std::path::Path::new(RESULTS);
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_vec_pretty(results)?,
+    )?;
+    std::fs::write(dir.join(format!("{stem}.md")), md)?;
     println!("{md}");
-    step("written: benches/results/latest.json, latest.md, pps.png, scaling.png");
+    step(&format!("written: {RESULTS}/{stem}.json, {stem}.md"));
     Ok(())
 }
 
 /// The plots again from benches/results/latest.json.
 pub fn plot_results() -> Result<()> {
-    let dir = std::path::Path::new("benches/results");
+    let dir = std::path::Path::new(RESULTS);
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("latest.json"))?)?;
     crate::plot::pps(&results, &dir.join("pps.png"))?;

@@ -322,9 +322,6 @@ pub fn run() -> Result<()> {
             "ten_thousand_ports": {"written": real_written, "applied_everywhere": real_bulk}},
         "writes_per_s": {"one_agent": one_writer, "three_agents": three_writers, "three_agents_503": refused},
     });
-    let out = std::path::Path::new("benches/results");
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("fleet.json"), serde_json::to_vec_pretty(&results)?)?;
     let md = format!(
         "Fleet mode ({}), one etcd member on loopback, 2 cores:\n\n\
          | | |\n|---|---|\n\
@@ -345,12 +342,9 @@ pub fn run() -> Result<()> {
         floor_bulk.as_secs_f64() * 1e3,
         cold.as_secs_f64() * 1e3,
     );
-    std::fs::write(out.join("fleet.md"), &md)?;
-    println!("{md}");
     drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
-    step("written: benches/results/fleet.json, fleet.md");
-    Ok(())
+    crate::bench::write_results("fleet", &results, &md)
 }
 
 /// Ports `from..to` of the watch-only agents' network, straight into

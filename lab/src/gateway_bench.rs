@@ -193,12 +193,6 @@ pub fn run() -> Result<()> {
         "metadata": {"requests_per_s_one_client": rps1, "requests_per_s_eight_clients": rps8,
                      "agent_cpu_us_per_request": md_cpu_us},
     });
-    let out = std::path::Path::new("benches/results");
-    std::fs::create_dir_all(out)?;
-    std::fs::write(
-        out.join("gateway.json"),
-        serde_json::to_vec_pretty(&results)?,
-    )?;
     let md = format!(
         "Gateway services of one host's cloisond ({}), netns lab, 2 cores, no per-port limit:\n\n\
          | | |\n|---|---|\n\
@@ -207,8 +201,5 @@ pub fn run() -> Result<()> {
          | metadata requests, 8 clients at once | {rps8:.0}/s, agent CPU {md_cpu_us:.0} µs each |\n",
         date
     );
-    std::fs::write(out.join("gateway.md"), &md)?;
-    println!("{md}");
-    step("written: benches/results/gateway.json, gateway.md");
-    Ok(())
+    crate::bench::write_results("gateway", &results, &md)
 }

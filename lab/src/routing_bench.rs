@@ -310,17 +310,7 @@ pub fn run() -> Result<()> {
             "kernel": kernel_flow_bytes,
         },
     });
-    let dir = std::path::Path::new("benches/results");
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join("routing.json"),
-        serde_json::to_vec_pretty(&results)?,
-    )?;
-    let md = markdown(&results);
-    std::fs::write(dir.join("routing.md"), &md)?;
-    println!("{md}");
-    step("written: benches/results/routing.json, routing.md");
-    Ok(())
+    crate::bench::write_results("routing", &results, &markdown(&results))
 }
 
 fn markdown(r: &serde_json::Value) -> String {

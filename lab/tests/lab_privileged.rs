@@ -944,7 +944,8 @@ fn privileged_vms_boot_from_the_gateway_services() {
         "a1's default router: {}",
         v6.1
     );
-    for vm in ["b1", "a2", "b2"] {
+    // a1 too: the ping below is to its address.
+    for vm in ["a1", "b1", "a2", "b2"] {
         let ip6 = lab.vm(vm).ip6.to_string();
         // Usable once duplicate address detection is over.
         eventually(|| {

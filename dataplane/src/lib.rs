@@ -14,9 +14,11 @@ pub mod netdev;
 pub mod plan;
 pub mod policy;
 pub mod progstats;
+pub mod rawmap;
 pub mod service;
 pub mod snapshot;
 pub mod tables;
+pub mod trace;
 pub mod traffic;
 pub mod validate;
 

@@ -36,6 +36,12 @@ use crate::{
 /// The BPF object built by build.rs from ebpf/programs.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloison"));
 
+/// The trace build of the same programs (ebpf/programs/src/trace.rs): run
+/// by test-run on the live maps, it writes none of them and records what
+/// each stage found.
+static TRACE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloison-trace"));
+
 /// The embedded BPF object (for the layout checks).
 pub fn bpf_object() -> &'static [u8] {
     BPF_OBJECT
@@ -149,6 +155,18 @@ pub struct Dataplane {
     ct_limits: ConntrackLimits,
     /// Entries of the conntrack table (as created; a restart keeps the size).
     ct_capacity: u32,
+    /// The trace object over the same pinned maps, loaded on first use.
+    tracer: std::sync::Mutex<Option<Ebpf>>,
+}
+
+/// What the trace build of a program did with a frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelTrace {
+    pub run: RunResult,
+    /// The stages' steps, in order (see [`cloison_abi::trace`]).
+    pub steps: Vec<TraceStep>,
+    /// The record was full: later steps are missing.
+    pub cut: bool,
 }
 
 fn link_dir(pin_dir: &Path) -> PathBuf {
@@ -267,6 +285,7 @@ impl Dataplane {
             _lock: Some(lock),
             ct_limits: ConntrackLimits::default(),
             ct_capacity: entries,
+            tracer: Default::default(),
         };
         dp.swap_pinned_links()?;
         // Maps an earlier release pinned under names since retired.
@@ -307,6 +326,7 @@ impl Dataplane {
             _lock: None,
             ct_limits: ConntrackLimits::default(),
             ct_capacity: entries,
+            tracer: Default::default(),
         })
     }
 
@@ -1108,6 +1128,71 @@ impl Dataplane {
     ) -> Result<RunResult, Error> {
         let prog: &SchedClassifier = program_ref(&self.ebpf, P::PORT)?;
         run_tc(prog, ifindex, frame, 0, repeat)
+    }
+
+    /// Every map of this host's dataplane, opened by its pin: (name, map).
+    pub fn raw_maps(&self) -> Result<Vec<(&'static str, crate::rawmap::RawMap)>, Error> {
+        maps::ALL
+            .iter()
+            .map(|m| {
+                Ok((
+                    m.name,
+                    crate::rawmap::RawMap::open(&self.pin_dir.join(m.name))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Runs the trace build of the port program on `frame` from the VM on
+    /// `ifindex`, on the live maps: the same stages, nothing written (no
+    /// conntrack entry, counter, quota or mapping), each stage's finding
+    /// recorded. Works on any handle, a read-only one included.
+    pub fn trace_port(&self, ifindex: u32, frame: &[u8]) -> Result<KernelTrace, Error> {
+        self.trace(P::PORT_TRACE, ifindex, frame)
+    }
+
+    /// [`Self::trace_port`] for the uplink's TC program: a frame from the
+    /// underlay arriving on `ifindex`.
+    pub fn trace_uplink(&self, ifindex: u32, frame: &[u8]) -> Result<KernelTrace, Error> {
+        self.trace(P::UPLINK_TRACE, ifindex, frame)
+    }
+
+    fn trace(&self, name: &str, ifindex: u32, frame: &[u8]) -> Result<KernelTrace, Error> {
+        let mut slot = self.tracer.lock().expect("tracer");
+        if slot.is_none() {
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(&self.pin_dir)
+                .map_max_entries(M::CONNTRACK, self.ct_capacity)
+                .load(TRACE_OBJECT)
+                .map_err(|e| Error::kernel("load the trace object")(e.into()))?;
+            for p in [P::PORT_TRACE, P::UPLINK_TRACE] {
+                let prog: &mut SchedClassifier = program(&mut ebpf, p)?;
+                prog.load()
+                    .map_err(|e| Error::kernel(format!("verify {p}"))(e.into()))?;
+            }
+            *slot = Some(ebpf);
+        }
+        let ebpf = slot.as_mut().expect("loaded");
+        let empty = TraceRecord {
+            n: 0,
+            _pad: 0,
+            steps: [TraceStep::default(); cloison_abi::trace::MAX_STEPS],
+        };
+        let mut rec: Array<&mut MapData, TraceRecord> = map_mut(ebpf, cloison_abi::trace::MAP)?;
+        rec.set(0, empty, 0)
+            .map_err(|e| Error::kernel("clear the trace record")(e.into()))?;
+        let prog: &SchedClassifier = program_ref(ebpf, name)?;
+        let run = run_tc(prog, ifindex, frame, 0, 1)?;
+        let rec: Array<&MapData, TraceRecord> = map_ref(ebpf, cloison_abi::trace::MAP)?;
+        let r = rec
+            .get(&0, 0)
+            .map_err(|e| Error::kernel("read the trace record")(e.into()))?;
+        let n = (r.n as usize).min(cloison_abi::trace::MAX_STEPS);
+        Ok(KernelTrace {
+            run,
+            steps: r.steps[..n].to_vec(),
+            cut: n == cloison_abi::trace::MAX_STEPS,
+        })
     }
 
     /// Runs an uplink program on a frame from the underlay.

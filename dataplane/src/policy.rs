@@ -106,6 +106,15 @@ pub fn compile(snap: &Snapshot, policies: &BTreeMap<u32, PolicySet>) -> SgTables
     Compiler::new(snap).compile(policies)
 }
 
+/// What [`Compiler::classes`] finds.
+struct Classes<'a> {
+    rules: Vec<&'a Rule>,
+    /// (remote prefix, its class).
+    prefixes: Vec<(IpNet, u32)>,
+    /// A class's rules (indexes in `rules`) → its id.
+    classes: BTreeMap<Vec<usize>, u32>,
+}
+
 /// The snapshot's groups and the addresses of their members, found once for
 /// any number of policies.
 pub struct Compiler<'a> {
@@ -131,56 +140,115 @@ impl<'a> Compiler<'a> {
         (t.addrs.len(), t.rules.len())
     }
 
-    pub fn compile(&self, policies: &BTreeMap<u32, PolicySet>) -> SgTables {
+    /// One direction of one policy: its rules (each once, in order), the
+    /// class of each remote prefix they name, and each class's rules.
+    fn classes(&self, set: &PolicySet, dir: Direction) -> Classes<'a> {
         let (groups, members) = (&self.groups, &self.members);
         let none = BTreeSet::new();
+        let rules: BTreeSet<&Rule> = set
+            .iter()
+            .filter_map(|g| groups.get(g.as_str()))
+            .flat_map(|g| g.rules.iter())
+            .filter(|r| r.direction == dir)
+            .collect();
+        let rules: Vec<&Rule> = rules.into_iter().collect();
+        // Remote prefix → the rules naming it.
+        let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            let any = match r.ethertype {
+                Ethertype::IPv4 => "0.0.0.0/0".parse().expect("literal"),
+                Ethertype::IPv6 => "::/0".parse().expect("literal"),
+            };
+            let remotes: Vec<IpNet> = match &r.remote {
+                None => vec![any],
+                Some(Remote::Cidr(c)) => vec![c.trunc()],
+                Some(Remote::Group(g)) => members
+                    .get(g.as_str())
+                    .unwrap_or(&none)
+                    .iter()
+                    .filter(|n| family(n) == family(&any))
+                    .copied()
+                    .collect(),
+            };
+            for n in remotes {
+                by_prefix.entry(n).or_default().push(i);
+            }
+        }
+        let mut classes: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
+        let mut prefixes = Vec::new();
+        for prefix in by_prefix.keys() {
+            let mut class = BTreeSet::new();
+            for bits in 0..=prefix.prefix_len() {
+                let ancestor = IpNet::new(prefix.addr(), bits)
+                    .expect("shorter than the prefix")
+                    .trunc();
+                if let Some(rs) = by_prefix.get(&ancestor) {
+                    class.extend(rs.iter().copied());
+                }
+            }
+            let next = classes.len() as u32;
+            let id = *classes.entry(class.into_iter().collect()).or_insert(next);
+            prefixes.push((*prefix, id));
+        }
+        Classes {
+            rules,
+            prefixes,
+            classes,
+        }
+    }
+
+    /// The rules, as (group, index in the group), that the rules-table
+    /// entries of `class` matching (`proto`, `port`) in direction `dir` of
+    /// a policy of `set` were compiled from: the rules that allow what a
+    /// packet found there. How a trace names the kernel's deciding rule.
+    pub fn rules_of_class(
+        &self,
+        set: &PolicySet,
+        dir: Direction,
+        class: u32,
+        proto: u8,
+        port: u16,
+    ) -> Vec<(String, usize)> {
+        let c = self.classes(set, dir);
+        let Some((members, _)) = c.classes.iter().find(|(_, &id)| id == class) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for &i in members {
+            let r = c.rules[i];
+            let hit = match (r.protocol.number(r.ethertype), r.ports) {
+                (None, _) => true,
+                (Some(p), None) => p == proto,
+                (Some(p), Some(range)) => p == proto && (range.first..=range.last).contains(&port),
+            };
+            if !hit {
+                continue;
+            }
+            for g in set {
+                if let Some(group) = self.groups.get(g.as_str()) {
+                    for (j, gr) in group.rules.iter().enumerate() {
+                        if gr == r {
+                            out.push((g.clone(), j));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn compile(&self, policies: &BTreeMap<u32, PolicySet>) -> SgTables {
         let mut out = SgTables::default();
         for (&policy, set) in policies {
             for dir in [Direction::Ingress, Direction::Egress] {
                 let d = direction_code(dir);
-                let rules: BTreeSet<&Rule> = set
-                    .iter()
-                    .filter_map(|g| groups.get(g.as_str()))
-                    .flat_map(|g| g.rules.iter())
-                    .filter(|r| r.direction == dir)
-                    .collect();
-                let rules: Vec<&Rule> = rules.into_iter().collect();
-                // Remote prefix → the rules naming it.
-                let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
-                for (i, r) in rules.iter().enumerate() {
-                    let any = match r.ethertype {
-                        Ethertype::IPv4 => "0.0.0.0/0".parse().expect("literal"),
-                        Ethertype::IPv6 => "::/0".parse().expect("literal"),
-                    };
-                    let remotes: Vec<IpNet> = match &r.remote {
-                        None => vec![any],
-                        Some(Remote::Cidr(c)) => vec![c.trunc()],
-                        Some(Remote::Group(g)) => members
-                            .get(g.as_str())
-                            .unwrap_or(&none)
-                            .iter()
-                            .filter(|n| family(n) == family(&any))
-                            .copied()
-                            .collect(),
-                    };
-                    for n in remotes {
-                        by_prefix.entry(n).or_default().push(i);
-                    }
-                }
-                let mut classes: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
-                for prefix in by_prefix.keys() {
-                    let mut class = BTreeSet::new();
-                    for bits in 0..=prefix.prefix_len() {
-                        let ancestor = IpNet::new(prefix.addr(), bits)
-                            .expect("shorter than the prefix")
-                            .trunc();
-                        if let Some(rs) = by_prefix.get(&ancestor) {
-                            class.extend(rs.iter().copied());
-                        }
-                    }
-                    let next = classes.len() as u32;
-                    let id = *classes.entry(class.into_iter().collect()).or_insert(next);
-                    out.addrs.insert(addr_key(policy, d, *prefix), id);
+                let Classes {
+                    rules,
+                    prefixes,
+                    classes,
+                } = self.classes(set, dir);
+                for (prefix, id) in prefixes {
+                    out.addrs.insert(addr_key(policy, d, prefix), id);
                 }
                 for (class, &id) in &classes {
                     for &i in class {

@@ -8,7 +8,9 @@ use cloison_abi::DropReason;
 use cloison_dataplane::{
     loader::{verdict::*, RunResult},
     model::{Model, Verdict},
-    netdev, Dataplane, UplinkHook,
+    netdev,
+    trace::{self, Entry},
+    Dataplane, UplinkHook,
 };
 
 use crate::wire::Frame;
@@ -342,8 +344,32 @@ fn kernel_agrees(dp: &Dataplane, c: &Case) -> Result<(), String> {
     }
 }
 
-/// Runs one row through the kernel and the model.
+/// The trace build's verdict on a row (before the live run: the trace
+/// writes nothing, so the live run that follows sees the same state), for
+/// the rows it runs: frames from a port (not GSO) and from the underlay.
+fn traced(dp: &Dataplane, c: &Case) -> Result<Option<Verdict>, String> {
+    let (entry, k) = match c.at {
+        At::Port(iface) if c.gso_size == 0 => {
+            let ifindex = netdev::ifindex(iface).ok_or(format!("no interface {iface}"))?;
+            (Entry::Port(ifindex), dp.trace_port(ifindex, &c.input))
+        }
+        At::Uplink(_) => {
+            let up0 = netdev::ifindex(crate::testbed::UPLINK).ok_or("no uplink")?;
+            (Entry::Uplink(up0), dp.trace_uplink(up0, &c.input))
+        }
+        _ => return Ok(None),
+    };
+    let k = k.map_err(|e| format!("trace: {e}"))?;
+    Ok(Some(trace::kernel_verdict(entry, &k)))
+}
+
+/// Runs one row through the trace build, the kernel and the model.
 pub fn run_case(dp: &Dataplane, model: &Model, c: &Case) -> Result<(), String> {
+    if let Some(v) = traced(dp, c)? {
+        if v != c.expect {
+            return Err(format!("trace: {v:?}, expected {:?}", c.expect));
+        }
+    }
     kernel_agrees(dp, c)?;
     let modelled = match c.at {
         At::Port(iface) => {

@@ -76,8 +76,9 @@ impl Verdict {
 
 pub struct Model<'a> {
     pub tables: &'a Tables,
-    /// Rules of each local port with port security, by ifindex.
-    rules: BTreeMap<u32, Vec<Rule>>,
+    /// Rules of each local port with port security, by ifindex: (group,
+    /// the rule's index in it, the rule).
+    rules: BTreeMap<u32, Vec<(String, usize, Rule)>>,
     /// Addresses of each group's ports (remote-group rules).
     members: BTreeMap<String, Vec<IpNet>>,
     pub epoch: u32,
@@ -93,6 +94,20 @@ pub struct Model<'a> {
     pub external: bool,
     /// First fragments allowed: when, and the tenant charged.
     frags: RefCell<BTreeMap<ModelFragKey, (u64, u32)>>,
+    /// The rule checks made, in order, since [`Model::take_checks`] (what
+    /// a trace shows as the model's reason).
+    checks: RefCell<Vec<RuleCheck>>,
+}
+
+/// One end's rules checked against a packet: the first rule that allows
+/// it, if one does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleCheck {
+    /// The port's interface.
+    pub ifindex: u32,
+    pub direction: crate::snapshot::Direction,
+    /// (group, index of the rule in the group).
+    pub rule: Option<(String, usize)>,
 }
 
 /// (zone, source, destination, IP id, protocol) of a first fragment.
@@ -142,6 +157,7 @@ impl<'a> Model<'a> {
             fips: Vec::new(),
             snat: RefCell::new(BTreeMap::new()),
             external: false,
+            checks: RefCell::new(Vec::new()),
         };
         m.set_policy(snap, ifindex);
         m
@@ -217,9 +233,49 @@ impl<'a> Model<'a> {
                 .security_groups
                 .iter()
                 .filter(|g| p.security_groups.contains(&g.name))
-                .flat_map(|g| g.rules.iter().cloned())
+                .flat_map(|g| {
+                    g.rules
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (g.name.clone(), i, r.clone()))
+                })
                 .collect();
             self.rules.insert(i, rules);
+        }
+    }
+
+    /// The rule checks the last [`Model::port`] or [`Model::uplink`] made.
+    pub fn take_checks(&self) -> Vec<RuleCheck> {
+        std::mem::take(&mut self.checks.borrow_mut())
+    }
+
+    /// Takes the kernel's tracked flows as its own (a trace on the live
+    /// state): entries last allowed under the kernel's current policy epoch
+    /// are current here too, older ones are checked again.
+    pub fn adopt_conntrack(&mut self, entries: &[(CtKey, CtEntry)]) {
+        let mut ct = self.ct.borrow_mut();
+        ct.clear();
+        for (k, e) in entries {
+            let a = (k.addr_a, u16::from_be_bytes(k.port_a));
+            let b = (k.addr_b, u16::from_be_bytes(k.port_b));
+            let orig = if e.flags & CT_F_ORIG_B != 0 { b } else { a };
+            let epoch = if e.epoch == self.tables.config.policy_epoch {
+                self.epoch
+            } else {
+                self.epoch.wrapping_sub(1)
+            };
+            ct.insert(
+                conntrack::ct_key(k.zone, k.proto, a, b),
+                ModelCt {
+                    orig,
+                    state: e.state,
+                    flags: e.flags,
+                    epoch,
+                    last_seen_ns: e.last_seen_ns,
+                    owner_slot: e.owner_slot,
+                    owner_tenant: e.owner_tenant,
+                },
+            );
         }
     }
 
@@ -278,6 +334,7 @@ impl<'a> Model<'a> {
 
     /// What the port program does with a frame the VM on `ifindex` sent.
     pub fn port(&self, ifindex: u32, f: &[u8]) -> Verdict {
+        self.checks.borrow_mut().clear();
         match self.port_stages(ifindex, f) {
             Ok(v) => v,
             Err(r) => Verdict::Drop(r),
@@ -343,6 +400,7 @@ impl<'a> Model<'a> {
 
     /// What the uplink program (XDP or TC) does with a frame from the underlay.
     pub fn uplink(&self, f: &[u8]) -> Verdict {
+        self.checks.borrow_mut().clear();
         match self.uplink_inner(f) {
             Ok(v) => v,
             Err(r) => Verdict::Drop(r),

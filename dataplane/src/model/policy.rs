@@ -62,10 +62,8 @@ impl Model<'_> {
         proto: u8,
         port: u16,
     ) -> bool {
-        let Some(rules) = self.rules.get(&ifindex) else {
-            return false;
-        };
-        rules.iter().any(|rule| {
+        let rules = self.rules.get(&ifindex).map_or(&[][..], |r| r.as_slice());
+        let first = rules.iter().find(|(_, _, rule)| {
             rule.direction == dir
                 && (rule.ethertype == Ethertype::IPv4) == remote.is_ipv4()
                 && rule
@@ -83,6 +81,12 @@ impl Model<'_> {
                         .get(g)
                         .is_some_and(|m| m.iter().any(|n| n.contains(&remote))),
                 }
-        })
+        });
+        self.checks.borrow_mut().push(super::RuleCheck {
+            ifindex,
+            direction: dir,
+            rule: first.map(|(g, i, _)| (g.clone(), *i)),
+        });
+        first.is_some()
     }
 }

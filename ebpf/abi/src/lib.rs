@@ -209,6 +209,112 @@ pub mod program_names {
     pub const UPLINK_TC: &str = "cl_uplink_tc";
     pub const SERVICE: &str = "cl_service";
     pub const EXTERNAL: &str = "cl_external";
+    /// The trace build (a separate object, never attached): the port
+    /// program and the uplink's TC program, run by BPF_PROG_TEST_RUN on the
+    /// live maps without writing them.
+    pub const PORT_TRACE: &str = "cl_port_trace";
+    pub const UPLINK_TRACE: &str = "cl_uplink_trace";
+}
+
+/// What the port program does next with a frame once the first stages
+/// decided (`Next` in ebpf/programs/src/decision.rs; a trace's `NEXT` step).
+pub mod next {
+    /// `arg` is the TC verdict.
+    pub const NEXT_VERDICT: u32 = 0;
+    pub const NEXT_ARP: u32 = 1;
+    pub const NEXT_ND: u32 = 2;
+    pub const NEXT_TOO_BIG_V4: u32 = 3;
+    pub const NEXT_TOO_BIG_V6: u32 = 4;
+    /// To the remote VTEP in `Decision::peer`.
+    pub const NEXT_ENCAP: u32 = 5;
+    /// To the local port in `Decision::peer`.
+    pub const NEXT_LOCAL: u32 = 6;
+    /// To the agent's gateway services.
+    pub const NEXT_SERVICE: u32 = 7;
+    /// Routed with a TTL / hop limit that runs out: ICMP time exceeded back.
+    pub const NEXT_TIME_EXCEEDED_V4: u32 = 8;
+    pub const NEXT_TIME_EXCEEDED_V6: u32 = 9;
+    /// To the outside, through the external interface (NAT).
+    pub const NEXT_EXTERNAL: u32 = 10;
+    /// An echo request to the router's address: answered back to the port.
+    pub const NEXT_ROUTER_ECHO: u32 = 11;
+    /// `arg` of `NEXT_TOO_BIG_*`: the router says so (from its address),
+    /// rather than the destination network.
+    pub const TOO_BIG_ROUTED: u32 = 1;
+}
+
+/// What the trace build of the programs records, step by step, in its own
+/// record (a global, `CL_TRACE`, one [`TraceRecord`]: the trace object's
+/// `.bss` map): the stages it went through and what each found. The live
+/// object has neither record nor steps.
+pub mod trace {
+    /// The trace object's map holding the record.
+    pub const MAP: &str = ".bss";
+    pub const MAX_STEPS: usize = 24;
+    /// a: port slot, b: VNI, c: port flags.
+    pub const PORT: u32 = 1;
+    /// a: ethertype, b: IP protocol, c: source port << 16 | destination port.
+    pub const PARSE: u32 = 2;
+    /// Anti-spoofing passed. a: 1 (IP) or 2 (ARP).
+    pub const SPOOF: u32 = 3;
+    /// a: forwarding entry kind, b: its ifindex, c: its VTEP (network order).
+    pub const FORWARD: u32 = 4;
+    /// No forwarding entry for the destination MAC.
+    pub const FORWARD_MISS: u32 = 5;
+    /// Routed. a: router zone, b: the network delivered in, c: TTL/hop limit left.
+    pub const ROUTE: u32 = 6;
+    /// a: [`CT_HIT`] and the rest, b: the entry's state, c: zone.
+    pub const CONNTRACK: u32 = 7;
+    /// A rules check of one end. a: policy, b: direction | allowed << 8 |
+    /// the service port << 16, c: the remote address's class ([`NO_CLASS`]
+    /// if none).
+    pub const POLICY: u32 = 8;
+    /// What the port program does next. a: next kind, b: its argument.
+    pub const NEXT: u32 = 9;
+    /// SNAT outbound. a: the outside port, b: 1 if the mapping would be new.
+    pub const NAT: u32 = 10;
+    /// Dropped. a: the reason, b: the slot charged.
+    pub const DROP: u32 = 11;
+    /// Handed to a VM. a: its slot.
+    pub const DELIVER: u32 = 12;
+    /// Uplink classified. a: VNI, b: destination ifindex, c: zone.
+    pub const UPLINK: u32 = 13;
+    /// Encapsulated. a: the VTEP (network order), b: VNI, c: UDP source port.
+    pub const ENCAP: u32 = 14;
+
+    /// [`CONNTRACK`] results.
+    pub const CT_HIT: u32 = 1;
+    /// A new flow the rules allowed: the live program would insert it.
+    pub const CT_WOULD_INSERT: u32 = 2;
+    /// Tracked, and checked again against the rules (they changed since).
+    pub const CT_RECHECKED: u32 = 3;
+    /// An ICMP error quoting a tracked flow.
+    pub const CT_RELATED: u32 = 4;
+    /// A later fragment of an allowed first fragment.
+    pub const CT_FRAGMENT: u32 = 5;
+    /// Not tracked (exempt, or untracked ICMP checked every time).
+    pub const CT_UNTRACKED: u32 = 6;
+    /// Not tracked, and not a flow's first packet.
+    pub const CT_MISS: u32 = 7;
+    pub const NO_CLASS: u32 = u32::MAX;
+}
+
+/// One step of a trace (see [`trace`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceStep {
+    pub stage: u32,
+    pub a: u32,
+    pub b: u32,
+    pub c: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceRecord {
+    pub n: u32,
+    pub _pad: u32,
+    pub steps: [TraceStep; trace::MAX_STEPS],
 }
 
 /// Bits of [`PortInfo::flags`].
@@ -874,6 +980,7 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers and byte
     // arrays, with explicit padding fields: every bit pattern is valid.
     unsafe impl aya::Pod for PortInfo {}
+    unsafe impl aya::Pod for TraceRecord {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for AddrAllow {}
     unsafe impl aya::Pod for ForwardKey {}

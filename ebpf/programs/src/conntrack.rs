@@ -13,6 +13,7 @@ use cloison_abi::*;
 use crate::{
     hdr::*,
     maps::{scratch, CL_CONFIG, CL_CONNTRACK, CL_CT_USE, CL_FRAGMENTS, CL_FRAG_USE},
+    mode::{note, TRACE},
     parse::{Parsed, L3},
 };
 
@@ -105,6 +106,9 @@ pub fn release(e: &CtEntry) {
 /// Removes a live entry and gives back its charge.
 #[inline(always)]
 pub fn remove(key: &CtKey, e: &CtEntry) {
+    if TRACE {
+        return;
+    }
     let owner = *e;
     if CL_CONNTRACK.remove(key).is_ok() {
         release(&owner);
@@ -126,6 +130,15 @@ pub fn create(
     }
     if in_use(MAX_PORTS + owner.tenant) >= owner.ct_tenant_quota as i64 {
         return Err(DropReason::CtTenantQuota);
+    }
+    if TRACE {
+        note(
+            trace::CONNTRACK,
+            trace::CT_WOULD_INSERT,
+            state as u32,
+            key.zone,
+        );
+        return Ok(());
     }
     let e = CtEntry {
         last_seen_ns: now,
@@ -160,6 +173,9 @@ pub fn live(key: &CtKey, now: u64) -> Option<&'static mut CtEntry> {
 /// flow's responder).
 #[inline(always)]
 pub fn advance(e: &mut CtEntry, p: &Parsed, reply: bool, now: u64) {
+    if TRACE {
+        return;
+    }
     let (state, flags) = ct_advance(e.state, e.flags, p.proto == IPPROTO_TCP, p.tcp_flags, reply);
     // Written only when they change (the clock is coarse: once a tick):
     // both directions of a flow, often on two CPUs, share this cache line.
@@ -249,7 +265,15 @@ fn related_stage(c: &Cursor, p: &Parsed, zone: u32, now: u64) -> Result<(), Drop
         key(k, zone, proto, &ip.src, (sport, dport), &ip.dst);
     }
     match CL_CONNTRACK.get_ptr(k) {
-        Some(e) if !expired(unsafe { &*e }, now) && unsafe { (*e).epoch } == epoch => Ok(()),
+        Some(e) if !expired(unsafe { &*e }, now) && unsafe { (*e).epoch } == epoch => {
+            note(
+                trace::CONNTRACK,
+                trace::CT_RELATED,
+                unsafe { (*e).state } as u32,
+                zone,
+            );
+            Ok(())
+        }
         _ => Err(unrelated),
     }
 }
@@ -290,6 +314,9 @@ pub fn remember_first_fragment(zone: u32, p: &Parsed, now: u64, tenant: u32) -> 
     if !known && unsafe { *used } >= quota {
         return 1;
     }
+    if TRACE {
+        return 0;
+    }
     let e = FragEntry {
         seen_ns: now,
         tenant,
@@ -313,10 +340,14 @@ pub fn fragment_seen(zone: u32, p: &Parsed, now: u64) -> Result<(), DropReason> 
 
 #[inline(never)]
 fn fragment_seen_call(zone: u32, p: &Parsed, now: u64) -> u32 {
-    match CL_FRAGMENTS.get_ptr(&frag_key(zone, p)) {
+    let seen = match CL_FRAGMENTS.get_ptr(&frag_key(zone, p)) {
         Some(t) => !idle_longer_than(unsafe { (*t).seen_ns }, now, FRAG_TIMEOUT_NS) as u32,
         None => 0,
+    };
+    if seen != 0 {
+        note(trace::CONNTRACK, trace::CT_FRAGMENT, 0, zone);
     }
+    seen
 }
 
 /// ICMP messages that are neither errors nor echo (nor neighbour

@@ -18,28 +18,9 @@ pub struct Next {
     pub arg: u32,
 }
 
-/// `arg` is the TC verdict.
-pub const NEXT_VERDICT: u32 = 0;
-pub const NEXT_ARP: u32 = 1;
-pub const NEXT_ND: u32 = 2;
-pub const NEXT_TOO_BIG_V4: u32 = 3;
-pub const NEXT_TOO_BIG_V6: u32 = 4;
-/// To the remote VTEP in `Decision::peer`.
-pub const NEXT_ENCAP: u32 = 5;
-/// To the local port in `Decision::peer`.
-pub const NEXT_LOCAL: u32 = 6;
-/// To the agent's gateway services.
-pub const NEXT_SERVICE: u32 = 7;
-/// Routed with a TTL / hop limit that runs out: ICMP time exceeded back.
-pub const NEXT_TIME_EXCEEDED_V4: u32 = 8;
-pub const NEXT_TIME_EXCEEDED_V6: u32 = 9;
-/// To the outside, through the external interface (NAT).
-pub const NEXT_EXTERNAL: u32 = 10;
-/// An echo request to the router's address: answered back to the port.
-pub const NEXT_ROUTER_ECHO: u32 = 11;
-/// `arg` of `NEXT_TOO_BIG_*`: the router says so (from its address),
-/// rather than the destination network.
-pub const TOO_BIG_ROUTED: u32 = 1;
+// What comes next (`Next::kind`) and its arguments: in the ABI, so that a
+// trace's reader names them.
+pub use cloison_abi::next::*;
 
 impl Next {
     #[inline(always)]

@@ -18,6 +18,8 @@ mod forward;
 mod hdr;
 mod icmp;
 mod maps;
+#[path = "mode_live.rs"]
+mod mode;
 mod nat;
 mod packet;
 mod parse;

@@ -8,7 +8,10 @@ use aya_ebpf::{
 };
 use cloison_abi::*;
 
-use crate::decision::Scratch;
+use crate::{
+    decision::Scratch,
+    mode::{note, TRACE},
+};
 
 // Each static's name is its map's name (`cloison_abi::maps`, where userspace
 // finds it); dataplane's layout test compares the object with that table.
@@ -120,6 +123,10 @@ pub const NO_SLOT: u32 = u32::MAX;
 
 #[inline(always)]
 pub fn count_drop(reason: DropReason, slot: u32) {
+    if TRACE {
+        note(trace::DROP, reason as u32, slot, 0);
+        return;
+    }
     if let Some(c) = CL_DROP_COUNT.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
@@ -141,6 +148,9 @@ pub fn count_drop(reason: DropReason, slot: u32) {
 /// A frame the VM sent (seen at its port).
 #[inline(always)]
 pub fn count_from_vm(slot: u32, bytes: u32) {
+    if TRACE {
+        return;
+    }
     if let Some(s) = CL_PORT_STATS.get_ptr_mut(slot) {
         unsafe {
             (*s).tx_packets += 1;
@@ -152,6 +162,10 @@ pub fn count_from_vm(slot: u32, bytes: u32) {
 /// A frame handed to the VM.
 #[inline(always)]
 pub fn count_to_vm(slot: u32, bytes: u32) {
+    if TRACE {
+        note(trace::DELIVER, slot, 0, 0);
+        return;
+    }
     if let Some(s) = CL_PORT_STATS.get_ptr_mut(slot) {
         unsafe {
             (*s).rx_packets += 1;

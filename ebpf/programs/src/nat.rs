@@ -23,6 +23,7 @@ use cloison_abi::*;
 use crate::{
     hdr::*,
     maps::{forward, CL_EXTERNAL, CL_FIPS, CL_PORTS, CL_PORT_FIPS, CL_SNAT, CL_SNAT_REV, NO_SLOT},
+    mode::{note, TRACE},
     packet::{next_hop, redirect_to, Refusals},
 };
 
@@ -177,13 +178,18 @@ fn snat_port(
     if let Some(e) = CL_SNAT.get_ptr(&key) {
         let port = unsafe { (*e).port };
         match CL_SNAT_REV.get_ptr(&rev(port)) {
-            Some(r) if unsafe { *r } == mine => return Ok(port),
+            Some(r) if unsafe { *r } == mine => {
+                note(trace::NAT, u16::from_be_bytes(port) as u32, 0, 0);
+                return Ok(port);
+            }
             // Evicted: take it back if it is free.
-            None if CL_SNAT_REV
-                .insert(&rev(port), &mine, BPF_NOEXIST as u64)
-                .is_ok() =>
+            None if TRACE
+                || CL_SNAT_REV
+                    .insert(&rev(port), &mine, BPF_NOEXIST as u64)
+                    .is_ok() =>
             {
-                return Ok(port)
+                note(trace::NAT, u16::from_be_bytes(port) as u32, 1, 0);
+                return Ok(port);
             }
             _ => {}
         }
@@ -204,10 +210,17 @@ fn snat_port(
             (SNAT_PORT_MIN as u32 + (h.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % range) as u16;
         let port = port.to_be_bytes();
         let rk = rev(port);
-        let free = CL_SNAT_REV.insert(&rk, &mine, BPF_NOEXIST as u64).is_ok()
-            || (!taken(&rk, &live) && CL_SNAT_REV.insert(&rk, &mine, 0).is_ok());
+        let free = if TRACE {
+            !taken(&rk, &live)
+        } else {
+            CL_SNAT_REV.insert(&rk, &mine, BPF_NOEXIST as u64).is_ok()
+                || (!taken(&rk, &live) && CL_SNAT_REV.insert(&rk, &mine, 0).is_ok())
+        };
         if free {
-            let _ = CL_SNAT.insert(&key, &SnatEntry { port, _pad: [0; 2] }, 0);
+            if !TRACE {
+                let _ = CL_SNAT.insert(&key, &SnatEntry { port, _pad: [0; 2] }, 0);
+            }
+            note(trace::NAT, u16::from_be_bytes(port) as u32, 1, 0);
             return Ok(port);
         }
         i += 1;

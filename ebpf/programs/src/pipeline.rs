@@ -29,6 +29,7 @@ use crate::{
     hdr::*,
     icmp,
     maps::{count_drop, count_to_vm, scratch, CL_CONFIG, CL_PORTS, NO_SLOT},
+    mode::{note, TRACE},
     nat,
     packet::{self, pull_headers, Packet},
     parse::{self, Parsed, L3},
@@ -44,6 +45,7 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
     let res = if first < 0 {
         first
     } else {
+        note(trace::NEXT, d.next.kind, d.next.arg, 0);
         let sg = match d.next.kind {
             NEXT_LOCAL | NEXT_ENCAP | NEXT_TOO_BIG_V4 | NEXT_TOO_BIG_V6 | NEXT_EXTERNAL => {
                 from_port_checked(ctx, d)
@@ -106,10 +108,12 @@ fn first_stages(ctx: &TcContext, d: &mut Decision) -> Packed {
 #[inline(always)]
 fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, DropReason> {
     port::identify(ctx, d)?;
+    note(trace::PORT, d.port.slot, d.port.vni, d.port.flags);
     let len = ctx.len();
     pull_headers(ctx, 0);
     let c = Cursor::new(ctx.data(), ctx.data_end());
     parse::frame(&c, len as usize, &mut d.parsed)?;
+    note_parsed(&d.parsed);
     let (port, p) = (&d.port, &d.parsed);
     if p.l3 == L3::Arp {
         return Ok(Next::of(NEXT_ARP, 0));
@@ -117,6 +121,7 @@ fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, Drop
     if port.flags & PORT_F_SECURITY != 0 {
         let (eth, _) = parse::ethernet(&c)?;
         spoof::check_ip(&c, eth, d.ifindex, port, p)?;
+        note(trace::SPOOF, 1, 0, 0);
     }
     if p.l3 == L3::Ipv6 && p.proto == IPPROTO_ICMPV6 {
         // RFC 6980: neighbour discovery never comes with extension headers
@@ -137,9 +142,43 @@ fn first_stages_in_order(ctx: &TcContext, d: &mut Decision) -> Result<Next, Drop
     };
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     if mac_eq(unsafe { &(*eth).dst }, &gateway_mac(port.vni)) {
-        return route::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer, &mut d.out);
+        let next = route::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer, &mut d.out)?;
+        note(trace::ROUTE, d.out.zone, d.out.vni, 0);
+        note_forward(&d.peer);
+        return Ok(next);
     }
-    forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer)
+    let next = forward::from_port(ctx, &c, d.ifindex, port, p, &mut d.peer);
+    if next.is_ok() {
+        note_forward(&d.peer);
+    }
+    next
+}
+
+/// What the parse found (trace build).
+#[inline(always)]
+fn note_parsed(p: &Parsed) {
+    if TRACE {
+        let l3 = match p.l3 {
+            L3::Arp => 0x0806,
+            L3::Ipv4 => 0x0800,
+            L3::Ipv6 => 0x86dd,
+        };
+        let ports = (p.sport as u32) << 16 | p.dport as u32;
+        note(trace::PARSE, l3, p.proto as u32, ports);
+    }
+}
+
+/// The forwarding entry chosen (trace build).
+#[inline(always)]
+fn note_forward(f: &ForwardEntry) {
+    if TRACE {
+        note(
+            trace::FORWARD,
+            f.kind,
+            f.ifindex,
+            u32::from_ne_bytes(f.vtep),
+        );
+    }
 }
 
 /// ARP: the sender fields checked (with port security), then answered.
@@ -150,6 +189,7 @@ fn arp(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Packed {
         if let Err(e) = spoof::check_arp(&c, ifindex, port) {
             return pack(Err(e));
         }
+        note(trace::SPOOF, 2, 0, 0);
     }
     pack(proxy::arp(ctx, ifindex, port))
 }
@@ -257,6 +297,7 @@ fn deliver_inbound(
 
 #[inline(never)]
 fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Packed {
+    note(trace::ENCAP, u32::from_ne_bytes(vtep), vni, hash);
     pack(vxlan::encap(ctx, vni, vtep, hash))
 }
 
@@ -297,6 +338,7 @@ fn to_port_checked(c: &Cursor, pkt_len: usize, ifindex: u32, zone: u32) -> Packe
     if let Err(e) = parse::frame(c, pkt_len, &mut sc.parsed) {
         return pack(Err(e));
     }
+    note_parsed(&sc.parsed);
     if sc.parsed.l3 == L3::Arp {
         // ARP is answered on every host by the proxy; none crosses the overlay.
         return pack(Err(DropReason::UnsupportedEthertype));
@@ -334,6 +376,7 @@ fn secured_ends(ends: &Ends) -> Result<(Option<&PortInfo>, Option<&PortInfo>), D
 fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), DropReason> {
     let zone = ends.zone;
     if policy::exempt(p) {
+        note(trace::CONNTRACK, trace::CT_UNTRACKED, 0, zone);
         return Ok(());
     }
     let now = conntrack::now();
@@ -344,6 +387,7 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
         return unpack(conntrack::related(c, p, zone, now)).map(|_| ());
     }
     if conntrack::untracked_icmp(p) {
+        note(trace::CONNTRACK, trace::CT_UNTRACKED, 0, zone);
         let (s, r) = secured_ends(ends)?;
         return policy::rules_allow(p, s, r, false);
     }
@@ -352,13 +396,21 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
     let from_b = conntrack::key(key, zone, p.proto, &p.src, (p.sport, p.dport), &p.dst);
     if let Some(e) = conntrack::live(key, now) {
         let reply = from_b != (e.flags & CT_F_ORIG_B != 0);
+        let hit = if e.epoch != epoch {
+            trace::CT_RECHECKED
+        } else {
+            trace::CT_HIT
+        };
+        note(trace::CONNTRACK, hit, e.state as u32, zone);
         if e.epoch != epoch {
             let (s, r) = secured_ends(ends)?;
             if policy::rules_allow(p, s, r, reply).is_err() {
                 conntrack::remove(key, e);
                 return Err(DropReason::SgRevoked);
             }
-            e.epoch = epoch;
+            if !TRACE {
+                e.epoch = epoch;
+            }
         }
         conntrack::advance(e, p, reply, now);
         if conntrack::remember_first_fragment(zone, p, now, e.owner_tenant) != 0 {
@@ -368,6 +420,7 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
     }
     let tcp = p.proto == IPPROTO_TCP;
     if tcp && !tcp_opens(p.tcp_flags) {
+        note(trace::CONNTRACK, trace::CT_MISS, 0, zone);
         return Err(DropReason::CtTcpNotSyn);
     }
     let (s, r) = secured_ends(ends)?;
@@ -397,6 +450,7 @@ pub fn from_underlay<P: Packet>(pkt: &P) -> P::Verdict {
     match uplink::classify(&c, len, pkt.is_gso()) {
         Ok(None) => P::PASS,
         Ok(Some(d)) => {
+            note(trace::UPLINK, d.port.slot, d.port.ifindex, d.zone);
             if d.port.flags & PORT_F_SECURITY != 0 {
                 let inner = Cursor::new(c.data + VXLAN_ENCAP_LEN, c.end);
                 let inner_len = len as usize - VXLAN_ENCAP_LEN;

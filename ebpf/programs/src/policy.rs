@@ -11,6 +11,7 @@ use cloison_abi::*;
 use crate::{
     hdr::*,
     maps::{CL_SG_ADDRS, CL_SG_RULES},
+    mode::note,
     parse::{Parsed, L3},
 };
 
@@ -102,7 +103,12 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
     );
     let class = match CL_SG_ADDRS.get(&key) {
         Some(c) => *c,
-        None => return 0,
+        None => {
+            let policy = u32::from_be_bytes(policy);
+            let b = direction as u32 | (port as u32) << 16;
+            note(trace::POLICY, policy, b, trace::NO_CLASS);
+            return 0;
+        }
     };
     let key = Key::new(
         SG_RULE_FIXED_BITS + 24,
@@ -114,5 +120,12 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
             port: port.to_be_bytes(),
         },
     );
-    CL_SG_RULES.get(&key).is_some() as u32
+    let allowed = CL_SG_RULES.get(&key).is_some() as u32;
+    note(
+        trace::POLICY,
+        u32::from_be_bytes(policy),
+        direction as u32 | allowed << 8 | (port as u32) << 16,
+        class,
+    );
+    allowed
 }

@@ -15,6 +15,7 @@ use cloison_abi::*;
 use crate::{
     hdr::*,
     maps::{count_to_vm, CL_PORTS, CL_SERVICE, CL_SVC_RATE},
+    mode::TRACE,
     parse::{Parsed, L3},
 };
 
@@ -60,7 +61,9 @@ pub fn steer(ctx: &TcContext, ifindex: u32, port: &PortInfo) -> Result<i32, Drop
         if due - now > cfg.burst_ns {
             return Err(DropReason::ServiceRateLimited);
         }
-        unsafe { *tat = due + cfg.interval_ns };
+        if !TRACE {
+            unsafe { *tat = due + cfg.interval_ns };
+        }
     }
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = c.at(0).ok_or(DropReason::TruncatedEthernet)?;

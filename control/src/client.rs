@@ -114,6 +114,11 @@ impl Client {
             .await
     }
 
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Answer> {
+        self.call(Method::POST, path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Answer> {
         self.call(Method::DELETE, path, None).await
     }

@@ -46,6 +46,8 @@ pub struct Agent {
     reader: Reader,
     /// What the gateway services answered and did not (`/metrics`).
     pub gateway: Arc<crate::gateway::Counters>,
+    /// This host's uplink interface (traces of frames from the underlay).
+    uplink: Mutex<Option<String>>,
 }
 
 /// How many times a write is checked again when the fleet's state moved
@@ -69,6 +71,11 @@ struct Reader {
 
 impl Reader {
     fn stats(&self) -> Result<cloison_dataplane::Stats, ApiError> {
+        self.with(|dp| dp.stats().map_err(ApiError::internal))
+    }
+
+    /// Runs `f` on the read-only view, opened first if need be.
+    fn with<T>(&self, f: impl FnOnce(&Dataplane) -> Result<T, ApiError>) -> Result<T, ApiError> {
         let mut h = self.handle.lock().expect("reader");
         if h.is_none() {
             *h = Some(
@@ -81,10 +88,7 @@ impl Reader {
                 })?,
             );
         }
-        h.as_ref()
-            .expect("opened")
-            .stats()
-            .map_err(ApiError::internal)
+        f(h.as_ref().expect("opened"))
     }
 }
 
@@ -114,6 +118,7 @@ impl Agent {
             desired: desired_rx.clone(),
             applied: applied_rx,
             gateway: Arc::default(),
+            uplink: Mutex::new(None),
         });
         Ok((
             agent,
@@ -122,6 +127,12 @@ impl Agent {
                 applied: applied_tx,
             },
         ))
+    }
+
+    /// Names this host's uplink interface (where `POST /v1/trace` runs a
+    /// frame from the underlay).
+    pub fn set_uplink(&self, name: &str) {
+        *self.uplink.lock().expect("uplink") = Some(name.to_string());
     }
 
     /// The latest desired state.
@@ -437,6 +448,127 @@ async fn port_stats(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -
     .map_err(ApiError::internal)?
 }
 
+/// `POST /v1/trace`: a frame, from a port's VM or from the underlay, run
+/// through the trace build of the programs on this host's live tables and
+/// through the model; nothing is written.
+async fn trace(State(agent): State<Arc<Agent>>, req: Request) -> ApiResult {
+    use cloison_dataplane::trace::{self as tr, Entry, Spec};
+    let body = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| Refusal::Invalid(format!("a body is at most {MAX_BODY_BYTES} bytes")))?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TraceRequest {
+        port: Option<String>,
+        packet: Option<String>,
+        frame: Option<String>,
+        #[serde(default)]
+        from_underlay: bool,
+    }
+    let r: TraceRequest = serde_json::from_slice(&body)
+        .map_err(|e| Refusal::Invalid(format!("a trace request: {e}")))?;
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || {
+        let desired = a.desired();
+        let snap = match &desired.valid {
+            Ok(v) => v.snapshot().clone(),
+            Err(v) => {
+                return Err(Refusal::Conflict(format!(
+                    "the stored state is not applied (it is refused: {v}): nothing to trace against"
+                ))
+                .into())
+            }
+        };
+        let frame = match &r.frame {
+            Some(h) => Some(tr::unhex(h).map_err(|e| Refusal::Invalid(format!("frame: {e}")))?),
+            None => None,
+        };
+        let report = match (r.from_underlay, &r.port) {
+            (true, Some(_)) => {
+                return Err(Refusal::Invalid(
+                    "a frame comes from a port or from the underlay, not both".into(),
+                )
+                .into())
+            }
+            (true, None) => {
+                let frame = frame.ok_or_else(|| {
+                    Refusal::Invalid("a frame from the underlay is given in hex (frame)".into())
+                })?;
+                let uplink = a.uplink.lock().expect("uplink").clone().ok_or_else(|| {
+                    Refusal::Conflict("this agent has no uplink to trace on".into())
+                })?;
+                let ifindex = netdev::ifindex(&uplink).ok_or_else(|| {
+                    Refusal::Conflict(format!("the uplink {uplink} does not exist"))
+                })?;
+                a.reader.with(|dp| {
+                    tr::trace(dp, &snap, Entry::Uplink(ifindex), &frame).map_err(trace_error)
+                })?
+            }
+            (false, None) => {
+                return Err(
+                    Refusal::Invalid("name the port the frame comes from (port)".into()).into(),
+                )
+            }
+            (false, Some(port)) => {
+                let p = snap
+                    .ports
+                    .iter()
+                    .find(|p| &p.name == port)
+                    .ok_or_else(|| Refusal::NotFound(format!("no port {port}")))?;
+                if p.host != a.host {
+                    return Err(Refusal::Conflict(format!(
+                        "port {port} is on host {}, not {}: trace it there",
+                        p.host, a.host
+                    ))
+                    .into());
+                }
+                a.reader.with(|dp| {
+                    let (ifindex, frame) = match (&r.packet, frame) {
+                        (Some(_), Some(_)) | (None, None) => {
+                            return Err(Refusal::Invalid(
+                                "give the packet (text) or the frame (hex), one of them".into(),
+                            )
+                            .into())
+                        }
+                        (Some(text), None) => {
+                            let spec: Spec = text
+                                .parse()
+                                .map_err(|e| Refusal::Invalid(format!("packet {text:?}: {e}")))?;
+                            tr::frame_from_port(dp, &snap, port, &spec).map_err(trace_error)?
+                        }
+                        (None, Some(f)) => {
+                            let i = netdev::ifindex(&p.interface).ok_or_else(|| {
+                                Refusal::Conflict(format!(
+                                    "port {port}: its interface {} does not exist",
+                                    p.interface
+                                ))
+                            })?;
+                            (i, f)
+                        }
+                    };
+                    tr::trace(dp, &snap, Entry::Port(ifindex), &frame).map_err(trace_error)
+                })?
+            }
+        };
+        Ok(axum::Json(report).into_response())
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+/// A trace's failure: what the request named that is not there is a 409,
+/// the rest is the dataplane's.
+fn trace_error(e: cloison_dataplane::Error) -> ApiError {
+    match e {
+        cloison_dataplane::Error::Invalid(m) => Refusal::Conflict(m).into(),
+        e => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
 async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
     let a = agent.clone();
     tokio::task::spawn_blocking(move || {
@@ -590,6 +722,7 @@ pub fn routes() -> Vec<Route> {
         route("/v1/openapi.json", &["get"], get(openapi)),
         route("/metrics", &["get"], get(metrics)),
         route("/v1/ports/{name}/stats", &["get"], get(port_stats)),
+        route("/v1/trace", &["post"], axum::routing::post(trace)),
     ];
     for kind in Kind::ALL {
         let list = move |State(a): State<Arc<Agent>>| list_objects(a, kind);

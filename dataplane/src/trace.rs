@@ -14,7 +14,7 @@ use std::{
 };
 
 use cloison_abi::{next::*, trace as T, *};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     loader::{verdict, KernelTrace},
@@ -36,7 +36,7 @@ pub enum Entry {
 }
 
 /// A trace, as `POST /v1/trace` returns it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Report {
     /// Where the frame entered (`port NAME`, `uplink IFACE`).
     pub entry: String,
@@ -50,10 +50,13 @@ pub struct Report {
     pub agree: bool,
     /// Why not, when they do not.
     pub disagreement: Option<String>,
+    /// The host the kernel sent it to, for a frame encapsulated to a VTEP
+    /// of the snapshot's hosts (where `--follow` traces it next).
+    pub next_host: Option<String>,
 }
 
 /// One side of a trace: its verdict, its stages, its output.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Side {
     /// Short and stable (`to-port:IFACE`, `to-vtep:ADDR`, `back`, `host`,
     /// `to-agent`, `to-external`, `drop:REASON`).
@@ -67,7 +70,7 @@ pub struct Side {
     pub output_summary: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stage {
     pub stage: String,
     pub detail: String,
@@ -131,7 +134,16 @@ pub fn trace(dp: &Dataplane, snap: &Snapshot, entry: Entry, frame: &[u8]) -> Res
     } else {
         None
     };
+    let next_host = match kv {
+        Verdict::ToVtep(a) => snap
+            .hosts
+            .iter()
+            .find(|h| h.underlay_ip == Ipv4Addr::from(a))
+            .map(|h| h.name.clone()),
+        _ => None,
+    };
     Ok(Report {
+        next_host,
         entry: entry_name,
         input: hex(frame),
         input_summary: summary(frame),

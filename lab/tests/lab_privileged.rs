@@ -427,6 +427,121 @@ fn privileged_security_group_matrix_with_real_traffic() {
     );
 }
 
+/// `cloisonctl trace --follow` across the two hosts, through the agents:
+/// a2's SYN to a1 leaves hv2 in VXLAN and hv1's uplink program delivers
+/// it by the rule the test knows; a port no rule opens is dropped there,
+/// and says so; the traces leave conntrack as it was; real traffic agrees.
+#[test]
+fn privileged_trace_follows_a_packet_across_hosts() {
+    let mut lab = lab();
+    lab.web_and_client();
+    lab.start_agents().expect("agents");
+    lab.apply_via_agents().expect("apply");
+    let peer = format!("hv1={}", lab.agent_endpoint("hv1"));
+    let trace = |packet: &str, extra: &[&str]| {
+        let mut args = vec!["trace", "--port", "a2", packet, "--follow", "--peer", &peer];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = lab.cloisonctl("hv2", &args).expect("cloisonctl");
+        assert!(ok, "cloisonctl trace {packet}: {err}");
+        out
+    };
+    let ct = (
+        lab.conntrack_entries("hv1").unwrap(),
+        lab.conntrack_entries("hv2").unwrap(),
+    );
+    let out = trace("tcp 10.0.0.2:40000 > 10.0.0.1:8080 flags S", &["--minimal"]);
+    let hv1 = lab_underlay("hv1");
+    assert_eq!(
+        out,
+        format!(
+            "kernel to-vtep:{hv1}\nmodel to-vtep:{hv1}\nrule egress:client#0\nagree\n\
+             --- followed to host hv1 ---\n\
+             kernel to-port:a1\nmodel to-port:a1\nrule ingress:web#0\nagree\n"
+        )
+    );
+    let out = trace("tcp 10.0.0.2:40000 > 10.0.0.1:9090 flags S", &["--minimal"]);
+    assert!(
+        out.ends_with("kernel drop:sg_ingress_denied\nmodel drop:sg_ingress_denied\nrule ingress:none\nagree\n"),
+        "{out}"
+    );
+    // The full form names the stages and the encapsulation.
+    let out = trace("tcp 10.0.0.2:40001 > 10.0.0.1:8080 flags S", &[]);
+    for needle in [
+        "anti-spoofing",
+        "would insert as SYN_SENT",
+        "vxlan            to VTEP",
+        "VXLAN VNI",
+        "decap            to a1",
+        "allowed by web#0",
+        "kernel and model agree",
+    ] {
+        assert!(out.contains(needle), "{needle:?} in:\n{out}");
+    }
+    assert_eq!(
+        (
+            lab.conntrack_entries("hv1").unwrap(),
+            lab.conntrack_entries("hv2").unwrap()
+        ),
+        ct,
+        "traces track nothing"
+    );
+    // JSON, and what a bad request gets.
+    let (ok, out, _) = lab
+        .cloisonctl(
+            "hv2",
+            &[
+                "--json",
+                "trace",
+                "--port",
+                "a2",
+                "udp 10.0.0.2:1 > 10.0.0.1:5353",
+            ],
+        )
+        .unwrap();
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["kernel"]["verdict"], format!("to-vtep:{hv1}"));
+    let (ok, _, err) = lab
+        .cloisonctl(
+            "hv2",
+            &["trace", "--port", "a2", "tcp 10.0.0.2 > 10.0.0.1:80"],
+        )
+        .unwrap();
+    assert!(
+        !ok && err.contains("a port is needed") && err.contains("400"),
+        "{err}"
+    );
+    let (ok, _, err) = lab
+        .cloisonctl(
+            "hv2",
+            &["trace", "--port", "a1", "udp 10.0.0.1:1 > 10.0.0.2:2"],
+        )
+        .unwrap();
+    assert!(
+        !ok && err.contains("on host hv1") && err.contains("409"),
+        "{err}"
+    );
+    // What the trace says is what traffic does.
+    assert!(tcp_ok(
+        &lab,
+        "a2",
+        "a1",
+        IpAddr::from(lab.vm("a1").ip),
+        8080
+    ));
+    assert!(!tcp_ok(
+        &lab,
+        "a2",
+        "a1",
+        IpAddr::from(lab.vm("a1").ip),
+        9090
+    ));
+}
+
+fn lab_underlay(host: &str) -> std::net::Ipv4Addr {
+    underlay_ip(if host == "hv1" { 1 } else { 2 })
+}
+
 #[test]
 fn privileged_revoke_cuts_a_running_tcp_stream() {
     let mut lab = lab();

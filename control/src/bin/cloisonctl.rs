@@ -62,6 +62,82 @@ enum Cmd {
     Stats {
         port: String,
     },
+    /// What the programs do with one frame, stage by stage, on the live
+    /// tables (nothing is written), beside the reference model; "DISAGREE"
+    /// when they differ. PACKET is a flow in text:
+    /// 'tcp 10.0.0.5:40000 > 10.0.0.7:22 flags S' (also udp, icmp; options
+    /// flags, ttl, len), sent by the port's VM.
+    Trace {
+        /// The port whose VM sends the frame.
+        #[arg(long)]
+        port: Option<String>,
+        packet: Option<String>,
+        /// The frame in hex instead of PACKET.
+        #[arg(long, conflicts_with_all = ["packet", "pcap"])]
+        frame: Option<String>,
+        /// The first frame of this pcap file (Ethernet) instead of PACKET.
+        #[arg(long, conflicts_with = "packet")]
+        pcap: Option<PathBuf>,
+        /// The frame arrives from the underlay (VXLAN) instead of a port.
+        #[arg(long, conflicts_with = "port")]
+        from_underlay: bool,
+        /// Trace the output on the receiving host too (its uplink program
+        /// and its port's ingress rules): needs --peer for that host.
+        #[arg(long)]
+        follow: bool,
+        /// HOST=ENDPOINT: where the agent of another host answers (--follow).
+        #[arg(long = "peer")]
+        peers: Vec<String>,
+        /// Only the verdicts, the deciding rules and whether they agree.
+        #[arg(long)]
+        minimal: bool,
+    },
+}
+
+/// The first frame of a classic pcap file of Ethernet frames.
+fn pcap_first_frame(path: &std::path::Path) -> Result<Vec<u8>> {
+    let b = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    if b.len() < 24 {
+        bail!("{}: too short for a pcap file", path.display());
+    }
+    let magic = [b[0], b[1], b[2], b[3]];
+    let le = match magic {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
+        _ => bail!("{}: not a pcap file (pcapng is not read)", path.display()),
+    };
+    let u32_at = |o: usize| {
+        let w = [b[o], b[o + 1], b[o + 2], b[o + 3]];
+        if le {
+            u32::from_le_bytes(w)
+        } else {
+            u32::from_be_bytes(w)
+        }
+    };
+    if u32_at(20) != 1 {
+        bail!("{}: link type {}, not Ethernet", path.display(), u32_at(20));
+    }
+    if b.len() < 40 {
+        bail!("{}: no frame in it", path.display());
+    }
+    let len = u32_at(32) as usize;
+    b.get(40..40 + len)
+        .map(<[u8]>::to_vec)
+        .with_context(|| format!("{}: its first frame is cut short", path.display()))
+}
+
+fn client_for(c: &Client, endpoint: &str) -> Result<Client> {
+    let endpoint: Endpoint = endpoint
+        .parse()
+        .map_err(|e| anyhow::anyhow!("endpoint {endpoint:?}: {e}"))?;
+    let endpoint = match (endpoint, &c.endpoint) {
+        (Endpoint::Https(a, None), Endpoint::Https(_, ca)) => Endpoint::Https(a, ca.clone()),
+        (e, _) => e,
+    };
+    Ok(Client {
+        endpoint,
+        token: c.token.clone(),
+    })
 }
 
 fn kind(s: &str) -> Result<Kind> {
@@ -194,6 +270,81 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         Cmd::Apply { file } => apply(&c, &file, json).await?,
+        Cmd::Trace {
+            port,
+            packet,
+            frame,
+            pcap,
+            from_underlay,
+            follow,
+            peers,
+            minimal,
+        } => {
+            use cloison_dataplane::trace::{self, Report};
+            let frame = match (frame, pcap) {
+                (Some(h), _) => Some(h),
+                (None, Some(p)) => Some(trace::hex(&pcap_first_frame(&p)?)),
+                (None, None) => None,
+            };
+            if port.is_none() && !from_underlay {
+                bail!("name the sending port (--port NAME), or --from-underlay");
+            }
+            if packet.is_none() && frame.is_none() {
+                bail!("give the packet (text), --frame HEX or --pcap FILE");
+            }
+            let mut body = serde_json::json!({"from_underlay": from_underlay});
+            if let Some(p) = &port {
+                body["port"] = p.clone().into();
+            }
+            if let Some(p) = &packet {
+                body["packet"] = p.clone().into();
+            }
+            if let Some(f) = &frame {
+                body["frame"] = f.clone().into();
+            }
+            let first: Report = serde_json::from_value(ok(c.post("/v1/trace", &body).await?)?)
+                .context("the agent's trace report")?;
+            let mut reports = vec![(None, first)];
+            if follow {
+                let last = &reports[0].1;
+                match (&last.next_host, &last.kernel.output) {
+                    (Some(host), Some(out)) => {
+                        let endpoint = peers
+                            .iter()
+                            .find_map(|p| p.strip_prefix(&format!("{host}=")))
+                            .with_context(|| {
+                                format!("the frame goes to host {host}: give --peer {host}=ENDPOINT to follow it")
+                            })?;
+                        let peer = client_for(&c, endpoint)?;
+                        let body = serde_json::json!({"from_underlay": true, "frame": out});
+                        let r: Report =
+                            serde_json::from_value(ok(peer.post("/v1/trace", &body).await?)?)
+                                .with_context(|| format!("host {host}'s trace report"))?;
+                        reports.push((Some(host.clone()), r));
+                    }
+                    _ => {
+                        if !json {
+                            println!("(--follow: the frame does not leave for another host)");
+                        }
+                    }
+                }
+            }
+            if json {
+                let all: Vec<&Report> = reports.iter().map(|(_, r)| r).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for (host, r) in &reports {
+                    if let Some(h) = host {
+                        println!("--- followed to host {h} ---");
+                    }
+                    if minimal {
+                        print!("{}", trace::minimal(r));
+                    } else {
+                        print!("{}", trace::render(r));
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

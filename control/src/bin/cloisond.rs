@@ -231,6 +231,7 @@ fn run(args: Args) -> Result<()> {
         let _in_rt = rt.enter();
         Agent::new(args.name.clone(), store, args.pin_root.clone())?
     };
+    agent.set_uplink(&uplink);
     // The gateway services' tap: what the port programs steer to the agent.
     let tap = cloison_dataplane::service::ServiceTap::open(&args.name)
         .context("create the service tap (DHCP, router advertisements, metadata)")?;

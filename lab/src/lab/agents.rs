@@ -34,18 +34,27 @@ impl Drop for AgentProc {
 /// The cloisond binary built beside the running one (target/<profile>/),
 /// or $CLOISOND.
 pub fn cloisond_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CLOISOND") {
+    binary_path("cloisond", "CLOISOND")
+}
+
+/// The cloisonctl binary built beside the running one, or $CLOISONCTL.
+pub fn cloisonctl_path() -> Result<PathBuf> {
+    binary_path("cloisonctl", "CLOISONCTL")
+}
+
+fn binary_path(name: &str, var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
         return Ok(p.into());
     }
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join("cloisond");
+        let p = dir.join(name);
         if p.is_file() {
             return Ok(p);
         }
     }
     bail!(
-        "no cloisond binary near {} (cargo build -p cloison-control, or set CLOISOND)",
+        "no {name} binary near {} (cargo build -p cloison-control --bins, or set {var})",
         exe.display()
     )
 }
@@ -131,6 +140,30 @@ impl Lab {
             endpoint: cloison_control::client::Endpoint::Unix(a.socket.clone()),
             token: None,
         }
+    }
+
+    /// `unix:SOCKET` of `host`'s agent.
+    pub fn agent_endpoint(&self, host: &str) -> String {
+        let a = self
+            .agents
+            .iter()
+            .find(|a| a.host == host)
+            .expect("an agent for this host");
+        format!("unix:{}", a.socket.display())
+    }
+
+    /// Runs `cloisonctl` against `host`'s agent: (success, stdout, stderr).
+    pub fn cloisonctl(&self, host: &str, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = Command::new(cloisonctl_path()?)
+            .args(["--endpoint", &self.agent_endpoint(host)])
+            .args(args)
+            .output()
+            .context("run cloisonctl")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// The agent of `host`'s `/metrics` text.

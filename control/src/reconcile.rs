@@ -29,6 +29,19 @@ pub struct Applied {
     /// This host's ports in the kernel, by the ifindex of their interface
     /// (the gateway services know a frame's port by it).
     pub ports: Arc<std::collections::BTreeMap<u32, String>>,
+    /// How the applies went, since the agent started.
+    pub applies: ApplyStats,
+}
+
+/// The reconciler's applies (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub total: u64,
+    /// Applies that failed or left something out (tried again).
+    pub failures: u64,
+    /// Time spent applying, in all and the last one (µs).
+    pub micros_sum: u64,
+    pub last_micros: u64,
 }
 
 pub struct Config {
@@ -105,7 +118,17 @@ async fn run(
         }
         let state = desired.borrow_and_update().clone();
         if dirty || link_event {
+            let started = Instant::now();
             dirty = !apply(&cfg, &mut dataplane, &applied, &state);
+            let took = started.elapsed().as_micros() as u64;
+            // Counted without waking the watchers: nothing they act on changed.
+            applied.send_if_modified(|a| {
+                a.applies.total += 1;
+                a.applies.failures += u64::from(dirty);
+                a.applies.micros_sum += took;
+                a.applies.last_micros = took;
+                false
+            });
             if dirty {
                 // Failed: try again after a while (or on the next change).
                 tokio::select! {
@@ -231,6 +254,8 @@ fn apply(
             if let Some(e) = &external {
                 tracing::error!(error = %e, "the external interface");
             }
+            // Read first: a borrow held across the send would deadlock it.
+            let applies = applied.borrow().applies;
             applied.send_replace(Applied {
                 generation,
                 programs: match &external {
@@ -240,6 +265,7 @@ fn apply(
                 pending_ports: r.pending.clone(),
                 refused_ports: r.refused.clone(),
                 ports: Arc::new(r.local_ports.iter().cloned().collect()),
+                applies,
             });
             if r.map_updates > 0 || newly_pending || !r.ports_attached.is_empty() {
                 tracing::info!(

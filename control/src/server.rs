@@ -600,9 +600,60 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
                 "cloison_gateway_requests_total{{host=\"{host}\",service=\"{service}\",outcome=\"{outcome}\"}} {n}"
             );
         }
+        let applies = a.applied.borrow().applies;
+        let _ = writeln!(out, "# TYPE cloison_apply_duration_seconds summary");
+        let _ = writeln!(out, "cloison_apply_duration_seconds_sum{{host=\"{host}\"}} {}", applies.micros_sum as f64 / 1e6);
+        let _ = writeln!(out, "cloison_apply_duration_seconds_count{{host=\"{host}\"}} {}", applies.total);
+        let _ = writeln!(out, "# TYPE cloison_apply_last_duration_seconds gauge");
+        let _ = writeln!(out, "cloison_apply_last_duration_seconds{{host=\"{host}\"}} {}", applies.last_micros as f64 / 1e6);
+        let _ = writeln!(out, "# TYPE cloison_apply_failures_total counter");
+        let _ = writeln!(out, "cloison_apply_failures_total{{host=\"{host}\"}} {}", applies.failures);
         let Ok(stats) = a.reader.stats() else {
             return Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response());
         };
+        // How full the maps are, and each port's and tenant's conntrack
+        // against its share.
+        if let Ok((fill, ports, uses)) = a.reader.with(|dp| {
+            let fill = dp.map_fill().map_err(ApiError::internal)?;
+            let ports = dp.port_entries().map_err(ApiError::internal)?;
+            let mut uses = BTreeMap::new();
+            for (_, p) in &ports {
+                for i in [p.slot, cloison_abi::MAX_PORTS + p.tenant] {
+                    uses.insert(i, dp.conntrack_use(i).map_err(ApiError::internal)?);
+                }
+            }
+            Ok((fill, ports, uses))
+        }) {
+            let _ = writeln!(out, "# TYPE cloison_map_entries gauge");
+            for (m, n, _) in &fill {
+                let _ = writeln!(out, "cloison_map_entries{{host=\"{host}\",map=\"{m}\"}} {n}");
+            }
+            let _ = writeln!(out, "# TYPE cloison_map_capacity gauge");
+            for (m, _, c) in &fill {
+                let _ = writeln!(out, "cloison_map_capacity{{host=\"{host}\",map=\"{m}\"}} {c}");
+            }
+            let local = local_ports(&a, &desired);
+            let by_ifindex: BTreeMap<u32, (&Port, &Network)> =
+                local.iter().map(|(p, n, i)| (*i, (p, n))).collect();
+            let _ = writeln!(out, "# TYPE cloison_port_conntrack_entries gauge");
+            let _ = writeln!(out, "# TYPE cloison_port_conntrack_share gauge");
+            let mut tenants: BTreeMap<&str, (i64, u32)> = BTreeMap::new();
+            for (ifindex, info) in &ports {
+                let Some((p, net)) = by_ifindex.get(ifindex) else { continue };
+                let used = uses.get(&info.slot).copied().unwrap_or(0);
+                let labels = format!("host=\"{host}\",port=\"{}\",tenant=\"{}\"", p.name, net.tenant);
+                let _ = writeln!(out, "cloison_port_conntrack_entries{{{labels}}} {used}");
+                let _ = writeln!(out, "cloison_port_conntrack_share{{{labels}}} {}", info.ct_port_quota);
+                let t = uses.get(&(cloison_abi::MAX_PORTS + info.tenant)).copied().unwrap_or(0);
+                tenants.insert(&net.tenant, (t, info.ct_tenant_quota));
+            }
+            let _ = writeln!(out, "# TYPE cloison_tenant_conntrack_entries gauge");
+            let _ = writeln!(out, "# TYPE cloison_tenant_conntrack_share gauge");
+            for (t, (used, share)) in tenants {
+                let _ = writeln!(out, "cloison_tenant_conntrack_entries{{host=\"{host}\",tenant=\"{t}\"}} {used}");
+                let _ = writeln!(out, "cloison_tenant_conntrack_share{{host=\"{host}\",tenant=\"{t}\"}} {share}");
+            }
+        }
         let _ = writeln!(out, "# TYPE cloison_drops_total counter");
         for r in DropReason::ALL {
             let n = stats.drops.get(r).copied().unwrap_or(0);

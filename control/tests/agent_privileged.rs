@@ -359,6 +359,10 @@ fn privileged_api_contract() {
         "port=\"vm1\"",
         "tenant=\"acme\"",
         "cloison_tenant_to_vm_bytes_total{",
+        "cloison_map_entries{",
+        "cloison_map_capacity{",
+        "cloison_port_conntrack_share{",
+        "cloison_apply_duration_seconds_count{",
     ] {
         assert!(
             metrics.contains(needle),

@@ -1130,6 +1130,25 @@ impl Dataplane {
         run_tc(prog, ifindex, frame, 0, repeat)
     }
 
+    /// This host's port entries (`CL_PORTS`), by ifindex.
+    pub fn port_entries(&self) -> Result<Vec<(u32, PortInfo)>, Error> {
+        let m: HashMap<&MapData, u32, PortInfo> = typed_ref::<_, maps::Ports>(&self.ebpf)?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    /// How full each map that grows is: (name, entries, capacity). Arrays
+    /// (every index always holds a value) are left out. Walks every key:
+    /// its cost grows with the entries (a scrape's, not a packet's).
+    pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>, Error> {
+        let mut out = Vec::new();
+        for (name, m) in self.raw_maps()? {
+            if !m.is_array() {
+                out.push((name, m.entries()?, m.max_entries));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every map of this host's dataplane, opened by its pin: (name, map).
     pub fn raw_maps(&self) -> Result<Vec<(&'static str, crate::rawmap::RawMap)>, Error> {
         maps::ALL

@@ -538,6 +538,60 @@ fn privileged_trace_follows_a_packet_across_hosts() {
     ));
 }
 
+/// The value of the one series `name{labels}` in a `/metrics` text.
+fn series(metrics: &str, name_and_labels: &str) -> f64 {
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("no series {name_and_labels} in:\n{metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// `/metrics` of an agent shows how full its maps are and each port's and
+/// tenant's conntrack against its share, beside what the kernel holds.
+#[test]
+fn privileged_metrics_show_map_fill_and_conntrack_shares() {
+    let mut lab = lab();
+    lab.web_and_client();
+    lab.start_agents().expect("agents");
+    lab.apply_via_agents().expect("apply");
+    let a1 = IpAddr::from(lab.vm("a1").ip);
+    assert!(tcp_ok(&lab, "a2", "a1", a1, 8080));
+    let m = lab.agent_metrics("hv1").unwrap();
+    let ct = lab.conntrack_entries("hv1").unwrap();
+    assert!(ct >= 1);
+    assert_eq!(
+        series(&m, r#"cloison_map_entries{host="hv1",map="CL_CONNTRACK"}"#) as usize,
+        ct
+    );
+    assert_eq!(
+        series(&m, r#"cloison_map_entries{host="hv1",map="CL_FWD"}"#) as usize,
+        lab.forward_entries("hv1").unwrap()
+    );
+    assert_eq!(
+        series(&m, r#"cloison_map_capacity{host="hv1",map="CL_FWD"}"#) as u32,
+        cloison_abi::MAX_FORWARD
+    );
+    assert!(
+        !m.contains(r#"map="CL_CONFIG""#),
+        "arrays are always full: not shown"
+    );
+    // a1's flow is charged to a2 (the sender) on hv2, and to a1 on hv1
+    // (the receiver, which has port security).
+    let port = r#"{host="hv1",port="a1",tenant="tenant-a"}"#;
+    let used = series(&m, &format!("cloison_port_conntrack_entries{port}"));
+    let share = series(&m, &format!("cloison_port_conntrack_share{port}"));
+    assert!(used >= 1.0 && share > used, "a1: {used} of {share}");
+    let tenant = r#"{host="hv1",tenant="tenant-a"}"#;
+    assert!(series(&m, &format!("cloison_tenant_conntrack_entries{tenant}")) >= used);
+    assert!(series(&m, &format!("cloison_tenant_conntrack_share{tenant}")) >= share);
+    assert!(series(&m, r#"cloison_apply_duration_seconds_count{host="hv1"}"#) >= 1.0);
+    assert_eq!(
+        series(&m, r#"cloison_apply_failures_total{host="hv1"}"#),
+        0.0
+    );
+}
+
 fn lab_underlay(host: &str) -> std::net::Ipv4Addr {
     underlay_ip(if host == "hv1" { 1 } else { 2 })
 }

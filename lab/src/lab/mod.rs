@@ -596,6 +596,15 @@ impl Lab {
         }
     }
 
+    /// Forwarding entries in `host`'s kernel now (read through aya's typed
+    /// map, not the agent).
+    pub fn forward_entries(&self, host: &str) -> Result<usize> {
+        let (pin, root) = (self.pin_name(host), self.pin_root.clone());
+        in_netns(&self.ns(host), move || {
+            Ok(Dataplane::open_maps(&pin, &root)?.tables()?.forward.len())
+        })
+    }
+
     /// Conntrack entries on `host` now.
     pub fn conntrack_entries(&self, host: &str) -> Result<usize> {
         let (pin, root) = (self.pin_name(host), self.pin_root.clone());

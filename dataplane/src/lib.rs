@@ -10,6 +10,7 @@ pub mod bpffs;
 pub mod fuzzing;
 pub mod loader;
 pub mod model;
+pub mod monitor;
 pub mod netdev;
 pub mod plan;
 pub mod policy;

@@ -1149,10 +1149,12 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Every map of this host's dataplane, opened by its pin: (name, map).
+    /// Every map of this host's dataplane that has keys (all but the
+    /// monitor's ring buffer), opened by its pin: (name, map).
     pub fn raw_maps(&self) -> Result<Vec<(&'static str, crate::rawmap::RawMap)>, Error> {
         maps::ALL
             .iter()
+            .filter(|m| m.kind != MapKind::RingBuf)
             .map(|m| {
                 Ok((
                     m.name,
@@ -1160,6 +1162,43 @@ impl Dataplane {
                 ))
             })
             .collect()
+    }
+
+    /// Sets what the programs stream to the monitor's ring buffer (all
+    /// zero: nothing). Through the pin: any handle may, a read-only one too.
+    pub fn set_monitor(&self, cfg: MonitorConfig) -> Result<(), Error> {
+        let what = || Error::kernel("write the monitor's settings");
+        let data =
+            MapData::from_pin(self.pin_dir.join(M::MONITOR)).map_err(|e| what()(e.into()))?;
+        let mut m: Array<MapData, MonitorConfig> =
+            Array::try_from(aya::maps::Map::Array(data)).map_err(|e| what()(e.into()))?;
+        m.set(0, cfg, 0).map_err(|e| what()(e.into()))
+    }
+
+    /// What the programs stream to the monitor now.
+    pub fn monitor(&self) -> Result<MonitorConfig, Error> {
+        let m: Array<&MapData, MonitorConfig> = typed_ref::<_, maps::Monitor>(&self.ebpf)?;
+        m.get(&0, 0)
+            .map_err(|e| Error::kernel("read the monitor's settings")(e.into()))
+    }
+
+    /// Events the programs could not stream (over the per-CPU rate, or the
+    /// ring full), on all CPUs since the maps were created.
+    pub fn monitor_lost(&self) -> Result<u64, Error> {
+        let m: PerCpuArray<&MapData, MonitorBudget> =
+            typed_ref::<_, maps::MonitorRate>(&self.ebpf)?;
+        let v = m
+            .get(&0, 0)
+            .map_err(|e| Error::kernel("read the monitor's budget")(e.into()))?;
+        Ok(v.iter().map(|b| b.lost).sum())
+    }
+
+    /// The monitor's ring buffer, opened by its pin (one reader at a time
+    /// should consume it).
+    pub fn open_events(&self) -> Result<aya::maps::RingBuf<MapData>, Error> {
+        let what = || Error::kernel("open the monitor's ring buffer");
+        let data = MapData::from_pin(self.pin_dir.join(M::EVENTS)).map_err(|e| what()(e.into()))?;
+        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(|e| what()(e.into()))
     }
 
     /// Runs the trace build of the port program on `frame` from the VM on

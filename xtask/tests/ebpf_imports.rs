@@ -27,6 +27,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         "service",
         "route",
         "nat",
+        "monitor",
     ];
     let mut m: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     m.insert("hdr", BTreeSet::new());

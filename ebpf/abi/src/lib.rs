@@ -64,6 +64,8 @@ pub enum MapKind {
     LpmTrie,
     Array,
     PerCpuArray,
+    /// A ring buffer (no keys: `max_entries` is its size in bytes).
+    RingBuf,
 }
 
 impl MapKind {
@@ -76,6 +78,7 @@ impl MapKind {
             MapKind::LruHash => 9,
             MapKind::LruPerCpuHash => 10,
             MapKind::LpmTrie => 11,
+            MapKind::RingBuf => 27,
         }
     }
 }
@@ -194,7 +197,86 @@ map_table! {
     Snat / SNAT = "CL_SNAT", LruHash, SnatKey => SnatEntry, MAX_SNAT;
     /// SNAT mappings by the outside flow (the reply's view).
     SnatReverse / SNAT_REVERSE = "CL_SNAT_REV", LruHash, SnatRevKey => SnatRevEntry, MAX_SNAT;
+    /// Drop and new-flow events for `cloisonctl monitor` ([`MonitorEvent`]).
+    Events / EVENTS = "CL_EVENTS", RingBuf, () => (), monitor::RING_BYTES;
+    /// What the programs stream to [`Events`], one entry (off: nothing).
+    Monitor / MONITOR = "CL_MONITOR", Array, u32 => MonitorConfig, 1;
+    /// Each CPU's event budget and the events it could not send.
+    MonitorRate / MONITOR_RATE = "CL_MON_RATE", PerCpuArray, u32 => MonitorBudget, 1;
 }
+
+/// The monitor: events the programs stream through a ring buffer while an
+/// agent's client watches (`CL_EVENTS`), within a per-CPU rate.
+pub mod monitor {
+    /// The ring buffer's size (a power of two, a multiple of the page).
+    pub const RING_BYTES: u32 = 256 * 1024;
+    /// Bytes of the packet each event carries (its headers).
+    pub const CAPTURE: usize = 128;
+    /// `MonitorConfig::flags`: stream drops; stream new flows (sampled).
+    pub const F_DROPS: u32 = 1;
+    pub const F_FLOWS: u32 = 2;
+    /// `MonitorConfig::slot` for every port.
+    pub const ANY_SLOT: u32 = u32::MAX;
+    /// `MonitorEvent::kind`.
+    pub const KIND_DROP: u8 = 1;
+    /// A new flow the rules allowed (conntrack entry created).
+    pub const KIND_FLOW: u8 = 2;
+    /// `MonitorEvent::hook`: which program saw it.
+    pub const HOOK_PORT: u8 = 1;
+    pub const HOOK_UPLINK: u8 = 2;
+    pub const HOOK_SERVICE: u8 = 3;
+    pub const HOOK_EXTERNAL: u8 = 4;
+}
+
+/// What the programs stream (`CL_MONITOR`); all zero: nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MonitorConfig {
+    /// `monitor::F_*`.
+    pub flags: u32,
+    /// Events each CPU may send per second; past it they are counted lost.
+    pub rate: u32,
+    /// One new flow in `sample` is streamed (0 or 1: every one).
+    pub sample: u32,
+    /// Only this port slot's events (`monitor::ANY_SLOT`: every port's).
+    pub slot: u32,
+}
+const _: () = assert!(size_of::<MonitorConfig>() == 16);
+
+/// One CPU's event budget (`CL_MON_RATE`): the second it counts in, the
+/// events sent in it, and every event not sent (over the rate, or the ring
+/// full).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MonitorBudget {
+    pub window_ns: u64,
+    pub sent: u64,
+    pub lost: u64,
+}
+const _: () = assert!(size_of::<MonitorBudget>() == 24);
+
+/// One event of the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MonitorEvent {
+    /// CLOCK_MONOTONIC, ns.
+    pub time_ns: u64,
+    pub kind: u8,
+    pub hook: u8,
+    /// A `DropReason` (drops), else 0.
+    pub reason: u8,
+    pub _pad: u8,
+    /// The port slot charged (`u32::MAX`: none known).
+    pub slot: u32,
+    /// The interface the program runs on.
+    pub ifindex: u32,
+    /// The packet's length, and the bytes of it in `data`.
+    pub len: u32,
+    pub captured: u32,
+    pub _pad2: u32,
+    pub data: [u8; monitor::CAPTURE],
+}
+const _: () = assert!(size_of::<MonitorEvent>() == 32 + monitor::CAPTURE);
 
 /// Maps of earlier releases whose layout changed (so they were renamed):
 /// the loader removes their pins once it has loaded the object, so an
@@ -981,6 +1063,9 @@ mod pod {
     // arrays, with explicit padding fields: every bit pattern is valid.
     unsafe impl aya::Pod for PortInfo {}
     unsafe impl aya::Pod for TraceRecord {}
+    unsafe impl aya::Pod for MonitorConfig {}
+    unsafe impl aya::Pod for MonitorBudget {}
+    unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for AddrAllow {}
     unsafe impl aya::Pod for ForwardKey {}

@@ -20,6 +20,7 @@ mod icmp;
 mod maps;
 #[path = "mode_live.rs"]
 mod mode;
+mod monitor;
 mod nat;
 mod packet;
 mod parse;

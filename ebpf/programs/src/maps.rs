@@ -4,7 +4,7 @@
 //! shared decision types.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use cloison_abi::*;
 
@@ -112,6 +112,16 @@ pub static CL_SNAT: LruHashMap<SnatKey, SnatEntry> = LruHashMap::pinned(MAX_SNAT
 
 #[map]
 pub static CL_SNAT_REV: LruHashMap<SnatRevKey, SnatRevEntry> = LruHashMap::pinned(MAX_SNAT, 0);
+
+/// The monitor's events, what it streams, and each CPU's budget.
+#[map]
+pub static CL_EVENTS: RingBuf = RingBuf::pinned(monitor::RING_BYTES, 0);
+
+#[map]
+pub static CL_MONITOR: Array<MonitorConfig> = Array::pinned(1, 0);
+
+#[map]
+pub static CL_MON_RATE: PerCpuArray<MonitorBudget> = PerCpuArray::pinned(1, 0);
 
 /// Per-CPU working memory (see [`Scratch`]). Programs on one CPU run in
 /// softirq context one at a time, so one slot per CPU is never shared.

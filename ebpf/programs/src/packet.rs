@@ -12,7 +12,8 @@ use aya_ebpf::{
         TC_ACT_SHOT,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_head,
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_load_bytes,
+        bpf_xdp_adjust_head, bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
 };
@@ -40,6 +41,11 @@ pub trait Packet {
     fn decap(&self, inner_proto: u16) -> Result<(), DropReason>;
     /// Hands the packet to a local port's VM.
     fn redirect_to(&self, port: &ForwardEntry) -> Self::Verdict;
+    /// The interface the program runs on.
+    fn ifindex(&self) -> u32;
+    /// Copies the packet's first `len` bytes (1 to [`PULL_LEN`], within
+    /// the packet) to `dst`; 0 on success.
+    fn load(&self, dst: *mut u8, len: u32) -> i64;
 }
 
 pub struct Tc<'a>(pub &'a TcContext);
@@ -99,6 +105,16 @@ impl Packet for Tc<'_> {
     fn redirect_to(&self, port: &ForwardEntry) -> i32 {
         redirect_tc(port, false)
     }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn load(&self, dst: *mut u8, len: u32) -> i64 {
+        unsafe { bpf_skb_load_bytes(self.0.skb.skb as *const _, 0, dst as *mut _, len) }
+    }
 }
 
 /// Redirects into a local port from TC: straight into a veth's peer (its
@@ -153,6 +169,16 @@ impl Packet for Xdp<'_> {
     #[inline(always)]
     fn redirect_to(&self, port: &ForwardEntry) -> u32 {
         unsafe { bpf_redirect(port.ifindex, 0) as u32 }
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        unsafe { (*self.0.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn load(&self, dst: *mut u8, len: u32) -> i64 {
+        unsafe { bpf_xdp_load_bytes(self.0.ctx, 0, dst as *mut _, len) }
     }
 }
 

@@ -30,8 +30,8 @@ use crate::{
     icmp,
     maps::{count_drop, count_to_vm, scratch, CL_CONFIG, CL_PORTS, NO_SLOT},
     mode::{note, TRACE},
-    nat,
-    packet::{self, pull_headers, Packet},
+    monitor, nat,
+    packet::{self, pull_headers, Packet, Tc},
     parse::{self, Parsed, L3},
     policy, port, proxy, route, service, spoof, uplink, vxlan,
 };
@@ -88,9 +88,21 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
                 d.port.slot
             };
             count_drop(reason, slot);
+            monitor::dropped(&Tc(ctx), monitor_hook::PORT, reason, slot);
             TC_ACT_SHOT
         }
     }
+}
+
+/// What the stateful check returns for a flow it has just started tracking.
+const CREATED: Packed = 1;
+
+/// The monitor's names of the hooks.
+mod monitor_hook {
+    pub use cloison_abi::monitor::{
+        HOOK_EXTERNAL as EXTERNAL, HOOK_PORT as PORT, HOOK_SERVICE as SERVICE,
+        HOOK_UPLINK as UPLINK,
+    };
 }
 
 /// Port, parse, anti-spoofing, local answers and forwarding: fills `d`.
@@ -208,6 +220,7 @@ pub fn from_agent(ctx: &TcContext) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count_drop(reason, NO_SLOT);
+            monitor::dropped(&Tc(ctx), monitor_hook::SERVICE, reason, NO_SLOT);
             TC_ACT_SHOT
         }
     }
@@ -274,6 +287,7 @@ pub fn from_outside(ctx: &TcContext) -> i32 {
         Ok(v) => v,
         Err((reason, slot)) => {
             count_drop(reason, slot);
+            monitor::dropped(&Tc(ctx), monitor_hook::EXTERNAL, reason, slot);
             TC_ACT_SHOT
         }
     }
@@ -321,7 +335,18 @@ fn from_port_checked(ctx: &TcContext, d: &Decision) -> Packed {
         receiver_ifindex: if local_peer { d.peer.ifindex } else { 0 },
     };
     let c = Cursor::new(ctx.data(), ctx.data_end());
-    stateful(&c, &d.parsed, &ends)
+    let sg = stateful(&c, &d.parsed, &ends);
+    if sg == CREATED {
+        // Charged to the sender if it has port security, else to the local
+        // receiver (as the conntrack entry is).
+        let slot = if sender_secure {
+            d.port.slot
+        } else {
+            d.peer.slot
+        };
+        monitor::new_flow(&Tc(ctx), monitor_hook::PORT, slot);
+    }
+    sg
 }
 
 /// The stateful check of a decapsulated frame of conntrack zone `zone` (its
@@ -353,7 +378,11 @@ fn to_port_checked(c: &Cursor, pkt_len: usize, ifindex: u32, zone: u32) -> Packe
 
 #[inline(never)]
 fn stateful(c: &Cursor, p: &Parsed, ends: &Ends) -> Packed {
-    pack(conntrack_then_policy(c, p, ends).map(|_| 0))
+    match conntrack_then_policy(c, p, ends) {
+        Ok(true) => CREATED,
+        Ok(false) => 0,
+        Err(e) => pack(Err(e)),
+    }
 }
 
 /// The secured ends' ports, for checking rules and charging a new entry
@@ -371,25 +400,26 @@ fn secured_ends(ends: &Ends) -> Result<(Option<&PortInfo>, Option<&PortInfo>), D
 }
 
 /// Conntrack first; the rules only for a new flow, or for an established
-/// one when they changed since it was last checked.
+/// one when they changed since it was last checked. True: a new flow,
+/// tracked from now on.
 #[inline(always)]
-fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), DropReason> {
+fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<bool, DropReason> {
     let zone = ends.zone;
     if policy::exempt(p) {
         note(trace::CONNTRACK, trace::CT_UNTRACKED, 0, zone);
-        return Ok(());
+        return Ok(false);
     }
     let now = conntrack::now();
     if p.later_fragment {
-        return conntrack::fragment_seen(zone, p, now);
+        return conntrack::fragment_seen(zone, p, now).map(|_| false);
     }
     if conntrack::is_icmp_error(p) {
-        return unpack(conntrack::related(c, p, zone, now)).map(|_| ());
+        return unpack(conntrack::related(c, p, zone, now)).map(|_| false);
     }
     if conntrack::untracked_icmp(p) {
         note(trace::CONNTRACK, trace::CT_UNTRACKED, 0, zone);
         let (s, r) = secured_ends(ends)?;
-        return policy::rules_allow(p, s, r, false);
+        return policy::rules_allow(p, s, r, false).map(|_| false);
     }
     let epoch = CL_CONFIG.get(0).ok_or(DropReason::NoConfig)?.policy_epoch;
     let key = &mut scratch()?.key;
@@ -416,7 +446,7 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
         if conntrack::remember_first_fragment(zone, p, now, e.owner_tenant) != 0 {
             return Err(DropReason::FragmentQuota);
         }
-        return Ok(());
+        return Ok(false);
     }
     let tcp = p.proto == IPPROTO_TCP;
     if tcp && !tcp_opens(p.tcp_flags) {
@@ -438,7 +468,7 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<(), Drop
         return Err(DropReason::FragmentQuota);
     }
     conntrack::create(key, owner, state, from_b, epoch, now)?;
-    Ok(())
+    Ok(true)
 }
 
 /// Everything that reaches the uplink from the underlay, in either hook.
@@ -451,25 +481,32 @@ pub fn from_underlay<P: Packet>(pkt: &P) -> P::Verdict {
         Ok(None) => P::PASS,
         Ok(Some(d)) => {
             note(trace::UPLINK, d.port.slot, d.port.ifindex, d.zone);
+            let mut created = false;
             if d.port.flags & PORT_F_SECURITY != 0 {
                 let inner = Cursor::new(c.data + VXLAN_ENCAP_LEN, c.end);
                 let inner_len = len as usize - VXLAN_ENCAP_LEN;
-                if let Err(reason) =
-                    unpack(to_port_checked(&inner, inner_len, d.port.ifindex, d.zone))
-                {
+                let checked = to_port_checked(&inner, inner_len, d.port.ifindex, d.zone);
+                if let Err(reason) = unpack(checked) {
                     count_drop(reason, d.port.slot);
+                    monitor::dropped(pkt, monitor_hook::UPLINK, reason, d.port.slot);
                     return P::DROP;
                 }
+                created = checked == CREATED;
             }
             if let Err(reason) = pkt.decap(d.inner_proto) {
                 count_drop(reason, d.port.slot);
+                monitor::dropped(pkt, monitor_hook::UPLINK, reason, d.port.slot);
                 return P::DROP;
             }
             count_to_vm(d.port.slot, len - VXLAN_ENCAP_LEN as u32);
+            if created {
+                monitor::new_flow(pkt, monitor_hook::UPLINK, d.port.slot);
+            }
             pkt.redirect_to(&d.port)
         }
         Err(reason) => {
             count_drop(reason, NO_SLOT);
+            monitor::dropped(pkt, monitor_hook::UPLINK, reason, NO_SLOT);
             P::DROP
         }
     }

@@ -22,6 +22,7 @@ mod icmp;
 mod maps;
 #[path = "mode_trace.rs"]
 mod mode;
+mod monitor;
 mod nat;
 mod packet;
 mod parse;

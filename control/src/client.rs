@@ -59,6 +59,49 @@ impl Answer {
 
 impl Client {
     pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Answer> {
+        let res = self.respond(method, path, body).await?;
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await?.to_bytes().to_vec();
+        Ok(Answer { status, body })
+    }
+
+    /// GETs `path` and hands each line of a 200 answer's body to `on_line`
+    /// as it comes, until the body ends or `on_line` says stop (false):
+    /// then None. Another status: its answer.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Result<Option<Answer>> {
+        let res = self.respond(Method::GET, path, None).await?;
+        let status = res.status().as_u16();
+        let mut body = res.into_body();
+        if status != 200 {
+            let body = body.collect().await?.to_bytes().to_vec();
+            return Ok(Some(Answer { status, body }));
+        }
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                if !on_line(String::from_utf8_lossy(&line[..nl]).trim_end()) {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn respond(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -124,14 +167,11 @@ impl Client {
     }
 }
 
-async fn send<T>(io: T, req: Request<Full<Bytes>>) -> Result<Answer>
+async fn send<T>(io: T, req: Request<Full<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
-    let res = sender.send_request(req).await?;
-    let status = res.status().as_u16();
-    let body = res.into_body().collect().await?.to_bytes().to_vec();
-    Ok(Answer { status, body })
+    Ok(sender.send_request(req).await?)
 }

@@ -187,6 +187,11 @@ fn apply(
                         return false;
                     }
                 }
+                // An event stream an earlier agent left on stops: this
+                // agent's watchers turn it on again.
+                if let Err(e) = dp.set_monitor(cloison_abi::MonitorConfig::default()) {
+                    tracing::warn!(error = %e, "turn the monitor off");
+                }
                 *slot = Some(dp)
             }
             Err(e) => {

@@ -43,7 +43,9 @@ pub struct Agent {
     view: Arc<dyn StoreView>,
     desired: watch::Receiver<Arc<Desired>>,
     applied: watch::Receiver<Applied>,
-    reader: Reader,
+    reader: Arc<Reader>,
+    /// The programs' event stream (`GET /v1/monitor`).
+    pub monitor: Arc<crate::monitor::Monitor>,
     /// What the gateway services answered and did not (`/metrics`).
     pub gateway: Arc<crate::gateway::Counters>,
     /// This host's uplink interface (traces of frames from the underlay).
@@ -107,11 +109,12 @@ impl Agent {
             tracing::error!(error = %v, "the stored state is refused by this version's checks: fix it through the API");
         }
         let agent = Arc::new(Agent {
-            reader: Reader {
+            reader: Arc::new(Reader {
                 host: host.clone(),
                 pin_root,
                 handle: Mutex::new(None),
-            },
+            }),
+            monitor: crate::monitor::Monitor::new(crate::monitor::DEFAULT_SETTINGS),
             host,
             view: store.view(),
             store: Arc::new(tokio::sync::Mutex::new(store)),
@@ -569,6 +572,201 @@ fn trace_error(e: cloison_dataplane::Error) -> ApiError {
     }
 }
 
+/// `GET /v1/monitor?port=NAME&drops=true&filter=EXPR`: drop and new-flow
+/// events as JSON lines, as they happen, until the client goes; a line
+/// `{"kind":"lost","lost":N}` when events were lost meanwhile (over the
+/// programs' rate, the ring full, or this client too slow); an empty line
+/// when nothing happened for a while.
+async fn monitor(State(agent): State<Arc<Agent>>, req: Request) -> ApiResult {
+    use cloison_abi::monitor as m;
+    use cloison_dataplane::monitor::Filter;
+    let mut port = None;
+    let mut drops_only = false;
+    let mut filter = Filter::default();
+    for (k, v) in query_pairs(req.uri().query().unwrap_or("")) {
+        match k.as_str() {
+            "port" => port = Some(v),
+            "drops" => {
+                drops_only = match v.as_str() {
+                    "true" | "1" | "" => true,
+                    "false" | "0" => false,
+                    _ => return Err(Refusal::Invalid(format!("drops={v}: true or false")).into()),
+                }
+            }
+            "filter" => {
+                filter = Filter::parse(&v).map_err(|e| Refusal::Invalid(format!("filter: {e}")))?
+            }
+            _ => {
+                return Err(Refusal::Invalid(format!(
+                    "unknown parameter {k:?} (port, drops, filter)"
+                ))
+                .into())
+            }
+        }
+    }
+    let a = agent.clone();
+    let slot = match &port {
+        None => None,
+        Some(name) => {
+            let (name, a) = (name.clone(), a.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    let desired = a.desired();
+                    if desired.get(Kind::Port, &name).is_none() {
+                        return Err(Refusal::NotFound(format!("no port {name}")).into());
+                    }
+                    let Some((_, _, ifindex)) = local_ports(&a, &desired)
+                        .into_iter()
+                        .find(|(p, _, _)| p.name == name)
+                    else {
+                        return Err(Refusal::Conflict(format!(
+                            "port {name} is not on this host ({}): ask its host's agent",
+                            a.host
+                        ))
+                        .into());
+                    };
+                    a.reader.with(|dp| {
+                        let entries = dp.port_entries().map_err(ApiError::internal)?;
+                        entries
+                            .into_iter()
+                            .find(|(i, _)| *i == ifindex)
+                            .map(|(_, p)| p.slot)
+                            .ok_or_else(|| {
+                                Refusal::Conflict(format!("port {name} is not attached yet")).into()
+                            })
+                    })
+                })
+                .await
+                .map_err(ApiError::internal)??,
+            )
+        }
+    };
+    let want = crate::monitor::Want {
+        flags: if drops_only {
+            m::F_DROPS
+        } else {
+            m::F_DROPS | m::F_FLOWS
+        },
+        slot,
+    };
+    let reader = a.reader.clone();
+    let dp: crate::monitor::WithDataplane = Arc::new(move |f| {
+        reader
+            .with(|dp| {
+                f(dp);
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
+    });
+    let lost_now = {
+        let reader = a.reader.clone();
+        move || {
+            reader
+                .with(|dp| dp.monitor_lost().map_err(ApiError::internal))
+                .unwrap_or(0)
+        }
+    };
+    let lost_base = lost_now();
+    let watcher = a
+        .monitor
+        .watch(want, dp, a.desired.clone(), a.host.clone())
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+    struct Stream {
+        watcher: crate::monitor::Watcher,
+        want: crate::monitor::Want,
+        filter: Filter,
+        lagged: u64,
+        reported: u64,
+        tick: tokio::time::Interval,
+        idle: u32,
+    }
+    let st = Stream {
+        watcher,
+        want,
+        filter,
+        lagged: 0,
+        reported: 0,
+        tick: tokio::time::interval(std::time::Duration::from_secs(1)),
+        idle: 0,
+    };
+    let lines = futures_util::stream::unfold(
+        (st, lost_now, lost_base),
+        |(mut st, lost_now, base)| async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                tokio::select! {
+                    got = st.watcher.rx.recv() => match got {
+                        Ok(item) => {
+                            let (ev, slot) = &*item;
+                            if st.want.wants(ev, *slot) && st.filter.matches(ev) {
+                                st.idle = 0;
+                                let mut line = serde_json::to_vec(ev).unwrap_or_default();
+                                line.push(b'\n');
+                                return Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), (st, lost_now, base)));
+                            }
+                        }
+                        Err(RecvError::Lagged(n)) => st.lagged += n,
+                        Err(RecvError::Closed) => return None,
+                    },
+                    _ = st.tick.tick() => {
+                        let lost = lost_now().saturating_sub(base) + st.lagged;
+                        if lost > st.reported {
+                            st.reported = lost;
+                            let line = format!("{{\"kind\":\"lost\",\"lost\":{lost}}}\n");
+                            return Some((Ok(axum::body::Bytes::from(line)), (st, lost_now, base)));
+                        }
+                        st.idle += 1;
+                        if st.idle >= 5 {
+                            // Something to write: a client gone is noticed.
+                            st.idle = 0;
+                            return Some((Ok(axum::body::Bytes::from_static(b"\n")), (st, lost_now, base)));
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// `a=b&c=d` pairs, percent-decoded (`+` is a space).
+fn query_pairs(q: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    let hex = |c: u8| (c as char).to_digit(16);
+                    match (hex(b[i + 1]), hex(b[i + 2])) {
+                        (Some(h), Some(l)) => {
+                            out.push((h * 16 + l) as u8);
+                            i += 2;
+                        }
+                        _ => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
 async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
     let a = agent.clone();
     tokio::task::spawn_blocking(move || {
@@ -608,6 +806,12 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
         let _ = writeln!(out, "cloison_apply_last_duration_seconds{{host=\"{host}\"}} {}", applies.last_micros as f64 / 1e6);
         let _ = writeln!(out, "# TYPE cloison_apply_failures_total counter");
         let _ = writeln!(out, "cloison_apply_failures_total{{host=\"{host}\"}} {}", applies.failures);
+        let _ = writeln!(out, "# TYPE cloison_monitor_watchers gauge");
+        let _ = writeln!(out, "cloison_monitor_watchers{{host=\"{host}\"}} {}", a.monitor.watchers());
+        if let Ok(lost) = a.reader.with(|dp| dp.monitor_lost().map_err(ApiError::internal)) {
+            let _ = writeln!(out, "# TYPE cloison_monitor_events_lost_total counter");
+            let _ = writeln!(out, "cloison_monitor_events_lost_total{{host=\"{host}\"}} {lost}");
+        }
         let Ok(stats) = a.reader.stats() else {
             return Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response());
         };
@@ -774,6 +978,7 @@ pub fn routes() -> Vec<Route> {
         route("/metrics", &["get"], get(metrics)),
         route("/v1/ports/{name}/stats", &["get"], get(port_stats)),
         route("/v1/trace", &["post"], axum::routing::post(trace)),
+        route("/v1/monitor", &["get"], get(monitor)),
     ];
     for kind in Kind::ALL {
         let list = move |State(a): State<Arc<Agent>>| list_objects(a, kind);

@@ -351,6 +351,17 @@ fn privileged_api_contract() {
         409,
         "not on this host"
     );
+    // The monitor refuses what it cannot watch before it streams.
+    for (path, want) in [
+        ("/v1/monitor?filter=frobnicate", 400),
+        ("/v1/monitor?filter=port%2070000", 400),
+        ("/v1/monitor?drops=maybe", 400),
+        ("/v1/monitor?colour=red", 400),
+        ("/v1/monitor?port=nope", 404),
+        ("/v1/monitor?port=vm2", 409),
+    ] {
+        assert_eq!(code(&rt.block_on(c.get(path)).unwrap()).0, want, "{path}");
+    }
     let metrics = String::from_utf8(rt.block_on(c.get("/metrics")).unwrap().body).unwrap();
     for needle in [
         "cloison_applied_generation{",
@@ -363,6 +374,7 @@ fn privileged_api_contract() {
         "cloison_map_capacity{",
         "cloison_port_conntrack_share{",
         "cloison_apply_duration_seconds_count{",
+        "cloison_monitor_watchers{",
     ] {
         assert!(
             metrics.contains(needle),

@@ -92,6 +92,39 @@ enum Cmd {
         #[arg(long)]
         minimal: bool,
     },
+    /// A live stream of what the programs drop (and new flows they allow,
+    /// sampled): time, reason, port, tenant, the packet's addresses and
+    /// ports. Bounded by the agent's --monitor-rate; losses are shown.
+    Monitor {
+        /// One port's events only (a port of this agent's host).
+        #[arg(long)]
+        port: Option<String>,
+        /// Drops only (no new flows).
+        #[arg(long)]
+        drops: bool,
+        /// Only events matching EXPR: terms all true, among drop, flow,
+        /// tcp, udp, icmp, icmpv6, arp, host IP, src IP, dst IP, port N,
+        /// sport N, dport N, reason NAME, tenant NAME, vni N, hook NAME.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Stop after N events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// `s` as a URL query value.
+fn encode_query(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// The first frame of a classic pcap file of Ethernet frames.
@@ -270,6 +303,65 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         Cmd::Apply { file } => apply(&c, &file, json).await?,
+        Cmd::Monitor {
+            port,
+            drops,
+            filter,
+            count,
+        } => {
+            let mut q = Vec::new();
+            if let Some(p) = &port {
+                q.push(format!("port={}", encode_query(p)));
+            }
+            if drops {
+                q.push("drops=true".into());
+            }
+            if let Some(f) = &filter {
+                q.push(format!("filter={}", encode_query(f)));
+            }
+            let path = format!("/v1/monitor?{}", q.join("&"));
+            let mut seen = 0u64;
+            let mut bad = None;
+            let refused = c
+                .stream_lines(&path, |line| {
+                    if line.is_empty() {
+                        return true;
+                    }
+                    let v: Value = match serde_json::from_str(line) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            bad = Some(format!("the agent sent {line:?}: {e}"));
+                            return false;
+                        }
+                    };
+                    if json {
+                        println!("{line}");
+                    } else if v["kind"] == "lost" {
+                        println!(
+                            "-- {} events lost so far (over the rate, ring full, or this reader too slow)",
+                            v["lost"]
+                        );
+                    } else {
+                        match serde_json::from_value::<cloison_dataplane::monitor::Event>(v.clone()) {
+                            Ok(e) => println!("{}", cloison_dataplane::monitor::render(&e)),
+                            Err(_) => println!("{line}"),
+                        }
+                    }
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    if v["kind"] != "lost" {
+                        seen += 1;
+                    }
+                    count.is_none_or(|n| seen < n)
+                })
+                .await?;
+            if let Some(a) = refused {
+                ok(a)?;
+            }
+            if let Some(b) = bad {
+                bail!(b);
+            }
+        }
         Cmd::Trace {
             port,
             packet,

@@ -85,6 +85,13 @@ struct Args {
     /// How many frames a port may send at once above that rate.
     #[arg(long, default_value_t = cloison_dataplane::service::BURST)]
     gateway_burst: u64,
+    /// Events each CPU may stream a second to `cloisonctl monitor` while
+    /// someone watches (drops, new flows); past it they are counted lost.
+    #[arg(long, default_value_t = cloison_control::monitor::DEFAULT_SETTINGS.rate)]
+    monitor_rate: u32,
+    /// One new flow in N is streamed to the monitor (1: each, within the rate).
+    #[arg(long, default_value_t = cloison_control::monitor::DEFAULT_SETTINGS.sample)]
+    monitor_sample: u32,
     /// Remove everything this host's agent pinned (programs detach) and exit.
     #[arg(long)]
     purge: bool,
@@ -156,6 +163,13 @@ fn run(args: Args) -> Result<()> {
         other => bail!("--store {other}: expected embedded or etcd"),
     };
     let uplink = args.uplink.clone().context("--uplink is required")?;
+    if args.monitor_sample == 0 || args.monitor_rate > 1_000_000 {
+        bail!(
+            "--monitor-rate {} --monitor-sample {}: a rate of at most 1000000 events a second, a sample of at least 1",
+            args.monitor_rate,
+            args.monitor_sample
+        );
+    }
     if args.gateway_rate > 1_000_000 {
         bail!(
             "--gateway-rate {}: at most 1000000 frames a second (0: no limit)",
@@ -232,6 +246,10 @@ fn run(args: Args) -> Result<()> {
         Agent::new(args.name.clone(), store, args.pin_root.clone())?
     };
     agent.set_uplink(&uplink);
+    agent.monitor.configure(cloison_control::monitor::Settings {
+        rate: args.monitor_rate,
+        sample: args.monitor_sample,
+    });
     // The gateway services' tap: what the port programs steer to the agent.
     let tap = cloison_dataplane::service::ServiceTap::open(&args.name)
         .context("create the service tap (DHCP, router advertisements, metadata)")?;

@@ -381,6 +381,35 @@ fn privileged_api_contract() {
             "metrics lack {needle}:\n{metrics}"
         );
     }
+    // The dashboard in the repository plots only what the agent exports.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/grafana/cloison.json"
+        ))
+        .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut plotted = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("cloison_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                assert!(
+                    metrics.contains(&format!("{name}{{"))
+                        || metrics.contains(&format!("# TYPE {name} ")),
+                    "the dashboard's {:?} plots {name}, which /metrics does not have",
+                    panel["title"]
+                );
+                plotted += 1;
+            }
+        }
+    }
+    assert!(plotted >= 15, "{plotted} series plotted");
 
     // A port whose interface does not exist yet is pending, and attached
     // as soon as the interface appears (a link event, not a poll).

@@ -296,11 +296,11 @@ pub fn render(e: &Event) -> String {
         None => e.kind.clone(),
     };
     let port = match (&e.port, &e.tenant) {
-        (Some(p), Some(t)) => format!("port {p} ({t})"),
+        (Some(p), Some(t)) => format!("{p} ({t})"),
         _ => format!("ifindex {}", e.ifindex),
     };
     format!(
-        "{h:02}:{mi:02}:{s:02}.{ms:03} {what:<24} {} {port}: {} ({} bytes)",
+        "{h:02}:{mi:02}:{s:02}.{ms:03} {what:<24} {port} [{}]: {} ({} bytes)",
         e.hook, e.summary, e.len
     )
 }

@@ -580,6 +580,7 @@ fn security_groups(lab: &mut Lab, summary: &mut Summary) -> Result<()> {
         format!("{right}/{} verdicts as the rules say", checks.len()),
         right == checks.len(),
     );
+    diagnostics(lab, summary)?;
     let stream = lab::TcpStreamProbe::start(lab, "a2", "a1", 8081)?;
     let before = stream.progress(Duration::from_secs(1));
     lab.set_groups(&[("a2", "plain")]);
@@ -601,6 +602,80 @@ fn security_groups(lab: &mut Lab, summary: &mut Summary) -> Result<()> {
         ("a3", "a-default"),
     ]);
     lab.apply()
+}
+
+/// What an operator sees of a refused connection: the trace of a2's SYN to
+/// a1:9090 on both hosts (kernel beside model), and the drop streamed by
+/// hv1's monitor while a2 tries it for real.
+fn diagnostics(lab: &Lab, summary: &mut Summary) -> Result<()> {
+    step("diagnostics: cloisonctl trace of a2 -> a1:9090 on both hosts, then cloisonctl monitor on hv1 while a2 tries it");
+    let peer = format!("hv1={}", lab.agent_endpoint("hv1"));
+    let flow = "tcp 10.0.0.2:40000 > 10.0.0.1:9090 flags S";
+    let (ok, out, err) = lab.cloisonctl(
+        "hv2",
+        &["trace", "--port", "a2", flow, "--follow", "--peer", &peer],
+    )?;
+    println!("  $ cloisonctl trace --port a2 '{flow}' --follow --peer hv1=...");
+    for l in out.lines() {
+        println!("  | {l}");
+    }
+    if !ok {
+        println!("  trace failed: {err}");
+    }
+    let (_, minimal, _) = lab.cloisonctl(
+        "hv2",
+        &[
+            "trace",
+            "--port",
+            "a2",
+            flow,
+            "--follow",
+            "--peer",
+            &peer,
+            "--minimal",
+        ],
+    )?;
+    let traced = ok
+        && minimal.matches("agree\n").count() == 2
+        && minimal.contains("kernel drop:sg_ingress_denied");
+    let mut monitor = Command::new(lab::cloisonctl_path()?)
+        .args([
+            "--endpoint",
+            &lab.agent_endpoint("hv1"),
+            "monitor",
+            "--port",
+            "a1",
+            "--drops",
+        ])
+        .args(["--filter", "tcp dport 9090", "--count", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cloisonctl monitor")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let a1: std::net::IpAddr = lab.vm("a1").ip.into();
+    let _ = lab::tcp_echo_to(lab, "a2", "a1", a1, 9090, b"x", Duration::from_secs(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while monitor.try_wait()?.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = monitor.kill();
+    let out = monitor.wait_with_output()?;
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!(
+        "  $ cloisonctl monitor --port a1 --drops --filter 'tcp dport 9090' --count 1   (on hv1)"
+    );
+    for l in seen.lines() {
+        println!("  | {l}");
+    }
+    let monitored = seen.contains("drop sg_ingress_denied") && seen.contains("a1 (tenant-a)");
+    summary.add(
+        "trace and monitor",
+        format!(
+            "a2 -> a1:9090 traced on both hosts, kernel and model agree: {traced}; the real SYN's drop streamed by hv1's monitor with port and reason: {monitored}"
+        ),
+        traced && monitored,
+    );
+    Ok(())
 }
 
 /// Kills etcd's leader, then writes through hv2 until it is taken and in

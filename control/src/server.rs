@@ -413,23 +413,26 @@ fn local_ports(agent: &Agent, desired: &Desired) -> Vec<(Port, Network, u32)> {
         .collect()
 }
 
+/// The ifindex of port `name`'s interface on this host: 404 if there is
+/// no such port, 409 if it is not attached here.
+fn local_ifindex(a: &Agent, desired: &Desired, name: &str) -> Result<u32, ApiError> {
+    if desired.get(Kind::Port, name).is_none() {
+        return Err(Refusal::NotFound(format!("no port {name}")).into());
+    }
+    local_ports(a, desired)
+        .into_iter()
+        .find(|(p, _, _)| p.name == name)
+        .map(|(_, _, ifindex)| ifindex)
+        .ok_or_else(|| {
+            Refusal::Conflict(format!("port {name} is not attached on host {}", a.host)).into()
+        })
+}
+
 async fn port_stats(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
     let a = agent.clone();
     tokio::task::spawn_blocking(move || {
         let desired = a.desired();
-        if desired.get(Kind::Port, &name).is_none() {
-            return Err(Refusal::NotFound(format!("no port {name}")).into());
-        }
-        let Some((_, _, ifindex)) = local_ports(&a, &desired)
-            .into_iter()
-            .find(|(p, _, _)| p.name == name)
-        else {
-            return Err(Refusal::Conflict(format!(
-                "port {name} is not attached on host {}",
-                a.host
-            ))
-            .into());
-        };
+        let ifindex = local_ifindex(&a, &desired, &name)?;
         let stats = a.reader.stats()?;
         let p = stats.ports.get(&ifindex).copied().unwrap_or_default();
         let drops: BTreeMap<&str, u64> = stats
@@ -611,20 +614,7 @@ async fn monitor(State(agent): State<Arc<Agent>>, req: Request) -> ApiResult {
             let (name, a) = (name.clone(), a.clone());
             Some(
                 tokio::task::spawn_blocking(move || {
-                    let desired = a.desired();
-                    if desired.get(Kind::Port, &name).is_none() {
-                        return Err(Refusal::NotFound(format!("no port {name}")).into());
-                    }
-                    let Some((_, _, ifindex)) = local_ports(&a, &desired)
-                        .into_iter()
-                        .find(|(p, _, _)| p.name == name)
-                    else {
-                        return Err(Refusal::Conflict(format!(
-                            "port {name} is not on this host ({}): ask its host's agent",
-                            a.host
-                        ))
-                        .into());
-                    };
+                    let ifindex = local_ifindex(&a, &a.desired(), &name)?;
                     a.reader.with(|dp| {
                         let entries = dp.port_entries().map_err(ApiError::internal)?;
                         entries

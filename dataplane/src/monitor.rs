@@ -125,23 +125,7 @@ fn describe(frame: &[u8], ev: &mut Event, depth: u8) {
         Some(TransportSlice::Tcp(t)) => {
             ev.proto = Some("tcp".into());
             (ev.sport, ev.dport) = (Some(t.source_port()), Some(t.destination_port()));
-            let mut flags = String::new();
-            for (on, c) in [
-                (t.syn(), 'S'),
-                (t.ack(), 'A'),
-                (t.fin(), 'F'),
-                (t.rst(), 'R'),
-            ] {
-                if on {
-                    flags.push(c);
-                }
-            }
-            let _ = write!(
-                s,
-                ", TCP {} > {} [{flags}]",
-                t.source_port(),
-                t.destination_port()
-            );
+            s.push_str(&crate::trace::tcp_summary(t));
         }
         Some(TransportSlice::Udp(u)) => {
             if depth == 0 && u.destination_port() == VXLAN_PORT && u.payload().len() >= 8 {

@@ -555,6 +555,27 @@ fn mac(m: &[u8]) -> String {
         .join(":")
 }
 
+/// `, TCP 40000 > 22 [SA]`: ports and flags.
+pub(crate) fn tcp_summary(t: &etherparse::TcpSlice) -> String {
+    let mut flags = String::new();
+    for (on, c) in [
+        (t.syn(), 'S'),
+        (t.ack(), 'A'),
+        (t.fin(), 'F'),
+        (t.rst(), 'R'),
+        (t.psh(), 'P'),
+    ] {
+        if on {
+            flags.push(c);
+        }
+    }
+    format!(
+        ", TCP {} > {} [{flags}]",
+        t.source_port(),
+        t.destination_port()
+    )
+}
+
 /// One line saying what a frame is: Ethernet, IP, transport, and the frame
 /// inside it if it is VXLAN.
 pub fn summary(frame: &[u8]) -> String {
@@ -594,26 +615,7 @@ pub fn summary(frame: &[u8]) -> String {
         None => {}
     }
     match &p.transport {
-        Some(TransportSlice::Tcp(t)) => {
-            let mut flags = String::new();
-            for (on, c) in [
-                (t.syn(), 'S'),
-                (t.ack(), 'A'),
-                (t.fin(), 'F'),
-                (t.rst(), 'R'),
-                (t.psh(), 'P'),
-            ] {
-                if on {
-                    flags.push(c);
-                }
-            }
-            let _ = write!(
-                s,
-                ", TCP {} > {} [{flags}]",
-                t.source_port(),
-                t.destination_port()
-            );
-        }
+        Some(TransportSlice::Tcp(t)) => s.push_str(&tcp_summary(t)),
         Some(TransportSlice::Udp(u)) => {
             let _ = write!(s, ", UDP {} > {}", u.source_port(), u.destination_port());
             if u.destination_port() == VXLAN_PORT && u.payload().len() >= 8 {

@@ -484,6 +484,17 @@ fn kernel_stages(k: &KernelTrace, names: &Names, compiler: &Compiler) -> Vec<Sta
                     s.c
                 ),
             ),
+            T::NEXT_HOP if s.a == 1 => {
+                let (b, c) = (s.b.to_be_bytes(), s.c.to_be_bytes());
+                stage(
+                    "next hop",
+                    format!("{} (the underlay's FIB and neighbour table)", mac(&[b[0], b[1], b[2], b[3], c[2], c[3]])),
+                )
+            }
+            T::NEXT_HOP => stage(
+                "next hop",
+                "not resolved yet: the kernel resolves the VTEP's neighbour as it sends (bpf_redirect_neigh); the outer MACs below are filled then",
+            ),
             T::DELIVER => stage("deliver", format!("to the VM of {}", names.slot(s.a))),
             T::UPLINK => stage("decap", format!("to {} (zone {})", names.port(s.b), s.c)),
             T::DROP => stage(

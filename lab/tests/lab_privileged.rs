@@ -470,6 +470,7 @@ fn privileged_trace_follows_a_packet_across_hosts() {
         "anti-spoofing",
         "would insert as SYN_SENT",
         "vxlan            to VTEP",
+        "next hop         ",
         "VXLAN VNI",
         "decap            to a1",
         "allowed by web#0",

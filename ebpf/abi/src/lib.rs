@@ -363,6 +363,11 @@ pub mod trace {
     pub const UPLINK: u32 = 13;
     /// Encapsulated. a: the VTEP (network order), b: VNI, c: UDP source port.
     pub const ENCAP: u32 = 14;
+    /// The underlay's next hop of an encapsulated frame: a 1 if the FIB
+    /// knew its MAC (then b: its first four bytes, c: its last two), 0 if
+    /// the neighbour is not resolved yet (the kernel resolves it as it
+    /// sends: `bpf_redirect_neigh`).
+    pub const NEXT_HOP: u32 = 15;
 
     /// [`CONNTRACK`] results.
     pub const CT_HIT: u32 = 1;

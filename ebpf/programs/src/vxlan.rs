@@ -13,6 +13,7 @@ use cloison_abi::{DropReason, VXLAN_ENCAP_LEN, VXLAN_PORT};
 use crate::{
     hdr::*,
     maps::CL_CONFIG,
+    mode::note,
     packet::{next_hop, redirect_to, Refusals},
     parse::Parsed,
 };
@@ -92,6 +93,12 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
         why,
         &mut eth,
     )?;
+    note(
+        cloison_abi::trace::NEXT_HOP,
+        resolved as u32,
+        u32::from_be_bytes([eth[0], eth[1], eth[2], eth[3]]),
+        u32::from_be_bytes([0, 0, eth[4], eth[5]]),
+    );
 
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let inner: *mut [u8; 14] = c.at(0).ok_or(DropReason::TruncatedEthernet)?;

@@ -506,11 +506,15 @@ fn isolation(lab: &Lab, summary: &mut Summary) -> Result<()> {
     step("isolation: tenant b captures while tenant a talks");
     let cap = lab::Capture::start(&lab.vm("b2").ns)?;
     let marker = b"cloison-demo-tenant-a-secret";
-    let _ = lab::tcp_echo(lab, "a1", "a2", marker);
+    let echoed = lab::tcp_echo(lab, "a1", "a2", marker).is_ok();
+    // b1 pings b2 meanwhile: a capture that sees its own tenant's frames
+    // is one that would have seen a's.
+    let b2 = lab.vm("b2").ip.to_string();
+    let own = lab.ping("b1", &b2, 2);
     let frames = cap.finish()?;
     let leaked = frames.iter().filter(|f| lab::contains(f, marker)).count();
     println!(
-        "  b2 captured {} frames, {leaked} carrying tenant a's data",
+        "  b2 captured {} frames (b1's pings among them: {own}), {leaked} carrying tenant a's data (a1 -> a2 echoed: {echoed})",
         frames.len()
     );
     let crossed = lab.ping("b1", "10.0.0.9", 1);
@@ -525,11 +529,11 @@ fn isolation(lab: &Lab, summary: &mut Summary) -> Result<()> {
     summary.add(
         "isolation between tenants",
         format!(
-            "{leaked} of {} frames b2 captured carried a's data; b1 -> a's peer {}",
+            "{leaked} of {} frames b2 captured (b1's pings seen: {own}) carried a's data (a1 -> a2 echoed: {echoed}); b1 -> a's peer {}",
             frames.len(),
             if crossed { "REACHED" } else { "unreachable" }
         ),
-        leaked == 0 && !crossed,
+        leaked == 0 && !crossed && echoed && own && !frames.is_empty(),
     );
     Ok(())
 }

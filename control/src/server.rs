@@ -1047,6 +1047,22 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(
+            query_pairs("port=a%201&filter=tcp+and+dport%2022&drops&bad=%zz%4"),
+            [
+                ("port", "a 1"),
+                ("filter", "tcp and dport 22"),
+                ("drops", ""),
+                ("bad", "%zz%4"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert!(query_pairs("").is_empty());
+        assert_eq!(query_pairs("x=%C3%A9")[0].1, "é");
+    }
+
     fn agent(dir: &std::path::Path) -> Arc<Agent> {
         let store = crate::store::Redb::open(dir).expect("store");
         let pins = dir.join("no-pins-here");

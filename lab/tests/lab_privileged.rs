@@ -736,6 +736,26 @@ fn privileged_monitor_shows_drops_by_port_and_reason_and_counts_a_flood() {
     let m = lab.agent_metrics("hv1").unwrap();
     assert!(series(&m, r#"cloison_monitor_events_lost_total{host="hv1"}"#) >= watch.lost() as f64);
     assert_eq!(series(&m, r#"cloison_monitor_watchers{host="hv1"}"#), 2.0);
+    assert_ne!(lab.monitor_config("hv1").unwrap().flags, 0);
+
+    // The watchers gone (their next keep-alive line fails), the programs
+    // stream nothing again.
+    drop((watch, other));
+    let watchers = || {
+        series(
+            &lab.agent_metrics("hv1").unwrap(),
+            r#"cloison_monitor_watchers{host="hv1"}"#,
+        )
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while watchers() > 0.0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(watchers(), 0.0, "the watchers that left are forgotten");
+    assert_eq!(
+        lab.monitor_config("hv1").unwrap(),
+        cloison_abi::MonitorConfig::default()
+    );
 }
 
 fn lab_underlay(host: &str) -> std::net::Ipv4Addr {

@@ -605,6 +605,14 @@ impl Lab {
         })
     }
 
+    /// What `host`'s programs stream to the monitor now.
+    pub fn monitor_config(&self, host: &str) -> Result<cloison_abi::MonitorConfig> {
+        let (pin, root) = (self.pin_name(host), self.pin_root.clone());
+        in_netns(&self.ns(host), move || {
+            Ok(Dataplane::open_maps(&pin, &root)?.monitor()?)
+        })
+    }
+
     /// Conntrack entries on `host` now.
     pub fn conntrack_entries(&self, host: &str) -> Result<usize> {
         let (pin, root) = (self.pin_name(host), self.pin_root.clone());

@@ -106,9 +106,20 @@ pub fn trace(dp: &Dataplane, snap: &Snapshot, entry: Entry, frame: &[u8]) -> Res
     let checks = model.take_checks();
     let kv = kernel_verdict(entry, &kernel);
     let compiler = Compiler::new(snap);
+    let mut stages = kernel_stages(&kernel, &names, &compiler);
+    if let Entry::Port(ifindex) = entry {
+        if let (Some(st), Some(e)) = (
+            stages
+                .iter_mut()
+                .find(|s| s.stage == "anti-spoofing" && s.detail.starts_with("source")),
+            spoof_entry(&tables, ifindex, frame),
+        ) {
+            st.detail = format!("{}: {e}", st.detail);
+        }
+    }
     let kernel_side = Side {
         verdict: names.verdict(kv),
-        stages: kernel_stages(&kernel, &names, &compiler),
+        stages,
         rules: kernel_rules(&kernel, &names, &compiler),
         output: (kernel.run.verdict == verdict::TC_ACT_REDIRECT).then(|| hex(&kernel.run.frame)),
         output_summary: (kernel.run.verdict == verdict::TC_ACT_REDIRECT)
@@ -152,6 +163,37 @@ pub fn trace(dp: &Dataplane, snap: &Snapshot, entry: Entry, frame: &[u8]) -> Res
         agree: disagreement.is_none(),
         disagreement,
     })
+}
+
+/// The anti-spoofing entry that lets `frame`'s source address through on
+/// port `ifindex` (the longest prefix, as the kernel's LPM lookup finds it).
+fn spoof_entry(tables: &Tables, ifindex: u32, frame: &[u8]) -> Option<String> {
+    use etherparse::{NetSlice, SlicedPacket};
+    let p = SlicedPacket::from_ethernet(frame).ok()?;
+    let src: [u8; 16] = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => ip.header().source_addr().to_ipv6_mapped().octets(),
+        Some(NetSlice::Ipv6(ip)) => ip.header().source_addr().octets(),
+        _ => return None,
+    };
+    let covers = |addr: &[u8; 16], bits: u32| {
+        let full = (bits / 8) as usize;
+        let rest = bits % 8;
+        addr[..full] == src[..full] && (rest == 0 || (addr[full] ^ src[full]) >> (8 - rest) == 0)
+    };
+    let ((len, key), allow) = tables
+        .addr_allow
+        .iter()
+        .filter(|((len, k), _)| {
+            k.ifindex_be == ifindex.to_be_bytes() && *len >= 32 && covers(&k.addr, len - 32)
+        })
+        .max_by_key(|((len, _), _)| *len)?;
+    let bits = len - 32;
+    let addr = std::net::Ipv6Addr::from(key.addr);
+    let shown = match addr.to_ipv4_mapped() {
+        Some(v4) if bits >= 96 => format!("{v4}/{}", bits - 96),
+        _ => format!("{addr}/{bits}"),
+    };
+    Some(format!("entry {shown} from MAC {}", mac(&allow.mac)))
 }
 
 /// The verdict the kernel's trace shows: where the port program's next

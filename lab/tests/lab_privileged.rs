@@ -467,7 +467,7 @@ fn privileged_trace_follows_a_packet_across_hosts() {
     // The full form names the stages and the encapsulation.
     let out = trace("tcp 10.0.0.2:40001 > 10.0.0.1:8080 flags S", &[]);
     for needle in [
-        "anti-spoofing",
+        "anti-spoofing    source MAC and IP allowed on this port: entry 10.0.0.2/32 from MAC 02:",
         "would insert as SYN_SENT",
         "vxlan            to VTEP",
         "next hop         ",

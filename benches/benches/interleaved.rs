@@ -1,0 +1,183 @@
+//! 1 rule against 10,000 in one run, interleaved: two test beds side by
+//! side (each port's group holding 1 or 10,000 rules, the last matching),
+//! each in its own thread and namespace, asked in turn for a batch of new
+//! flows and of established packets, the order swapped every round. Each
+//! round gives a paired ratio (10,000 / 1) measured within the same second,
+//! so that the machine's drift between runs, which moves criterion's
+//! figures by up to 25%, cancels; the spread of the ratios is reported.
+//!
+//! `sudo cargo bench -p cloison-benches --bench interleaved` (prints a
+//! table and writes benches/results/interleaved.md).
+use std::{
+    sync::mpsc::{channel, Receiver, Sender},
+    time::Duration,
+};
+
+use cloison_benches::*;
+use cloison_dataplane::{loader::verdict::*, netdev, UplinkHook};
+use cloison_testkit::testbed::Testbed;
+
+const ROUNDS: usize = 15;
+const NEW_FLOWS: u32 = 2_000;
+const ESTABLISHED: u32 = 200_000;
+
+#[derive(Clone, Copy)]
+enum Ask {
+    NewFlows,
+    Established,
+}
+
+/// One test bed's worker: its thread stays in its namespace and answers
+/// each ask with the kernel's mean time per packet (ns).
+/// A bed's worker: asked through `asks`, answering on `answers`; its bed
+/// (namespace, pins) removed when `asks` closes and the thread is joined.
+struct Worker {
+    asks: Option<Sender<Ask>>,
+    answers: Receiver<f64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.asks.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn worker(rules: usize) -> Worker {
+    let (ask_tx, ask_rx) = channel::<Ask>();
+    let (ans_tx, ans_rx) = channel::<f64>();
+    let thread = std::thread::spawn(move || {
+        let snap = sg_snapshot(rules);
+        let tag = format!("clil{:x}{rules}", std::process::id() & 0xfff);
+        let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
+        let mut dp = bed.enter().expect("open");
+        dp.apply(
+            &snap.validated().expect("valid"),
+            "hv1",
+            cloison_testkit::testbed::UPLINK,
+            UplinkHook::Xdp,
+        )
+        .expect("apply");
+        let pa1 = netdev::ifindex("pa1").expect("pa1");
+        let syn = tcp(40000, TCP_SYN);
+        assert_eq!(
+            dp.test_run_port(pa1, &syn, 0).unwrap().verdict,
+            TC_ACT_REDIRECT
+        );
+        let ack = tcp(40000, TCP_ACK);
+        let mut sport = 0u16;
+        ans_tx.send(0.0).expect("ready");
+        for ask in ask_rx {
+            let ns = match ask {
+                Ask::Established => {
+                    let r = dp
+                        .test_run_port_repeat(pa1, &ack, ESTABLISHED)
+                        .expect("run");
+                    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+                    r.duration.as_nanos() as f64
+                }
+                Ask::NewFlows => {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..NEW_FLOWS {
+                        sport = sport.wrapping_add(1);
+                        if sport == 0 || sport == 40000 {
+                            dp.conntrack_flush().expect("flush"); // untimed
+                            sport = 1;
+                        }
+                        let r = dp.test_run_port(pa1, &tcp(sport, TCP_SYN), 0).expect("run");
+                        assert_eq!(r.verdict, TC_ACT_REDIRECT, "new flow allowed");
+                        total += r.duration;
+                    }
+                    total.as_nanos() as f64 / NEW_FLOWS as f64
+                }
+            };
+            if ans_tx.send(ns).is_err() {
+                break;
+            }
+        }
+        drop(dp);
+        drop(bed);
+    });
+    assert_eq!(ans_rx.recv().expect("the bed is up"), 0.0);
+    Worker {
+        asks: Some(ask_tx),
+        answers: ans_rx,
+        thread: Some(thread),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if !has_root("interleaved") || std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let (one, many) = (worker(1), worker(10_000));
+    let ask = |w: &Worker, a: Ask| {
+        w.asks.as_ref().expect("open").send(a).expect("ask");
+        w.answers.recv().expect("answer")
+    };
+    let mut rows = Vec::new();
+    for (name, a) in [
+        ("new flow", Ask::NewFlows),
+        ("established flow", Ask::Established),
+    ] {
+        // Warm both first.
+        ask(&one, a);
+        ask(&many, a);
+        let (mut t1, mut tn, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let (x, y) = if round % 2 == 0 {
+                let x = ask(&one, a);
+                (x, ask(&many, a))
+            } else {
+                let y = ask(&many, a);
+                (ask(&one, a), y)
+            };
+            t1.push(x);
+            tn.push(y);
+            ratios.push(y / x);
+        }
+        let mut r = ratios.clone();
+        let (lo, hi) = (
+            r.iter().copied().fold(f64::MAX, f64::min),
+            r.iter().copied().fold(0.0, f64::max),
+        );
+        let row = format!(
+            "| {name} | {:.0} ns | {:.0} ns | {:.2} | {lo:.2}-{hi:.2} |",
+            median(&mut t1),
+            median(&mut tn),
+            median(&mut r)
+        );
+        println!("{row}");
+        rows.push(row);
+    }
+    let when = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let md = format!(
+        "# 1 rule against 10,000, interleaved ({when})\n\n\
+         `cargo bench -p cloison-benches --bench interleaved`: two test beds side by side, \
+         port a1 to port a3 with port security, each port's group holding 1 or 10,000 rules \
+         (the last one matching); {ROUNDS} rounds, each asking both beds in turn (the order \
+         swapped every round) for {NEW_FLOWS} new flows (a SYN of a source port never seen: \
+         two rule lookups on each side, a conntrack insert) and {ESTABLISHED} packets of an \
+         established flow (the kernel's mean per packet, BPF_PROG_TEST_RUN). Medians of the \
+         rounds, and the median and range of each round's paired ratio.\n\n\
+         | case | 1 rule | 10,000 rules | 10,000 / 1 (median of rounds) | range of the rounds' ratios |\n\
+         |---|---|---|---|---|\n{}\n",
+        rows.join("\n")
+    );
+    drop((one, many)); // both beds removed
+    let out = concat!(env!("CARGO_MANIFEST_DIR"), "/results/interleaved.md");
+    std::fs::write(out, md).expect("write the results");
+    println!("written: benches/results/interleaved.md");
+}

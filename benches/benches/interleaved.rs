@@ -14,8 +14,7 @@ use std::{
 };
 
 use cloison_benches::*;
-use cloison_dataplane::{loader::verdict::*, netdev, UplinkHook};
-use cloison_testkit::testbed::Testbed;
+use cloison_dataplane::loader::verdict::*;
 
 const ROUNDS: usize = 15;
 const NEW_FLOWS: u32 = 2_000;
@@ -28,8 +27,7 @@ enum Ask {
 }
 
 /// One test bed's worker: its thread stays in its namespace and answers
-/// each ask with the kernel's mean time per packet (ns).
-/// A bed's worker: asked through `asks`, answering on `answers`; its bed
+/// each ask with the kernel's mean time per packet (ns); its bed
 /// (namespace, pins) removed when `asks` closes and the thread is joined.
 struct Worker {
     asks: Option<Sender<Ask>>,
@@ -52,16 +50,7 @@ fn worker(rules: usize) -> Worker {
     let thread = std::thread::spawn(move || {
         let snap = sg_snapshot(rules);
         let tag = format!("clil{:x}{rules}", std::process::id() & 0xfff);
-        let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
-        let mut dp = bed.enter().expect("open");
-        dp.apply(
-            &snap.validated().expect("valid"),
-            "hv1",
-            cloison_testkit::testbed::UPLINK,
-            UplinkHook::Xdp,
-        )
-        .expect("apply");
-        let pa1 = netdev::ifindex("pa1").expect("pa1");
+        let (bed, mut dp, pa1) = applied_bed(&tag, &snap);
         let syn = tcp(40000, TCP_SYN);
         assert_eq!(
             dp.test_run_port(pa1, &syn, 0).unwrap().verdict,
@@ -82,14 +71,7 @@ fn worker(rules: usize) -> Worker {
                 Ask::NewFlows => {
                     let mut total = Duration::ZERO;
                     for _ in 0..NEW_FLOWS {
-                        sport = sport.wrapping_add(1);
-                        if sport == 0 || sport == 40000 {
-                            dp.conntrack_flush().expect("flush"); // untimed
-                            sport = 1;
-                        }
-                        let r = dp.test_run_port(pa1, &tcp(sport, TCP_SYN), 0).expect("run");
-                        assert_eq!(r.verdict, TC_ACT_REDIRECT, "new flow allowed");
-                        total += r.duration;
+                        total += new_flow(&mut dp, pa1, &mut sport);
                     }
                     total.as_nanos() as f64 / NEW_FLOWS as f64
                 }

@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use cloison_benches::{kernel_time::*, *};
-use cloison_dataplane::{loader::verdict::*, netdev, Dataplane, UplinkHook};
-use cloison_testkit::testbed::Testbed;
+use cloison_dataplane::{loader::verdict::*, netdev, UplinkHook};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const IP_A1: [u8; 4] = [10, 0, 0, 1];
@@ -20,20 +19,10 @@ fn paths(c: &mut Criterion) {
         return;
     }
     let snap = paths_snapshot();
-    let tag = format!("clpb{:x}", std::process::id() & 0xffff);
-    let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
-    let mut dp: Dataplane = bed.enter().expect("open");
-    dp.apply(
-        &snap.validated().expect("valid"),
-        "hv1",
-        cloison_testkit::testbed::UPLINK,
-        UplinkHook::Xdp,
-    )
-    .expect("apply");
+    let (_bed, mut dp, pa1) = applied_bed(&format!("clpb{:x}", std::process::id() & 0xffff), &snap);
     dp.attach_external(cloison_testkit::testbed::UPLINK)
         .expect("the uplink as the external interface");
     let dp = dp;
-    let pa1 = netdev::ifindex("pa1").expect("pa1");
     let up0 = netdev::ifindex("up0").expect("up0");
 
     let local = udp((A1, IP_A1), (A3, IP_A3), 40000, 64);

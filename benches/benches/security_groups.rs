@@ -24,18 +24,7 @@ fn host(rules: usize, port_security: bool) -> (Testbed, Dataplane, u32) {
             p.security_groups.clear();
         }
     }
-    let tag = format!("clbn{:x}", std::process::id() & 0xffff);
-    let bed = Testbed::new(&tag, &snap, "hv1").expect("test bed (needs root)");
-    let mut dp = bed.enter().expect("open");
-    dp.apply(
-        &snap.validated().expect("valid"),
-        "hv1",
-        cloison_testkit::testbed::UPLINK,
-        UplinkHook::Xdp,
-    )
-    .expect("apply");
-    let pa1 = netdev::ifindex("pa1").expect("pa1");
-    (bed, dp, pa1)
+    applied_bed(&format!("clbn{:x}", std::process::id() & 0xffff), &snap)
 }
 
 fn security_groups(c: &mut Criterion) {
@@ -93,15 +82,7 @@ fn security_groups(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    sport = sport.wrapping_add(1);
-                    if sport == 0 || sport == 40000 {
-                        // Untimed: every source port has been used.
-                        dp.conntrack_flush().expect("flush");
-                        sport = 1;
-                    }
-                    let r = dp.test_run_port(pa1, &tcp(sport, TCP_SYN), 0).expect("run");
-                    assert_eq!(r.verdict, TC_ACT_REDIRECT, "new flow allowed");
-                    total += r.duration;
+                    total += new_flow(&mut dp, pa1, &mut sport);
                 }
                 total
             })

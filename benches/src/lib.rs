@@ -1,6 +1,11 @@
 //! What the benches share: the hosts, rule sets and frames they measure.
-use cloison_dataplane::{snapshot::MacAddr, Host, Network, Port, Rule, SecurityGroup, Snapshot};
-use cloison_testkit::wire::build;
+use std::time::Duration;
+
+use cloison_dataplane::{
+    loader::verdict::TC_ACT_REDIRECT, netdev, snapshot::MacAddr, Dataplane, Host, Network, Port,
+    Rule, SecurityGroup, Snapshot, UplinkHook,
+};
+use cloison_testkit::{testbed::Testbed, wire::build};
 
 /// Criterion timings from the kernel's own clock (BPF_PROG_TEST_RUN's
 /// duration), not the system call around it.
@@ -41,6 +46,38 @@ pub fn has_root(bench: &str) -> bool {
         eprintln!("{bench} bench: skipped, BPF_PROG_TEST_RUN and map writes need root");
     }
     root
+}
+
+/// A test bed `tag` with `snap`'s host hv1, entered on this thread and
+/// applied (XDP on the uplink); and port a1's ifindex.
+pub fn applied_bed(tag: &str, snap: &Snapshot) -> (Testbed, Dataplane, u32) {
+    let bed = Testbed::new(tag, snap, "hv1").expect("test bed (needs root)");
+    let mut dp = bed.enter().expect("open");
+    dp.apply(
+        &snap.validated().expect("valid"),
+        "hv1",
+        cloison_testkit::testbed::UPLINK,
+        UplinkHook::Xdp,
+    )
+    .expect("apply");
+    let pa1 = netdev::ifindex("pa1").expect("pa1");
+    (bed, dp, pa1)
+}
+
+/// One new flow from a1 to a3:80 (a SYN from the source port after
+/// `sport`; conntrack flushed, untimed, once they are all used): the
+/// kernel's time for it.
+pub fn new_flow(dp: &mut Dataplane, pa1: u32, sport: &mut u16) -> Duration {
+    *sport = sport.wrapping_add(1);
+    if *sport == 0 || *sport == 40000 {
+        dp.conntrack_flush().expect("flush");
+        *sport = 1;
+    }
+    let r = dp
+        .test_run_port(pa1, &tcp(*sport, TCP_SYN), 0)
+        .expect("run");
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "new flow allowed");
+    r.duration
 }
 
 pub const A1: [u8; 6] = [2, 0, 0, 0, 0, 1];

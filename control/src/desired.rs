@@ -388,6 +388,32 @@ impl Desired {
             .map(|r| &**r)
     }
 
+    /// Host `host`'s ports whose interface exists here: (port, its network,
+    /// the interface's ifindex).
+    pub fn local_ports(&self, host: &str) -> Vec<(Port, Network, u32)> {
+        let nets: BTreeMap<&str, &Network> = self
+            .list(Kind::Network)
+            .filter_map(|r| match &r.object {
+                Object::Network(n) => Some((n.name.as_str(), n)),
+                _ => None,
+            })
+            .collect();
+        self.list(Kind::Port)
+            .filter_map(|r| match &r.object {
+                Object::Port(p) if p.host == host => Some(p),
+                _ => None,
+            })
+            .filter_map(|p| {
+                let net = nets.get(p.network.as_str())?;
+                Some((
+                    p.clone(),
+                    (*net).clone(),
+                    cloison_dataplane::netdev::ifindex(&p.interface)?,
+                ))
+            })
+            .collect()
+    }
+
     /// The state with `kind`/`name` set to `object` (or removed, `None`) as
     /// written at the next generation, if the validator accepts it.
     pub fn with(&self, kind: Kind, name: &str, object: Option<Object>) -> Result<Desired, Refusal> {

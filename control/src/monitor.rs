@@ -12,11 +12,11 @@ use std::{
 use cloison_abi::{monitor as m, MonitorConfig};
 use cloison_dataplane::{
     monitor::{boot_ns, decode, Event, Names},
-    netdev, Dataplane,
+    Dataplane,
 };
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
-use crate::desired::{Desired, Kind, Object};
+use crate::desired::Desired;
 
 /// The agent's settings of the programs' event stream.
 #[derive(Clone, Copy, Debug)]
@@ -205,24 +205,11 @@ fn slot_of(raw: &[u8]) -> Option<u32> {
 
 /// This host's ports by slot: (port name, tenant).
 pub fn port_names(dp: &WithDataplane, desired: &Desired, host: &str) -> Names {
-    let mut by_ifindex = BTreeMap::new();
-    let nets: BTreeMap<&str, &str> = desired
-        .list(Kind::Network)
-        .filter_map(|r| match &r.object {
-            Object::Network(n) => Some((n.name.as_str(), n.tenant.as_str())),
-            _ => None,
-        })
+    let by_ifindex: BTreeMap<u32, (String, String)> = desired
+        .local_ports(host)
+        .into_iter()
+        .map(|(p, n, i)| (i, (p.name, n.tenant)))
         .collect();
-    for r in desired.list(Kind::Port) {
-        if let Object::Port(p) = &r.object {
-            if p.host == host {
-                if let Some(i) = netdev::ifindex(&p.interface) {
-                    let tenant = nets.get(p.network.as_str()).copied().unwrap_or("");
-                    by_ifindex.insert(i, (p.name.clone(), tenant.to_string()));
-                }
-            }
-        }
-    }
     let mut out = Names::new();
     let _ = dp(&mut |d| {
         if let Ok(entries) = d.port_entries() {

@@ -391,35 +391,14 @@ async fn fleet(State(agent): State<Arc<Agent>>) -> ApiResult {
     }
 }
 
-/// This host's ports with an interface: (port, network, ifindex).
-fn local_ports(agent: &Agent, desired: &Desired) -> Vec<(Port, Network, u32)> {
-    let nets: BTreeMap<&str, &Network> = desired
-        .list(Kind::Network)
-        .filter_map(|r| match &r.object {
-            Object::Network(n) => Some((n.name.as_str(), n)),
-            _ => None,
-        })
-        .collect();
-    desired
-        .list(Kind::Port)
-        .filter_map(|r| match &r.object {
-            Object::Port(p) if p.host == agent.host => Some(p),
-            _ => None,
-        })
-        .filter_map(|p| {
-            let net = nets.get(p.network.as_str())?;
-            Some((p.clone(), (*net).clone(), netdev::ifindex(&p.interface)?))
-        })
-        .collect()
-}
-
 /// The ifindex of port `name`'s interface on this host: 404 if there is
 /// no such port, 409 if it is not attached here.
 fn local_ifindex(a: &Agent, desired: &Desired, name: &str) -> Result<u32, ApiError> {
     if desired.get(Kind::Port, name).is_none() {
         return Err(Refusal::NotFound(format!("no port {name}")).into());
     }
-    local_ports(a, desired)
+    desired
+        .local_ports(&a.host)
         .into_iter()
         .find(|(p, _, _)| p.name == name)
         .map(|(_, _, ifindex)| ifindex)
@@ -826,7 +805,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
             for (m, _, c) in &fill {
                 let _ = writeln!(out, "cloison_map_capacity{{host=\"{host}\",map=\"{m}\"}} {c}");
             }
-            let local = local_ports(&a, &desired);
+            let local = desired.local_ports(&a.host);
             let by_ifindex: BTreeMap<u32, (&Port, &Network)> =
                 local.iter().map(|(p, n, i)| (*i, (p, n))).collect();
             let _ = writeln!(out, "# TYPE cloison_port_conntrack_entries gauge");
@@ -861,7 +840,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
             ("cloison_port_to_vm_bytes_total", 3),
             ("cloison_port_drops_total", 4),
         ];
-        let ports = local_ports(&a, &desired);
+        let ports = desired.local_ports(&a.host);
         for (metric, i) in series {
             let _ = writeln!(out, "# TYPE {metric} counter");
             for (p, net, ifindex) in &ports {

@@ -5,7 +5,7 @@
 //! nothing. On, each CPU sends at most `rate` events a second; the others
 //! are counted lost, as are those the full ring refuses.
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
-use cloison_abi::{monitor::*, DropReason, MonitorEvent};
+use cloison_abi::{monitor::*, DropReason, MonitorConfig, MonitorEvent};
 
 use crate::{
     maps::{CL_EVENTS, CL_MONITOR, CL_MON_RATE},
@@ -16,18 +16,23 @@ use crate::{
 const SECOND_NS: u64 = 1_000_000_000;
 const _: () = assert!(CAPTURE.is_power_of_two());
 
+/// The monitor's settings if it wants `flag` events of port `slot` (never
+/// in the trace build).
+#[inline(always)]
+fn wanted(flag: u32, slot: u32) -> Option<&'static MonitorConfig> {
+    if TRACE {
+        return None;
+    }
+    let cfg = CL_MONITOR.get(0)?;
+    (cfg.flags & flag != 0 && (cfg.slot == ANY_SLOT || cfg.slot == slot)).then_some(cfg)
+}
+
 /// A packet dropped for `reason`, charged to port `slot`.
 #[inline(always)]
 pub fn dropped<P: Packet>(pkt: &P, hook: u8, reason: DropReason, slot: u32) {
-    if TRACE {
-        return;
-    }
-    let Some(cfg) = CL_MONITOR.get(0) else {
+    let Some(cfg) = wanted(F_DROPS, slot) else {
         return;
     };
-    if cfg.flags & F_DROPS == 0 || (cfg.slot != ANY_SLOT && cfg.slot != slot) {
-        return;
-    }
     let meta = KIND_DROP as u32 | (hook as u32) << 8 | (reason as u32 & 0xff) << 16;
     send(pkt, meta, slot, cfg.rate);
 }
@@ -36,15 +41,9 @@ pub fn dropped<P: Packet>(pkt: &P, hook: u8, reason: DropReason, slot: u32) {
 /// port `slot`: one in `sample` is sent.
 #[inline(always)]
 pub fn new_flow<P: Packet>(pkt: &P, hook: u8, slot: u32) {
-    if TRACE {
-        return;
-    }
-    let Some(cfg) = CL_MONITOR.get(0) else {
+    let Some(cfg) = wanted(F_FLOWS, slot) else {
         return;
     };
-    if cfg.flags & F_FLOWS == 0 || (cfg.slot != ANY_SLOT && cfg.slot != slot) {
-        return;
-    }
     if cfg.sample > 1 && unsafe { bpf_get_prandom_u32() }.checked_rem(cfg.sample) != Some(0) {
         return;
     }

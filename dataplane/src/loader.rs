@@ -709,8 +709,8 @@ impl Dataplane {
                 port_fips: read_hash::<maps::PortFloatingIps>(e)?,
                 external_ip: external_ref(e)?.get(&0, 0).map_or([0; 4], |x| x.ip),
                 sg: crate::policy::SgTables {
-                    addrs: read_lpm::<maps::SgAddrs>(e)?,
-                    rules: read_lpm::<maps::SgRules>(e)?,
+                    addrs: read_split::<SgAddrsSplit>(e)?,
+                    rules: read_split::<SgRulesSplit>(e)?,
                 },
             },
             port_links,
@@ -763,8 +763,8 @@ impl Dataplane {
                     .map_err(|err| Error::kernel("write config")(err.into()))?;
             }
             Step::Write(t) => match t {
-                Table::SgAddrs => write_lpm::<maps::SgAddrs>(e, &d.sg_addrs.changed)?,
-                Table::SgRules => write_lpm::<maps::SgRules>(e, &d.sg_rules.changed)?,
+                Table::SgAddrs => write_split::<SgAddrsSplit>(e, &d.sg_addrs.changed)?,
+                Table::SgRules => write_split::<SgRulesSplit>(e, &d.sg_rules.changed)?,
                 Table::Networks => write_hash::<maps::Networks>(e, &d.networks.changed)?,
                 Table::Vteps => write_hash::<maps::Vteps>(e, &d.vteps.changed)?,
                 Table::Neighbours => write_hash::<maps::Neighbours>(e, &d.neighbours.changed)?,
@@ -782,8 +782,8 @@ impl Dataplane {
                 Table::Ports => write_hash::<maps::Ports>(e, &d.ports.changed)?,
             },
             Step::Delete(t) => match t {
-                Table::SgAddrs => delete_lpm::<maps::SgAddrs>(e, &d.sg_addrs.stale)?,
-                Table::SgRules => delete_lpm::<maps::SgRules>(e, &d.sg_rules.stale)?,
+                Table::SgAddrs => delete_split::<SgAddrsSplit>(e, &d.sg_addrs.stale)?,
+                Table::SgRules => delete_split::<SgRulesSplit>(e, &d.sg_rules.stale)?,
                 Table::Networks => delete_hash::<maps::Networks>(e, &d.networks.stale)?,
                 Table::Vteps => delete_hash::<maps::Vteps>(e, &d.vteps.stale)?,
                 Table::Neighbours => delete_hash::<maps::Neighbours>(e, &d.neighbours.stale)?,
@@ -1550,4 +1550,89 @@ where
             .map_err(|e| Error::kernel(format!("delete from {}", M::NAME))(e.into()))?;
     }
     Ok(())
+}
+
+/// A table of prefixes kept in two maps: its entries that are whole keys
+/// (abi's `sg_exact_addr`, `sg_exact_rule`) in a hash the programs look in
+/// first, the others in an LPM trie. The plan sees one table of (prefix
+/// bits, key) entries; only these functions know where each one lives.
+trait SplitTable {
+    type Trie: MapDef<Key = Self::Key, Value = Self::Value>;
+    type Exact: MapDef<Key = Self::Key, Value = Self::Value>;
+    type Key: Pod + Ord;
+    type Value: Pod;
+    /// The prefix bits of a whole key.
+    fn whole(key: &Self::Key) -> u32;
+}
+
+struct SgAddrsSplit;
+impl SplitTable for SgAddrsSplit {
+    type Trie = maps::SgAddrs;
+    type Exact = maps::SgHosts;
+    type Key = SgAddrKey;
+    type Value = u32;
+    fn whole(key: &SgAddrKey) -> u32 {
+        if key.family == SG_FAMILY_V4 {
+            SG_ADDR_FIXED_BITS + 32
+        } else {
+            SG_ADDR_FIXED_BITS + 128
+        }
+    }
+}
+
+struct SgRulesSplit;
+impl SplitTable for SgRulesSplit {
+    type Trie = maps::SgRules;
+    type Exact = maps::SgPorts;
+    type Key = SgRuleKey;
+    type Value = u32;
+    fn whole(_: &SgRuleKey) -> u32 {
+        SG_RULE_FIXED_BITS + 24
+    }
+}
+
+/// Both maps as one table. A whole key found in the trie (written there by
+/// a version from before the split) reads the same: the programs still
+/// find it, by longest prefix.
+fn read_split<S: SplitTable>(ebpf: &Ebpf) -> Result<Lpm<S::Key, S::Value>, Error> {
+    let mut out = read_lpm::<S::Trie>(ebpf)?;
+    for (k, v) in read_hash::<S::Exact>(ebpf)? {
+        out.insert((S::whole(&k), k), v);
+    }
+    Ok(out)
+}
+
+fn write_split<S: SplitTable>(
+    ebpf: &mut Ebpf,
+    entries: &[LpmEntry<S::Key, S::Value>],
+) -> Result<(), Error> {
+    let (exact, prefixes): (Vec<_>, Vec<_>) = entries
+        .iter()
+        .partition(|((bits, k), _)| *bits == S::whole(k));
+    let exact: Vec<(S::Key, S::Value)> = exact.into_iter().map(|&((_, k), v)| (k, v)).collect();
+    let prefixes: Vec<LpmEntry<S::Key, S::Value>> = prefixes.into_iter().copied().collect();
+    let hash = write_hash::<S::Exact>(ebpf, &exact);
+    write_lpm::<S::Trie>(ebpf, &prefixes)?;
+    hash
+}
+
+fn delete_split<S: SplitTable>(ebpf: &mut Ebpf, keys: &[(u32, S::Key)]) -> Result<(), Error> {
+    let (exact, prefixes): (Vec<_>, Vec<_>) =
+        keys.iter().partition(|(bits, k)| *bits == S::whole(k));
+    let exact: Vec<S::Key> = exact.into_iter().map(|&(_, k)| k).collect();
+    let prefixes: Vec<(u32, S::Key)> = prefixes.into_iter().copied().collect();
+    if delete_hash::<S::Exact>(ebpf, &exact).is_err() {
+        // One is not in the hash (a batch stops at it): an entry from before
+        // the split, in the trie. One by one, from wherever each one is.
+        let mut hash: aya::maps::HashMap<&mut MapData, S::Key, S::Value> =
+            map_mut(ebpf, <S::Exact as MapDef>::NAME)?;
+        let mut in_trie = Vec::new();
+        for k in &exact {
+            if hash.remove(k).is_err() {
+                in_trie.push((S::whole(k), *k));
+            }
+        }
+        delete_lpm::<S::Trie>(ebpf, &in_trie)?;
+    }
+    delete_lpm::<S::Trie>(ebpf, &prefixes)
 }

@@ -1,6 +1,8 @@
 //! Compiles security groups into the two lookup tables of the BPF policy
-//! stage, so a new flow costs two longest-prefix matches whatever the number
-//! of rules:
+//! stage, so a new flow costs two lookups per end whatever the number of
+//! rules (each table's whole keys, a /32 or /128 remote and a single port,
+//! sit in a hash looked up first, the other prefixes in an LPM trie: see
+//! abi's `sg_exact_addr`; the loader puts each entry where it belongs):
 //!
 //! 1. `CL_SG_ADDRS`: (policy, direction, family, remote address) → class.
 //!    Every remote prefix any rule names is a key; its class is the set of

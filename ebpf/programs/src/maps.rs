@@ -49,6 +49,16 @@ pub static CL_SG_ADDRS: LpmTrie<SgAddrKey, u32> = LpmTrie::pinned(MAX_SG_ADDRS, 
 #[map]
 pub static CL_SG_RULES: LpmTrie<SgRuleKey, u32> = LpmTrie::pinned(MAX_SG_RULES, 0);
 
+/// Entries allocated as written (like the tries): a million-entry table
+/// preallocated would hold a hundred megabytes whatever the rules.
+#[map]
+pub static CL_SG_HOSTS: HashMap<SgAddrKey, u32> =
+    HashMap::pinned(MAX_SG_ADDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+pub static CL_SG_PORTS: HashMap<SgRuleKey, u32> =
+    HashMap::pinned(MAX_SG_RULES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
 #[map]
 pub static CL_CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 

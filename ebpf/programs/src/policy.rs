@@ -1,7 +1,8 @@
 //! Security groups: whether the rules of a flow's secured ends allow it
 //! (the sending port's egress rules, the receiving port's ingress rules, for
-//! the ends that are local ports with port security). Two longest-prefix
-//! matches per end, whatever the number of rules (see
+//! the ends that are local ports with port security). Two lookups per end
+//! (each a hash of whole keys, then a longest-prefix match), whatever the
+//! number of rules (see
 //! dataplane/src/policy.rs for how rules become those tables). Conntrack
 //! remembers what was allowed; the pipeline asks here for new flows, and
 //! again for established ones when the rules changed (`policy_epoch`).
@@ -10,7 +11,7 @@ use cloison_abi::*;
 
 use crate::{
     hdr::*,
-    maps::{CL_SG_ADDRS, CL_SG_RULES},
+    maps::{CL_SG_ADDRS, CL_SG_HOSTS, CL_SG_PORTS, CL_SG_RULES},
     mode::note,
     parse::{Parsed, L3},
 };
@@ -73,8 +74,9 @@ fn rules_allow_call(p: &Parsed, s: *const PortInfo, r: *const PortInfo, reply: u
     0
 }
 
-/// Two lookups: the remote address's class, then (class, protocol, port).
-/// 1 if allowed.
+/// Two lookups: the remote address's class, then (class, protocol, port),
+/// each by exact key in a hash first and by longest prefix in a trie when
+/// that misses (abi's `sg_exact_addr`). 1 if allowed.
 #[inline(never)]
 fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32) -> u32 {
     let (v4, proto, direction, port) = (p.l3 == L3::Ipv4, p.proto, direction as u8, port as u16);
@@ -101,7 +103,8 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
             addr,
         },
     );
-    let class = match CL_SG_ADDRS.get(&key) {
+    // The whole address first, by exact key; then the trie of prefixes.
+    let class = match unsafe { CL_SG_HOSTS.get(&key.data) }.or_else(|| CL_SG_ADDRS.get(&key)) {
         Some(c) => *c,
         None => {
             let policy = u32::from_be_bytes(policy);
@@ -120,7 +123,8 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
             port: port.to_be_bytes(),
         },
     );
-    let allowed = CL_SG_RULES.get(&key).is_some() as u32;
+    let allowed =
+        (unsafe { CL_SG_PORTS.get(&key.data) }.is_some() || CL_SG_RULES.get(&key).is_some()) as u32;
     note(
         trace::POLICY,
         u32::from_be_bytes(policy),

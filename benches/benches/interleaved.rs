@@ -1,13 +1,18 @@
-//! 1 rule against 10,000 in one run, interleaved: two test beds side by
-//! side (each port's group holding 1 or 10,000 rules, the last matching),
-//! each in its own thread and namespace, asked in turn for a batch of new
-//! flows and of established packets, the order swapped every round. Each
-//! round gives a paired ratio (10,000 / 1) measured within the same second,
-//! so that the machine's drift between runs, which moves criterion's
-//! figures by up to 25%, cancels; the spread of the ratios is reported.
+//! 1 rule against 10,000 in one run, interleaved: pairs of test beds side
+//! by side (each port's groups holding 1 or 10,000 rules, the last one
+//! allowing the measured flow), each in its own thread and namespace, asked
+//! in turn for a batch of new flows and of established packets, the order
+//! swapped every round. Each round gives a paired ratio (10,000 / 1)
+//! measured within the same second, so that the machine's drift between
+//! runs, which moves criterion's figures by up to 25%, cancels; the spread
+//! of the ratios is reported. Two pairs: the flow allowed by whole keys
+//! (a single port, a remote group's member: hash lookups) and by a port
+//! range and a /24 only (longest-prefix matches in tries that hold the
+//! other rules too).
 //!
 //! `sudo cargo bench -p cloison-benches --bench interleaved` (prints a
-//! table and writes benches/results/interleaved.md).
+//! table and writes benches/results/interleaved.md); `cargo test --benches`
+//! runs one short round and writes nothing.
 use std::{
     sync::mpsc::{channel, Receiver, Sender},
     time::Duration,
@@ -16,9 +21,23 @@ use std::{
 use cloison_benches::*;
 use cloison_dataplane::loader::verdict::*;
 
-const ROUNDS: usize = 15;
-const NEW_FLOWS: u32 = 2_000;
-const ESTABLISHED: u32 = 200_000;
+/// Rounds, new flows and established packets per ask: `cargo bench`'s
+/// run, or `cargo test --benches`'s smoke run (one short round, no file).
+struct Sizes {
+    rounds: usize,
+    new_flows: u32,
+    established: u32,
+}
+const BENCH: Sizes = Sizes {
+    rounds: 15,
+    new_flows: 2_000,
+    established: 200_000,
+};
+const SMOKE: Sizes = Sizes {
+    rounds: 1,
+    new_flows: 20,
+    established: 1_000,
+};
 
 #[derive(Clone, Copy)]
 enum Ask {
@@ -44,12 +63,17 @@ impl Drop for Worker {
     }
 }
 
-fn worker(rules: usize) -> Worker {
+fn worker(rules: usize, matching: Matching, sizes: &'static Sizes) -> Worker {
     let (ask_tx, ask_rx) = channel::<Ask>();
     let (ans_tx, ans_rx) = channel::<f64>();
     let thread = std::thread::spawn(move || {
-        let snap = sg_snapshot(rules);
-        let tag = format!("clil{:x}{rules}", std::process::id() & 0xfff);
+        let snap = sg_snapshot_matching(rules, matching);
+        let m = if matching == Matching::Whole {
+            'w'
+        } else {
+            'p'
+        };
+        let tag = format!("clil{:x}{rules}{m}", std::process::id() & 0xfff);
         let (bed, mut dp, pa1) = applied_bed(&tag, &snap);
         let syn = tcp(40000, TCP_SYN);
         assert_eq!(
@@ -63,17 +87,17 @@ fn worker(rules: usize) -> Worker {
             let ns = match ask {
                 Ask::Established => {
                     let r = dp
-                        .test_run_port_repeat(pa1, &ack, ESTABLISHED)
+                        .test_run_port_repeat(pa1, &ack, sizes.established)
                         .expect("run");
                     assert_eq!(r.verdict, TC_ACT_REDIRECT);
                     r.duration.as_nanos() as f64
                 }
                 Ask::NewFlows => {
                     let mut total = Duration::ZERO;
-                    for _ in 0..NEW_FLOWS {
+                    for _ in 0..sizes.new_flows {
                         total += new_flow(&mut dp, pa1, &mut sport);
                     }
-                    total.as_nanos() as f64 / NEW_FLOWS as f64
+                    total.as_nanos() as f64 / sizes.new_flows as f64
                 }
             };
             if ans_tx.send(ns).is_err() {
@@ -100,27 +124,39 @@ fn main() {
     if !has_root("interleaved") || std::env::args().any(|a| a == "--list") {
         return;
     }
-    let (one, many) = (worker(1), worker(10_000));
+    let bench = std::env::args().any(|a| a == "--bench");
+    let sizes = if bench { &BENCH } else { &SMOKE };
+    let beds = |m| (worker(1, m, sizes), worker(10_000, m, sizes));
+    let (whole, prefix) = (beds(Matching::Whole), beds(Matching::Prefix));
     let ask = |w: &Worker, a: Ask| {
         w.asks.as_ref().expect("open").send(a).expect("ask");
         w.answers.recv().expect("answer")
     };
     let mut rows = Vec::new();
-    for (name, a) in [
-        ("new flow", Ask::NewFlows),
-        ("established flow", Ask::Established),
+    for (name, (one, many), a) in [
+        (
+            "new flow, allowed by whole keys (one port, a remote group's member)",
+            &whole,
+            Ask::NewFlows,
+        ),
+        (
+            "new flow, allowed by a port range and a /24 only",
+            &prefix,
+            Ask::NewFlows,
+        ),
+        ("established flow", &whole, Ask::Established),
     ] {
         // Warm both first.
-        ask(&one, a);
-        ask(&many, a);
+        ask(one, a);
+        ask(many, a);
         let (mut t1, mut tn, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..ROUNDS {
+        for round in 0..sizes.rounds {
             let (x, y) = if round % 2 == 0 {
-                let x = ask(&one, a);
-                (x, ask(&many, a))
+                let x = ask(one, a);
+                (x, ask(many, a))
             } else {
-                let y = ask(&many, a);
-                (ask(&one, a), y)
+                let y = ask(many, a);
+                (ask(one, a), y)
             };
             t1.push(x);
             tn.push(y);
@@ -140,25 +176,35 @@ fn main() {
         println!("{row}");
         rows.push(row);
     }
+    drop((whole, prefix)); // every bed removed
+    if !bench {
+        println!("smoke run: one short round, benches/results/interleaved.md left as it was");
+        return;
+    }
     let when = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let Sizes {
+        rounds,
+        new_flows,
+        established,
+    } = BENCH;
     let md = format!(
         "# 1 rule against 10,000, interleaved ({when})\n\n\
-         `cargo bench -p cloison-benches --bench interleaved`: two test beds side by side, \
-         port a1 to port a3 with port security, each port's group holding 1 or 10,000 rules \
-         (the last one matching); {ROUNDS} rounds, each asking both beds in turn (the order \
-         swapped every round) for {NEW_FLOWS} new flows (a SYN of a source port never seen: \
-         two rule lookups on each side, a conntrack insert) and {ESTABLISHED} packets of an \
+         `cargo bench -p cloison-benches --bench interleaved`: test beds side by side, \
+         port a1 to port a3 with port security, each port's groups holding 1 or 10,000 rules \
+         (the last one allowing the measured flow; the others each a /32 remote and a \
+         two-port range); {rounds} rounds, each asking a pair of beds in turn (the order \
+         swapped every round) for {new_flows} new flows (a SYN of a source port never seen: \
+         two rule lookups on each side, a conntrack insert) and {established} packets of an \
          established flow (the kernel's mean per packet, BPF_PROG_TEST_RUN). Medians of the \
          rounds, and the median and range of each round's paired ratio.\n\n\
          | case | 1 rule | 10,000 rules | 10,000 / 1 (median of rounds) | range of the rounds' ratios |\n\
          |---|---|---|---|---|\n{}\n",
         rows.join("\n")
     );
-    drop((one, many)); // both beds removed
     let out = concat!(env!("CARGO_MANIFEST_DIR"), "/results/interleaved.md");
     std::fs::write(out, md).expect("write the results");
     println!("written: benches/results/interleaved.md");

@@ -108,18 +108,36 @@ fn filler(direction: &str, n: usize) -> Vec<Rule> {
 /// a3's group `web` each hold `rules` rules, the last of which allows the
 /// measured flow: a1 → a3, TCP port 80 (a remote-group rule on a3's side).
 pub fn sg_snapshot(rules: usize) -> Snapshot {
-    let mut client = filler("egress", rules.saturating_sub(1));
-    client.push(
-        serde_json::from_str(r#"{"direction": "egress", "protocol": "tcp", "ports": "80"}"#)
-            .expect("rule"),
-    );
-    let mut web = filler("ingress", rules.saturating_sub(1));
-    web.push(
-        serde_json::from_str(
+    sg_snapshot_matching(rules, Matching::Whole)
+}
+
+/// What the rules that allow the measured flow name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matching {
+    /// a1's egress: TCP port 80 to anywhere; a3's ingress: TCP port 80 from
+    /// the group `client` (a1's address): single ports, a whole address.
+    Whole,
+    /// Both: TCP ports 80-81 with the remote 10.0.0.0/24: a range and a
+    /// prefix, found by longest-prefix match only.
+    Prefix,
+}
+
+/// [`sg_snapshot`] with the measured flow allowed by `matching` rules.
+pub fn sg_snapshot_matching(rules: usize, matching: Matching) -> Snapshot {
+    let (egress, ingress) = match matching {
+        Matching::Whole => (
+            r#"{"direction": "egress", "protocol": "tcp", "ports": "80"}"#,
             r#"{"direction": "ingress", "protocol": "tcp", "ports": "80", "remote": {"group": "client"}}"#,
-        )
-        .expect("rule"),
-    );
+        ),
+        Matching::Prefix => (
+            r#"{"direction": "egress", "protocol": "tcp", "ports": "80-81", "remote": {"cidr": "10.0.0.0/24"}}"#,
+            r#"{"direction": "ingress", "protocol": "tcp", "ports": "80-81", "remote": {"cidr": "10.0.0.0/24"}}"#,
+        ),
+    };
+    let mut client = filler("egress", rules.saturating_sub(1));
+    client.push(serde_json::from_str(egress).expect("rule"));
+    let mut web = filler("ingress", rules.saturating_sub(1));
+    web.push(serde_json::from_str(ingress).expect("rule"));
     // A group holds at most MAX_RULES_PER_GROUP rules: the rules go into as
     // many groups as that takes, and the port into all of them (its policy
     // is their union, compiled alike).

@@ -1553,7 +1553,7 @@ where
 }
 
 /// A table of prefixes kept in two maps: its entries that are whole keys
-/// (abi's `sg_exact_addr`, `sg_exact_rule`) in a hash the programs look in
+/// (abi's `sg_addr_whole_bits`, `SG_RULE_WHOLE_BITS`) in a hash the programs look in
 /// first, the others in an LPM trie. The plan sees one table of (prefix
 /// bits, key) entries; only these functions know where each one lives.
 trait SplitTable {
@@ -1572,11 +1572,7 @@ impl SplitTable for SgAddrsSplit {
     type Key = SgAddrKey;
     type Value = u32;
     fn whole(key: &SgAddrKey) -> u32 {
-        if key.family == SG_FAMILY_V4 {
-            SG_ADDR_FIXED_BITS + 32
-        } else {
-            SG_ADDR_FIXED_BITS + 128
-        }
+        sg_addr_whole_bits(key)
     }
 }
 
@@ -1587,7 +1583,7 @@ impl SplitTable for SgRulesSplit {
     type Key = SgRuleKey;
     type Value = u32;
     fn whole(_: &SgRuleKey) -> u32 {
-        SG_RULE_FIXED_BITS + 24
+        SG_RULE_WHOLE_BITS
     }
 }
 
@@ -1622,17 +1618,21 @@ fn delete_split<S: SplitTable>(ebpf: &mut Ebpf, keys: &[(u32, S::Key)]) -> Resul
     let exact: Vec<S::Key> = exact.into_iter().map(|&(_, k)| k).collect();
     let prefixes: Vec<(u32, S::Key)> = prefixes.into_iter().copied().collect();
     if delete_hash::<S::Exact>(ebpf, &exact).is_err() {
-        // One is not in the hash (a batch stops at it): an entry from before
-        // the split, in the trie. One by one, from wherever each one is.
+        // One is not in the hash: an entry from before the split, in the
+        // trie. The batch stopped at it, having deleted those before it.
+        // One by one, from wherever each one still is: a key in neither map
+        // is one the batch deleted (these keys were all read as present).
         let mut hash: aya::maps::HashMap<&mut MapData, S::Key, S::Value> =
             map_mut(ebpf, <S::Exact as MapDef>::NAME)?;
-        let mut in_trie = Vec::new();
-        for k in &exact {
-            if hash.remove(k).is_err() {
-                in_trie.push((S::whole(k), *k));
-            }
+        let not_in_hash: Vec<S::Key> = exact
+            .into_iter()
+            .filter(|k| hash.remove(k).is_err())
+            .collect();
+        let mut trie: LpmTrie<&mut MapData, S::Key, S::Value> =
+            map_mut(ebpf, <S::Trie as MapDef>::NAME)?;
+        for k in not_in_hash {
+            let _ = trie.remove(&LpmKey::new(S::whole(&k), k));
         }
-        delete_lpm::<S::Trie>(ebpf, &in_trie)?;
     }
     delete_lpm::<S::Trie>(ebpf, &prefixes)
 }

@@ -2,7 +2,7 @@
 //! stage, so a new flow costs two lookups per end whatever the number of
 //! rules (each table's whole keys, a /32 or /128 remote and a single port,
 //! sit in a hash looked up first, the other prefixes in an LPM trie: see
-//! abi's `sg_exact_addr`; the loader puts each entry where it belongs):
+//! abi's `sg_addr_whole_bits`; the loader puts each entry where it belongs):
 //!
 //! 1. `CL_SG_ADDRS`: (policy, direction, family, remote address) → class.
 //!    Every remote prefix any rule names is a key; its class is the set of

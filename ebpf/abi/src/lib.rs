@@ -169,10 +169,10 @@ map_table! {
     /// The entries of `CL_SG_ADDRS` that name one whole address (/32, /128),
     /// by exact key: looked up first, so that a flow whose remote is such an
     /// address (a remote group's member) costs a hash lookup, not a walk
-    /// down a trie that grows with the rules (see [`sg_exact_addr`]).
+    /// down a trie that grows with the rules (see [`sg_addr_whole_bits`]).
     SgHosts / SG_HOSTS = "CL_SG_HOSTS", Hash, SgAddrKey => u32, MAX_SG_ADDRS;
     /// The entries of `CL_SG_RULES` for one protocol and one port, by
-    /// exact key, looked up first alike (see [`sg_exact_rule`]).
+    /// exact key, looked up first alike (see [`SG_RULE_WHOLE_BITS`]).
     SgPorts / SG_PORTS = "CL_SG_PORTS", Hash, SgRuleKey => u32, MAX_SG_RULES;
     /// Tracked flows (the size is set when the table is created).
     Conntrack / CONNTRACK = "CL_CONNTRACK", LruHash, CtKey => CtEntry, MAX_CONNTRACK;
@@ -763,21 +763,19 @@ pub struct SgRuleKey {
 const _: () = assert!(size_of::<SgRuleKey>() == 12);
 pub const SG_RULE_FIXED_BITS: u32 = 72;
 
-/// Whether an entry of `CL_SG_ADDRS` (prefix bits, key) names one whole
-/// address: such entries live in `CL_SG_HOSTS`, by exact key, instead. The
+/// The prefix bits of a whole key of `CL_SG_ADDRS`: one address (/32,
+/// /128). Such entries live in `CL_SG_HOSTS`, by exact key, instead. The
 /// longest match of an address is its own whole-address entry when there
 /// is one, so looking there first and in the trie second answers as the
 /// trie holding both would.
-pub const fn sg_exact_addr(bits: u32, key: &SgAddrKey) -> bool {
-    let addr_bits = if key.family == SG_FAMILY_V4 { 32 } else { 128 };
-    bits == SG_ADDR_FIXED_BITS + addr_bits
+pub const fn sg_addr_whole_bits(key: &SgAddrKey) -> u32 {
+    SG_ADDR_FIXED_BITS + if key.family == SG_FAMILY_V4 { 32 } else { 128 }
 }
 
-/// Whether an entry of `CL_SG_RULES` names one protocol and one port:
-/// such entries live in `CL_SG_PORTS`, by exact key (as [`sg_exact_addr`]).
-pub const fn sg_exact_rule(bits: u32) -> bool {
-    bits == SG_RULE_FIXED_BITS + 24
-}
+/// The prefix bits of a whole key of `CL_SG_RULES`: one protocol and one
+/// port. Such entries live in `CL_SG_PORTS`, by exact key (as
+/// [`sg_addr_whole_bits`]).
+pub const SG_RULE_WHOLE_BITS: u32 = SG_RULE_FIXED_BITS + 24;
 
 /// A conntrack key: the flow's two ends in a canonical order (so both
 /// directions find one entry), inside its network (zone = VNI) or, routed,

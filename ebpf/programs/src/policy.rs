@@ -76,7 +76,7 @@ fn rules_allow_call(p: &Parsed, s: *const PortInfo, r: *const PortInfo, reply: u
 
 /// Two lookups: the remote address's class, then (class, protocol, port),
 /// each by exact key in a hash first and by longest prefix in a trie when
-/// that misses (abi's `sg_exact_addr`). 1 if allowed.
+/// that misses (abi's `sg_addr_whole_bits`). 1 if allowed.
 #[inline(never)]
 fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32) -> u32 {
     let (v4, proto, direction, port) = (p.l3 == L3::Ipv4, p.proto, direction as u8, port as u16);
@@ -114,7 +114,7 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
         }
     };
     let key = Key::new(
-        SG_RULE_FIXED_BITS + 24,
+        SG_RULE_WHOLE_BITS,
         SgRuleKey {
             policy,
             class: class.to_be_bytes(),

@@ -50,8 +50,9 @@ impl Bytes<'_> {
 }
 
 /// What the BPF policy stage does with the tables: the class of the
-/// longest matching address prefix, then any rule entry matching (class,
-/// protocol, port).
+/// longest matching address prefix, then the class's port set for the
+/// protocol, and any rules-trie entry matching (class, protocol, port) when
+/// there is no set or the set says the trie may hold more.
 pub fn tables_allow(
     t: &SgTables,
     policy: u32,
@@ -86,6 +87,22 @@ pub fn tables_allow(
     let Some(class) = class else {
         return false;
     };
+    let set = t.port_sets.get(&SgPortSetKey {
+        policy: policy.to_be_bytes(),
+        class: class.to_be_bytes(),
+        direction: dir,
+        proto,
+        _pad: [0; 2],
+    });
+    if let Some(set) = set {
+        let n = (set.len as usize).min(SG_PORT_SET_LEN);
+        if set.ports[..n].iter().any(|p| port & p.mask == p.value) {
+            return true;
+        }
+        if set.trie == 0 {
+            return false;
+        }
+    }
     t.rules.keys().any(|(len, k)| {
         let rest = len - SG_RULE_FIXED_BITS;
         k.policy == policy.to_be_bytes()

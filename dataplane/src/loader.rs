@@ -287,6 +287,7 @@ impl Dataplane {
             ct_capacity: entries,
             tracer: Default::default(),
         };
+        dp.migrate_retired_ports()?;
         dp.swap_pinned_links()?;
         // Maps an earlier release pinned under names since retired.
         for name in RETIRED_MAPS {
@@ -296,6 +297,30 @@ impl Dataplane {
             }
         }
         Ok(dp)
+    }
+
+    /// Moves the whole ports an earlier release kept in its own hash
+    /// (abi's `SG_RETIRED_PORTS`) into the rules trie, before this
+    /// object's programs, which never look there, replace the running
+    /// ones: until the first apply writes the port sets, the trie allows
+    /// what the old hash did (the programs look in the trie when a class
+    /// has no set). The apply then moves them to the sets.
+    fn migrate_retired_ports(&mut self) -> Result<(), Error> {
+        let pin = self.pin_dir.join(SG_RETIRED_PORTS);
+        if !pin.exists() {
+            return Ok(());
+        }
+        let what = || Error::kernel(format!("read {}", pin.display()));
+        let old = MapData::from_pin(&pin).map_err(|e| what()(e.into()))?;
+        let old: aya::maps::HashMap<MapData, SgRuleKey, u32> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(old))
+                .map_err(|e| what()(e.into()))?;
+        let entries: Vec<LpmEntry<SgRuleKey, u32>> = old
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| ((SG_RULE_WHOLE_BITS, k), v))
+            .collect();
+        write_lpm::<maps::SgRules>(&mut self.ebpf, &entries)
     }
 
     /// Opens `host`'s pinned maps only, to read them (stats, conntrack,
@@ -710,7 +735,8 @@ impl Dataplane {
                 external_ip: external_ref(e)?.get(&0, 0).map_or([0; 4], |x| x.ip),
                 sg: crate::policy::SgTables {
                     addrs: read_split::<SgAddrsSplit>(e)?,
-                    rules: read_split::<SgRulesSplit>(e)?,
+                    rules: read_lpm::<maps::SgRules>(e)?,
+                    port_sets: read_hash::<maps::SgPortSets>(e)?,
                 },
             },
             port_links,
@@ -764,7 +790,8 @@ impl Dataplane {
             }
             Step::Write(t) => match t {
                 Table::SgAddrs => write_split::<SgAddrsSplit>(e, &d.sg_addrs.changed)?,
-                Table::SgRules => write_split::<SgRulesSplit>(e, &d.sg_rules.changed)?,
+                Table::SgRules => write_lpm::<maps::SgRules>(e, &d.sg_rules.changed)?,
+                Table::SgPortSets => write_hash::<maps::SgPortSets>(e, &d.sg_port_sets.changed)?,
                 Table::Networks => write_hash::<maps::Networks>(e, &d.networks.changed)?,
                 Table::Vteps => write_hash::<maps::Vteps>(e, &d.vteps.changed)?,
                 Table::Neighbours => write_hash::<maps::Neighbours>(e, &d.neighbours.changed)?,
@@ -783,7 +810,8 @@ impl Dataplane {
             },
             Step::Delete(t) => match t {
                 Table::SgAddrs => delete_split::<SgAddrsSplit>(e, &d.sg_addrs.stale)?,
-                Table::SgRules => delete_split::<SgRulesSplit>(e, &d.sg_rules.stale)?,
+                Table::SgRules => delete_lpm::<maps::SgRules>(e, &d.sg_rules.stale)?,
+                Table::SgPortSets => delete_hash::<maps::SgPortSets>(e, &d.sg_port_sets.stale)?,
                 Table::Networks => delete_hash::<maps::Networks>(e, &d.networks.stale)?,
                 Table::Vteps => delete_hash::<maps::Vteps>(e, &d.vteps.stale)?,
                 Table::Neighbours => delete_hash::<maps::Neighbours>(e, &d.neighbours.stale)?,
@@ -1553,8 +1581,7 @@ where
 }
 
 /// A table of prefixes kept in two maps: its entries that are whole keys
-/// (abi's `sg_addr_whole_bits`, `SG_RULE_WHOLE_BITS`) in a hash the programs look in
-/// first, the others in an LPM trie. The plan sees one table of (prefix
+/// (abi's `sg_addr_whole_bits`) in a hash the programs look in first, the others in an LPM trie. The plan sees one table of (prefix
 /// bits, key) entries; only these functions know where each one lives.
 trait SplitTable {
     type Trie: MapDef<Key = Self::Key, Value = Self::Value>;
@@ -1573,17 +1600,6 @@ impl SplitTable for SgAddrsSplit {
     type Value = u32;
     fn whole(key: &SgAddrKey) -> u32 {
         sg_addr_whole_bits(key)
-    }
-}
-
-struct SgRulesSplit;
-impl SplitTable for SgRulesSplit {
-    type Trie = maps::SgRules;
-    type Exact = maps::SgPorts;
-    type Key = SgRuleKey;
-    type Value = u32;
-    fn whole(_: &SgRuleKey) -> u32 {
-        SG_RULE_WHOLE_BITS
     }
 }
 

@@ -71,6 +71,7 @@ pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
 pub enum Table {
     SgAddrs,
     SgRules,
+    SgPortSets,
     Networks,
     Vteps,
     Neighbours,
@@ -89,9 +90,10 @@ impl Table {
     /// A router's interface (where routing starts) comes after its routes
     /// and what they lead to.
     /// Floating IPs name ports: after them.
-    pub const WRITE_ORDER: [Table; 13] = [
+    pub const WRITE_ORDER: [Table; 14] = [
         Table::SgAddrs,
         Table::SgRules,
+        Table::SgPortSets,
         Table::Networks,
         Table::Vteps,
         Table::Neighbours,
@@ -111,6 +113,7 @@ impl Table {
 pub struct Diffs {
     pub sg_addrs: Diff<(u32, SgAddrKey), u32>,
     pub sg_rules: Diff<(u32, SgRuleKey), u32>,
+    pub sg_port_sets: Diff<SgPortSetKey, SgPortSet>,
     pub networks: Diff<u32, NetworkInfo>,
     pub vteps: Diff<VtepKey, u32>,
     pub neighbours: Diff<NeighbourKey, NeighbourEntry>,
@@ -133,6 +136,7 @@ impl Diffs {
         match t {
             Table::SgAddrs => s(&self.sg_addrs),
             Table::SgRules => s(&self.sg_rules),
+            Table::SgPortSets => s(&self.sg_port_sets),
             Table::Networks => s(&self.networks),
             Table::Vteps => s(&self.vteps),
             Table::Neighbours => s(&self.neighbours),
@@ -296,6 +300,7 @@ impl Plan {
 fn sg_diffs(have: &SgTables, want: &SgTables, d: &mut Diffs) {
     d.sg_addrs = diff(&have.addrs, &want.addrs);
     d.sg_rules = diff(&have.rules, &want.rules);
+    d.sg_port_sets = diff(&have.port_sets, &want.port_sets);
 }
 
 /// The steps that make `current` into what `want` says.
@@ -362,8 +367,10 @@ pub fn plan(current: &Current, want: &Compiled) -> Plan {
         .ports
         .iter()
         .any(|(k, v)| t.ports.get(k).is_some_and(|p| p.policy != v.policy));
-    let (a, r) = (diffs.sizes(Table::SgAddrs), diffs.sizes(Table::SgRules));
-    if policy_moved || a != (0, 0) || r != (0, 0) {
+    let sg_moved = [Table::SgAddrs, Table::SgRules, Table::SgPortSets]
+        .into_iter()
+        .any(|t| diffs.sizes(t) != (0, 0));
+    if policy_moved || sg_moved {
         steps.push(Step::Config(HostConfig {
             policy_epoch: epoch.wrapping_add(1),
             ..config
@@ -398,6 +405,7 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
             Step::Write(table) => match table {
                 Table::SgAddrs => write(&mut t.sg.addrs, &d.sg_addrs),
                 Table::SgRules => write(&mut t.sg.rules, &d.sg_rules),
+                Table::SgPortSets => write(&mut t.sg.port_sets, &d.sg_port_sets),
                 Table::Networks => write(&mut t.networks, &d.networks),
                 Table::Vteps => write(&mut t.vteps, &d.vteps),
                 Table::Neighbours => write(&mut t.neighbours, &d.neighbours),
@@ -413,6 +421,7 @@ pub fn simulate(current: &Current, plan: &Plan) -> Current {
             Step::Delete(table) => match table {
                 Table::SgAddrs => delete(&mut t.sg.addrs, &d.sg_addrs),
                 Table::SgRules => delete(&mut t.sg.rules, &d.sg_rules),
+                Table::SgPortSets => delete(&mut t.sg.port_sets, &d.sg_port_sets),
                 Table::Networks => delete(&mut t.networks, &d.networks),
                 Table::Vteps => delete(&mut t.vteps, &d.vteps),
                 Table::Neighbours => delete(&mut t.neighbours, &d.neighbours),
@@ -650,6 +659,7 @@ mod tests {
             prop_assert_eq!(after.port_links.keys().copied().collect::<BTreeSet<u32>>(), links);
             let sg_moved = p.diffs.sizes(Table::SgAddrs) != (0, 0)
                 || p.diffs.sizes(Table::SgRules) != (0, 0)
+                || p.diffs.sizes(Table::SgPortSets) != (0, 0)
                 || now.tables.ports.iter().any(|(k, v)| next.tables.ports.get(k).is_some_and(|q| q.policy != v.policy));
             prop_assert_eq!(
                 after.config.unwrap().policy_epoch,

@@ -1,15 +1,23 @@
-//! Compiles security groups into the two lookup tables of the BPF policy
+//! Compiles security groups into the two lookup stages of the BPF policy
 //! stage, so a new flow costs two lookups per end whatever the number of
-//! rules (each table's whole keys, a /32 or /128 remote and a single port,
-//! sit in a hash looked up first, the other prefixes in an LPM trie: see
-//! abi's `sg_addr_whole_bits`; the loader puts each entry where it belongs):
+//! rules (each stage a hash by exact key first, an LPM trie only for what
+//! the hash cannot answer):
 //!
 //! 1. `CL_SG_ADDRS`: (policy, direction, family, remote address) → class.
 //!    Every remote prefix any rule names is a key; its class is the set of
 //!    rules whose remote contains it. Remote prefixes that contain an address
 //!    are nested, so the longest one present carries every rule matching it.
-//! 2. `CL_SG_RULES`: (policy, class, direction, protocol, port prefix) → allow.
-//!    A port range becomes the few prefixes that cover it exactly.
+//!    Whole addresses (/32, /128) sit in `CL_SG_HOSTS` by exact key instead
+//!    (abi's `sg_addr_whole_bits`; the loader puts each entry where it
+//!    belongs).
+//! 2. `CL_SG_PORTSETS`: (policy, class, direction, protocol) → the port
+//!    prefixes the class allows (a port range becomes the few prefixes that
+//!    cover it exactly), when they are at most abi's `SG_PORT_SET_LEN`;
+//!    `CL_SG_RULES`, an LPM trie of (policy, class, direction, protocol,
+//!    port prefix) → allow, for the rest: a class's rules for any protocol
+//!    (its sets then say so), and its prefixes for a protocol when they are
+//!    more. A set is one hash lookup whatever the other classes hold; the
+//!    trie, shared by every class of every policy, grows deeper with them.
 //!
 //! A policy is a port's set of groups; ports with the same set share one.
 use std::{
@@ -29,8 +37,13 @@ pub type PolicySet = Vec<String>;
 pub struct SgTables {
     /// (prefix length, key) → class.
     pub addrs: BTreeMap<(u32, SgAddrKey), u32>,
-    /// (prefix length, key) → 1.
+    /// (prefix length, key) → 1: the rules trie, for what no port set
+    /// holds (rules for any protocol, a class's ports for a protocol when
+    /// they are more than a set holds).
     pub rules: BTreeMap<(u32, SgRuleKey), u32>,
+    /// (policy, class, direction, protocol) → the few port prefixes the
+    /// class allows for it.
+    pub port_sets: BTreeMap<SgPortSetKey, SgPortSet>,
 }
 
 /// The prefixes that cover `first..=last` exactly: (value, prefix bits of 16).
@@ -136,10 +149,11 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    /// Entries (addresses, rules) one policy of `set` compiles to.
-    pub fn size(&self, set: &PolicySet) -> (usize, usize) {
+    /// Entries (addresses, rules trie, port sets) one policy of `set`
+    /// compiles to.
+    pub fn size(&self, set: &PolicySet) -> (usize, usize, usize) {
         let t = self.compile(&BTreeMap::from([(1, set.clone())]));
-        (t.addrs.len(), t.rules.len())
+        (t.addrs.len(), t.rules.len(), t.port_sets.len())
     }
 
     /// One direction of one policy: its rules (each once, in order), the
@@ -253,29 +267,58 @@ impl<'a> Compiler<'a> {
                     out.addrs.insert(addr_key(policy, d, prefix), id);
                 }
                 for (class, &id) in &classes {
+                    // The class's ports by protocol; whether a rule of it
+                    // takes any protocol.
+                    let mut ports: BTreeMap<u8, BTreeSet<(u16, u32)>> = BTreeMap::new();
+                    let mut any_proto = false;
                     for &i in class {
                         let r = rules[i];
-                        let key = |proto: u8, port: u16| SgRuleKey {
+                        match (r.protocol.number(r.ethertype), r.ports) {
+                            (None, _) => any_proto = true,
+                            (Some(p), None) => {
+                                ports.entry(p).or_default().insert((0, 0));
+                            }
+                            (Some(p), Some(range)) => ports
+                                .entry(p)
+                                .or_default()
+                                .extend(port_prefixes(range.first, range.last)),
+                        }
+                    }
+                    let key = |proto: u8, port: u16| SgRuleKey {
+                        policy: policy.to_be_bytes(),
+                        class: id.to_be_bytes(),
+                        direction: d,
+                        proto,
+                        port: port.to_be_bytes(),
+                    };
+                    if any_proto {
+                        out.rules.insert((SG_RULE_FIXED_BITS, key(0, 0)), 1);
+                    }
+                    for (proto, prefixes) in ports {
+                        if prefixes.len() > SG_PORT_SET_LEN {
+                            for (v, bits) in prefixes {
+                                out.rules
+                                    .insert((SG_RULE_FIXED_BITS + 8 + bits, key(proto, v)), 1);
+                            }
+                            continue;
+                        }
+                        let mut set = SgPortSet {
+                            len: prefixes.len() as u8,
+                            trie: any_proto as u8,
+                            ..Default::default()
+                        };
+                        for (slot, (value, bits)) in set.ports.iter_mut().zip(prefixes) {
+                            let mask = u16::MAX.checked_shl(16 - bits).unwrap_or(0);
+                            *slot = SgPortPrefix { value, mask };
+                        }
+                        let k = SgPortSetKey {
                             policy: policy.to_be_bytes(),
                             class: id.to_be_bytes(),
                             direction: d,
                             proto,
-                            port: port.to_be_bytes(),
+                            _pad: [0; 2],
                         };
-                        match (r.protocol.number(r.ethertype), r.ports) {
-                            (None, _) => {
-                                out.rules.insert((SG_RULE_FIXED_BITS, key(0, 0)), 1);
-                            }
-                            (Some(p), None) => {
-                                out.rules.insert((SG_RULE_FIXED_BITS + 8, key(p, 0)), 1);
-                            }
-                            (Some(p), Some(range)) => {
-                                for (v, bits) in port_prefixes(range.first, range.last) {
-                                    out.rules
-                                        .insert((SG_RULE_FIXED_BITS + 8 + bits, key(p, v)), 1);
-                                }
-                            }
-                        }
+                        out.port_sets.insert(k, set);
                     }
                 }
             }

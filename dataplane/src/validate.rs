@@ -606,6 +606,7 @@ pub struct HostLoad {
     pub remote_allow: usize,
     pub sg_addrs: usize,
     pub sg_rules: usize,
+    pub sg_port_sets: usize,
     pub router_ifaces: usize,
     pub routes: usize,
 }
@@ -656,7 +657,7 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
         .map(|n| (n.name.as_str(), n.subnets.len()))
         .collect();
     let compiler = policy::Compiler::new(s);
-    let mut sg_size: BTreeMap<policy::PolicySet, (usize, usize)> = BTreeMap::new();
+    let mut sg_size: BTreeMap<policy::PolicySet, (usize, usize, usize)> = BTreeMap::new();
     let mut out: BTreeMap<&str, HostLoad> = s
         .hosts
         .iter()
@@ -723,11 +724,12 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
             .map(|p| neighbour_entries(p) + p.allowed_address_pairs.len())
             .sum();
         for set in sets {
-            let (a, r) = *sg_size
+            let (a, r, ps) = *sg_size
                 .entry(set.clone())
                 .or_insert_with(|| compiler.size(&set));
             load.sg_addrs += a;
             load.sg_rules += r;
+            load.sg_port_sets += ps;
         }
     }
     out
@@ -735,7 +737,7 @@ pub fn host_loads(s: &Snapshot) -> BTreeMap<&str, HostLoad> {
 
 fn check_capacity(s: &Snapshot) -> Result<(), Violation> {
     for (host, l) in host_loads(s) {
-        let limits: [(&str, usize, u32); 12] = [
+        let limits: [(&str, usize, u32); 13] = [
             ("ports", l.ports, MAX_PORTS),
             ("tenants", l.tenants, MAX_TENANTS),
             ("networks", l.networks, MAX_NETWORKS),
@@ -762,6 +764,11 @@ fn check_capacity(s: &Snapshot) -> Result<(), Violation> {
             ),
             ("security-group address entries", l.sg_addrs, MAX_SG_ADDRS),
             ("security-group rule entries", l.sg_rules, MAX_SG_RULES),
+            (
+                "security-group port sets (protocols of a class)",
+                l.sg_port_sets,
+                MAX_SG_RULES,
+            ),
             (
                 "router interfaces (networks of its routers)",
                 l.router_ifaces,

@@ -181,6 +181,9 @@ fn shared_types_have_the_kernels_layout() {
         PortStats { tx_packets, tx_bytes, rx_packets, rx_bytes, drops }
         SgAddrKey { policy, direction, family, _pad, addr }
         SgRuleKey { policy, class, direction, proto, port }
+        SgPortSetKey { policy, class, direction, proto, _pad }
+        SgPortPrefix { value, mask }
+        SgPortSet { ports, len, trie, _pad }
         CtKey { zone, addr_a, addr_b, port_a, port_b, proto, _pad }
         CtEntry { last_seen_ns, epoch, owner_slot, owner_tenant, state, flags, _pad }
         FragKey { zone, id, src, dst, proto, _pad }

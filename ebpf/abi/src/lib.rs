@@ -171,9 +171,12 @@ map_table! {
     /// address (a remote group's member) costs a hash lookup, not a walk
     /// down a trie that grows with the rules (see [`sg_addr_whole_bits`]).
     SgHosts / SG_HOSTS = "CL_SG_HOSTS", Hash, SgAddrKey => u32, MAX_SG_ADDRS;
-    /// The entries of `CL_SG_RULES` for one protocol and one port, by
-    /// exact key, looked up first alike (see [`SG_RULE_WHOLE_BITS`]).
-    SgPorts / SG_PORTS = "CL_SG_PORTS", Hash, SgRuleKey => u32, MAX_SG_RULES;
+    /// The ports a class allows for one protocol, when they are few (at
+    /// most [`SG_PORT_SET_LEN`] prefixes), by exact (policy, class,
+    /// direction, protocol): looked up before `CL_SG_RULES`, so that a new
+    /// flow costs one hash lookup and a short scan here, not a walk down a
+    /// trie that every class of the policy shares (see [`SgPortSet`]).
+    SgPortSets / SG_PORT_SETS = "CL_SG_PORTSETS", Hash, SgPortSetKey => SgPortSet, MAX_SG_RULES;
     /// Tracked flows (the size is set when the table is created).
     Conntrack / CONNTRACK = "CL_CONNTRACK", LruHash, CtKey => CtEntry, MAX_CONNTRACK;
     /// Live conntrack entries charged to each port slot, then each tenant.
@@ -290,7 +293,13 @@ const _: () = assert!(size_of::<MonitorEvent>() == 32 + monitor::CAPTURE);
 /// the loader removes their pins once it has loaded the object, so an
 /// upgrade leaves nothing behind. Their contents were transient (fragments)
 /// or counters.
-pub const RETIRED_MAPS: &[&str] = &["CL_DROPS", "CL_FRAGS"];
+/// `CL_SG_PORTS` held whole security-group ports by exact [`SgRuleKey`]
+/// (a release of 2026-12-03): the loader moves its entries into the
+/// rules trie before the new programs run, so no flow it allowed is
+/// refused before the first apply ([`SG_RETIRED_PORTS`]).
+pub const RETIRED_MAPS: &[&str] = &["CL_DROPS", "CL_FRAGS", SG_RETIRED_PORTS];
+/// The retired hash of whole security-group ports: [`SgRuleKey`] → u32.
+pub const SG_RETIRED_PORTS: &str = "CL_SG_PORTS";
 
 /// Program names (the entry point functions of `ebpf/programs`).
 pub mod program_names {
@@ -773,9 +782,49 @@ pub const fn sg_addr_whole_bits(key: &SgAddrKey) -> u32 {
 }
 
 /// The prefix bits of a whole key of `CL_SG_RULES`: one protocol and one
-/// port. Such entries live in `CL_SG_PORTS`, by exact key (as
-/// [`sg_addr_whole_bits`]).
+/// port.
 pub const SG_RULE_WHOLE_BITS: u32 = SG_RULE_FIXED_BITS + 24;
+
+/// Key of `CL_SG_PORTSETS`: the part of an [`SgRuleKey`] a lookup knows
+/// whole (policy, class, direction, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SgPortSetKey {
+    pub policy: [u8; 4],
+    pub class: [u8; 4],
+    pub direction: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<SgPortSetKey>() == 12);
+
+/// Port prefixes an [`SgPortSet`] holds at most; a class with more for one
+/// protocol keeps them in the rules trie.
+pub const SG_PORT_SET_LEN: usize = 7;
+
+/// One port prefix: a port `p` is in it if `p & mask == value` (host
+/// order; mask 0: every port, as a rule naming a protocol without ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SgPortPrefix {
+    pub value: u16,
+    pub mask: u16,
+}
+
+/// Value of `CL_SG_PORTSETS`: the port prefixes a class allows for one
+/// protocol (the first `len`, the rest zero, in order). `trie`: 1 if the
+/// rules trie may allow more for this key (a rule of the class for any
+/// protocol): a miss here is then looked up there. A key absent here is
+/// looked up in the trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SgPortSet {
+    pub ports: [SgPortPrefix; SG_PORT_SET_LEN],
+    pub len: u8,
+    pub trie: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<SgPortSet>() == 32);
 
 /// A conntrack key: the flow's two ends in a canonical order (so both
 /// directions find one entry), inside its network (zone = VNI) or, routed,
@@ -1105,6 +1154,8 @@ mod pod {
     unsafe impl aya::Pod for PortStats {}
     unsafe impl aya::Pod for SgAddrKey {}
     unsafe impl aya::Pod for SgRuleKey {}
+    unsafe impl aya::Pod for SgPortSetKey {}
+    unsafe impl aya::Pod for SgPortSet {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FragKey {}

@@ -56,7 +56,7 @@ pub static CL_SG_HOSTS: HashMap<SgAddrKey, u32> =
     HashMap::pinned(MAX_SG_ADDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
-pub static CL_SG_PORTS: HashMap<SgRuleKey, u32> =
+pub static CL_SG_PORTSETS: HashMap<SgPortSetKey, SgPortSet> =
     HashMap::pinned(MAX_SG_RULES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]

@@ -1,8 +1,8 @@
 //! Security groups: whether the rules of a flow's secured ends allow it
 //! (the sending port's egress rules, the receiving port's ingress rules, for
 //! the ends that are local ports with port security). Two lookups per end
-//! (each a hash of whole keys, then a longest-prefix match), whatever the
-//! number of rules (see
+//! (each a hash by exact key, then a longest-prefix match when the hash
+//! cannot answer), whatever the number of rules (see
 //! dataplane/src/policy.rs for how rules become those tables). Conntrack
 //! remembers what was allowed; the pipeline asks here for new flows, and
 //! again for established ones when the rules changed (`policy_epoch`).
@@ -11,7 +11,7 @@ use cloison_abi::*;
 
 use crate::{
     hdr::*,
-    maps::{CL_SG_ADDRS, CL_SG_HOSTS, CL_SG_PORTS, CL_SG_RULES},
+    maps::{CL_SG_ADDRS, CL_SG_HOSTS, CL_SG_PORTSETS, CL_SG_RULES},
     mode::note,
     parse::{Parsed, L3},
 };
@@ -74,9 +74,11 @@ fn rules_allow_call(p: &Parsed, s: *const PortInfo, r: *const PortInfo, reply: u
     0
 }
 
-/// Two lookups: the remote address's class, then (class, protocol, port),
-/// each by exact key in a hash first and by longest prefix in a trie when
-/// that misses (abi's `sg_addr_whole_bits`). 1 if allowed.
+/// Two lookups: the remote address's class (by exact key in a hash first,
+/// by longest prefix in a trie when that misses: abi's
+/// `sg_addr_whole_bits`), then the ports the class allows for the protocol
+/// (a short set by exact key, `SgPortSet`; the rules trie when the set is
+/// absent or says the trie may hold more). 1 if allowed.
 #[inline(never)]
 fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32) -> u32 {
     let (v4, proto, direction, port) = (p.l3 == L3::Ipv4, p.proto, direction as u8, port as u16);
@@ -113,18 +115,34 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
             return 0;
         }
     };
-    let key = Key::new(
-        SG_RULE_WHOLE_BITS,
-        SgRuleKey {
-            policy,
-            class: class.to_be_bytes(),
-            direction,
-            proto,
-            port: port.to_be_bytes(),
-        },
-    );
-    let allowed =
-        (unsafe { CL_SG_PORTS.get(&key.data) }.is_some() || CL_SG_RULES.get(&key).is_some()) as u32;
+    let class_be = class.to_be_bytes();
+    let set_key = SgPortSetKey {
+        policy,
+        class: class_be,
+        direction,
+        proto,
+        _pad: [0; 2],
+    };
+    // The class's few ports for this protocol, by exact key; the trie when
+    // the class has none there or may allow more.
+    let (mut allowed, mut trie) = (0u32, true);
+    if let Some(set) = unsafe { CL_SG_PORTSETS.get(&set_key) } {
+        allowed = in_port_set(set, port);
+        trie = set.trie != 0;
+    }
+    if allowed == 0 && trie {
+        let key = Key::new(
+            SG_RULE_WHOLE_BITS,
+            SgRuleKey {
+                policy,
+                class: class_be,
+                direction,
+                proto,
+                port: port.to_be_bytes(),
+            },
+        );
+        allowed = CL_SG_RULES.get(&key).is_some() as u32;
+    }
     note(
         trace::POLICY,
         u32::from_be_bytes(policy),
@@ -132,4 +150,21 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
         class,
     );
     allowed
+}
+
+/// 1 if `port` is in one of the set's prefixes.
+#[inline(always)]
+fn in_port_set(set: &SgPortSet, port: u16) -> u32 {
+    let mut i = 0;
+    while i < SG_PORT_SET_LEN {
+        if i >= set.len as usize {
+            break;
+        }
+        let p = &set.ports[i];
+        if port & p.mask == p.value {
+            return 1;
+        }
+        i += 1;
+    }
+    0
 }

@@ -115,16 +115,10 @@ fn worker(rules: usize, matching: Matching, sizes: &'static Sizes) -> Worker {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    if !has_root("interleaved") || std::env::args().any(|a| a == "--list") {
+    let Some(bench) = rounds_run("interleaved") else {
         return;
-    }
-    let bench = std::env::args().any(|a| a == "--bench");
+    };
     let sizes = if bench { &BENCH } else { &SMOKE };
     let beds = |m| (worker(1, m, sizes), worker(10_000, m, sizes));
     let (whole, prefix) = (beds(Matching::Whole), beds(Matching::Prefix));
@@ -162,16 +156,11 @@ fn main() {
             tn.push(y);
             ratios.push(y / x);
         }
-        let mut r = ratios.clone();
-        let (lo, hi) = (
-            r.iter().copied().fold(f64::MAX, f64::min),
-            r.iter().copied().fold(0.0, f64::max),
-        );
+        let (ratio, lo, hi) = spread(&mut ratios);
         let row = format!(
-            "| {name} | {:.0} ns | {:.0} ns | {:.2} | {lo:.2}-{hi:.2} |",
-            median(&mut t1),
-            median(&mut tn),
-            median(&mut r)
+            "| {name} | {:.0} ns | {:.0} ns | {ratio:.2} | {lo:.2}-{hi:.2} |",
+            spread(&mut t1).0,
+            spread(&mut tn).0,
         );
         println!("{row}");
         rows.push(row);
@@ -181,11 +170,7 @@ fn main() {
         println!("smoke run: one short round, benches/results/interleaved.md left as it was");
         return;
     }
-    let when = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let when = utc_now();
     let Sizes {
         rounds,
         new_flows,

@@ -38,6 +38,32 @@ pub mod kernel_time {
     }
 }
 
+/// How a rounds bench (harness = false) was started: `None` if it cannot
+/// or need not run (no root, or only asked to list its benches), else
+/// whether it is `cargo bench`'s full run (`true`) or `cargo test
+/// --benches`'s smoke run (`false`).
+pub fn rounds_run(bench: &str) -> Option<bool> {
+    if !has_root(bench) || std::env::args().any(|a| a == "--list") {
+        return None;
+    }
+    Some(std::env::args().any(|a| a == "--bench"))
+}
+
+/// The median, minimum and maximum of `v` (not empty).
+pub fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Now, in UTC, as the results files give it.
+pub fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Whether `bench` can run (BPF_PROG_TEST_RUN and map writes need root);
 /// says why not when it cannot.
 pub fn has_root(bench: &str) -> bool {

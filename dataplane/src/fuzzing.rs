@@ -183,6 +183,7 @@ pub fn fits(valid: &Valid) -> Result<(), String> {
             ("remote_allow", t.remote_allow.len(), l.remote_allow, false),
             ("sg addrs", t.sg.addrs.len(), l.sg_addrs, true),
             ("sg rules", t.sg.rules.len(), l.sg_rules, true),
+            ("sg port sets", t.sg.port_sets.len(), l.sg_port_sets, true),
             (
                 "router interfaces",
                 t.router_ifaces.len(),

@@ -305,22 +305,44 @@ impl Dataplane {
     /// ones: until the first apply writes the port sets, the trie allows
     /// what the old hash did (the programs look in the trie when a class
     /// has no set). The apply then moves them to the sets.
+    ///
+    /// Port sets pinned beside that hash were left by this release before
+    /// a rollback to the earlier one, which never read or cleaned them: they
+    /// are emptied first (a stale set answers before the trie, for classes
+    /// since renumbered). Each port leaves the old hash once it is in the
+    /// trie (the running programs look in both), so a failed upgrade rolled
+    /// back finds every port in one place. Any failure fails the open
+    /// before the programs are swapped.
     fn migrate_retired_ports(&mut self) -> Result<(), Error> {
         let pin = self.pin_dir.join(SG_RETIRED_PORTS);
         if !pin.exists() {
             return Ok(());
         }
-        let what = || Error::kernel(format!("read {}", pin.display()));
+        let what = || Error::kernel(format!("migrate {}", pin.display()));
+        let mut sets: aya::maps::HashMap<&mut MapData, SgPortSetKey, SgPortSet> =
+            map_mut(&mut self.ebpf, M::SG_PORT_SETS)?;
+        let stale: Vec<SgPortSetKey> = sets
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| what()(e.into()))?;
+        for k in &stale {
+            sets.remove(k).map_err(|e| what()(e.into()))?;
+        }
         let old = MapData::from_pin(&pin).map_err(|e| what()(e.into()))?;
-        let old: aya::maps::HashMap<MapData, SgRuleKey, u32> =
+        let mut old: aya::maps::HashMap<MapData, SgRuleKey, u32> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(old))
                 .map_err(|e| what()(e.into()))?;
-        let entries: Vec<LpmEntry<SgRuleKey, u32>> = old
+        let entries: Vec<(SgRuleKey, u32)> = old
             .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| ((SG_RULE_WHOLE_BITS, k), v))
-            .collect();
-        write_lpm::<maps::SgRules>(&mut self.ebpf, &entries)
+            .collect::<Result<_, _>>()
+            .map_err(|e| what()(e.into()))?;
+        let mut trie: LpmTrie<&mut MapData, SgRuleKey, u32> = map_mut(&mut self.ebpf, M::SG_RULES)?;
+        for (k, v) in entries {
+            trie.insert(&LpmKey::new(SG_RULE_WHOLE_BITS, k), v, 0)
+                .map_err(|e| what()(e.into()))?;
+            old.remove(&k).map_err(|e| what()(e.into()))?;
+        }
+        Ok(())
     }
 
     /// Opens `host`'s pinned maps only, to read them (stats, conntrack,

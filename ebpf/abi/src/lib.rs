@@ -292,7 +292,7 @@ const _: () = assert!(size_of::<MonitorEvent>() == 32 + monitor::CAPTURE);
 /// Maps of earlier releases whose layout changed (so they were renamed):
 /// the loader removes their pins once it has loaded the object, so an
 /// upgrade leaves nothing behind. Their contents were transient (fragments)
-/// or counters.
+/// or counters, or moved before the new programs run (whole ports).
 /// `CL_SG_PORTS` held whole security-group ports by exact [`SgRuleKey`]
 /// (a release of 2026-12-03): the loader moves its entries into the
 /// rules trie before the new programs run, so no flow it allowed is

@@ -96,9 +96,12 @@ impl Packet for Tc<'_> {
                 (l3 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
             )
             .map_err(|_| DropReason::DecapFailed)?;
-        self.0
-            .store(0, &inner, 0)
-            .map_err(|_| DropReason::DecapFailed)
+        // Written in place through the packet pointers (the helper above
+        // made the head writable), not by bpf_skb_store_bytes: one helper
+        // call less.
+        let eth: *mut [u8; ETH_LEN] = self.cursor().at(0).ok_or(DropReason::DecapFailed)?;
+        unsafe { *eth = inner };
+        Ok(())
     }
 
     #[inline(always)]

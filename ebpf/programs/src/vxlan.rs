@@ -158,6 +158,11 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
         | ((ETH_LEN as u64) << 56);
     ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::EncapFailed)?;
-    ctx.store(0, &o, 0).map_err(|_| DropReason::EncapFailed)?;
+    // Written in place through the packet pointers (the helper above made
+    // the new head writable and linear), not by bpf_skb_store_bytes: one
+    // helper call less.
+    let c = Cursor::new(ctx.data(), ctx.data_end());
+    let head: *mut Outer = c.at(0).ok_or(DropReason::EncapFailed)?;
+    unsafe { core::ptr::write_unaligned(head, o) };
     Ok(redirect_to(cfg.uplink_ifindex, resolved))
 }

@@ -95,8 +95,7 @@ pub fn tables_allow(
         _pad: [0; 2],
     });
     if let Some(set) = set {
-        let n = (set.len as usize).min(SG_PORT_SET_LEN);
-        if set.ports[..n].iter().any(|p| port & p.mask == p.value) {
+        if set.allows(port) {
             return true;
         }
         if set.trie == 0 {

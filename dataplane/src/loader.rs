@@ -1603,8 +1603,9 @@ where
 }
 
 /// A table of prefixes kept in two maps: its entries that are whole keys
-/// (abi's `sg_addr_whole_bits`) in a hash the programs look in first, the others in an LPM trie. The plan sees one table of (prefix
-/// bits, key) entries; only these functions know where each one lives.
+/// (abi's `sg_addr_whole_bits`) in a hash the programs look in first, the
+/// others in an LPM trie. The plan sees one table of (prefix bits, key)
+/// entries; only these functions know where each one lives.
 trait SplitTable {
     type Trie: MapDef<Key = Self::Key, Value = Self::Value>;
     type Exact: MapDef<Key = Self::Key, Value = Self::Value>;

@@ -284,21 +284,22 @@ impl<'a> Compiler<'a> {
                                 .extend(port_prefixes(range.first, range.last)),
                         }
                     }
-                    let key = |proto: u8, port: u16| SgRuleKey {
+                    let key = |proto: u8| SgPortSetKey {
                         policy: policy.to_be_bytes(),
                         class: id.to_be_bytes(),
                         direction: d,
                         proto,
-                        port: port.to_be_bytes(),
+                        _pad: [0; 2],
                     };
                     if any_proto {
-                        out.rules.insert((SG_RULE_FIXED_BITS, key(0, 0)), 1);
+                        out.rules.insert((SG_RULE_FIXED_BITS, key(0).rule(0)), 1);
                     }
                     for (proto, prefixes) in ports {
+                        let k = key(proto);
                         if prefixes.len() > SG_PORT_SET_LEN {
                             for (v, bits) in prefixes {
                                 out.rules
-                                    .insert((SG_RULE_FIXED_BITS + 8 + bits, key(proto, v)), 1);
+                                    .insert((SG_RULE_FIXED_BITS + 8 + bits, k.rule(v)), 1);
                             }
                             continue;
                         }
@@ -308,16 +309,8 @@ impl<'a> Compiler<'a> {
                             ..Default::default()
                         };
                         for (slot, (value, bits)) in set.ports.iter_mut().zip(prefixes) {
-                            let mask = u16::MAX.checked_shl(16 - bits).unwrap_or(0);
-                            *slot = SgPortPrefix { value, mask };
+                            *slot = SgPortPrefix::new(value, bits);
                         }
-                        let k = SgPortSetKey {
-                            policy: policy.to_be_bytes(),
-                            class: id.to_be_bytes(),
-                            direction: d,
-                            proto,
-                            _pad: [0; 2],
-                        };
                         out.port_sets.insert(k, set);
                     }
                 }

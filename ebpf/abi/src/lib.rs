@@ -798,6 +798,21 @@ pub struct SgPortSetKey {
 }
 const _: () = assert!(size_of::<SgPortSetKey>() == 12);
 
+impl SgPortSetKey {
+    /// The rules-trie key of `port` for this (policy, class, direction,
+    /// protocol).
+    #[inline(always)]
+    pub const fn rule(&self, port: u16) -> SgRuleKey {
+        SgRuleKey {
+            policy: self.policy,
+            class: self.class,
+            direction: self.direction,
+            proto: self.proto,
+            port: port.to_be_bytes(),
+        }
+    }
+}
+
 /// Port prefixes an [`SgPortSet`] holds at most; a class with more for one
 /// protocol keeps them in the rules trie.
 pub const SG_PORT_SET_LEN: usize = 7;
@@ -809,6 +824,23 @@ pub const SG_PORT_SET_LEN: usize = 7;
 pub struct SgPortPrefix {
     pub value: u16,
     pub mask: u16,
+}
+
+impl SgPortPrefix {
+    /// The ports whose first `bits` bits (0 to 16) are those of `value`.
+    pub const fn new(value: u16, bits: u32) -> Self {
+        let mask = if bits == 0 {
+            0
+        } else {
+            u16::MAX << (16 - bits)
+        };
+        SgPortPrefix { value, mask }
+    }
+
+    /// The prefix's length in bits.
+    pub const fn bits(&self) -> u32 {
+        self.mask.count_ones()
+    }
 }
 
 /// Value of `CL_SG_PORTSETS`: the port prefixes a class allows for one
@@ -825,6 +857,23 @@ pub struct SgPortSet {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<SgPortSet>() == 32);
+
+impl SgPortSet {
+    /// Whether `port` is in one of the set's first `len` prefixes (a
+    /// bounded loop, as the verifier wants it).
+    #[inline(always)]
+    pub fn allows(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < SG_PORT_SET_LEN && i < self.len as usize {
+            let p = &self.ports[i];
+            if port & p.mask == p.value {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
 
 /// A conntrack key: the flow's two ends in a canonical order (so both
 /// directions find one entry), inside its network (zone = VNI) or, routed,

@@ -115,10 +115,9 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
             return 0;
         }
     };
-    let class_be = class.to_be_bytes();
     let set_key = SgPortSetKey {
         policy,
-        class: class_be,
+        class: class.to_be_bytes(),
         direction,
         proto,
         _pad: [0; 2],
@@ -127,20 +126,11 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
     // the class has none there or may allow more.
     let (mut allowed, mut trie) = (0u32, true);
     if let Some(set) = unsafe { CL_SG_PORTSETS.get(&set_key) } {
-        allowed = in_port_set(set, port);
+        allowed = set.allows(port) as u32;
         trie = set.trie != 0;
     }
     if allowed == 0 && trie {
-        let key = Key::new(
-            SG_RULE_WHOLE_BITS,
-            SgRuleKey {
-                policy,
-                class: class_be,
-                direction,
-                proto,
-                port: port.to_be_bytes(),
-            },
-        );
+        let key = Key::new(SG_RULE_WHOLE_BITS, set_key.rule(port));
         allowed = CL_SG_RULES.get(&key).is_some() as u32;
     }
     note(
@@ -150,21 +140,4 @@ fn allowed(policy: u32, direction: u32, remote: &[u8; 16], p: &Parsed, port: u32
         class,
     );
     allowed
-}
-
-/// 1 if `port` is in one of the set's prefixes.
-#[inline(always)]
-fn in_port_set(set: &SgPortSet, port: u16) -> u32 {
-    let mut i = 0;
-    while i < SG_PORT_SET_LEN {
-        if i >= set.len as usize {
-            break;
-        }
-        let p = &set.ports[i];
-        if port & p.mask == p.value {
-            return 1;
-        }
-        i += 1;
-    }
-    0
 }

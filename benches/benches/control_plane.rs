@@ -17,6 +17,7 @@ fn fleet() -> Snapshot {
     let hosts = (1..=HOSTS)
         .map(|h| Host {
             external_ip: None,
+            encryption: Default::default(),
             name: format!("hv{h}"),
             underlay_ip: std::net::Ipv4Addr::new(192, 0, 2 + (h / 250) as u8, (h % 250) as u8 + 1),
         })

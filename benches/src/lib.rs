@@ -201,6 +201,7 @@ pub fn sg_snapshot_matching(rules: usize, matching: Matching) -> Snapshot {
         floating_ips: vec![],
         hosts: vec![Host {
             external_ip: None,
+            encryption: Default::default(),
             name: "hv1".into(),
             underlay_ip: "192.0.2.1".parse().expect("address"),
         }],
@@ -244,6 +245,7 @@ pub fn paths_snapshot() -> Snapshot {
     let mut s = sg_snapshot(1);
     s.hosts.push(Host {
         external_ip: None,
+        encryption: Default::default(),
         name: "hv2".into(),
         underlay_ip: "192.0.2.2".parse().expect("address"),
     });

@@ -56,7 +56,7 @@ impl Kind {
     /// are accepted as they were returned).
     pub fn fields(self) -> &'static [&'static str] {
         match self {
-            Kind::Host => &["underlay_ip", "external_ip"],
+            Kind::Host => &["underlay_ip", "external_ip", "encryption"],
             Kind::Network => &[
                 "tenant",
                 "vni",

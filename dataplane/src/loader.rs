@@ -270,7 +270,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(BPF_OBJECT)
             .map_err(|e| Error::kernel("load the BPF object")(e.into()))?;
-        for name in [P::PORT, P::UPLINK_TC, P::SERVICE, P::EXTERNAL] {
+        for name in [P::PORT, P::UPLINK_TC, P::SERVICE, P::EXTERNAL, P::IPSEC] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|e| Error::kernel(format!("verify {name}"))(e.into()))?;
@@ -438,6 +438,8 @@ impl Dataplane {
                     P::SERVICE
                 } else if name.starts_with("external-") {
                     P::EXTERNAL
+                } else if name.starts_with("ipsec-") {
+                    P::IPSEC
                 } else {
                     P::PORT
                 };
@@ -663,6 +665,59 @@ impl Dataplane {
             0,
         )
         .map_err(|err| Error::kernel("write the external config")(err.into()))
+    }
+
+    /// Attaches the IPsec device's program (the VXLAN of ipsec peers,
+    /// decrypted, to their ports) to `name` and sends what goes to ipsec
+    /// peers there; `None`: there is no IPsec device (charon is not
+    /// running), so nothing is sent to them at all. Idempotent; a device
+    /// made again (charon restarted) gets the program again.
+    pub fn attach_ipsec(&mut self, name: Option<&str>) -> Result<(), Error> {
+        self.writable("attach the IPsec device")?;
+        let ifindex = match name {
+            Some(n) => Some(
+                netdev::ifindex(n)
+                    .ok_or_else(|| Error::Invalid(format!("IPsec device {n} does not exist")))?,
+            ),
+            None => None,
+        };
+        let want = ifindex.map(|i| format!("ipsec-{i}"));
+        for (link, path) in self.pinned_links()? {
+            if link.starts_with("ipsec-") && Some(&link) != want.as_ref() {
+                fs::remove_file(&path).map_err(Error::io(format!("unpin {}", path.display())))?;
+            }
+        }
+        if let (Some(n), Some(want)) = (name, &want) {
+            let path = link_dir(&self.pin_dir).join(want);
+            if !path.exists() {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, P::IPSEC)?;
+                let id = prog
+                    .attach_with_options(
+                        n,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .map_err(|err| Error::kernel(format!("attach to {n}"))(err.into()))?;
+                pin_tc_link(prog, id, &path)?;
+            }
+        }
+        let mut m: Array<&mut MapData, IpsecConfig> = typed_mut::<_, maps::Ipsec>(&mut self.ebpf)?;
+        m.set(
+            0,
+            IpsecConfig {
+                ifindex: ifindex.unwrap_or(0),
+                _reserved: 0,
+            },
+            0,
+        )
+        .map_err(|err| Error::kernel("write the IPsec config")(err.into()))
+    }
+
+    /// What `CL_IPSEC` holds.
+    pub fn ipsec(&self) -> Result<IpsecConfig, Error> {
+        typed_ref::<Array<&MapData, IpsecConfig>, maps::Ipsec>(&self.ebpf)?
+            .get(&0, 0)
+            .map_err(|err| Error::kernel("read the IPsec config")(err.into()))
     }
 
     /// What `CL_EXTERNAL` holds.

@@ -103,6 +103,25 @@ pub struct Host {
     /// VMs' SNATed traffic (none: no SNAT on this host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_ip: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Encryption::is_none")]
+    pub encryption: Encryption,
+}
+
+/// How a host's VXLAN travels to other hosts. Between two `ipsec` hosts,
+/// inside ESP only; between an `ipsec` host and a `none` host, not at all
+/// (an ipsec host never sends in clear, and takes nothing in clear).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    #[default]
+    None,
+    Ipsec,
+}
+
+impl Encryption {
+    pub fn is_none(&self) -> bool {
+        *self == Encryption::None
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

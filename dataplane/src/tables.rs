@@ -204,6 +204,26 @@ pub fn compile(
         .iter()
         .map(|h| (h.name.as_str(), h.underlay_ip.octets()))
         .collect();
+    let host_encryption: BTreeMap<&str, Encryption> = snap
+        .hosts
+        .iter()
+        .map(|h| (h.name.as_str(), h.encryption))
+        .collect();
+    // How frames go to a remote host: inside ESP between two ipsec hosts,
+    // not at all between an ipsec host and a plain one.
+    let to_host = |h: &str| match (me.encryption, host_encryption[h]) {
+        (Encryption::None, Encryption::None) => 0,
+        (Encryption::Ipsec, Encryption::Ipsec) => FWD_F_ENCRYPT,
+        _ => FWD_F_REFUSE,
+    };
+    // VXLAN in clear is taken only between two plain hosts: an ipsec host
+    // takes it only decrypted, from every VTEP; and since an ipsec host
+    // never sends in clear, a plain host refuses what claims to come in
+    // clear from one (forged).
+    let vtep_flags = |h: &str| match (me.encryption, host_encryption[h]) {
+        (Encryption::None, Encryption::None) => VTEP_F_ALLOWED,
+        _ => VTEP_F_ALLOWED | VTEP_F_ENCRYPTED,
+    };
     let nets: BTreeMap<&str, &Network> =
         snap.networks.iter().map(|n| (n.name.as_str(), n)).collect();
 
@@ -468,7 +488,7 @@ pub fn compile(
                     kind: FWD_REMOTE,
                     ifindex: 0,
                     slot: 0,
-                    flags: if p.port_security { PORT_F_SECURITY } else { 0 },
+                    flags: to_host(&p.host) | if p.port_security { PORT_F_SECURITY } else { 0 },
                     vtep,
                 },
             );
@@ -515,7 +535,7 @@ pub fn compile(
                         vni: nets[n].vni,
                         addr: host_ip[h],
                     },
-                    1,
+                    vtep_flags(h),
                 );
             }
         }

@@ -146,7 +146,7 @@ pub fn trace(dp: &Dataplane, snap: &Snapshot, entry: Entry, frame: &[u8]) -> Res
         None
     };
     let next_host = match kv {
-        Verdict::ToVtep(a) => snap
+        Verdict::ToVtep(a) | Verdict::ToIpsec(a) => snap
             .hosts
             .iter()
             .find(|h| h.underlay_ip == Ipv4Addr::from(a))
@@ -222,7 +222,14 @@ pub fn kernel_verdict(entry: Entry, k: &KernelTrace) -> Verdict {
             let fwd = step(T::FORWARD);
             match step(T::NEXT).map(|n| n.a) {
                 Some(NEXT_LOCAL) => Verdict::ToPort(fwd.map_or(0, |f| f.b)),
-                Some(NEXT_ENCAP) => Verdict::ToVtep(fwd.map_or([0; 4], |f| f.c.to_ne_bytes())),
+                Some(NEXT_ENCAP) => {
+                    let vtep = fwd.map_or([0; 4], |f| f.c.to_ne_bytes());
+                    if step(T::IPSEC).is_some() {
+                        Verdict::ToIpsec(vtep)
+                    } else {
+                        Verdict::ToVtep(vtep)
+                    }
+                }
                 Some(NEXT_SERVICE) => Verdict::ToAgent,
                 Some(NEXT_EXTERNAL) => Verdict::ToExternal,
                 Some(_) => Verdict::Back,
@@ -301,6 +308,7 @@ impl<'a> Names<'a> {
             ),
             Verdict::Back => "back".into(),
             Verdict::ToVtep(a) => format!("to-vtep:{}", Ipv4Addr::from(a)),
+            Verdict::ToIpsec(a) => format!("to-vtep-encrypted:{}", Ipv4Addr::from(a)),
             Verdict::Host => "host".into(),
             Verdict::ToAgent => "to-agent".into(),
             Verdict::ToExternal => "to-external".into(),
@@ -536,6 +544,18 @@ fn kernel_stages(k: &KernelTrace, names: &Names, compiler: &Compiler) -> Vec<Sta
             T::NEXT_HOP => stage(
                 "next hop",
                 "not resolved yet: the kernel resolves the VTEP's neighbour as it sends (bpf_redirect_neigh); the outer MACs below are filled then",
+            ),
+            T::IPSEC if s.b != 0 => stage(
+                "encryption",
+                "refused: one of this host and the VTEP's host is an ipsec host and the other is not",
+            ),
+            T::IPSEC if s.a == 0 => stage(
+                "encryption",
+                "no IPsec device yet (charon's not found): dropped, never sent in clear",
+            ),
+            T::IPSEC => stage(
+                "encryption",
+                format!("into the IPsec device ({}), to be sent inside ESP", names.iface(s.a)),
             ),
             T::DELIVER => stage("deliver", format!("to the VM of {}", names.slot(s.a))),
             T::UPLINK => stage("decap", format!("to {} (zone {})", names.port(s.b), s.c)),

@@ -1206,6 +1206,7 @@ mod tests {
         for h in 0..hosts {
             s.hosts.push(Host {
                 external_ip: None,
+                encryption: Default::default(),
                 name: format!("hv{h}"),
                 underlay_ip: std::net::Ipv4Addr::new(192, 0, 2, h as u8 + 1),
             });

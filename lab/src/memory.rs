@@ -78,11 +78,13 @@ fn base() -> Snapshot {
         hosts: vec![
             Host {
                 external_ip: None,
+                encryption: Default::default(),
                 name: "hv1".into(),
                 underlay_ip: "192.0.2.1".parse().expect("address"),
             },
             Host {
                 external_ip: None,
+                encryption: Default::default(),
                 name: "hv2".into(),
                 underlay_ip: "192.0.2.2".parse().expect("address"),
             },

@@ -215,14 +215,23 @@ pub fn agrees(seen: &Seen, v: Verdict, input: &[u8]) -> Result<(), String> {
     match (seen, v) {
         (Seen::Pass, Verdict::Host) => Ok(()),
         (Seen::Drop(a), Verdict::Drop(b)) if *a == b => Ok(()),
-        (Seen::Redirect(out), Verdict::ToVtep(vtep)) => {
+        (Seen::Redirect(out), Verdict::ToVtep(vtep) | Verdict::ToIpsec(vtep)) => {
+            // To the IPsec device (an L3 device): no next hop, so no MACs;
+            // to the uplink: the next hop's.
+            let ipsec = matches!(v, Verdict::ToIpsec(_));
             if is_vxlan_to(out, Some(vtep))
+                && (out[0..12] == [0; 12]) == ipsec
                 && (out[VXLAN_ENCAP_LEN..] == *input || routed(&out[VXLAN_ENCAP_LEN..], input))
             {
                 Ok(())
             } else {
                 Err(format!(
-                    "not the frame inside VXLAN to {vtep:?}: {out:02x?}"
+                    "not the frame inside VXLAN to {vtep:?} ({}): {out:02x?}",
+                    if ipsec {
+                        "to the IPsec device"
+                    } else {
+                        "to the uplink"
+                    }
                 ))
             }
         }

@@ -23,7 +23,7 @@ use cloison_abi::*;
 use ipnet::IpNet;
 
 use crate::{
-    snapshot::{Rule, Snapshot},
+    snapshot::{Encryption, Rule, Snapshot},
     tables::Tables,
 };
 
@@ -49,6 +49,8 @@ pub enum Verdict {
     Back,
     /// Inside VXLAN to this VTEP, out of the uplink.
     ToVtep([u8; 4]),
+    /// Inside VXLAN to this VTEP, into the IPsec device (to be encrypted).
+    ToIpsec([u8; 4]),
     /// Not for the overlay: handed to the host stack (uplink only).
     Host,
     /// To the agent's gateway services (its service tap), the port's
@@ -68,6 +70,7 @@ impl Verdict {
             Verdict::ToPort(_)
                 | Verdict::Back
                 | Verdict::ToVtep(_)
+                | Verdict::ToIpsec(_)
                 | Verdict::ToAgent
                 | Verdict::ToExternal
         )
@@ -92,6 +95,11 @@ pub struct Model<'a> {
     /// Whether the external interface's program is attached (the agent's
     /// `--external-interface`): set by whoever attached it.
     pub external: bool,
+    /// Whether the IPsec device is attached (the agent found charon's):
+    /// set by whoever attached it.
+    pub ipsec: bool,
+    /// Each host's encryption, by underlay address (this host's too).
+    encryption: BTreeMap<[u8; 4], Encryption>,
     /// First fragments allowed: when, and the tenant charged.
     frags: RefCell<BTreeMap<ModelFragKey, (u64, u32)>>,
     /// The rule checks made, in order, since [`Model::take_checks`] (what
@@ -157,6 +165,8 @@ impl<'a> Model<'a> {
             fips: Vec::new(),
             snat: RefCell::new(BTreeMap::new()),
             external: false,
+            ipsec: false,
+            encryption: BTreeMap::new(),
             checks: RefCell::new(Vec::new()),
         };
         m.set_policy(snap, ifindex);
@@ -169,6 +179,11 @@ impl<'a> Model<'a> {
         self.epoch += 1;
         self.rules.clear();
         self.members.clear();
+        self.encryption = snap
+            .hosts
+            .iter()
+            .map(|h| (h.underlay_ip.octets(), h.encryption))
+            .collect();
         self.routers = snap
             .routers
             .iter()
@@ -395,7 +410,29 @@ impl<'a> Model<'a> {
                 Ok(Verdict::Back)
             };
         }
-        Ok(Verdict::ToVtep(fwd.vtep))
+        self.to_vtep(fwd.vtep)
+    }
+
+    /// How a frame goes to the host at `vtep`: in clear between two plain
+    /// hosts, encrypted between two ipsec hosts, not at all otherwise.
+    pub(super) fn to_vtep(&self, vtep: [u8; 4]) -> Result<Verdict, DropReason> {
+        let mine = self.own_encryption();
+        match (mine, self.encryption_of(vtep)) {
+            (Encryption::None, Encryption::None) => Ok(Verdict::ToVtep(vtep)),
+            (Encryption::Ipsec, Encryption::Ipsec) if self.ipsec => Ok(Verdict::ToIpsec(vtep)),
+            (Encryption::Ipsec, Encryption::Ipsec) => Err(IpsecUnavailable),
+            _ => Err(EncryptionMismatch),
+        }
+    }
+
+    /// This host's encryption (the host whose address is this VTEP's).
+    pub(super) fn own_encryption(&self) -> Encryption {
+        self.encryption_of(self.tables.config.vtep)
+    }
+
+    /// The encryption of the host at underlay address `vtep`.
+    pub(super) fn encryption_of(&self, vtep: [u8; 4]) -> Encryption {
+        self.encryption.get(&vtep).copied().unwrap_or_default()
     }
 
     /// What the uplink program (XDP or TC) does with a frame from the underlay.

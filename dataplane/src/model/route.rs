@@ -134,11 +134,11 @@ impl Model<'_> {
         if sender.is_some() || receiver.is_some() {
             self.enforce(f, p, router.zone, sender, receiver)?;
         }
-        Ok(if local {
-            Verdict::ToPort(fwd.ifindex)
+        if local {
+            Ok(Verdict::ToPort(fwd.ifindex))
         } else {
-            Verdict::ToVtep(fwd.vtep)
-        })
+            self.to_vtep(fwd.vtep)
+        }
     }
 
     /// The zone of a routed frame (from network `vni`'s gateway MAC) that

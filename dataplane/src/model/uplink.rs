@@ -7,7 +7,7 @@ use cloison_abi::{
 
 use super::{
     parse::{be16, mac, parse, v4_mapped},
-    route, Model, Verdict,
+    route, Encryption, Model, Verdict,
 };
 
 impl Model<'_> {
@@ -63,6 +63,12 @@ impl Model<'_> {
         let src: [u8; 4] = f[26..30].try_into().expect("4 bytes");
         if !self.tables.vteps.contains_key(&VtepKey { vni, addr: src }) {
             return Err(VxlanUnknownVtep);
+        }
+        // In clear, from the underlay: an ipsec host takes none of it, and
+        // an ipsec host sends none of it (so it is forged).
+        let theirs = self.encryption_of(src);
+        if self.own_encryption() == Encryption::Ipsec || theirs == Encryption::Ipsec {
+            return Err(VxlanPlaintext);
         }
         if f.len() < 64 {
             return Err(VxlanTruncated);

@@ -200,6 +200,8 @@ map_table! {
     Routes / ROUTES = "CL_ROUTES", LpmTrie, RouteKey => RouteEntry, MAX_ROUTES;
     /// The external interface and the host's external IP, one entry.
     External / EXTERNAL = "CL_EXTERNAL", Array, u32 => ExternalConfig, 1;
+    /// The IPsec device (its ifindex; 0: none), one entry.
+    Ipsec / IPSEC = "CL_IPSEC", Array, u32 => IpsecConfig, 1;
     /// Floating IPs of local ports, by the floating IP (inbound).
     FloatingIps / FLOATING_IPS = "CL_FIPS", Hash, [u8; 4] => FloatingIn, MAX_FLOATING_IPS;
     /// Floating IPs of local ports, by the port's ifindex (outbound).
@@ -308,6 +310,7 @@ pub mod program_names {
     pub const UPLINK_TC: &str = "cl_uplink_tc";
     pub const SERVICE: &str = "cl_service";
     pub const EXTERNAL: &str = "cl_external";
+    pub const IPSEC: &str = "cl_ipsec";
     /// The trace build (a separate object, never attached): the port
     /// program and the uplink's TC program, run by BPF_PROG_TEST_RUN on the
     /// live maps without writing them.
@@ -385,6 +388,9 @@ pub mod trace {
     /// the neighbour is not resolved yet (the kernel resolves it as it
     /// sends: `bpf_redirect_neigh`).
     pub const NEXT_HOP: u32 = 15;
+    /// Encapsulated for an ipsec peer: a: the IPsec device's ifindex (0:
+    /// none), b: 1 if the pair does not encrypt alike (refused).
+    pub const IPSEC: u32 = 16;
 
     /// [`CONNTRACK`] results.
     pub const CT_HIT: u32 = 1;
@@ -671,6 +677,33 @@ const _: () = assert!(size_of::<ForwardKey>() == 12);
 
 pub const FWD_LOCAL: u32 = 1;
 pub const FWD_REMOTE: u32 = 2;
+
+/// Bits of a remote [`ForwardEntry`]'s flags (beside [`PORT_F_SECURITY`]):
+/// its VTEP and this host both have `encryption: ipsec`, so its frames go
+/// to the IPsec device ([`IpsecConfig`]), never in clear to the uplink.
+pub const FWD_F_ENCRYPT: u32 = 1 << 16;
+/// One of its VTEP and this host is an ipsec host and the other is not:
+/// its frames are dropped (`encryption_mismatch`), in clear or not.
+pub const FWD_F_REFUSE: u32 = 1 << 17;
+
+/// Bits of a `CL_VTEPS` value. Every entry has [`VTEP_F_ALLOWED`];
+/// [`VTEP_F_ENCRYPTED`]: this host is an ipsec host, so the VTEP's VXLAN is
+/// accepted only decrypted (out of the IPsec device), never in clear from
+/// the uplink (`vxlan_plaintext`).
+pub const VTEP_F_ALLOWED: u32 = 1;
+pub const VTEP_F_ENCRYPTED: u32 = 2;
+
+/// The IPsec device, the one entry of `CL_IPSEC`: the interface that
+/// encrypts what is sent to it and out of which decrypted VXLAN comes
+/// (charon's kernel-libipsec TUN device, or an XFRM interface); 0: none
+/// (encrypted peers' frames are dropped, `ipsec_unavailable`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpsecConfig {
+    pub ifindex: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<IpsecConfig>() == 8);
 
 /// Where a (VNI, MAC) lives: a local port (ifindex, slot) or a remote VTEP.
 #[repr(C)]
@@ -1178,6 +1211,10 @@ drop_reasons! {
     SnatExhausted = "snat_exhausted",
     ExternalUnreachable = "external_unreachable",
     NatFragment = "nat_fragment",
+    EncryptionMismatch = "encryption_mismatch",
+    IpsecUnavailable = "ipsec_unavailable",
+    VxlanPlaintext = "vxlan_plaintext",
+    IpsecNotVxlan = "ipsec_not_vxlan",
 }
 const _: () = assert!(DropReason::COUNT <= MAX_DROP_REASONS);
 
@@ -1195,6 +1232,7 @@ mod pod {
     unsafe impl aya::Pod for AddrAllow {}
     unsafe impl aya::Pod for ForwardKey {}
     unsafe impl aya::Pod for ForwardEntry {}
+    unsafe impl aya::Pod for IpsecConfig {}
     unsafe impl aya::Pod for NeighbourKey {}
     unsafe impl aya::Pod for NeighbourEntry {}
     unsafe impl aya::Pod for NetworkInfo {}

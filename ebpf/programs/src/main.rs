@@ -51,13 +51,19 @@ pub fn cl_port(ctx: TcContext) -> i32 {
 /// start, redirect.
 #[xdp]
 pub fn cl_uplink_xdp(ctx: XdpContext) -> u32 {
-    pipeline::from_underlay(&Xdp(&ctx))
+    pipeline::from_underlay(&Xdp(&ctx), false)
 }
 
 /// The same uplink pipeline as a TC program (software uplinks, `--uplink-hook tc`).
 #[classifier]
 pub fn cl_uplink_tc(ctx: TcContext) -> i32 {
-    pipeline::from_underlay(&Tc(&ctx))
+    pipeline::from_underlay(&Tc(&ctx), false)
+}
+
+/// TC ingress of the IPsec device: what ipsec peers sent, decrypted.
+#[classifier]
+pub fn cl_ipsec(ctx: TcContext) -> i32 {
+    pipeline::from_ipsec(&ctx)
 }
 
 /// TC ingress of the agent's service tap: the answers of its gateway

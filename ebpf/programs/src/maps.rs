@@ -108,6 +108,10 @@ pub static CL_ROUTES: LpmTrie<RouteKey, RouteEntry> = LpmTrie::pinned(MAX_ROUTES
 #[map]
 pub static CL_EXTERNAL: Array<ExternalConfig> = Array::pinned(1, 0);
 
+/// The IPsec device.
+#[map]
+pub static CL_IPSEC: Array<IpsecConfig> = Array::pinned(1, 0);
+
 /// Floating IPs of local ports, by the floating IP.
 #[map]
 pub static CL_FIPS: HashMap<[u8; 4], FloatingIn> = HashMap::pinned(MAX_FLOATING_IPS, 0);

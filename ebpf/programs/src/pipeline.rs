@@ -18,6 +18,7 @@
 //! returns one register ([`Packed`]).
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::generated::bpf_skb_change_head,
     programs::TcContext,
 };
 use cloison_abi::*;
@@ -63,7 +64,7 @@ pub fn from_vm(ctx: &TcContext) -> i32 {
                 | NEXT_TOO_BIG_V6
                 | NEXT_TIME_EXCEEDED_V4
                 | NEXT_TIME_EXCEEDED_V6 => icmp_error(ctx, d.ifindex, &d.port, d.next),
-                NEXT_ENCAP => encap(ctx, d.out.vni, d.peer.vtep, vxlan::flow_hash(&d.parsed)),
+                NEXT_ENCAP => encap(ctx, d.out.vni, &d.peer, vxlan::flow_hash(&d.parsed)),
                 NEXT_LOCAL => forward::deliver(&d.peer, ctx.len()) as Packed,
                 NEXT_EXTERNAL => external(ctx, d.ifindex, d.out.zone),
                 NEXT_ROUTER_ECHO => router_echo(ctx, d.ifindex, &d.port, &d.parsed),
@@ -310,9 +311,9 @@ fn deliver_inbound(
 }
 
 #[inline(never)]
-fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Packed {
-    note(trace::ENCAP, u32::from_ne_bytes(vtep), vni, hash);
-    pack(vxlan::encap(ctx, vni, vtep, hash))
+fn encap(ctx: &TcContext, vni: u32, peer: &ForwardEntry, hash: u32) -> Packed {
+    note(trace::ENCAP, u32::from_ne_bytes(peer.vtep), vni, hash);
+    pack(vxlan::encap(ctx, vni, peer.vtep, peer.flags, hash))
 }
 
 /// The stateful check of a frame from a port, once forwarding chose where it
@@ -471,13 +472,48 @@ fn conntrack_then_policy(c: &Cursor, p: &Parsed, ends: &Ends) -> Result<bool, Dr
     Ok(true)
 }
 
-/// Everything that reaches the uplink from the underlay, in either hook.
+/// What comes out of the IPsec device: the VXLAN that ipsec peers sent,
+/// decrypted, without an Ethernet header (the device is an L3 one). Given
+/// one, it takes the uplink's path, as decrypted; nothing else is expected
+/// out of there.
 #[inline(always)]
-pub fn from_underlay<P: Packet>(pkt: &P) -> P::Verdict {
+pub fn from_ipsec(ctx: &TcContext) -> i32 {
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
+        count_drop(DropReason::DecapFailed, NO_SLOT);
+        return TC_ACT_SHOT;
+    }
+    let c = Cursor::new(ctx.data(), ctx.data_end());
+    let Some(eth) = c.at::<[u8; ETH_LEN]>(0) else {
+        count_drop(DropReason::DecapFailed, NO_SLOT);
+        return TC_ACT_SHOT;
+    };
+    // The helper zeroed the addresses; the type is the underlay's, IPv4
+    // (anything else is not VXLAN of ours: dropped below).
+    unsafe {
+        (*eth)[12] = 0x08;
+        (*eth)[13] = 0;
+    }
+    from_underlay(&Tc(ctx), true)
+}
+
+/// Everything that reaches the uplink from the underlay, in either hook,
+/// or (`decrypted`) out of the IPsec device.
+#[inline(always)]
+pub fn from_underlay<P: Packet>(pkt: &P, decrypted: bool) -> P::Verdict {
     let len = pkt.len();
     pkt.pull_headers(VXLAN_ENCAP_LEN as u32);
     let c = pkt.cursor();
-    match uplink::classify(&c, len, pkt.is_gso()) {
+    match uplink::classify(&c, len, pkt.is_gso(), decrypted) {
+        Ok(None) if decrypted => {
+            count_drop(DropReason::IpsecNotVxlan, NO_SLOT);
+            monitor::dropped(
+                pkt,
+                monitor_hook::UPLINK,
+                DropReason::IpsecNotVxlan,
+                NO_SLOT,
+            );
+            P::DROP
+        }
         Ok(None) => P::PASS,
         Ok(Some(d)) => {
             note(trace::UPLINK, d.port.slot, d.port.ifindex, d.zone);

@@ -49,7 +49,7 @@ pub fn cl_port_trace(ctx: TcContext) -> i32 {
 /// The uplink's TC program, trace build.
 #[classifier]
 pub fn cl_uplink_trace(ctx: TcContext) -> i32 {
-    pipeline::from_underlay(&Tc(&ctx))
+    pipeline::from_underlay(&Tc(&ctx), false)
 }
 
 #[cfg(not(test))]

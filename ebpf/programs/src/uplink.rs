@@ -13,9 +13,16 @@ use crate::{
     maps::{forward, neighbour, remote_mac, route, router_iface, CL_CONFIG, CL_NETWORKS, CL_VTEPS},
 };
 
-/// `Ok(None)`: not for the overlay, hand to the host stack.
+/// `Ok(None)`: not for the overlay, hand to the host stack. `decrypted`:
+/// the frame came out of the IPsec device (authenticated, decrypted), not
+/// in clear from the underlay.
 #[inline(always)]
-pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, DropReason> {
+pub fn classify(
+    c: &Cursor,
+    len: u32,
+    gso: bool,
+    decrypted: bool,
+) -> Result<Option<Delivery>, DropReason> {
     let Some(eth) = c.at::<EthHdr>(0) else {
         return Ok(None);
     };
@@ -92,7 +99,7 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
     }
     let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);
     let vtep = VtepKey { vni, addr: ip.src };
-    if CL_VTEPS.get_ptr(&vtep).is_none() {
+    let Some(allowed) = CL_VTEPS.get_ptr(&vtep) else {
         // A (VNI, VTEP) entry exists only with its network (the loader
         // writes networks first and deletes them last): one lookup on the
         // accepted path, a second only to name what is unknown.
@@ -100,6 +107,17 @@ pub fn classify(c: &Cursor, len: u32, gso: bool) -> Result<Option<Delivery>, Dro
             DropReason::VxlanUnknownVni
         } else {
             DropReason::VxlanUnknownVtep
+        });
+    };
+    // An ipsec host takes VXLAN only out of the IPsec device: a frame in
+    // clear that claims an ipsec VTEP's address may be forged by anyone on
+    // the underlay.
+    let encrypted = unsafe { *allowed } & VTEP_F_ENCRYPTED != 0;
+    if encrypted != decrypted {
+        return Err(if decrypted {
+            DropReason::EncryptionMismatch
+        } else {
+            DropReason::VxlanPlaintext
         });
     }
     let inner: *mut EthHdr = c.at(VXLAN_ENCAP_LEN).ok_or(DropReason::VxlanTruncated)?;

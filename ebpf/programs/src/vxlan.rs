@@ -5,14 +5,16 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        TC_ACT_REDIRECT,
     },
+    helpers::generated::bpf_redirect,
     programs::TcContext,
 };
-use cloison_abi::{DropReason, VXLAN_ENCAP_LEN, VXLAN_PORT};
+use cloison_abi::{DropReason, FWD_F_ENCRYPT, FWD_F_REFUSE, VXLAN_ENCAP_LEN, VXLAN_PORT};
 
 use crate::{
     hdr::*,
-    maps::CL_CONFIG,
+    maps::{CL_CONFIG, CL_IPSEC},
     mode::note,
     packet::{next_hop, redirect_to, Refusals},
     parse::Parsed,
@@ -71,54 +73,88 @@ pub fn flow_hash(p: &Parsed) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Encapsulates towards `vtep` and redirects: to the uplink, or to the
+/// IPsec device when `peer_flags` say the pair encrypts.
 #[inline(always)]
-pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32, DropReason> {
+pub fn encap(
+    ctx: &TcContext,
+    vni: u32,
+    vtep: [u8; 4],
+    peer_flags: u32,
+    hash: u32,
+) -> Result<i32, DropReason> {
     let cfg = CL_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let inner_len = ctx.len();
     let outer_ip_len = inner_len + (VXLAN_ENCAP_LEN - ETH_LEN) as u32;
-
-    // Tenant traffic leaves only through the uplink, whatever the routes say.
-    let why = Refusals {
-        unreachable: DropReason::UnderlayUnreachable,
-        elsewhere: DropReason::UnderlayNotUplink,
-    };
     let mut eth = [0u8; 12];
-    let resolved = next_hop(
-        ctx,
-        cfg.uplink_ifindex,
-        IPPROTO_UDP,
-        VXLAN_PORT,
-        outer_ip_len as u16,
-        (cfg.vtep, vtep),
-        why,
-        &mut eth,
-    )?;
-    note(
-        cloison_abi::trace::NEXT_HOP,
-        resolved as u32,
-        u32::from_be_bytes([eth[0], eth[1], eth[2], eth[3]]),
-        u32::from_be_bytes([0, 0, eth[4], eth[5]]),
-    );
+    // Where it goes: the IPsec device (an L3 device: no next hop, no MACs,
+    // the redirect drops the Ethernet header) or the uplink's next hop.
+    // (One `write_outer` below for both: the header it builds is on the
+    // stack once.)
+    let (dev, resolved) = if peer_flags & (FWD_F_ENCRYPT | FWD_F_REFUSE) != 0 {
+        // Never in clear to (or from) an ipsec host.
+        let dev = CL_IPSEC.get(0).map_or(0, |d| d.ifindex);
+        let refused = peer_flags & FWD_F_REFUSE != 0;
+        note(cloison_abi::trace::IPSEC, dev, refused as u32, 0);
+        if refused {
+            return Err(DropReason::EncryptionMismatch);
+        }
+        if dev == 0 {
+            return Err(DropReason::IpsecUnavailable);
+        }
+        (dev, true)
+    } else {
+        // Tenant traffic leaves only through the uplink, whatever the routes say.
+        let why = Refusals {
+            unreachable: DropReason::UnderlayUnreachable,
+            elsewhere: DropReason::UnderlayNotUplink,
+        };
+        let resolved = next_hop(
+            ctx,
+            cfg.uplink_ifindex,
+            IPPROTO_UDP,
+            VXLAN_PORT,
+            outer_ip_len as u16,
+            (cfg.vtep, vtep),
+            why,
+            &mut eth,
+        )?;
+        note(
+            cloison_abi::trace::NEXT_HOP,
+            resolved as u32,
+            u32::from_be_bytes([eth[0], eth[1], eth[2], eth[3]]),
+            u32::from_be_bytes([0, 0, eth[4], eth[5]]),
+        );
+        (0, resolved)
+    };
+    write_outer(ctx, cfg.vtep, vtep, vni, outer_ip_len, hash, &eth)?;
+    if dev != 0 {
+        unsafe { bpf_redirect(dev, 0) };
+        return Ok(TC_ACT_REDIRECT);
+    }
+    Ok(redirect_to(cfg.uplink_ifindex, resolved))
+}
 
+/// Makes room for the outer headers and writes them: Ethernet (`eth`: the
+/// next hop's destination and source MACs), IPv4 from `src` to `dst`, UDP,
+/// VXLAN with `vni`.
+#[inline(always)]
+fn write_outer(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    vni: u32,
+    outer_ip_len: u32,
+    hash: u32,
+    eth: &[u8; 12],
+) -> Result<(), DropReason> {
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let inner: *mut [u8; 14] = c.at(0).ok_or(DropReason::TruncatedEthernet)?;
     let sport = (SPORT_MIN + ((hash as u64 * SPORT_RANGE) >> 32) as u32) as u16;
 
-    let mut o = Outer {
-        eth: [0; 14],
-        ip: [0; 20],
-        udp: [0; 8],
-        vxlan: [0; 8],
-        inner_eth: unsafe { *inner },
-    };
-    let mut i = 0;
-    while i < 12 {
-        o.eth[i] = eth[i];
-        i += 1;
-    }
-    o.eth[12] = 0x08;
+    let inner_eth = unsafe { *inner };
     let tot = (outer_ip_len as u16).to_be_bytes();
-    o.ip = [
+    let mut ip = [
         0x45,
         0,
         tot[0],
@@ -131,25 +167,22 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
         IPPROTO_UDP,
         0,
         0,
-        cfg.vtep[0],
-        cfg.vtep[1],
-        cfg.vtep[2],
-        cfg.vtep[3],
-        vtep[0],
-        vtep[1],
-        vtep[2],
-        vtep[3],
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
     ];
-    let csum = ipv4_csum(&o.ip);
-    o.ip[10] = csum[0];
-    o.ip[11] = csum[1];
+    let csum = ipv4_csum(&ip);
+    ip[10] = csum[0];
+    ip[11] = csum[1];
     let sp = sport.to_be_bytes();
     let dp = VXLAN_PORT.to_be_bytes();
     let ul = ((outer_ip_len - 20) as u16).to_be_bytes();
-    // UDP checksum zero, as RFC 7348 recommends for IPv4.
-    o.udp = [sp[0], sp[1], dp[0], dp[1], ul[0], ul[1], 0, 0];
     let v = vni.to_be_bytes();
-    o.vxlan = [0x08, 0, 0, 0, v[1], v[2], v[3], 0];
 
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
@@ -159,10 +192,25 @@ pub fn encap(ctx: &TcContext, vni: u32, vtep: [u8; 4], hash: u32) -> Result<i32,
     ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::EncapFailed)?;
     // Written in place through the packet pointers (the helper above made
-    // the new head writable and linear), not by bpf_skb_store_bytes: one
-    // helper call less.
+    // the new head writable and linear), field by field (no copy of the
+    // whole header on the stack), not by bpf_skb_store_bytes: one helper
+    // call less.
     let c = Cursor::new(ctx.data(), ctx.data_end());
     let head: *mut Outer = c.at(0).ok_or(DropReason::EncapFailed)?;
-    unsafe { core::ptr::write_unaligned(head, o) };
-    Ok(redirect_to(cfg.uplink_ifindex, resolved))
+    unsafe {
+        let o = &mut *head;
+        let mut i = 0;
+        while i < 12 {
+            o.eth[i] = eth[i];
+            i += 1;
+        }
+        o.eth[12] = 0x08;
+        o.eth[13] = 0;
+        o.ip = ip;
+        // UDP checksum zero, as RFC 7348 recommends for IPv4.
+        o.udp = [sp[0], sp[1], dp[0], dp[1], ul[0], ul[1], 0, 0];
+        o.vxlan = [0x08, 0, 0, 0, v[1], v[2], v[3], 0];
+        o.inner_eth = inner_eth;
+    }
+    Ok(())
 }

@@ -234,6 +234,7 @@ impl Lab {
         let name = format!("hv{i}");
         self.snapshot.hosts.push(Host {
             external_ip: None,
+            encryption: Default::default(),
             name: name.clone(),
             underlay_ip: underlay_ip(i),
         });
@@ -748,6 +749,7 @@ impl Lab {
         }
         self.snapshot.hosts.push(Host {
             external_ip: None,
+            encryption: Default::default(),
             name: "hv3".into(),
             underlay_ip: underlay_ip(3),
         });

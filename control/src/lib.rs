@@ -7,6 +7,7 @@ pub mod client;
 pub mod desired;
 pub mod fuzzing;
 pub mod gateway;
+pub mod ipsec;
 pub mod monitor;
 pub mod reconcile;
 pub mod server;

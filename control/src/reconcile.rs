@@ -57,6 +57,9 @@ pub struct Config {
     pub service_tap: Option<(String, u32, cloison_abi::ServiceConfig)>,
     /// Where floating-IP and SNAT traffic leaves and enters the host.
     pub external: Option<String>,
+    /// The IPsec device (charon's kernel-libipsec TUN device), for a host
+    /// whose `encryption` is `ipsec`.
+    pub ipsec_device: String,
 }
 
 /// How often a failed apply is retried (and pending ports looked for, in
@@ -233,6 +236,12 @@ fn apply(
             .err()
             .map(|e| format!("external interface {name}: {e}"))
     });
+    let ipsec = ipsec_device(cfg, dp, valid);
+    let external = match (external, ipsec) {
+        (None, None) => None,
+        (Some(e), None) | (None, Some(e)) => Some(e),
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+    };
     let started = Instant::now();
     let generation = state.generation;
     match dp.apply(valid, &cfg.host, &cfg.uplink, cfg.hook) {
@@ -290,6 +299,33 @@ fn apply(
             tracing::error!(generation, error = %e, "apply");
             false
         }
+    }
+}
+
+/// The IPsec device, on every turn: attached while this host is an ipsec
+/// host and the device exists (charon made it; a restarted charon makes a
+/// new one, whose link event brings the reconciler here), detached
+/// otherwise, so that nothing meant for an ipsec peer goes anywhere else.
+/// What is missing, if something is.
+fn ipsec_device(
+    cfg: &Config,
+    dp: &mut Dataplane,
+    valid: &cloison_dataplane::Valid,
+) -> Option<String> {
+    use cloison_dataplane::snapshot::Encryption;
+    let ipsec = valid
+        .hosts
+        .iter()
+        .any(|h| h.name == cfg.host && h.encryption == Encryption::Ipsec);
+    let name = cfg.ipsec_device.as_str();
+    let present = ipsec && cloison_dataplane::netdev::ifindex(name).is_some();
+    let res = dp.attach_ipsec(present.then_some(name));
+    match (ipsec, present, res) {
+        (_, _, Err(e)) => Some(format!("IPsec device {name}: {e}")),
+        (true, false, Ok(())) => Some(format!(
+            "IPsec device {name} missing (is charon running with kernel-libipsec?): nothing is sent to ipsec peers"
+        )),
+        _ => None,
     }
 }
 

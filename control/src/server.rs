@@ -48,6 +48,9 @@ pub struct Agent {
     pub monitor: Arc<crate::monitor::Monitor>,
     /// What the gateway services answered and did not (`/metrics`).
     pub gateway: Arc<crate::gateway::Counters>,
+    /// IPsec with the other hosts, as charon has it (`encryption` in the
+    /// status, `/metrics`).
+    pub ipsec: Arc<crate::ipsec::Status>,
     /// This host's uplink interface (traces of frames from the underlay).
     uplink: Mutex<Option<String>>,
 }
@@ -121,6 +124,7 @@ impl Agent {
             desired: desired_rx.clone(),
             applied: applied_rx,
             gateway: Arc::default(),
+            ipsec: Arc::default(),
             uplink: Mutex::new(None),
         });
         Ok((
@@ -365,6 +369,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> ApiResult {
             .map(|(port, why)| json!({"port": port, "why": why}))
             .collect::<Vec<_>>(),
         "store": agent.view.describe(),
+        "encryption": agent.ipsec.get(),
     }))
     .into_response())
 }

@@ -113,6 +113,12 @@ pub const MIN_MTU: u32 = 576;
 /// Largest: a 9000-byte jumbo underlay minus the VXLAN overhead.
 pub const MAX_MTU: u32 = 8950;
 
+/// Largest MTU of a network with a port on an ipsec host: its VXLAN
+/// (the frame and 50 bytes) must fit the IPsec device, whose packets
+/// strongSwan's kernel-libipsec takes up to 1400 bytes (a size fixed when
+/// it was built; an XFRM interface would take more).
+pub const MAX_MTU_IPSEC: u32 = 1350;
+
 /// Checks `snap` whole: every object, every reference, and every host's
 /// capacity. The first violation found is returned.
 pub fn validate(snap: Snapshot) -> Result<Valid, Violation> {
@@ -222,6 +228,12 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
             },
         })?;
     }
+    let ipsec_hosts: HashSet<&str> = s
+        .hosts
+        .iter()
+        .filter(|h| h.encryption == crate::snapshot::Encryption::Ipsec)
+        .map(|h| h.name.as_str())
+        .collect();
     let n = s.ports.len();
     let mut names = HashSet::with_capacity(n);
     let mut macs = HashMap::with_capacity(n);
@@ -248,6 +260,18 @@ fn check_objects(s: &Snapshot) -> Result<(), Violation> {
                 "port {}: lo is the host's loopback, not a port",
                 p.name
             ));
+        }
+        if ipsec_hosts.contains(p.host.as_str()) {
+            if let Some(n) = s
+                .networks
+                .iter()
+                .find(|n| n.name == p.network && n.mtu > MAX_MTU_IPSEC)
+            {
+                return conflict(format!(
+                    "port {}: network {} has MTU {}, and host {} encrypts (ipsec): a network with ports on ipsec hosts has an MTU of at most {MAX_MTU_IPSEC} (ESP's device takes 1400 bytes, VXLAN adds 50)",
+                    p.name, n.name, n.mtu, p.host
+                ));
+            }
         }
         // One interface, one port (of whichever tenant).
         if let Some(other) = interfaces.insert((p.host.as_str(), p.interface.as_str()), &p.name) {
@@ -1134,6 +1158,19 @@ mod tests {
         };
         assert!(bad(&|s| s.networks[0].vni = 0).contains("VNI"));
         assert!(bad(&|s| s.networks[0].mtu = 100).contains("MTU"));
+        // A network with a port on an ipsec host fits the IPsec device.
+        let ipsec = |s: &mut Snapshot| {
+            for h in &mut s.hosts {
+                h.encryption = crate::snapshot::Encryption::Ipsec;
+            }
+        };
+        assert!(bad(&|s| ipsec(s)).contains("at most 1350"));
+        let mut ok = snap(BASE);
+        ipsec(&mut ok);
+        for n in &mut ok.networks {
+            n.mtu = MAX_MTU_IPSEC;
+        }
+        validate(ok).expect("MTU 1350 fits");
         assert!(bad(&|s| s.ports[1].mac = s.ports[0].mac).contains("already port"));
         assert!(
             bad(&|s| s.ports[1].ips = vec!["10.0.0.1".parse().unwrap()]).contains("already port")

@@ -62,6 +62,20 @@ const PACKAGES: &[Package] = &[
     pkg("curl", "curl"),
     // Routing: the lab checks the router hop with a real traceroute.
     pkg("traceroute", "traceroute"),
+    // Encryption: the ipsec hosts' IKE daemon (strongSwan's charon, with
+    // kernel-libipsec from the extra plugins), swanctl and pki for the
+    // tests' throwaway CA (each test starts its own charons, by pid).
+    pkg("strongswan-charon", "/usr/lib/ipsec/charon"),
+    pkg("strongswan-swanctl", "swanctl"),
+    pkg("strongswan-pki", "pki"),
+    pkg(
+        "libcharon-extra-plugins",
+        "/usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so",
+    ),
+    pkg(
+        "libstrongswan-standard-plugins",
+        "/usr/lib/ipsec/plugins/libstrongswan-openssl.so",
+    ),
     pkg(
         "fonts-dejavu-core",
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

@@ -265,6 +265,28 @@ async fn run(args: Args) -> Result<()> {
                 if let Some(p) = v["pending_ports"].as_array().filter(|p| !p.is_empty()) {
                     println!("pending ports (no interface yet): {p:?}");
                 }
+                let e = &v["encryption"];
+                if e["mode"] == "ipsec" {
+                    println!("encryption ipsec  IKE {}", e["ike"].as_str().unwrap_or("?"));
+                    for p in e["peers"].as_array().into_iter().flatten() {
+                        println!(
+                            "  peer {} ({})  {}  IKE {}  ESP {}  rekeys {}  lost {}  packets in {} out {}{}",
+                            p["host"].as_str().unwrap_or("?"),
+                            p["address"].as_str().unwrap_or("?"),
+                            if p["up"] == true { "up" } else { "DOWN" },
+                            p["ike"].as_str().unwrap_or("?"),
+                            p["child"].as_str().unwrap_or("?"),
+                            p["rekeys"],
+                            p["downs"],
+                            p["packets_in"],
+                            p["packets_out"],
+                            p["error"]
+                                .as_str()
+                                .map(|e| format!("  error: {e}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
             }
         }
         Cmd::Fleet => {

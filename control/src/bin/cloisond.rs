@@ -92,6 +92,27 @@ struct Args {
     /// One new flow in N is streamed to the monitor (1: each, within the rate).
     #[arg(long, default_value_t = cloison_control::monitor::DEFAULT_SETTINGS.sample)]
     monitor_sample: u32,
+    /// This host's X.509 certificate (PEM), for a host whose `encryption`
+    /// is `ipsec`: its subjectAltName is the host's underlay address (its
+    /// IKE identity), signed by --ipsec-ca.
+    #[arg(long, requires_all = ["ipsec_key", "ipsec_ca"])]
+    ipsec_cert: Option<PathBuf>,
+    /// The private key of --ipsec-cert (PEM).
+    #[arg(long, requires_all = ["ipsec_cert", "ipsec_ca"])]
+    ipsec_key: Option<PathBuf>,
+    /// The fleet's CA (PEM): peers' certificates must be signed by it.
+    #[arg(long, requires_all = ["ipsec_cert", "ipsec_key"])]
+    ipsec_ca: Option<PathBuf>,
+    /// charon's VICI socket (strongSwan with kernel-libipsec: docs/encryption.md).
+    #[arg(long, default_value = "/run/charon.vici")]
+    ipsec_vici: PathBuf,
+    /// charon's IPsec device (kernel-libipsec's TUN device).
+    #[arg(long, default_value = "ipsec0")]
+    ipsec_interface: String,
+    /// How often the ESP keys with each peer are renegotiated (seconds; the
+    /// IKE SA's every 4 times that). At least 60.
+    #[arg(long, default_value_t = 3600)]
+    ipsec_rekey_seconds: u64,
     /// Remove everything this host's agent pinned (programs detach) and exit.
     #[arg(long)]
     purge: bool,
@@ -193,6 +214,27 @@ fn run(args: Args) -> Result<()> {
     if args.listen.is_empty() {
         bail!("at least one --listen unix:PATH or tcp:ADDR is required");
     }
+    if args.ipsec_rekey_seconds < 60 {
+        bail!(
+            "--ipsec-rekey-seconds {}: at least 60",
+            args.ipsec_rekey_seconds
+        );
+    }
+    let ipsec = match (&args.ipsec_cert, &args.ipsec_key, &args.ipsec_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            for f in [cert, key, ca] {
+                std::fs::metadata(f).with_context(|| format!("--ipsec-*: {}", f.display()))?;
+            }
+            Some(cloison_control::ipsec::Settings {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                vici: args.ipsec_vici.clone(),
+                rekey: std::time::Duration::from_secs(args.ipsec_rekey_seconds),
+            })
+        }
+        _ => None,
+    };
     for ep in &args.listen {
         if let Endpoint::Https(addr, _) = ep {
             bail!("--listen https:{addr}: listen on tcp:{addr} with --tls-cert and --tls-key");
@@ -269,6 +311,7 @@ fn run(args: Args) -> Result<()> {
             cloison_dataplane::service::config(tap.ifindex, args.gateway_rate, args.gateway_burst),
         )),
         external: Some(external),
+        ipsec_device: args.ipsec_interface.clone(),
     };
     let service = {
         let _in_rt = rt.enter();
@@ -289,6 +332,12 @@ fn run(args: Args) -> Result<()> {
             std::process::exit(1);
         }
     });
+    rt.spawn(cloison_control::ipsec::run(
+        args.name.clone(),
+        ipsec,
+        side.desired.clone(),
+        agent.ipsec.clone(),
+    ));
     let (links_tx, links_rx) = tokio::sync::mpsc::unbounded_channel();
     reconcile::watch_links(links_tx).context("watch link events (netlink)")?;
     reconcile::spawn(cfg, side.desired, side.applied, links_rx)?;

@@ -15,6 +15,7 @@ mod baseline;
 mod boot;
 mod capture;
 mod fleet;
+mod ipsec;
 mod topology;
 mod traffic;
 mod underlay;
@@ -24,6 +25,7 @@ pub use baseline::*;
 pub use boot::*;
 pub use capture::*;
 pub use fleet::*;
+pub use ipsec::*;
 use topology::*;
 pub use topology::{in_netns, sh, Wire};
 pub use traffic::*;
@@ -63,6 +65,8 @@ pub struct Lab {
     pub booting: bool,
     /// More flags for the agents of these hosts (started from then on).
     pub agent_args: BTreeMap<String, Vec<String>>,
+    /// The charons of ipsec hosts, once `enable_ipsec` ran.
+    pub charons: Vec<Charon>,
 }
 
 pub const UPLINK: &str = "up0";
@@ -172,6 +176,7 @@ impl Lab {
             wire,
             booting,
             agent_args: BTreeMap::new(),
+            charons: Vec::new(),
         };
         lab.build()?;
         Ok(lab)
@@ -772,6 +777,7 @@ impl Lab {
     /// Removes every namespace and pin this lab made. Also run on drop.
     pub fn cleanup(&mut self) {
         self.agents.clear();
+        self.charons.clear();
         self.etcd.clear();
         let _ = std::fs::remove_dir_all(self.agent_dir());
         for pin in self.pins.drain(..) {

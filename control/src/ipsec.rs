@@ -461,27 +461,28 @@ impl Ike {
         }
 
         // The SAs.
-        let sas = client.stream_request::<_, BTreeMap<String, IkeSa>>(
-            "list-sas",
-            "list-sa",
-            ListSas { noblock: true },
-        );
-        pin_mut!(sas);
         let mut listed: BTreeMap<String, IkeSa> = BTreeMap::new();
-        while let Some(m) = sas.try_next().await.map_err(|e| e.to_string())? {
-            for (name, sa) in m {
-                // Several IKE SAs of one connection (a reauthentication
-                // under way): the established one counts.
-                let keep = listed.get(&name).is_none_or(|old| {
-                    old.state.as_deref() != Some("ESTABLISHED")
-                        && sa.state.as_deref() == Some("ESTABLISHED")
-                });
-                if keep {
-                    listed.insert(name, sa);
+        {
+            let sas = client.stream_request::<_, BTreeMap<String, IkeSa>>(
+                "list-sas",
+                "list-sa",
+                ListSas { noblock: true },
+            );
+            pin_mut!(sas);
+            while let Some(m) = sas.try_next().await.map_err(|e| e.to_string())? {
+                for (name, sa) in m {
+                    // Several IKE SAs of one connection (a reauthentication
+                    // under way): the established one counts.
+                    let keep = listed.get(&name).is_none_or(|old| {
+                        old.state.as_deref() != Some("ESTABLISHED")
+                            && sa.state.as_deref() == Some("ESTABLISHED")
+                    });
+                    if keep {
+                        listed.insert(name, sa);
+                    }
                 }
             }
         }
-        drop(sas);
 
         // The lower address of each pair initiates (the other one would
         // too on its first packet: the policy is trapped).

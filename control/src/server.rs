@@ -765,6 +765,42 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> ApiResult {
             let _ = writeln!(out, "# TYPE cloison_store_down_since_seconds gauge");
             let _ = writeln!(out, "cloison_store_down_since_seconds{{host=\"{host}\"}} {secs}");
         }
+        let ipsec = a.ipsec.get();
+        if ipsec.mode == "ipsec" {
+            let _ = writeln!(out, "# TYPE cloison_ipsec_ike_connected gauge");
+            let _ = writeln!(
+                out,
+                "cloison_ipsec_ike_connected{{host=\"{host}\"}} {}",
+                u8::from(ipsec.ike == "connected")
+            );
+            for (name, kind) in [
+                ("up", "gauge"),
+                ("rekeys_total", "counter"),
+                ("downs_total", "counter"),
+                ("packets_in", "gauge"),
+                ("packets_out", "gauge"),
+                ("bytes_in", "gauge"),
+                ("bytes_out", "gauge"),
+            ] {
+                let _ = writeln!(out, "# TYPE cloison_ipsec_peer_{name} {kind}");
+                for p in &ipsec.peers {
+                    let v = match name {
+                        "up" => u64::from(p.up),
+                        "rekeys_total" => p.rekeys,
+                        "downs_total" => p.downs,
+                        "packets_in" => p.packets_in,
+                        "packets_out" => p.packets_out,
+                        "bytes_in" => p.bytes_in,
+                        _ => p.bytes_out,
+                    };
+                    let _ = writeln!(
+                        out,
+                        "cloison_ipsec_peer_{name}{{host=\"{host}\",peer=\"{}\"}} {v}",
+                        p.host
+                    );
+                }
+            }
+        }
         let _ = writeln!(out, "# TYPE cloison_gateway_requests_total counter");
         for ((service, outcome), n) in a.gateway.all() {
             let _ = writeln!(

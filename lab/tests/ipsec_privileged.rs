@@ -227,6 +227,16 @@ fn privileged_ipsec_hosts_carry_only_esp_and_refuse_plaintext() {
     assert_eq!(peers[0]["child"], "INSTALLED");
     let e3 = encryption(&lab, "hv3");
     assert_eq!(e3["mode"], "none");
+    let m = lab.agent_metrics("hv1").expect("metrics");
+    assert!(
+        m.contains("cloison_ipsec_peer_up{host=\"hv1\",peer=\"hv2\"} 1"),
+        "{m}"
+    );
+    let (ok, out, _) = lab.cloisonctl("hv1", &["status"]).expect("cloisonctl");
+    assert!(
+        ok && out.contains("peer hv2 (192.0.2.2)  up  IKE ESTABLISHED  ESP INSTALLED"),
+        "{out}"
+    );
 }
 
 #[test]

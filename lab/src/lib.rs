@@ -6,6 +6,7 @@ pub mod demo;
 pub mod fleet_bench;
 pub mod fuzz_seeds;
 pub mod gateway_bench;
+pub mod ipsec_bench;
 pub mod lab;
 pub mod memory;
 pub mod plot;

@@ -19,6 +19,9 @@ fn main() -> ExitCode {
         Some("bench") if args.get(1).map(String::as_str) == Some("--routing") => {
             cloison_lab::routing_bench::run()
         }
+        Some("bench") if args.get(1).map(String::as_str) == Some("--ipsec") => {
+            cloison_lab::ipsec_bench::run()
+        }
         Some("bench") => cloison_lab::bench::run(),
         Some("plot") => cloison_lab::bench::plot_results(),
         Some("demo") if args.get(1).map(String::as_str) == Some("--routing") => {
@@ -34,7 +37,7 @@ fn main() -> ExitCode {
             None => Err(anyhow::anyhow!("usage: cloison-lab fuzz-seeds DIR")),
         },
         _ => Err(anyhow::anyhow!(
-            "usage: cloison-lab bench [--fleet|--gateway|--routing] | plot | demo [--fleet] | lab [SECS] [xdp|tc] [nic|offload] | fuzz-seeds DIR (through cargo xtask, which installs what they need)"
+            "usage: cloison-lab bench [--fleet|--gateway|--routing|--ipsec] | plot | demo [--fleet] | lab [SECS] [xdp|tc] [nic|offload] | fuzz-seeds DIR (through cargo xtask, which installs what they need)"
         )),
     };
     match res {

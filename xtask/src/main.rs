@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo [--routing|--fleet] | bench [--fleet|--gateway|--routing] | plot | fuzz SECS | lab [ARGS]`
+//! `cargo xtask setup | test | demo [--routing|--fleet] | bench [--fleet|--gateway|--routing|--ipsec] | plot | fuzz SECS | lab [ARGS]`
 //!
 //! `setup` installs what a fresh machine lacks (idempotently, a line per
 //! step); `test`, `demo` and `bench` run it first, so each is the one
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             lab(&a)
         }),
         _ => Err(anyhow::anyhow!(
-            "usage: cargo xtask setup | test | demo [--routing|--fleet] | bench [--fleet|--gateway|--routing] | plot | fuzz SECS | lab [SECS] [xdp|tc] [nic|offload]"
+            "usage: cargo xtask setup | test | demo [--routing|--fleet] | bench [--fleet|--gateway|--routing|--ipsec] | plot | fuzz SECS | lab [SECS] [xdp|tc] [nic|offload]"
         )),
     };
     match res {

@@ -39,6 +39,9 @@ pub const CONN_PREFIX: &str = "cloison-";
 pub const CHILD: &str = "vxlan";
 /// How often the agent looks at charon's SAs (status) and retries.
 const TICK: Duration = Duration::from_secs(2);
+/// How long one turn with charon may take (every request in it returns at
+/// once: none waits for a negotiation).
+const VICI_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The agent's `--ipsec-*` flags.
 #[derive(Clone, Debug)]
@@ -149,11 +152,6 @@ pub async fn run(
                 ike: "waiting for this host's object".into(),
                 peers: vec![],
             },
-            Some((Encryption::None, _, _)) if ike.client.is_none() => Report {
-                mode: "none".into(),
-                ike: "not used".into(),
-                peers: vec![],
-            },
             Some((mode, me, peers)) => match &settings {
                 None if mode == Encryption::Ipsec => Report {
                     mode: "ipsec".into(),
@@ -166,6 +164,16 @@ pub async fn run(
                     ike: "not used".into(),
                     peers: vec![],
                 },
+                // A plain host with the flags (it was, or will be, an
+                // ipsec host): its connections left in charon are unloaded.
+                Some(s) if mode == Encryption::None => {
+                    let _ = ike.turn(s, me, mode, &[]).await;
+                    Report {
+                        mode: "none".into(),
+                        ike: "not used".into(),
+                        peers: vec![],
+                    }
+                }
                 Some(s) => ike.turn(s, me, mode, &peers).await,
             },
         };
@@ -340,7 +348,12 @@ impl Ike {
             Encryption::Ipsec => "ipsec",
             Encryption::None => "none",
         };
-        let ike = match self.sync(s, me, peers).await {
+        // A charon that does not answer is one that is not there: the turn
+        // gives up, and the next one connects again.
+        let synced = tokio::time::timeout(VICI_TIMEOUT, self.sync(s, me, peers))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {VICI_TIMEOUT:?}")));
+        let ike = match synced {
             Ok(()) => "connected".to_string(),
             Err(e) => {
                 // Connected again (and everything loaded again) next turn.
@@ -421,7 +434,9 @@ impl Ike {
                         "terminate",
                         TerminateIke {
                             ike: name,
-                            timeout: "0",
+                            // Returns at once (0 would wait for the
+                            // peer, maybe gone, to answer).
+                            timeout: "-1",
                         },
                     )
                     .await;

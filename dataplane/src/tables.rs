@@ -217,11 +217,15 @@ pub fn compile(
         _ => FWD_F_REFUSE,
     };
     // VXLAN in clear is taken only between two plain hosts: an ipsec host
-    // takes it only decrypted, from every VTEP; and since an ipsec host
+    // takes none in clear, from any VTEP; and since an ipsec host
     // never sends in clear, a plain host refuses what claims to come in
-    // clear from one (forged).
+    // clear from one (forged). Decrypted VXLAN is taken only between two
+    // ipsec hosts.
     let vtep_flags = |h: &str| match (me.encryption, host_encryption[h]) {
         (Encryption::None, Encryption::None) => VTEP_F_ALLOWED,
+        (Encryption::Ipsec, Encryption::Ipsec) => {
+            VTEP_F_ALLOWED | VTEP_F_ENCRYPTED | VTEP_F_DECRYPTED
+        }
         _ => VTEP_F_ALLOWED | VTEP_F_ENCRYPTED,
     };
     let nets: BTreeMap<&str, &Network> =

@@ -90,6 +90,7 @@ pub fn trace(dp: &Dataplane, snap: &Snapshot, entry: Entry, frame: &[u8]) -> Res
     let mut model = Model::new(&tables, snap, netdev::ifindex);
     model.adopt_conntrack(&dp.conntrack()?);
     model.external = dp.external().is_ok_and(|e| e.ifindex != 0);
+    model.ipsec = dp.ipsec().is_ok_and(|c| c.ifindex != 0);
     let names = Names::new(snap, &tables);
     let (kernel, modelled, entry_name) = match entry {
         Entry::Port(ifindex) => (

@@ -686,12 +686,15 @@ pub const FWD_F_ENCRYPT: u32 = 1 << 16;
 /// its frames are dropped (`encryption_mismatch`), in clear or not.
 pub const FWD_F_REFUSE: u32 = 1 << 17;
 
-/// Bits of a `CL_VTEPS` value. Every entry has [`VTEP_F_ALLOWED`];
-/// [`VTEP_F_ENCRYPTED`]: this host is an ipsec host, so the VTEP's VXLAN is
-/// accepted only decrypted (out of the IPsec device), never in clear from
-/// the uplink (`vxlan_plaintext`).
+/// Bits of a `CL_VTEPS` value. Every entry has [`VTEP_F_ALLOWED`].
+/// [`VTEP_F_ENCRYPTED`]: this host or the VTEP's is an ipsec host, so
+/// nothing from the VTEP is taken in clear from the uplink
+/// (`vxlan_plaintext`). [`VTEP_F_DECRYPTED`]: both are, so its VXLAN is
+/// taken out of the IPsec device; decrypted VXLAN from any other VTEP is
+/// refused (`encryption_mismatch`).
 pub const VTEP_F_ALLOWED: u32 = 1;
 pub const VTEP_F_ENCRYPTED: u32 = 2;
+pub const VTEP_F_DECRYPTED: u32 = 4;
 
 /// The IPsec device, the one entry of `CL_IPSEC`: the interface that
 /// encrypts what is sent to it and out of which decrypted VXLAN comes

@@ -112,13 +112,14 @@ pub fn classify(
     // An ipsec host takes VXLAN only out of the IPsec device: a frame in
     // clear that claims an ipsec VTEP's address may be forged by anyone on
     // the underlay.
-    let encrypted = unsafe { *allowed } & VTEP_F_ENCRYPTED != 0;
-    if encrypted != decrypted {
-        return Err(if decrypted {
-            DropReason::EncryptionMismatch
-        } else {
-            DropReason::VxlanPlaintext
-        });
+    let flags = unsafe { *allowed };
+    if decrypted {
+        // Decrypted: only from a VTEP that is an ipsec host, as this one.
+        if flags & VTEP_F_DECRYPTED == 0 {
+            return Err(DropReason::EncryptionMismatch);
+        }
+    } else if flags & VTEP_F_ENCRYPTED != 0 {
+        return Err(DropReason::VxlanPlaintext);
     }
     let inner: *mut EthHdr = c.at(VXLAN_ENCAP_LEN).ok_or(DropReason::VxlanTruncated)?;
     let inner = unsafe { &*inner };
